@@ -1,0 +1,1049 @@
+"""Method-agnostic plumbing shared by mae.py, mae_ct.py, mim_refiner.py, lut.py, conmim.py and eval_knn.py.
+
+Only what at least three scripts need lives here; every loss, head, masking rule and training step
+stays in its method file so that each file reads on its own.
+
+Contents, top to bottom:
+  1. Command line: a dataclass -> argparse helper (field docstrings become --help).
+  2. Errors: `UserError` and `run_main`, which turn user mistakes into one-line messages.
+  3. Distributed: torchrun env init (nccl on CUDA, gloo on CPU), gather with gradient, seeds.
+  4. ViT: timm / official-MAE parameter names, fixed 2-D sin-cos pos_embed, SDPA attention,
+     token subsets (MAE), mask-token replacement (ConMIM), per-block outputs, activation
+     checkpointing, post-norm variant (data2vec 2.0). Model registry `create_vit`.
+  5. Data: ImageFolder / flat folder / `synthetic` procedural dataset, transforms, loaders.
+  6. Optimisation: warmup+cosine schedules (pure functions of the step), AdamW parameter groups with
+     layer-wise lr decay, EMA update.
+  7. Checkpoints: atomic save, auto-resume, loading of ours / official MAE / MAE-CT / MIM-Refiner /
+     data2vec 2.0 files with pos_embed interpolation and clear architecture-mismatch errors.
+  8. Logging: rank-0 tqdm, TensorBoard, log.jsonl, args.json.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import datetime
+import inspect
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from PIL import Image, ImageFilter, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Command line
+# ----------------------------------------------------------------------------------------------
+def _field_docs(cls) -> dict[str, str]:
+    """Docstrings written under dataclass fields (cleanrl/tyro style), read from the source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def parse_args(cls, argv=None):
+    """Parse `--field-name value` flags into the dataclass `cls`.
+
+    bool fields become `--flag/--no-flag`; list fields take several values; Optional fields accept
+    `none`. Help text is the docstring under each field plus its default.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+        if optional:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        kw = dict(default=default, help=docs.get(f.name, ""), dest=f.name)
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) in (list, tuple):
+            elem = typing.get_args(tp)[0]
+            parser.add_argument(flag, nargs="+", type=_none_or(elem) if optional else elem, **kw)
+        else:
+            parser.add_argument(flag, type=_none_or(tp) if optional else tp, **kw)
+    ns = parser.parse_args(argv)
+    return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(ns).items()})
+
+
+def _none_or(tp):
+    def conv(s):
+        return None if s.lower() == "none" else tp(s)
+    conv.__name__ = tp.__name__
+    return conv
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Errors a user can cause -> one line that names the fix
+# ----------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """An error caused by input or flags; printed as one line, no traceback."""
+
+
+def run_main(main, args_cls):
+    """Parse args, run `main(args)`, print UserErrors (also those raised in data-loader workers) as
+    one line and exit with status 2."""
+    args = parse_args(args_cls)
+    try:
+        main(args)
+    except UserError as e:  # from a DataLoader worker it arrives with the worker's traceback in it
+        _fail(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fail(msg):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Distributed
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); plain single process
+    otherwise. nccl when running on CUDA, gloo on CPU (so the same code is testable on CPU)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank, world, local, dev)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks and returns this rank's slice.
+    With DDP's gradient averaging this gives exactly the single-process gradient of a loss that is a
+    mean over the global batch (see tests/test_common.py)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (B, ...) of every rank in rank order -> (W*B, ...), keeping the gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` of every rank in rank order, no gradient (queues, features, labels).
+    Every rank must pass the same shape."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, 0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed for one (epoch, rank): reseeding at every epoch start makes a run resumed from an epoch
+    checkpoint draw exactly the same augmentations and masks as an uninterrupted one. Ranks differ
+    so that each draws its own masks/crops (as MAE's seed + rank)."""
+    return seed + 1_000_003 * epoch + 7919 * rank
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (no grad scaler needed), full fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Vision Transformer
+# ----------------------------------------------------------------------------------------------
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos table as in official MAE (util/pos_embed.py): token t = i*W + j gets
+    [sin(j w), cos(j w)] in its first dim/2 channels and [sin(i w), cos(i w)] in the last dim/2,
+    with w_k = 10000^(-k/(dim/4)). Computed in float64; a zero row is prepended for the CLS token.
+    Returns (1 + H*W, dim) or (H*W, dim)."""
+    assert dim % 4 == 0, "sin-cos pos_embed needs dim divisible by 4"
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    ii, jj = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+
+    def emb(pos):
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    table = np.concatenate([emb(jj), emb(ii)], axis=1)  # (H*W, dim): column first, as MAE
+    if cls_token:
+        table = np.concatenate([np.zeros([1, dim]), table], axis=0)
+    return torch.from_numpy(table).float()
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int, num_prefix: int = 1) -> torch.Tensor:
+    """Bicubic interpolation of the patch part of a (1, prefix + h*w, D) table to (grid_h, grid_w);
+    the CLS row is kept as is (MAE util/pos_embed.interpolate_pos_embed; MIM-Refiner interpolates the
+    loaded sin-cos grid the same way for local crops)."""
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    n = grid.shape[1]
+    old = int(math.isqrt(n))
+    if old * old != n:
+        raise UserError(f"pos_embed has {n} patch rows, not a square grid; cannot interpolate")
+    if (old, old) == (grid_h, grid_w):
+        return pos_embed
+    d = grid.shape[-1]
+    grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, d).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, N, D), row-major patch order
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise UserError(f"image size {tuple(x.shape[-2:])} is not divisible by the patch size "
+                            f"{self.patch_size}; choose --img-size (and crop sizes) as multiples of it")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, N, D)
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, D/h), scale (D/h)^-0.5
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as timm/MAE
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x, p: float, training: bool):
+    """Stochastic depth per sample (timm semantics)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm names). `post_norm=True` gives data2vec 2.0's block:
+    x = norm1(x + attn(x)); x = norm2(x + mlp(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, post_norm=False):
+        super().__init__()
+        self.post_norm = post_norm
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        p, t = self.drop_path, self.training
+        if self.post_norm:
+            x = self.norm1(x + drop_path(self.attn(x), p, t))
+            return self.norm2(x + drop_path(self.mlp(x), p, t))
+        x = x + drop_path(self.attn(self.norm1(x)), p, t)
+        return x + drop_path(self.mlp(self.norm2(x)), p, t)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder with the parameter names of timm / official MAE.
+
+    `pos_embed` (1, 1+N, D) is the fixed sin-cos table with a zero CLS row, stored as a frozen
+    nn.Parameter (as in MAE) so that it is saved and loaded and the state dict loads strictly into
+    timm's `VisionTransformer(num_classes=0, ...)`. Inputs of another resolution than `img_size`
+    (local crops) use a bicubically interpolated table.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, drop_path_rate=0.0, post_norm=False, grad_checkpointing=False):
+        super().__init__()
+        self.img_size, self.patch_size, self.dim, self.depth = img_size, patch_size, dim, depth
+        self.num_heads, self.post_norm = num_heads, post_norm
+        self.grad_checkpointing = grad_checkpointing
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid ** 2
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, self.grid, self.grid)[None], requires_grad=False)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, dpr[i], post_norm) for i in range(depth)])
+        if post_norm:  # data2vec 2.0: LN on the embedded tokens, none after the last block
+            self.embed_norm = nn.LayerNorm(dim, eps=1e-6)
+        else:
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self):  # official MAE initialize_weights
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def config(self) -> dict:
+        """Plain-type description stored in checkpoints (`encoder_config`)."""
+        return dict(img_size=self.img_size, patch_size=self.patch_size, dim=self.dim, depth=self.depth,
+                    num_heads=self.num_heads, post_norm=self.post_norm)
+
+    def embed(self, x, keep_idx=None, mask=None, mask_token=None):
+        """Patchify and add positions; returns [CLS; patches] (B, 1+n, D).
+
+        keep_idx  (B, n_keep) long: keep only these patches (MAE: the encoder sees visible tokens).
+        mask      (B, N) bool: replace these patches by `mask_token` (1, 1, D) before adding positions
+                  (BEiT/ConMIM-style corruption; all tokens stay in the sequence).
+        """
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = self.patch_embed(x)  # (B, N, D)
+        if mask is not None:
+            x = torch.where(mask[..., None], mask_token.to(x.dtype).expand_as(x), x)
+        pos = self.pos_embed if (gh, gw) == (self.grid, self.grid) else resize_pos_embed(self.pos_embed, gh, gw)
+        x = x + pos[:, 1:]
+        if keep_idx is not None:
+            x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        return self.embed_norm(x) if self.post_norm else x
+
+    def forward_features(self, x, keep_idx=None, mask=None, mask_token=None, return_blocks=None):
+        """All tokens after the final norm, (B, 1+n, D). With `return_blocks` (list of 0-based block
+        indices, negatives allowed) also returns the raw residual-stream output of those blocks
+        (no final norm), as a list of (B, 1+n, D), in the order asked."""
+        x = self.embed(x, keep_idx, mask, mask_token)
+        want = {} if return_blocks is None else {b % self.depth: i for i, b in enumerate(return_blocks)}
+        outs = [None] * len(want)
+        for i, blk in enumerate(self.blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in want:
+                outs[want[i]] = x
+        if not self.post_norm:
+            x = self.norm(x)
+        return x if return_blocks is None else (x, outs)
+
+    def forward(self, x):  # CLS token after the final norm, (B, D), as timm with num_classes=0
+        return self.forward_features(x)[:, 0]
+
+
+# name -> (dim, depth, heads, patch). MAE Table/official factories; ViT-2B/14 as in MIM-Refiner Table 10.
+VIT_CONFIGS = {
+    "vit_t16": (192, 12, 3, 16),
+    "vit_s16": (384, 12, 6, 16),
+    "vit_b16": (768, 12, 12, 16),
+    "vit_l16": (1024, 24, 16, 16),
+    "vit_h14": (1280, 32, 16, 14),
+    "vit_h16": (1280, 32, 16, 16),
+    "vit_2b14": (2560, 24, 32, 14),
+}
+
+
+def create_vit(name: str, img_size: int | None = None, patch_size: int | None = None, **overrides) -> VisionTransformer:
+    """Build a registered ViT. img_size defaults to 224, patch_size to the model's own; any
+    constructor argument (dim, depth, num_heads, drop_path_rate, post_norm, grad_checkpointing) may be
+    overridden."""
+    if name not in VIT_CONFIGS:
+        raise UserError(f"unknown --model {name!r}; choose one of {', '.join(VIT_CONFIGS)}")
+    dim, depth, heads, patch = VIT_CONFIGS[name]
+    kw = dict(img_size=img_size or 224, patch_size=patch_size or patch, dim=dim, depth=depth, num_heads=heads)
+    kw.update(overrides)
+    if kw["img_size"] % kw["patch_size"]:
+        raise UserError(f"--img-size {kw['img_size']} is not a multiple of the patch size {kw['patch_size']}")
+    return VisionTransformer(**kw)
+
+
+def describe_vit(cfg: dict) -> str:
+    name = next((n for n, c in VIT_CONFIGS.items() if c == (cfg["dim"], cfg["depth"], cfg["num_heads"], cfg["patch_size"])), "custom")
+    return f"{name} (dim {cfg['dim']}, depth {cfg['depth']}, heads {cfg.get('num_heads', '?')}, patch {cfg['patch_size']})"
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Data
+# ----------------------------------------------------------------------------------------------
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "plus", "x-cross", "h-stripes", "v-stripes",
+                     "checker", "diamond")
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Procedural labelled dataset: 10 shape/texture classes (see SYNTHETIC_CLASSES) with random
+    object colour, position, scale and small rotation on a random gradient+noise background.
+
+    Colour carries no class information, so a method must learn shape to classify: colour jitter
+    invariance (contrastive methods) and spatial structure (MIM) both matter. Deterministic: image i
+    of split s is a pure function of (seed, s, i). Any image size.
+    """
+
+    def __init__(self, size: int, img_size: int = 32, split: str = "train", seed: int = 0, num_classes: int = 10,
+                 transform=None):
+        assert 2 <= num_classes <= len(SYNTHETIC_CLASSES)
+        self.size, self.img_size, self.seed, self.num_classes = size, img_size, seed, num_classes
+        self.split_id = {"train": 0, "val": 1}[split]
+        self.transform = transform
+        self.classes = list(SYNTHETIC_CLASSES[:num_classes])
+        self.targets = [i % num_classes for i in range(size)]
+
+    def __len__(self):
+        return self.size
+
+    def render(self, index: int) -> tuple[np.ndarray, int]:
+        rng = np.random.default_rng([self.seed, self.split_id, index])
+        label = index % self.num_classes
+        S = self.img_size
+        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S  # [0, 1)
+        # background: random colour with a linear gradient and pixel noise
+        c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+        a = rng.uniform(0, 2 * np.pi)
+        t = (np.cos(a) * xx + np.sin(a) * yy)[..., None]
+        img = c0 * (1 - t) + c1 * t
+        img = img + rng.normal(0, 0.04, img.shape)
+        # object: centre, radius, rotation, colour far enough from the local background
+        r = rng.uniform(0.22, 0.42)
+        cx, cy = rng.uniform(r * 0.8, 1 - r * 0.8, 2)
+        rot = rng.uniform(-0.3, 0.3)
+        color = rng.uniform(0, 1, 3)
+        bg = img[int(cy * S) % S, int(cx * S) % S]
+        if np.abs(color - bg).sum() < 0.6:
+            color = 1.0 - bg
+        u0, v0 = (xx - cx) / r, (yy - cy) / r
+        u = np.cos(rot) * u0 + np.sin(rot) * v0
+        v = -np.sin(rot) * u0 + np.cos(rot) * v0
+        rad = np.sqrt(u ** 2 + v ** 2)
+        box = (np.abs(u) < 0.85) & (np.abs(v) < 0.85)
+        k = 3.2  # stripes per unit radius
+        name = SYNTHETIC_CLASSES[label]
+        m = {
+            "disk": rad < 0.9,
+            "square": box,
+            "triangle": (v > -0.8) & (v < 0.8) & (np.abs(u) < (v + 0.8) * 0.6),
+            "ring": (rad < 0.95) & (rad > 0.55),
+            "plus": ((np.abs(u) < 0.3) & (np.abs(v) < 0.95)) | ((np.abs(v) < 0.3) & (np.abs(u) < 0.95)),
+            "x-cross": ((np.abs(u - v) < 0.42) | (np.abs(u + v) < 0.42)) & (rad < 1.0),
+            "h-stripes": box & (np.sin(v * np.pi * k) > 0),
+            "v-stripes": box & (np.sin(u * np.pi * k) > 0),
+            "checker": box & (np.sin(u * np.pi * k / 1.6) * np.sin(v * np.pi * k / 1.6) > 0),
+            "diamond": (np.abs(u) + np.abs(v)) < 0.95,
+        }[name]
+        img = np.where(m[..., None], color, img)
+        return (np.clip(img, 0, 1) * 255).astype(np.uint8), label
+
+    def __getitem__(self, index):
+        arr, label = self.render(index)
+        img = Image.fromarray(arr)
+        return (self.transform(img) if self.transform else img), label
+
+
+def _pil_loader(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # corrupt or non-image file
+        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from None
+
+
+class FlatImageFolder(torch.utils.data.Dataset):
+    """A folder of images without class subfolders (unlabelled; label -1). For training only."""
+
+    def __init__(self, root: str, transform=None):
+        self.samples = sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        if not self.samples:
+            raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}; point --data at your image folder")
+        self.transform, self.classes, self.targets = transform, [], [-1] * len(self.samples)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        img = _pil_loader(self.samples[i])
+        return (self.transform(img) if self.transform else img), -1
+
+
+def parse_synthetic(spec: str) -> tuple[int, int] | None:
+    """`synthetic[:N_TRAIN[:N_VAL]]` -> (n_train, n_val); defaults 2000 / 500. None for a path."""
+    if not spec.startswith("synthetic"):
+        return None
+    parts = spec.split(":")
+    try:
+        n_train = int(parts[1]) if len(parts) > 1 else 2000
+        n_val = int(parts[2]) if len(parts) > 2 else 500
+    except ValueError:
+        raise UserError(f"--data {spec!r}: expected synthetic[:N_TRAIN[:N_VAL]], e.g. synthetic:2000:500") from None
+    return n_train, n_val
+
+
+def build_dataset(data: str, split: str, transform, img_size: int = 32, seed: int = 0,
+                  require_labels: bool = False) -> torch.utils.data.Dataset:
+    """`--data synthetic[:N_TRAIN[:N_VAL]]` or a folder.
+
+    Folder layout: ROOT/train and ROOT/val as ImageFolders (class subfolders). For training
+    (require_labels=False) ROOT/train, or ROOT itself when it has no train/ subfolder, may also be a
+    flat folder of images without classes. Evaluation (kNN) needs labelled train and val folders.
+    The synthetic images are rendered at `img_size` (the crop size the script trains at).
+    """
+    from torchvision.datasets import ImageFolder
+
+    syn = parse_synthetic(data)
+    if syn is not None:
+        n = syn[0] if split == "train" else syn[1]
+        return SyntheticShapes(n, img_size=img_size, split=split, seed=seed, transform=transform)
+    root = Path(data)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist; pass --data ROOT with ROOT/train and ROOT/val "
+                        f"(ImageFolder layout) or --data synthetic")
+    folder = root / split
+    if not folder.is_dir():
+        if split == "train" and not require_labels:
+            folder = root
+        else:
+            raise UserError(f"{folder} does not exist; kNN evaluation needs {root}/train and {root}/val, "
+                            f"each with one subfolder per class")
+    subdirs = [d for d in folder.iterdir() if d.is_dir()]
+    if not subdirs:
+        if require_labels:
+            raise UserError(f"{folder} has no class subfolders; evaluation needs labels: put each class's images "
+                            f"in {folder}/<class_name>/")
+        return FlatImageFolder(str(folder), transform)
+    empty = [d.name for d in subdirs if not any(p.suffix.lower() in IMG_EXTENSIONS for p in d.rglob("*"))]
+    if empty:
+        raise UserError(f"class folder(s) {', '.join(sorted(empty)[:5])} in {folder} contain no images "
+                        f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)")
+    return ImageFolder(str(folder), transform=transform, loader=_pil_loader)
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """Yields (x, label, dataset_index): the index keys the queue's self-exclusion and lets the kNN
+    feature bank drop the duplicates that DistributedSampler pads in."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return x, y, i
+
+
+def _tv():
+    import torchvision.transforms as T
+    return T
+
+
+def normalize_transform():
+    T = _tv()
+    return T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def mae_train_transform(img_size: int, scale=(0.2, 1.0)):
+    """MAE pre-training: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip (MAE Sec. 4 / A.1)."""
+    T = _tv()
+    return T.Compose([T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), normalize_transform()])
+
+
+def eval_transform(img_size: int):
+    """Standard evaluation: resize the short side to img_size*256/224 (bicubic), center crop img_size."""
+    T = _tv()
+    return T.Compose([T.Resize(int(round(img_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(img_size), normalize_transform()])
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with radius ~ U[lo, hi] (BYOL/DINO use sigma in [0.1, 2.0] at 224 px), applied
+    with probability p. The radius is scaled by size/224 so tiny images are not wiped out."""
+
+    def __init__(self, p: float, size: int, lo: float = 0.1, hi: float = 2.0):
+        self.p, self.lo, self.hi = p, lo * size / 224, hi * size / 224
+
+    def __call__(self, img):
+        if torch.rand(()) >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(self.lo, self.hi))))
+
+
+class Solarize:
+    def __init__(self, p: float, threshold: int = 128):
+        self.p, self.threshold = p, threshold
+
+    def __call__(self, img):
+        return ImageOps.solarize(img, self.threshold) if torch.rand(()) < self.p else img
+
+
+def byol_view(size: int, scale=(0.08, 1.0), blur_p: float = 0.5, solarize_p: float = 0.0,
+              jitter=(0.4, 0.4, 0.2, 0.1), jitter_p: float = 0.8, gray_p: float = 0.2):
+    """One BYOL-style view (Grill et al. 2020, Table 6): RandomResizedCrop (bicubic), flip, colour jitter
+    (p 0.8), grayscale (p 0.2), Gaussian blur (p view-specific), solarize (p view-specific), normalise.
+    BYOL's asymmetric pair is blur_p 1.0/solarize 0.0 and blur_p 0.1/solarize 0.2."""
+    T = _tv()
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
+        T.RandomGrayscale(p=gray_p),
+        GaussianBlur(blur_p, size),
+        Solarize(solarize_p),
+        normalize_transform(),
+    ])
+
+
+class MultiView:
+    """Apply each transform to the same image; returns a list of views (multi-crop when sizes differ)."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+
+def build_loader(dataset, batch_size: int, dist_info: DistInfo, shuffle: bool, drop_last: bool,
+                 num_workers: int, seed: int = 0, epoch: int = 0, persistent: bool = False):
+    """DataLoader over this rank's shard. The sampler order and the workers' RNG are functions of
+    (seed, epoch), so a resumed run sees exactly the batches and augmentations of an uninterrupted
+    one. `batch_size` is per rank. Call `loader.sampler.set_epoch(e)` is done here via `epoch`."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                                  shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler.set_epoch(epoch)
+    g = torch.Generator()
+    g.manual_seed(epoch_seed(seed, epoch, dist_info.rank))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=dist_info.device.type == "cuda", drop_last=drop_last,
+                                       generator=g, persistent_workers=persistent and num_workers > 0)
+
+
+def per_rank_batch(global_batch: int, accum_steps: int, world_size: int) -> int:
+    """Global batch = per-rank micro-batch x accum_steps x world_size (MAE's effective batch)."""
+    if global_batch % (accum_steps * world_size):
+        raise UserError(f"--batch-size {global_batch} (global) is not divisible by --accum-steps {accum_steps} x "
+                        f"{world_size} processes; choose a multiple of {accum_steps * world_size}")
+    return global_batch // (accum_steps * world_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Optimisation: schedules (pure functions of the step), parameter groups, EMA
+# ----------------------------------------------------------------------------------------------
+def cosine_schedule(step: int, total_steps: int, base: float, final: float = 0.0, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> float:
+    """Linear warmup from `warmup_start` to `base` over `warmup_steps`, then half-cosine from `base` to
+    `final` at `total_steps` (MAE util/lr_sched.py, per iteration). Pure function of the step."""
+    if step < warmup_steps:
+        return warmup_start + (base - warmup_start) * step / warmup_steps
+    t = min(max(step - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
+    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def momentum_schedule(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
+    """EMA momentum rising from `base` to `final` with a half-cosine (BYOL Sec. 3.2; LUT/ConMIM 0.996 -> 1)."""
+    t = min(step / max(total_steps, 1), 1.0)
+    return final - (final - base) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """Layer index for layer-wise lr decay (BEiT/MAE util/lr_decay.py): stem (cls_token, pos_embed,
+    patch_embed, embed_norm) 0, blocks.k -> k+1, everything after the blocks (final norm) depth+1."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "embed_norm", "mask_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Biases, 1-D parameters (norms), tokens and position tables get no weight decay."""
+    return p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in ("cls_token", "pos_embed", "mask_token")
+
+
+def param_groups(named_params, weight_decay: float, layer_decay: float | None = None, depth: int | None = None,
+                 lr_scale: float = 1.0, tag: str = "") -> list[dict]:
+    """AdamW parameter groups. Frozen parameters (requires_grad False) are skipped. With
+    `layer_decay`, a ViT parameter at layer id l (see vit_layer_id) gets lr x layer_decay^(depth+1-l).
+    Every group carries `lr_scale` (multiplied into the scheduled lr by `set_lr`) and a readable name."""
+    groups: dict[tuple, dict] = {}
+    for n, p in named_params:
+        if not p.requires_grad:
+            continue
+        nwd = no_weight_decay(n, p)
+        lid = vit_layer_id(n, depth) if layer_decay is not None else 0
+        scale = lr_scale * (layer_decay ** (depth + 1 - lid) if layer_decay is not None else 1.0)
+        key = (lid, nwd)
+        if key not in groups:
+            groups[key] = dict(params=[], weight_decay=0.0 if nwd else weight_decay, lr_scale=scale,
+                               name=f"{tag}layer{lid}_{'no_wd' if nwd else 'wd'}")
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def make_adamw(groups, lr: float, betas=(0.9, 0.95), device=torch.device("cpu")) -> torch.optim.AdamW:
+    """AdamW; fused kernel on CUDA."""
+    kw = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, **kw)
+    set_lr(opt, lr)
+    return opt
+
+
+def set_lr(optimizer, lr: float, wd: float | None = None):
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if wd is not None and g["weight_decay"] > 0:
+            g["weight_decay"] = wd
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, online: nn.Module, momentum: float, copy_buffers: bool = True):
+    """ema <- m * ema + (1 - m) * online over all parameters (frozen ones included, which then stay
+    equal); buffers (BN statistics) are copied."""
+    for pe, po in zip(ema.parameters(), online.parameters()):
+        pe.lerp_(po.detach().to(pe.dtype), 1.0 - momentum)
+    if copy_buffers:
+        for be, bo in zip(ema.buffers(), online.buffers()):
+            be.copy_(bo)
+
+
+def check_finite(loss: torch.Tensor, step: int, output_dir: str):
+    """Stop cleanly on a NaN/inf loss (MAE exits the same way) and say how to go on."""
+    if not torch.isfinite(loss).all():
+        raise UserError(f"loss is {loss.item()} at step {step}; the last good checkpoint is "
+                        f"{os.path.join(output_dir, 'checkpoint-last.pth')}: lower --blr/--lr or disable --compile, "
+                        f"then rerun the same command to resume from it")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Checkpoints
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(path: str, state: dict):
+    """Atomic write: a killed run never leaves a half-written checkpoint (temp file + rename)."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_file(path: str) -> dict:
+    """torch.load with weights_only=True (our checkpoints hold plain types only)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load {path} as a weights-only torch checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); is it a PyTorch .pth/.th/.pt file?") from None
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Strip wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`, `backbone.`, `encoder.`)."""
+    out = {}
+    for k, v in sd.items():
+        for pre in ("module.", "_orig_mod.", "backbone.", "encoder."):
+            while k.startswith(pre):
+                k = k[len(pre):]
+        out[k] = v
+    return out
+
+
+def encoder_state_dict(model: nn.Module) -> dict:
+    """State dict of the unwrapped encoder, without `_orig_mod.`/`module.` (loadable either way)."""
+    return clean_state_dict(unwrap(model).state_dict())
+
+
+DATA2VEC2_PREFIX = "modality_encoders.IMAGE."
+
+
+def convert_to_ours(sd: dict) -> dict:
+    """Map foreign encoder layouts onto our (timm) key names; our own layout passes through.
+
+    - official MAE `{"model": ...}` with or without decoder: drop decoder_*/mask_token;
+    - MAE-CT (`pos_embed` (1, N, D) without a CLS row): prepend a zero row;
+    - MIM-Refiner release (`cls_tokens.tokens`, `pos_embed.embed` (1, H, W, D)): rename, flatten,
+      prepend a zero CLS row;
+    - data2vec 2.0 fairseq (`modality_encoders.IMAGE.*`): official key mapping (MIM-Refiner
+      pretrained_initializer): local_encoder.proj -> patch_embed.proj, extra_tokens -> cls_token,
+      fixed_positional_encoder.positions -> pos_embed, context_encoder.norm -> embed_norm.
+    """
+    sd = clean_state_dict(sd)
+    if any(k.startswith(DATA2VEC2_PREFIX) for k in sd):
+        ren = {"local_encoder.proj.": "patch_embed.proj.", "extra_tokens": "cls_token",
+               "fixed_positional_encoder.positions": "pos_embed", "context_encoder.norm.": "embed_norm."}
+        out = {}
+        for k, v in sd.items():
+            if not k.startswith(DATA2VEC2_PREFIX):
+                continue  # decoder, _ema and other modalities
+            k = k[len(DATA2VEC2_PREFIX):]
+            for a, b in ren.items():
+                if k.startswith(a):
+                    k = b + k[len(a):]
+            if k.startswith(("patch_embed.", "cls_token", "pos_embed", "embed_norm.", "blocks.")) and "decoder" not in k:
+                out[k] = v
+        sd = out
+    sd = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token", "head.", "fc_norm."))}
+    if "cls_tokens.tokens" in sd:
+        sd["cls_token"] = sd.pop("cls_tokens.tokens")
+    if "pos_embed.embed" in sd:
+        pe = sd.pop("pos_embed.embed")
+        sd["pos_embed"] = pe.reshape(1, -1, pe.shape[-1]) if pe.ndim == 4 else pe
+    if "pos_embed" in sd:
+        pe = sd["pos_embed"]
+        pe = pe.reshape(1, -1, pe.shape[-1])
+        n = pe.shape[1]
+        if math.isqrt(n) ** 2 == n:  # no CLS slot (MAE-CT, MIM-Refiner, data2vec 2.0): CLS gets no position
+            pe = torch.cat([pe.new_zeros(1, 1, pe.shape[-1]), pe], dim=1)
+        sd["pos_embed"] = pe
+    return sd
+
+
+def checkpoint_encoder_config(sd: dict) -> dict:
+    """Infer (dim, depth, num_heads?, patch_size, post_norm, img_size) from an encoder state dict."""
+    w = sd.get("patch_embed.proj.weight")
+    if w is None:
+        raise UserError("the checkpoint holds no ViT encoder (no patch_embed.proj.weight key); "
+                        "pass an MAE/MAE-CT/MIM-Refiner/data2vec 2.0 encoder or one of our checkpoints")
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    n = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
+    grid = math.isqrt(n) if n else None
+    return dict(dim=w.shape[0], depth=depth, patch_size=w.shape[-1], post_norm="embed_norm.weight" in sd,
+                img_size=grid * w.shape[-1] if grid else None)
+
+
+def select_weights(ckpt: dict, ema: bool = False) -> tuple[dict, str]:
+    """Pick the encoder state dict out of a loaded file. Returns (state_dict, description).
+
+    Our checkpoints: "model" is the encoder each method evaluates/releases (the EMA encoder for MAE-CT
+    and MIM-Refiner, the online encoder for MAE, LUT and ConMIM). With `ema=True` the EMA/momentum
+    encoder: "model_ema" if present, else "model" when the checkpoint marks it as the EMA one.
+    Foreign files: {"model": ...} (official MAE), {"state_dict": ...} (MAE-CT, MIM-Refiner), fairseq
+    {"model": {...modality_encoders...}} (data2vec 2.0), or a raw state dict.
+    """
+    if not isinstance(ckpt, dict):
+        raise UserError("checkpoint is not a dict of tensors")
+    if ema:
+        if "model_ema" in ckpt:
+            return ckpt["model_ema"], "EMA/momentum encoder ('model_ema')"
+        if ckpt.get("model_is_ema"):
+            return ckpt["model"], "EMA encoder ('model')"
+        raise UserError("--ema was asked for but this checkpoint has no EMA/momentum encoder; drop --ema")
+    for key in ("model", "state_dict", "teacher"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            desc = f"'{key}'" + (" (EMA encoder)" if key == "model" and ckpt.get("model_is_ema") else "")
+            return ckpt[key], desc
+    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt, "raw state dict"
+    raise UserError(f"no encoder weights found in the checkpoint (keys: {', '.join(list(ckpt)[:8])})")
+
+
+def load_encoder(model: VisionTransformer, source, ema: bool = False, what: str = "checkpoint") -> str:
+    """Load encoder weights (path or loaded dict) into `model` strictly, interpolating pos_embed if the
+    resolution differs. A checkpoint of another architecture gets a one-line error naming both."""
+    ckpt = load_file(source) if isinstance(source, (str, Path)) else source
+    sd, desc = select_weights(ckpt, ema)
+    sd = convert_to_ours(sd)
+    cfg = checkpoint_encoder_config(sd)
+    mine = model.config()
+    if (cfg["dim"], cfg["depth"], cfg["patch_size"], cfg["post_norm"]) != (mine["dim"], mine["depth"], mine["patch_size"], mine["post_norm"]):
+        theirs = describe_vit({**cfg, "num_heads": ckpt.get("encoder_config", {}).get("num_heads", "?")})
+        raise UserError(f"{what} holds a {'post-norm ' if cfg['post_norm'] else ''}{theirs} but the model is "
+                        f"{'post-norm ' if mine['post_norm'] else ''}{describe_vit(mine)}; pass the matching --model/--patch-size")
+    enc_cfg = ckpt.get("encoder_config") if isinstance(ckpt, dict) else None
+    if enc_cfg and enc_cfg.get("num_heads") not in (None, mine["num_heads"]):
+        raise UserError(f"{what} has {enc_cfg['num_heads']} attention heads but the model has {mine['num_heads']}; "
+                        f"pass the matching --model")
+    if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.grid, model.grid)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{what} does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return desc
+
+
+def checkpoint_path(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoint-last.pth")
+
+
+def load_resume_state(output_dir: str) -> dict | None:
+    """The state of `OUTPUT_DIR/checkpoint-last.pth` if it exists (automatic resume), else None."""
+    path = checkpoint_path(output_dir)
+    return load_file(path) if os.path.isfile(path) else None
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Logging
+# ----------------------------------------------------------------------------------------------
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+class Logger:
+    """Rank-0 logging: stdout, `log.jsonl` (one JSON object per logged step/epoch), `args.json` and,
+    if installed, TensorBoard scalars/images under OUTPUT_DIR/tb."""
+
+    def __init__(self, output_dir: str, args, dist_info: DistInfo, extra: dict | None = None):
+        self.active = dist_info.is_main
+        self.output_dir = output_dir
+        self.tb = None
+        if not self.active:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        cfg = {**dataclasses.asdict(args), **(extra or {}), "git_sha": git_sha(), "world_size": dist_info.world_size}
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump(cfg, f, indent=2, default=str)
+        print(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] git {cfg['git_sha']}, {dist_info.world_size} process(es), "
+              f"device {dist_info.device}")
+        print("\n".join(f"  {k}: {v}" for k, v in sorted(cfg.items())), flush=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
+        except Exception:  # tensorboard missing: jsonl only
+            self.tb = None
+
+    def print(self, *a):
+        if self.active:
+            print(*a, flush=True)
+
+    def log(self, metrics: dict, step: int):
+        if not self.active:
+            return
+        with open(os.path.join(self.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
+                                                for k, v in metrics.items()}}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
+                    self.tb.add_scalar(k, float(v), step)
+
+    def image(self, tag: str, img_chw: torch.Tensor, step: int):
+        if self.active and self.tb is not None:
+            self.tb.add_image(tag, img_chw, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress(iterable, dist_info: DistInfo, **kw):
+    """tqdm bar on rank 0 only (disabled elsewhere)."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not dist_info.is_main, dynamic_ncols=True, **kw)
