@@ -1,0 +1,241 @@
+"""Miniature reproduction: the five methods side by side on a laptop-sized problem.
+
+Same tiny ViT (vit_t16, 32 px, patch 4), the synthetic 10-class dataset (or any ImageFolder via
+--data), fixed seeds. Each method is trained by its own script exactly as a user would run it, then
+evaluated with eval_knn.py (weighted kNN, k=20, T=0.07, CLS token, every block) and a cheap linear
+probe on the same frozen features. Writes into --output-dir:
+
+  table.md           the Markdown table (kNN top-1 @ k=20 on the last block and on the best block,
+                     linear probe, training wall time)
+  per_block_knn.png  kNN accuracy per block for each method (MIM-Refiner Figure 1 in miniature)
+  results.json       every number, the commands that produced them and the machine
+
+Presets: `demo` (make demo: MAE -> MIM-Refiner, < 10 min on 2 cores), `full` (make repro: all
+methods and baselines, < 30 min on 2 cores), `smoke` (the test: 2 methods, a few steps).
+Re-running is cheap: every script resumes from its finished checkpoint and returns at once.
+
+    python benchmarks/mini_repro.py --preset full --output-dir results
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY = ["--model", "vit_t16", "--img-size", "32", "--patch-size", "4"]
+
+# Per preset: data spec, epochs of the shared MAE start, and each method's extra flags. The MAE
+# checkpoint is the common starting point of MAE-CT and MIM-Refiner (both are post-hoc methods);
+# LUT and ConMIM train from scratch with the same epoch budget as MAE.
+PRESETS = {
+    "smoke": dict(data="synthetic:64:40", batch=16, methods=["random-init", "mae"],
+                  mae=["--epochs", "1", "--warmup-epochs", "0", "--decoder-dim", "32", "--decoder-depth", "1",
+                       "--decoder-heads", "2"], k=[20]),
+    "demo": dict(data="synthetic:2000:500", batch=128, methods=["raw-pixels", "random-init", "mae", "mim_refiner"],
+                 mae=None, k=[10, 20]),
+    "full": dict(data="synthetic:2000:500", batch=128,
+                 methods=["raw-pixels", "random-init", "mae", "mae_ct", "mim_refiner", "lut", "conmim"], mae=None,
+                 k=[10, 20]),
+}
+
+# Tiny-run flags per method (paper defaults scaled down: heads, queues, decoders, crops). Filled in
+# from each method's own miniature experiments (see README "Miniature reproduction").
+METHOD_FLAGS = {
+    "mae": ["--epochs", "20", "--warmup-epochs", "2", "--decoder-dim", "128", "--decoder-depth", "2",
+            "--decoder-heads", "4"],
+    "mae_ct": [],
+    "mim_refiner": [],
+    "lut": [],
+    "conmim": [],
+}
+
+PAPER_NUMBERS = {  # ImageNet-1K, for orientation only (different scale entirely)
+    "mae": "MAE L/16 kNN 60.6 (MIM-Refiner Tab. 2)",
+    "mim_refiner": "MAE-Refined L/16 kNN 81.5; D2V2-Refined H/14 kNN 82.3 (MIM-Refiner Tab. 2)",
+}
+
+
+def run(cmd, log_path, env=None):
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        p = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if p.returncode != 0:
+        tail = Path(log_path).read_text()[-3000:]
+        raise SystemExit(f"command failed ({p.returncode}): {' '.join(map(str, cmd))}\n{tail}")
+    return time.time() - t0
+
+
+def train(method, preset, out: Path, mae_ckpt):
+    """Train `method` with its script; returns (checkpoint path or None, seconds, command)."""
+    py = sys.executable
+    common_flags = TINY + ["--data", preset["data"], "--batch-size", str(preset["batch"]), "--num-workers", "0",
+                           "--device", "cpu", "--seed", "0"]
+    if method in ("raw-pixels", "random-init"):
+        return None, 0.0, []
+    flags = preset.get(method) or METHOD_FLAGS[method]
+    run_dir = out / "runs" / method
+    cmd = [py, f"{method}.py", *common_flags, "--output-dir", run_dir, *flags]
+    if method in ("mae_ct", "mim_refiner"):
+        cmd += ["--init", mae_ckpt]
+    secs = run(cmd, out / "logs" / f"train_{method}.log")
+    return run_dir / "checkpoint-last.pth", secs, cmd
+
+
+def evaluate(method, ckpt, preset, out: Path):
+    """kNN per block (CLS, k from the preset, T 0.07) and features for the linear probe."""
+    js = out / "evals" / f"{method}.json"
+    feats = out / "evals" / f"{method}_features.pth"
+    cmd = [sys.executable, "eval_knn.py", *TINY, "--data", preset["data"], "--num-workers", "0", "--device", "cpu",
+           "--k", *map(str, preset["k"]), "--output-json", js, "--save-features", feats]
+    if method == "raw-pixels":
+        return raw_pixel_knn(preset, js, feats), cmd[:1]
+    cmd += ["--checkpoint", "none" if ckpt is None else ckpt, "--blocks", "all"]
+    if method == "random-init":
+        cmd += ["--seed", "0"]
+    run(cmd, out / "logs" / f"eval_{method}.log")
+    res = json.loads(js.read_text())
+    res["linear_probe"] = linear_probe(torch.load(feats, weights_only=True))
+    return res, cmd
+
+
+def raw_pixel_knn(preset, js, feats):
+    """kNN on the flattened normalised 32x32 pixels of the evaluation transform (the floor)."""
+    import common
+    from eval_knn import knn_classify
+    tf = common.eval_transform(32)
+    data = {}
+    for split in ("train", "val"):
+        ds = common.build_dataset(preset["data"], split, tf, img_size=32, require_labels=True)
+        xs, ys = zip(*[ds[i] for i in range(len(ds))])
+        data[split] = (torch.stack(xs).flatten(1), torch.tensor(ys))
+    nc = int(data["train"][1].max()) + 1
+    f = lambda x: torch.nn.functional.normalize(x, dim=1)  # noqa: E731
+    acc = knn_classify(f(data["train"][0]), data["train"][1], f(data["val"][0]), data["val"][1], preset["k"], 0.07, nc)
+    res = {"top1": {str(k): v["top1"] if isinstance(v, dict) else v for k, v in _per_k(acc).items()}}
+    res["linear_probe"] = linear_probe({"train_features": data["train"][0], "train_labels": data["train"][1],
+                                        "val_features": data["val"][0], "val_labels": data["val"][1]})
+    Path(js).write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _per_k(acc):
+    return acc if isinstance(acc, dict) else {k: a for k, a in acc}
+
+
+def linear_probe(f, epochs=100, lr=0.05):
+    """Full-batch softmax regression on standardised frozen features (AdamW, 100 steps): cheap and
+    deterministic; top-1 % on val. A probe, not the MAE paper's LARS protocol."""
+    torch.manual_seed(0)
+    xtr, ytr = f["train_features"].float(), f["train_labels"].long()
+    xva, yva = f["val_features"].float(), f["val_labels"].long()
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xva = (xtr - mu) / sd, (xva - mu) / sd
+    nc = int(ytr.max()) + 1
+    lin = torch.nn.Linear(xtr.shape[1], nc)
+    opt = torch.optim.AdamW(lin.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(epochs):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(xtr), ytr).backward()
+        opt.step()
+    with torch.no_grad():
+        return 100.0 * (lin(xva).argmax(1) == yva).float().mean().item()
+
+
+def best_block(res):
+    pb = res.get("per_block")
+    if not pb:
+        return None, None
+    k = "20" if "20" in res["top1"] else next(iter(res["top1"]))
+    items = [(int(b), v["top1"][k]) for b, v in pb.items() if b.lstrip("-").isdigit()]
+    b, a = max(items, key=lambda t: t[1])
+    return b, a
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: `pip install matplotlib` to get the per-block plot")
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, r in results.items():
+        pb = r["eval"].get("per_block")
+        if not pb:
+            continue
+        k = "20" if "20" in r["eval"]["top1"] else next(iter(r["eval"]["top1"]))
+        blocks = sorted(int(b) for b in pb if b.lstrip("-").isdigit())
+        ax.plot([b + 1 for b in blocks], [pb[str(b)]["top1"][k] for b in blocks], marker="o", label=m)
+    ax.set_xlabel("block")
+    ax.set_ylabel(f"kNN top-1 (%)")
+    ax.set_title("kNN accuracy of the CLS token per block (cf. MIM-Refiner Fig. 1)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--output-dir", default="results")
+    ap.add_argument("--data", default=None, help="override the preset's data (synthetic[:N[:M]] or an ImageFolder root)")
+    ap.add_argument("--methods", nargs="+", default=None, help="subset of the preset's methods")
+    a = ap.parse_args(argv)
+    preset = dict(PRESETS[a.preset])
+    if a.data:
+        preset["data"] = a.data
+    methods = a.methods or preset["methods"]
+    out = Path(a.output_dir)
+    for d in ("logs", "evals", "runs"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    results = {}
+    mae_ckpt = None
+    if any(m in methods for m in ("mae_ct", "mim_refiner")) and "mae" not in methods:
+        methods = ["mae"] + methods
+    for m in methods:
+        print(f"== {m}: training", flush=True)
+        ckpt, secs, cmd = train(m, preset, out, mae_ckpt)
+        if m == "mae":
+            mae_ckpt = ckpt
+        print(f"== {m}: evaluating ({secs:.0f} s of training)", flush=True)
+        res, ecmd = evaluate(m, ckpt, preset, out)
+        results[m] = {"train_seconds": secs, "train_cmd": " ".join(map(str, cmd)), "eval_cmd": " ".join(map(str, ecmd)),
+                      "eval": res}
+        k = "20" if "20" in res["top1"] else next(iter(res["top1"]))
+        print(f"   kNN top-1 @k={k}: {res['top1'][k]:.1f}   linear probe: {res['linear_probe']:.1f}", flush=True)
+    total = time.time() - t_start
+
+    k = "20" if 20 in preset["k"] else str(preset["k"][0])
+    lines = [f"| method | kNN top-1 (k={k}), last block | best block: kNN top-1 | linear probe top-1 | train time |",
+             "|---|---|---|---|---|"]
+    for m, r in results.items():
+        b, acc = best_block(r["eval"])
+        best = f"{acc:.1f} (block {b + 1})" if b is not None else "-"
+        lines.append(f"| {m} | {r['eval']['top1'][k]:.1f} | {best} | {r['eval']['linear_probe']:.1f} | "
+                     f"{r['train_seconds']:.0f} s |")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    lines += ["", f"Data `{preset['data']}`, vit_t16 at 32 px / patch 4, seed 0; {total / 60:.1f} min in all on {machine}."]
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    plotted = plot(results, out / "per_block_knn.png")
+    (out / "results.json").write_text(json.dumps({"preset": a.preset, "data": preset["data"], "machine": machine,
+                                                  "total_seconds": total, "results": results}, indent=2, default=str))
+    print("\n" + table)
+    print(f"\nwritten: {out / 'table.md'}, {out / 'results.json'}" + (f", {out / 'per_block_knn.png'}" if plotted else ""))
+
+
+if __name__ == "__main__":
+    main()

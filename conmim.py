@@ -1,0 +1,524 @@
+"""ConMIM: Masked Image Modeling with Denoising Contrast (Yi, Ge et al., ICLR 2023, arXiv:2205.09616).
+
+Pure MIM without a tokenizer: the masked patches of a *corrupted* view are "looked up" in a dynamic
+patch-level dictionary built from the *full* view of the same image by a slowly progressing
+(momentum) copy of the network.
+
+What one training step computes (paper Sec. 4, Algorithm 1 in App. A.2):
+  1. Shared basic augmentation (RandomResizedCrop + flip, same parameters for both inputs so that
+     patch positions stay aligned); the full input x additionally gets the strong photometric
+     augmentation (colour jitter, grayscale, blur, solarize), the corrupted input only the basic one
+     ("asymmetric image perturbations", Sec. 4 / Table 8).
+  2. Corruption: a mask M (75% of the patches, masked in blocks of `--mask-block` x `--mask-block`
+     patches, Table 11 "masking patch size") replaces the patch embeddings by a learned `mask_token`;
+     all 1+N tokens go through the encoder (BEiT/SimMIM style, nothing is dropped).
+  3. q = g(f(x_hat)) for the online encoder f and 3-layer projector g (MoCo v3 style, Sec. 4
+     "Pre-training setup"); k = sg[g~(f~(x))] for the momentum encoder f~ / projector g~ on the full
+     strongly augmented view ("asymmetric model progress rates").
+  4. Denoising contrastive loss, Eq. (3), one dictionary per image (intra-image negatives only):
+
+        L = E_{j in M} [ -log  exp(<q_j, k_j>/tau) / sum_{i=1..N} exp(<q_j, k_i>/tau) ]
+
+     <.,.> cosine similarity, tau = 0.1 (Table 11 / Table 16). The expectation is over all masked
+     positions of the (global) batch, as Algorithm 1's CrossEntropyLoss(sim[mask], labels[mask]).
+  5. AdamW step on (f, g, mask_token); momentum update theta~ <- alpha theta~ + (1 - alpha) theta with
+     alpha rising from 0.996 to 1 by a half cosine over all steps (Sec. 4, Table 11).
+
+Launch (paper setting, ViT-B/16, 800 epochs, global batch 2048 = 16 GPUs x 128, Table 11):
+
+    torchrun --nproc_per_node=8 --nnodes=2 ... conmim.py --model vit_b16 --data /path/imagenet \\
+        --epochs 800 --batch-size 2048 --output-dir runs/conmim_vitb16
+    # ViT-S/16 (Table 11): --model vit_s16 --epochs 300 --mask-block 1 --drop-path 0.1
+    # ViT-L/16 (Table 11): --model vit_l16 --clip-grad 1.0
+    # Tiny CPU run: python conmim.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic \\
+    #     --epochs 2 --batch-size 64 --head-hidden-dim 256 --head-out-dim 64 --device cpu
+
+Checkpoint (`OUTPUT_DIR/checkpoint-last.pth`, automatic resume): "model" = the online encoder f (the
+network the paper trains by back-propagation and transfers, Sec. 4; "model_is_ema": False),
+"model_ema" = the momentum encoder f~ (`eval_knn.py --ema`), "head"/"head_ema" (projectors g, g~),
+"mask_token"/"mask_token_ema", "optimizer", "epoch", "step", "args".
+
+Deviations (paper default first; official TencentARC/ConMIM @4263955 behaviour noted):
+  * Backbone. The paper/official code uses a BEiT ViT: no absolute position embedding but a shared
+    zero-initialised relative position bias, layer scale (gamma init 0.1; 1e-5 for L), q/v-only qkv
+    biases and BEiT's truncated-normal init with depth rescaling. We use the shared timm/MAE ViT of
+    common.py (fixed 2-D sin-cos absolute positions, no layer scale, qkv bias, MAE init). Expected
+    effect: the loss needs position-aware patch features (the positive is "the same position"), which
+    the sin-cos table provides, so the method works unchanged; without layer scale very deep/wide
+    models are somewhat less stable early in training (keep --clip-grad, warmup), and fine-tuning
+    numbers may differ from the paper by a few tenths (BEiT-style backbones fine-tune slightly
+    better). The resulting weights load into timm's plain ViT, which BEiT weights do not.
+    CAVEAT (measured on --data synthetic, vit_t16/32 px/patch 8, 90 steps): with absolute positions in
+    BOTH branches Eq. (3) has a positional shortcut, since the positive is "the key at the same
+    position": the trained model's loss with keys from a *different* image (1.83) is about its loss on
+    the right image (1.78), and keys of a blank image give 0.38. The BEiT backbone has no absolute
+    position in its tokens, which blocks this shortcut. Embedding the keys without the position table
+    instead collapses (loss stays at log N). A faithful fix needs BEiT's relative position bias in the
+    shared ViT (see the report to the lead); until then expect weak semantic features from this file.
+  * Masking. Paper: 75% random masking (Sec. 4) in units of 32 px cells for ViT-B/L and 16 px for ViT-S
+    (Table 11) = official `--mask_type random_mps32` (ceil(49*0.75) = 37 of 7x7 cells -> 148/196
+    patches). Our `--mask-type grid --mask-block 2` is exactly that, with the block given in patches
+    (32 px / 16 px = 2) so it scales to any image size. `--mask-type beit` is BEiT's block-wise
+    generator (the official parser default `--mask_type block`, with 75/196 = 38% masked; pass
+    `--mask-ratio 0.38` for that).
+  * Learning rate. Table 11: peak 5e-4 at batch 2048, used as given (official: no batch scaling). We
+    scale linearly with the global batch, lr = blr * batch / 256 with blr = 5e-4 * 256 / 2048, which
+    equals 5e-4 at the paper's batch; pass --lr 5e-4 for the official unscaled rule. The floor
+    --min-lr 1e-5 (Table 11) is absolute (clipped to the peak lr for tiny runs).
+  * Warmup 10 epochs and gradient clipping 3.0 are Table 11 (official parser defaults: warmup 5, no
+    clipping). Grayscale p 0.2 in the strong augmentation is the official code and SimCLR's "colour
+    distortion" that the text cites; Table 11 lists only jitter, blur (0.1) and solarization (0.2).
+  * Weight decay: common.param_groups exempts 1-D parameters, biases, cls_token, pos_embed and
+    mask_token; the official BEiT optimizer factory decays mask_token (an (1,1,D) tensor).
+  * Projector BN: SyncBN under DDP by default (MoCo v3, whose head the paper follows); the official
+    code uses per-GPU BatchNorm (`--no-sync-bn`). The projector runs on all 1+N tokens (CLS included,
+    as the official code) and the CLS output is dropped afterwards; the CLS token never enters the loss.
+  * Momentum model: as in the official code it stays in train mode (its projector BN normalises with
+    batch statistics), starts as an exact copy, and only parameters are averaged (BN running stats are
+    its own). The official README fine-tunes from the momentum ("copy") checkpoint; the paper text
+    describes transferring the back-propagated network, which is our "model".
+  * Normalisation: ImageNet mean/std (the official README passes --imagenet_default_mean_and_std;
+    the parser default is (0.5, 0.5, 0.5)).
+  * DDP loss: the per-rank masked-token sum is divided by the global masked count / world size, so
+    DDP's gradient averaging equals the single-process mean over all masked tokens of the global
+    batch (official: per-GPU mean). With --accum-steps > 1 each micro-batch is normalised by its own
+    count (exact for grid masking, whose count per image is fixed); the projector BN then sees only
+    micro-batch statistics (a warning is printed).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+
+import common
+from common import UserError
+
+
+@dataclass
+class Args:
+    # ---------------------------------------------------------------- common flags
+    model: str = "vit_b16"
+    """encoder architecture (common.VIT_CONFIGS); paper: vit_s16 / vit_b16 / vit_l16 (Table 11)"""
+    img_size: int = 224
+    """training crop size in pixels; paper 224 (Table 11)"""
+    patch_size: Optional[int] = None
+    """patch size in pixels; none = the model's own (16, Table 11)"""
+    data: str = "synthetic"
+    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]]; paper ImageNet-1K"""
+    output_dir: str = "runs/conmim"
+    """checkpoints, log.jsonl, TensorBoard; an existing checkpoint-last.pth is resumed automatically"""
+    epochs: int = 800
+    """pre-training epochs; paper 300 (S) / 800 (B, L) (Table 11)"""
+    warmup_epochs: int = 10
+    """linear lr warmup epochs; paper 10 (Table 11; official parser default 5)"""
+    batch_size: int = 2048
+    """GLOBAL batch size (all processes and accumulation steps); paper 2048 (Table 11)"""
+    accum_steps: int = 1
+    """gradient accumulation steps (projector BN then sees only the micro-batch; a warning is printed)"""
+    blr: float = 6.25e-5
+    """base lr per 256 images: lr = blr * batch_size / 256 = 5e-4 at the paper's batch 2048 (Table 11)"""
+    lr: Optional[float] = None
+    """absolute peak lr; none -> blr * batch_size / 256. The official code uses --lr 5e-4 unscaled"""
+    min_lr: float = 1e-5
+    """final lr of the cosine schedule; paper 1e-5 (Table 11); clipped to the peak lr"""
+    weight_decay: float = 0.05
+    """AdamW weight decay; paper 0.05 (Table 11)"""
+    num_workers: int = 8
+    """data-loader worker processes per rank"""
+    seed: int = 0
+    """random seed; paper 0 (App. A)"""
+    grad_checkpointing: bool = False
+    """activation checkpointing in the online encoder (saves memory, ~30% slower)"""
+    compile: bool = False
+    """torch.compile the encoders' forward_features"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    # ---------------------------------------------------------------- ConMIM
+    mask_type: str = "grid"
+    """grid: random masking in units of mask_block x mask_block patches (paper Sec. 4 + Table 11 = official
+    random_mps32); beit: BEiT block-wise masking (official parser default 'block')"""
+    mask_ratio: float = 0.75
+    """fraction of patches (grid: of mask_block cells, rounded up) replaced by the mask token; paper 0.75
+    (Sec. 4, Table 15)"""
+    mask_block: int = 2
+    """grid masking cell size in patches: Table 11 masking patch size 32 px / patch 16 px = 2 for ViT-B/L,
+    16/16 = 1 for ViT-S"""
+    beit_min_patches: int = 16
+    """beit masking: minimum patches per block (BEiT: 16 at a 14x14 grid)"""
+    beit_min_aspect: float = 0.3
+    """beit masking: block aspect ratio in [a, 1/a] (BEiT: 0.3)"""
+    crop_min_scale: float = 0.08
+    """RandomResizedCrop minimum area fraction, shared by both inputs; official/BEiT (0.08, 1)"""
+    jitter_p: float = 0.8
+    """strong (full-image) view: probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (Table 11; official p 0.8)"""
+    gray_p: float = 0.2
+    """strong view: grayscale probability (official code; SimCLR colour distortion cited in Sec. 4)"""
+    blur_p: float = 0.1
+    """strong view: Gaussian blur probability (Table 11 'GaussianBlur(0.1)')"""
+    solarize_p: float = 0.2
+    """strong view: solarization probability (Table 11 'Solarization(0.2)')"""
+    temperature: float = 0.1
+    """tau of Eq. (3); paper 0.1 (Table 11, Table 16)"""
+    momentum: float = 0.996
+    """initial momentum coefficient alpha; paper 0.996 (Table 11, Table 17)"""
+    momentum_final: float = 1.0
+    """final momentum coefficient (cosine schedule); paper 1 (Table 11)"""
+    head_hidden_dim: int = 4096
+    """projector hidden width (MoCo v3 head: D-4096-4096-256; official code)"""
+    head_out_dim: int = 256
+    """projector output width (MoCo v3 / official code: 256)"""
+    drop_path: float = 0.0
+    """stochastic depth of the online encoder; paper 0.1 (S), none (B, L) (Table 11)"""
+    clip_grad: Optional[float] = 3.0
+    """max gradient norm; paper 3 (S, B), 1 (L) (Table 11); none disables (official default)"""
+    sync_bn: bool = True
+    """SyncBatchNorm in the projectors under DDP on CUDA (MoCo v3); --no-sync-bn = official per-GPU BN.
+    On CPU (gloo) BN is always per process (torch's SyncBN is CUDA-only)"""
+    log_every: int = 20
+    """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
+    exit_after_epochs: Optional[int] = None
+    """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
+
+
+# ================================================================================================
+# Masking (paper Sec. 4 / Table 11; official masking_generator.py). Convention: True = masked.
+# ================================================================================================
+def grid_mask(grid: int, ratio: float, block: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random masking in units of `block` x `block` patches (official MaskGenerator, 'random_mps32'):
+    ceil(cells * ratio) of the (grid/block)^2 cells are chosen uniformly without replacement and each
+    is expanded to its block of patches. Returns (grid*grid,) bool in row-major patch order."""
+    g = grid // block
+    n_mask = int(math.ceil(g * g * ratio))
+    cells = torch.zeros(g * g, dtype=torch.bool)
+    cells[torch.randperm(g * g, generator=generator)[:n_mask]] = True
+    m = cells.view(g, g).repeat_interleave(block, 0).repeat_interleave(block, 1)  # (grid, grid)
+    return m.flatten()
+
+
+def beit_block_mask(grid: int, num_masking: int, min_patches: int = 16, min_aspect: float = 0.3,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """BEiT block-wise masking (BEiT Alg. 1, masking_generator.MaskingGenerator): add random rectangles
+    of area U[min_patches, remaining] and log-uniform aspect in [min_aspect, 1/min_aspect] until
+    `num_masking` patches are masked (at most; it stops when 10 attempts add nothing).
+    Returns (grid*grid,) bool."""
+    mask = torch.zeros(grid, grid, dtype=torch.bool)
+    log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
+
+    def rand(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    def add_block(max_patches):
+        for _ in range(10):
+            area = rand(min_patches, max_patches)
+            aspect = math.exp(rand(log_lo, log_hi))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < grid and h < grid:
+                top = int(torch.randint(0, grid - h + 1, (), generator=generator))
+                left = int(torch.randint(0, grid - w + 1, (), generator=generator))
+                new = h * w - int(mask[top:top + h, left:left + w].sum())
+                if 0 < new <= max_patches:
+                    mask[top:top + h, left:left + w] = True
+                    return new
+        return 0
+
+    count = 0
+    while count < num_masking:
+        delta = add_block(num_masking - count)
+        if delta == 0:
+            break
+        count += delta
+    return mask.flatten()
+
+
+class MaskGenerator:
+    """Draws one mask per image from the global torch RNG (reseeded every epoch; in DataLoader workers
+    the per-worker seed is a function of the loader's generator), so resumed runs draw the same masks."""
+
+    def __init__(self, args: Args, grid: int):
+        self.args, self.grid = args, grid
+
+    def __call__(self) -> torch.Tensor:  # (N,) bool
+        a = self.args
+        if a.mask_type == "grid":
+            return grid_mask(self.grid, a.mask_ratio, a.mask_block)
+        return beit_block_mask(self.grid, int(round(a.mask_ratio * self.grid ** 2)), a.beit_min_patches,
+                               a.beit_min_aspect)
+
+
+# ================================================================================================
+# Model: online encoder f + mask token + projector g; the momentum copy (f~, g~) is a deepcopy.
+# ================================================================================================
+class Projector(nn.Module):
+    """3-layer MoCo v3 projection head (Sec. 4 "following MoCo v3"; official `projectors`), applied to
+    every token: Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN(affine=False), no Linear biases."""
+
+    def __init__(self, dim: int, hidden: int, out: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):  # official: BEiT trunc_normal(std 0.02) truncated at +-1 std
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
+
+    def forward(self, x):  # (B, T, D) -> (B, T, out); BN statistics over all B*T tokens
+        B, T_, D = x.shape
+        return self.mlp(x.reshape(B * T_, D)).view(B, T_, -1)
+
+
+class ConMIMBranch(nn.Module):
+    """f and g (and the mask token used to corrupt f's input). forward -> projected patch tokens."""
+
+    def __init__(self, encoder: common.VisionTransformer, head: Projector):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)  # official (BEiT) init
+
+    def forward(self, x, mask=None):
+        """x (B, 3, H, W); mask (B, N) bool or None (full input). Returns (B, N, C)."""
+        z = self.encoder.forward_features(x, mask=mask, mask_token=None if mask is None else self.mask_token)  # (B, 1+N, D)
+        return self.head(z)[:, 1:]  # projector on all tokens (official), CLS dropped -> (B, N, C)
+
+
+def conmim_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, temperature: float):
+    """Eq. (3) summed over masked positions. q (B, N, C) online on the corrupted input, k (B, N, C)
+    momentum on the full input (no gradient), mask (B, N) bool. Each masked query q_j is classified
+    among the N keys of ITS OWN image (intra-image dictionary, Sec. 4 / Table 7) with target j.
+    Returns (sum of the per-token losses, number of masked tokens)."""
+    B, N, _ = q.shape
+    q = F.normalize(q.float(), dim=-1)
+    k = F.normalize(k.float(), dim=-1)
+    logits = torch.einsum("bic,bjc->bij", q, k) / temperature  # (B, N, N): query i vs key j, same image
+    target = torch.arange(N, device=q.device).expand(B, N)  # positive = the key at the same position
+    loss_sum = F.cross_entropy(logits[mask], target[mask], reduction="sum")  # (M, N) rows, M masked
+    return loss_sum, mask.sum()
+
+
+# ================================================================================================
+# Data: shared crop/flip, weak (basic) input for the corrupted branch, strong input for the keys
+# ================================================================================================
+class ConMIMTransform:
+    """PIL image -> (x_weak (3,H,W), x_strong (3,H,W), mask (N,) bool). Sec. 4 'Asymmetric image
+    perturbations': the same flip/resize/crop for both inputs (patch positions stay aligned); colour
+    distortion, blur and solarization for the full input only."""
+
+    def __init__(self, args: Args, grid: int):
+        self.size, self.scale = args.img_size, (args.crop_min_scale, 1.0)
+        self.strong = T.Compose([
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=args.jitter_p),  # Table 11
+            T.RandomGrayscale(p=args.gray_p),
+            common.GaussianBlur(args.blur_p, args.img_size),
+            common.Solarize(args.solarize_p),
+        ])
+        self.normalize = common.normalize_transform()
+        self.masks = MaskGenerator(args, grid)
+
+    def __call__(self, img):
+        i, j, h, w = T.RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))
+        img = TF.resized_crop(img, i, j, h, w, [self.size, self.size], interpolation=T.InterpolationMode.BICUBIC)
+        if torch.rand(()) < 0.5:
+            img = TF.hflip(img)
+        return self.normalize(img), self.normalize(self.strong(img)), self.masks()
+
+
+# ================================================================================================
+# Train step
+# ================================================================================================
+def forward_loss(online, teacher, weak, strong, mask, temperature):
+    """Returns (loss_sum over this rank's masked tokens, masked count). Algorithm 1."""
+    with torch.no_grad():
+        k = teacher(strong)  # (B, N, C) keys of the full, strongly augmented view (asymmetric progress)
+    q = online(weak, mask)  # (B, N, C) predictions for the corrupted, weakly augmented view
+    return conmim_loss(q, k, mask, temperature)
+
+
+def main(args: Args):
+    # ---------------------------------------------------------------- flags
+    if args.mask_type not in ("grid", "beit"):
+        raise UserError(f"--mask-type {args.mask_type!r} is unknown; choose grid or beit")
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1)")
+    if args.mask_block < 1:
+        raise UserError("--mask-block must be >= 1 (patches per side of a masking cell)")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0")
+    if not (0.0 <= args.momentum <= 1.0 and 0.0 <= args.momentum_final <= 1.0):
+        raise UserError("--momentum and --momentum-final must be in [0, 1]")
+    if args.accum_steps < 1 or args.epochs < 1 or args.warmup_epochs < 0:
+        raise UserError("--accum-steps and --epochs must be >= 1 and --warmup-epochs >= 0")
+    if args.log_every < 1:
+        raise UserError("--log-every must be >= 1")
+    if not 0.0 < args.crop_min_scale <= 1.0:
+        raise UserError("--crop-min-scale must be in (0, 1]")
+
+    dist_info = common.init_distributed(args.device)
+    device, world = dist_info.device, dist_info.world_size
+    micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256  # linear scaling (see docstring)
+    min_lr = min(args.min_lr, lr)
+
+    # ---------------------------------------------------------------- model
+    common.seed_everything(args.seed)  # identical initial weights on every rank
+    encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                                drop_path_rate=args.drop_path)
+    grid = encoder.grid
+    if args.mask_type == "grid" and grid % args.mask_block:
+        raise UserError(f"--mask-block {args.mask_block} does not divide the {grid}x{grid} patch grid; "
+                        f"choose a divisor of {grid}")
+    if args.mask_type == "beit" and args.beit_min_patches > args.mask_ratio * grid * grid:
+        raise UserError(f"--beit-min-patches {args.beit_min_patches} exceeds the {args.mask_ratio} x {grid * grid} "
+                        f"patches to mask; lower it")
+    online = ConMIMBranch(encoder, Projector(encoder.dim, args.head_hidden_dim, args.head_out_dim))
+    teacher = copy.deepcopy(online)  # f~ starts as an exact copy of f (Algorithm 1)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for blk in teacher.encoder.blocks:  # the momentum model computes targets: no stochastic depth
+        blk.drop_path = 0.0
+    # SyncBN needs CUDA under DDP; on CPU (gloo) each rank normalises its own batch (= official behaviour)
+    use_sync_bn = dist_info.enabled and args.sync_bn and device.type == "cuda"
+    if use_sync_bn:
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    online.to(device)
+    teacher.to(device)
+    online.encoder.grad_checkpointing = args.grad_checkpointing
+
+    groups = common.param_groups(online.named_parameters(), args.weight_decay)
+    opt = common.make_adamw(groups, lr, betas=(0.9, 0.98), device=device)  # Table 11 betas, eps 1e-8
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, step = 0, 0
+    state = common.load_resume_state(args.output_dir)
+    if state is not None:
+        online.encoder.load_state_dict(state["model"])
+        teacher.encoder.load_state_dict(state["model_ema"])
+        online.head.load_state_dict(state["head"])
+        teacher.head.load_state_dict(state["head_ema"])
+        with torch.no_grad():
+            online.mask_token.copy_(state["mask_token"])
+            teacher.mask_token.copy_(state["mask_token_ema"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"], state["step"]
+
+    log = common.Logger(args.output_dir, args, dist_info, extra={"effective_lr": lr, "micro_batch": micro})
+    log.print(f"global batch {args.batch_size} = {micro} per rank x {args.accum_steps} accum x {world} processes; "
+              f"peak lr {lr:.3e} ({'--lr' if args.lr is not None else f'blr {args.blr:.3e} x {args.batch_size}/256'}), "
+              f"min lr {min_lr:.3e}; masking {args.mask_type} {args.mask_ratio:.2f} on a {grid}x{grid} grid")
+    if dist_info.enabled and args.sync_bn and not use_sync_bn:
+        log.print("note: SyncBatchNorm needs CUDA; the projector BN normalises per process on CPU (as --no-sync-bn)")
+    if args.accum_steps > 1:
+        log.print("warning: --accum-steps > 1: the projector BatchNorm normalises over micro-batches only, "
+                  "which changes the dynamics compared with the full batch")
+    if state is not None:
+        log.print(f"resumed from {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}, step {step}")
+    if start_epoch >= args.epochs:
+        log.print(f"training already finished ({start_epoch}/{args.epochs} epochs); nothing to do")
+        log.close()
+        return
+
+    if args.compile:  # teacher was copied before, so each compiled function is bound to its own encoder
+        online.encoder.forward_features = torch.compile(online.encoder.forward_features)
+        teacher.encoder.forward_features = torch.compile(teacher.encoder.forward_features)
+    model = nn.parallel.DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist_info.enabled else online
+
+    # ---------------------------------------------------------------- data
+    ds = common.build_dataset(args.data, "train", ConMIMTransform(args, grid), img_size=args.img_size, seed=args.seed)
+    iters_per_epoch = (len(ds) // world) // micro
+    steps_per_epoch = iters_per_epoch // args.accum_steps
+    if steps_per_epoch == 0:
+        raise UserError(f"the dataset has {len(ds)} images, fewer than one global batch of {args.batch_size}; "
+                        f"lower --batch-size")
+    total_steps = steps_per_epoch * args.epochs
+    warmup_steps = steps_per_epoch * args.warmup_epochs
+
+    # ---------------------------------------------------------------- train
+    for epoch in range(start_epoch, args.epochs):
+        common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
+        loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True,
+                                     num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+        model.train()
+        teacher.train()  # official: the momentum model's projector BN uses batch statistics
+        t0, ep_loss, ep_n, it_acc = time.time(), 0.0, 0, 0
+        bar = common.progress(range(steps_per_epoch * args.accum_steps), dist_info, desc=f"epoch {epoch}")
+        it = iter(loader)
+        for micro_step in bar:
+            (weak, strong, mask), _ = next(it)
+            weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)
+            mask = mask.to(device, non_blocking=True)  # (B, N) bool
+            last = (micro_step + 1) % args.accum_steps == 0
+            if it_acc == 0:
+                cur_lr = common.cosine_schedule(step, total_steps, lr, min_lr, warmup_steps)
+                common.set_lr(opt, cur_lr)
+            sync = contextlib.nullcontext() if (last or not dist_info.enabled) else model.no_sync()
+            with sync:
+                with common.autocast(device):
+                    loss_sum, n_masked = forward_loss(model, teacher, weak, strong, mask, args.temperature)
+                # mean over the masked tokens of the GLOBAL micro-batch: sum / (global count / world), so that
+                # DDP's gradient averaging gives the single-process gradient (module docstring)
+                n_global = common.all_reduce_mean(n_masked.float()) * world if dist_info.enabled else n_masked.float()
+                loss = loss_sum * world / n_global.clamp(min=1)
+                common.check_finite(loss, step, args.output_dir)
+                (loss / args.accum_steps).backward()
+            ep_loss += float(common.all_reduce_mean(loss.detach()))
+            ep_n += 1
+            it_acc += 1
+            if not last:
+                continue
+            it_acc = 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(online.parameters(), args.clip_grad if args.clip_grad else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            # momentum update (Sec. 4): theta~ <- m theta~ + (1 - m) theta, m: cosine 0.996 -> 1 over all steps
+            m = common.momentum_schedule(step, total_steps, args.momentum, args.momentum_final)
+            common.ema_update(teacher, online, m, copy_buffers=False)  # official: parameters only
+            step += 1
+            if dist_info.is_main:
+                ips = (micro_step + 1) * micro * world / max(time.time() - t0, 1e-9)
+                bar.set_postfix(loss=f"{ep_loss / ep_n:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+            if step % args.log_every == 0 or step == total_steps:
+                log.log({"train/loss": ep_loss / ep_n, "train/lr": cur_lr, "train/momentum": m,
+                         "train/grad_norm": float(grad_norm), "train/masked_frac": float(mask.float().mean()),
+                         "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
+
+        log.log({"train/epoch_loss": ep_loss / max(ep_n, 1), "train/epoch_time_s": time.time() - t0,
+                 "epoch": epoch + 1}, step)
+        log.print(f"epoch {epoch + 1}/{args.epochs}: loss {ep_loss / max(ep_n, 1):.4f} ({time.time() - t0:.1f}s)")
+        if dist_info.is_main:
+            common.save_checkpoint(common.checkpoint_path(args.output_dir), {
+                "model": common.encoder_state_dict(online.encoder),
+                "encoder_config": online.encoder.config(),
+                "model_is_ema": False,
+                "model_ema": common.encoder_state_dict(teacher.encoder),
+                "head": online.head.state_dict(),
+                "head_ema": teacher.head.state_dict(),
+                "mask_token": online.mask_token.detach().cpu(),
+                "mask_token_ema": teacher.mask_token.detach().cpu(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "args": dataclasses.asdict(args),
+            })
+        if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
+            log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
+            log.close()
+            return
+    log.print(f"done: {common.checkpoint_path(args.output_dir)}")
+    log.close()
+
+
+if __name__ == "__main__":
+    common.run_main(main, Args)

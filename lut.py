@@ -1,0 +1,586 @@
+"""LUT: Learning with Unmasked Tokens Drives Stronger Vision Learners (Kim et al., ECCV 2024, arXiv:2310.13593).
+
+MAE plus a "broader contextualisation" loss on the *unmasked* tokens: the pooled visible tokens of the
+masked view must predict what a momentum encoder sees in the *whole* (strongly augmented) image.
+
+What one training step computes (paper Sec. 3, official naver-ai/lut @4420a27 for what the text leaves open):
+  1. Two views of each image (Sec. 3 "On contextual discrepancies across views", Sec. 5.1.2), both with
+     simple resized crop (SRC, DeiT III: resize the short side, RandomCrop with 4 px reflect padding,
+     flip), drawn independently per view:
+       v  ("weak")   SRC only;
+       v' ("strong") SRC + ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 + 3-augment (exactly one of grayscale,
+                     solarize, Gaussian blur; DeiT III).
+  2. MAE branch on v (Eq. 1; re-stated here from He et al. 2022): per-sample random masking keeps
+     K = int(N (1 - r)) patches (r = 0.75); the online encoder f sees only those; the decoder g (8 blocks,
+     512 wide, 16 heads) reconstructs all patches; the loss is the MSE to per-patch normalised pixels
+     (norm-pix), averaged over the masked patches only:
+        L_mim = sum_i m_i mean_j (g(f(v_vis))_ij - xhat_ij)^2 / sum_i m_i,
+        xhat = (x - mean(x)) / sqrt(var(x) + 1e-6)   per patch (unbiased var, as official MAE).
+  3. Context branch (Eq. 2 with the choices of Sec. 3.0.2/3.0.3/3.0.5):
+        q = h_pred(h(mean_{i visible} f(v_vis)_i))          online, pooled visible tokens (CLS excluded)
+        k = sg[h~(mean_{i=1..N} f~(v')_i)]                  momentum encoder f~ + head h~ on the FULL v'
+        L_bc = || q/|q| - k/|k| ||^2 = 2 - 2 cos(q, k)     ("normalised l2 distance, i.e. cosine distance")
+     h and h~ are 2-layer MLPs D-4096-D (Linear-BN-ReLU-Linear, no biases), h_pred (online only, the
+     asymmetry that prevents collapse, BYOL) is the same shape.
+  4. Total (Eq. 3):  L = L_mim + lambda L_bc,  lambda = 1.0 (ViT-S) / 0.25 (ViT-B) (Sec. 5.1.2).
+  5. AdamW step on (f, g, h, h_pred); momentum update of (f~, h~): theta~ <- m theta~ + (1 - m) theta with
+     m rising from 0.996 to 1 by a half cosine over the run (Sec. 5.1.2 "momentum decay rate 0.996";
+     official cosine 0.996 -> 1).
+
+Paper description vs official code (`--symmetric`):
+  * Default (paper Sec. 3, Fig. 2, Eq. 2): ONE direction. The online encoder sees the masked weak view v,
+    the momentum encoder the full strong view v'; L_bc = 2 - 2 cos(q(v), k(v')).
+  * `--symmetric` (official models_lut.py / engine_lut.py): BOTH views go through the online encoder,
+    masked with DISJOINT visible sets drawn from one noise tensor per image (v keeps ids_shuffle[:K],
+    v' keeps ids_shuffle[K:2K], so v''s visible patches are a subset of v's masked ones; needs r >= 0.5);
+    the decoder reconstructs v only; the momentum encoder sees both full views and
+    L_bc = (D(q(v), k(v')) + D(q(v'), k(v))) / 2 (cross-view pairs only). Costs one more online and one
+    more momentum forward per step.
+
+Launch (paper setting, ViT-B/16, 1600 epochs, global batch 4096 = 8 GPUs x 128 x accum 4, Sec. 5.1.2):
+
+    torchrun --nproc_per_node=8 lut.py --model vit_b16 --data /path/imagenet --epochs 1600 \\
+        --warmup-epochs 40 --batch-size 4096 --accum-steps 4 --output-dir runs/lut_vitb16
+    # ViT-S/16 (lambda = 1.0 chosen automatically): --model vit_s16
+    # official two-sided variant and learning-rate rule: --symmetric --lr-scaling sqrt
+    # Miniature (CPU, synthetic shapes), the budget of mae.py's `make demo` run plus small heads:
+    #   python lut.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic:2000:500 --device cpu \\
+    #       --num-workers 0 --epochs 20 --warmup-epochs 2 --batch-size 128 --blr 1.5e-3 --decoder-dim 128 \\
+    #       --decoder-depth 2 --decoder-heads 4 --head-hidden-dim 512 --pred-hidden-dim 512 --momentum 0.99
+    #   (--context-weight 0 --crop rrc turns this into plain MAE with MAE's augmentation)
+
+Checkpoint (`OUTPUT_DIR/checkpoint-last.pth`, automatic resume): "model" = the online encoder f (the one
+the paper fine-tunes; official `--model_key model`), "model_is_ema": False, "model_ema" = the momentum
+encoder f~ (`eval_knn.py --ema`), "decoder", "head", "predictor", "head_ema", "optimizer", "epoch",
+"step", "args".
+
+Deviations (paper default first; official behaviour noted):
+  * Learning rate: the paper follows MAE's protocol (Sec. 5.1.2, value not printed) -> MAE's linear rule
+    lr = blr * batch / 256 with blr 1.5e-4. The official code uses lr = blr * sqrt(batch) / 4
+    (`--lr-scaling sqrt`); both give 2.4e-3 at the paper's batch 4096 and differ elsewhere.
+  * Optimizer: AdamW betas (0.9, 0.95), no layer-wise lr decay in pre-training (MAE protocol and official
+    code). The paper's pre-training paragraph lists betas (0.9, 0.999) and layer decay 0.65, which are
+    the fine-tuning recipe's values (Table D); `--beta2 0.999` reproduces the literal text.
+    common.param_groups exempts cls_token and mask_token from weight decay (official: decayed).
+  * Momentum BN: as official, the momentum model stays in eval mode for the whole run, so its head BN
+    normalises with running statistics, and those are exponentially averaged together with the weights
+    (official ModelEma over the state dict). Our average touches exactly the momentum encoder and head:
+    parameters and floating-point buffers (BN running mean/var); integer `num_batches_tracked` is left
+    alone (official: averaged and truncated), and the decoder / predictor have no momentum copy
+    (official: averaged although never used).
+  * Momentum schedule: half cosine from 0.996 at the first optimizer step to exactly 1.0 at the last one
+    (common.momentum_schedule over total_steps - 1); official: DINO's cosine_scheduler indexed by the
+    micro-step, which ends just below 1.
+  * Head BN: SyncBatchNorm under DDP (official), each view through the BN on its own (official). torch's
+    SyncBatchNorm is CUDA-only, so CPU/gloo runs (tests) fall back to per-process BN with a warning.
+  * Pooling: mean of the patch tokens after the final LayerNorm, CLS excluded (official; paper Table 4
+    "pooled visual tokens").
+  * SRC padding 4 px is absolute (DeiT III at 224 px); at 32 px it is CIFAR's standard shift.
+  * `--crop rrc` swaps SRC for RandomResizedCrop (scale 0.2-1, MAE) in both views (paper Table 4 ablation).
+
+Known bugs of the official code, not copied:
+  * `models_lut.py` imports `util.utils_dino.trunc_normal_`, a file missing from the repo (import fails).
+  * The parser defines `--w_b` but the engine reads `args.w_bc` and the docs pass `--w_bc` (argparse
+    rejects it; without it AttributeError). Here: `--context-weight`.
+  * Resume calls undefined `_load_checkpoint_for_ema*`; the NameError is swallowed, so a resumed run
+    silently restarts the momentum teacher from the fresh initialisation. Here the momentum encoder and
+    head are saved and restored (resume is bit-identical, tested).
+  * `--head_norm_layer` defaults to None (no BN in the heads) and `--model-ema-decay` to 0.99996, while
+    the recommended command uses BN and 0.996; here the recommended values are the defaults.
+  * `TwoGlobalViewAugmentation` reads the global `args` (works only when run as __main__); `torch._six`
+    import (gone in torch 2.x).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from einops import rearrange
+
+import common
+from common import UserError
+
+
+@dataclass
+class Args:
+    # ---------------------------------------------------------------- common flags
+    model: str = "vit_b16"
+    """encoder architecture (common.VIT_CONFIGS); paper: vit_s16 / vit_b16 / vit_l16 (Table 1)"""
+    img_size: int = 224
+    """training crop size in pixels; paper 224 (Sec. 5.1.2)"""
+    patch_size: Optional[int] = None
+    """patch size in pixels; none = the model's own (16, Sec. 5.1.1)"""
+    data: str = "synthetic"
+    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]]; paper ImageNet-1K"""
+    output_dir: str = "runs/lut"
+    """checkpoints, log.jsonl, TensorBoard; an existing checkpoint-last.pth is resumed automatically"""
+    epochs: int = 1600
+    """pre-training epochs; paper 1600 (Sec. 5.1.2; ablations 400, Sec. 6.1)"""
+    warmup_epochs: int = 40
+    """linear lr warmup epochs; paper 40 (Sec. 5.1.2)"""
+    batch_size: int = 4096
+    """GLOBAL batch size (all processes and accumulation steps); paper 4096 (Sec. 5.1.2)"""
+    accum_steps: int = 1
+    """gradient accumulation steps (head BN then sees only the micro-batch; a warning is printed);
+    official ViT-B command: 4"""
+    blr: float = 1.5e-4
+    """base lr: lr = blr * batch_size / 256 (MAE protocol, Sec. 5.1.2) or blr * sqrt(batch_size) / 4
+    (--lr-scaling sqrt, official); 1.5e-4 (official PRETRAIN.md, MAE)"""
+    lr: Optional[float] = None
+    """absolute peak lr; none -> from --blr and --lr-scaling"""
+    min_lr: float = 0.0
+    """final lr of the cosine schedule; MAE/official 0"""
+    weight_decay: float = 0.05
+    """AdamW weight decay; paper 0.05 (MAE protocol, official)"""
+    num_workers: int = 10
+    """data-loader worker processes per rank (official 10)"""
+    seed: int = 0
+    """random seed (official 0)"""
+    grad_checkpointing: bool = False
+    """activation checkpointing in the online encoder (saves memory, ~30% slower)"""
+    compile: bool = False
+    """torch.compile the encoders' forward_features"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    # ---------------------------------------------------------------- MAE branch (Eq. 1)
+    mask_ratio: float = 0.75
+    """fraction of patches removed from the online encoder's input; paper 0.75 (Sec. 5.1.2)"""
+    norm_pix_loss: bool = True
+    """reconstruct per-patch normalised pixels (MAE; official PRETRAIN.md --norm_pix_loss)"""
+    decoder_dim: int = 512
+    """decoder width; paper 512 (MAE 8-block decoder, Sec. 5.1.1; official dec512d8b)"""
+    decoder_depth: int = 8
+    """decoder blocks; paper 8 (Sec. 5.1.1)"""
+    decoder_heads: int = 16
+    """decoder attention heads; official 16"""
+    mae_weight: float = 1.0
+    """weight of L_mim in Eq. (3); official --w_mae 1.0"""
+    # ---------------------------------------------------------------- context branch (Eq. 2)
+    context_weight: Optional[float] = None
+    """lambda of Eq. (3); none -> 1.0 for ViT-S and smaller, 0.25 for ViT-B and larger (Sec. 5.1.2;
+    0.25 also for L, as the official ViT-B command)"""
+    head_hidden_dim: int = 4096
+    """hidden width of the projector h / h~; paper 4096 (Sec. 5.1.1)"""
+    head_out_dim: Optional[int] = None
+    """output width of h / h~ and the predictor; none = the encoder width D (official)"""
+    pred_hidden_dim: int = 4096
+    """hidden width of the online-only predictor; paper 4096 (Sec. 5.1.1)"""
+    momentum: float = 0.996
+    """initial momentum of f~ / h~; paper 0.996 (Sec. 5.1.2)"""
+    momentum_final: float = 1.0
+    """final momentum (half-cosine schedule); official 1.0"""
+    symmetric: bool = False
+    """official two-sided formulation (both views masked with disjoint visible sets, loss both ways,
+    reconstruction of the weak view only); default: the paper's one-sided description"""
+    sync_bn: bool = True
+    """SyncBatchNorm in the heads under DDP on CUDA (official); CPU runs use per-process BN (torch's SyncBN
+    is CUDA-only)"""
+    # ---------------------------------------------------------------- augmentation (Sec. 3.0.4, 5.1.2)
+    crop: str = "src"
+    """geometric augmentation of both views: src (simple resized crop, DeiT III; paper) or rrc
+    (RandomResizedCrop, MAE; paper Table 4 ablation)"""
+    src_padding: int = 4
+    """SRC: reflect padding of the random crop in pixels (DeiT III / official 4)"""
+    rrc_min_scale: float = 0.2
+    """--crop rrc: minimum crop area fraction (MAE 0.2)"""
+    jitter_p: float = 0.8
+    """strong view: probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (official 0.8)"""
+    three_augment: bool = True
+    """strong view: apply exactly one of grayscale / solarize / blur (DeiT III 3-augment, Sec. 5.1.2)"""
+    # ---------------------------------------------------------------- optimiser details
+    lr_scaling: str = "linear"
+    """linear: lr = blr * batch / 256 (MAE protocol, paper); sqrt: lr = blr * sqrt(batch) / 4 (official)"""
+    beta2: float = 0.95
+    """AdamW beta2; MAE/official 0.95 (the paper's text lists 0.999, the fine-tuning value)"""
+    log_every: int = 20
+    """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
+    exit_after_epochs: Optional[int] = None
+    """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
+
+
+# ================================================================================================
+# MAE branch (re-stated from mae.py / He et al. 2022 so that this file reads on its own)
+# ================================================================================================
+def random_masking(B: int, N: int, mask_ratio: float, device, symmetric: bool = False):
+    """Per-sample random masking by argsort of uniform noise (MAE `random_masking`).
+
+    Returns keep1 (B, K) long: visible patches of view 1 (ascending noise order); ids_restore (B, N):
+    inverse permutation for the decoder; mask1 (B, N) float, 1 = masked (removed), 0 = visible;
+    keep2 (B, K) or None: with `symmetric`, view 2's visible patches ids_shuffle[:, K:2K] (official
+    models_lut.random_masking), disjoint from keep1 by construction. K = int(N (1 - mask_ratio)).
+    """
+    K = int(N * (1 - mask_ratio))
+    noise = torch.rand(B, N, device=device)  # (B, N) in [0, 1): small = keep
+    ids_shuffle = torch.argsort(noise, dim=1)  # (B, N)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, N)
+    keep1 = ids_shuffle[:, :K]  # (B, K)
+    mask1 = torch.ones(B, N, device=device)
+    mask1[:, :K] = 0
+    mask1 = torch.gather(mask1, 1, ids_restore)  # (B, N) back in patch order
+    keep2 = ids_shuffle[:, K:2 * K] if symmetric else None  # (B, K)
+    return keep1, ids_restore, mask1, keep2
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, N, p*p*3) in MAE's order (row-major patches, pixels (p, q, c))."""
+    return rearrange(imgs, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
+
+
+def mae_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool):
+    """Eq. (1) as MAE forward_loss: pred (B, N, p*p*3), imgs (B, 3, H, W), mask (B, N) 1 = masked.
+    MSE per patch, averaged over the masked patches only."""
+    target = patchify(imgs, patch_size).float()  # (B, N, p*p*3)
+    if norm_pix:  # per-patch normalised pixels; torch's default unbiased var, as official MAE
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, N)
+    return (loss * mask).sum() / mask.sum()
+
+
+class MAEDecoder(nn.Module):
+    """MAE decoder (official names): decoder_embed D->d, mask_token, fixed sin-cos decoder_pos_embed,
+    `depth` pre-norm blocks, decoder_norm, decoder_pred d->p*p*3."""
+
+    def __init__(self, enc_dim: int, grid: int, patch_size: int, dim: int, depth: int, heads: int):
+        super().__init__()
+        self.decoder_embed = nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_pos_embed = nn.Parameter(common.sincos_pos_embed_2d(dim, grid, grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([common.Block(dim, heads) for _ in range(depth)])
+        self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(dim, patch_size ** 2 * 3)
+        for m in self.modules():  # MAE initialize_weights
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)  # (B, 1+K, d)
+        B, N, d = x.shape[0], ids_restore.shape[1], x.shape[2]
+        x_ = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(B, N - (x.shape[1] - 1), d)], dim=1)  # (B, N, d)
+        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, d))  # unshuffle to patch order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1+N, d)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, N, p*p*3), CLS dropped
+
+
+# ================================================================================================
+# Context branch: heads, loss, the online model and its momentum copy (Sec. 3.0.2 - 3.0.5)
+# ================================================================================================
+def mlp_head(in_dim: int, hidden: int, out: int) -> nn.Sequential:
+    """2-layer MLP of Sec. 5.1.1 / official _build_mlp(2, ...): Linear-BN-ReLU-Linear, no biases, no last BN.
+    Xavier-uniform init (official: MAE's self.apply(_init_weights) covers the heads)."""
+    head = nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out, bias=False))
+    for m in head:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+    return head
+
+
+def context_loss(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """L_bc (Sec. 3.0.5): squared distance of the L2-normalised vectors = 2 - 2 cos(q, k), batch mean.
+    q (B, C) online prediction, k (B, C) momentum target (no gradient)."""
+    q = F.normalize(q.float(), dim=-1)
+    k = F.normalize(k.float(), dim=-1)
+    return (2 - 2 * (q * k).sum(dim=-1)).mean()
+
+
+def pooled(tokens: torch.Tensor) -> torch.Tensor:
+    """Mean of the patch tokens after the final norm, CLS excluded (Table 4 "pooled visual tokens"). (B, 1+n, D) -> (B, D)"""
+    return tokens[:, 1:].mean(dim=1)
+
+
+class LUTOnline(nn.Module):
+    """Everything trained by back-propagation: encoder f, decoder g, projector h, predictor h_pred."""
+
+    def __init__(self, encoder: common.VisionTransformer, args: Args):
+        super().__init__()
+        out = args.head_out_dim or encoder.dim
+        self.encoder = encoder
+        self.decoder = MAEDecoder(encoder.dim, encoder.grid, encoder.patch_size, args.decoder_dim,
+                                  args.decoder_depth, args.decoder_heads)
+        self.head = mlp_head(encoder.dim, args.head_hidden_dim, out)
+        self.predictor = mlp_head(out, args.pred_hidden_dim, out)
+        self.norm_pix = args.norm_pix_loss
+
+    def forward(self, x1, keep1, ids_restore, mask1, x2=None, keep2=None):
+        """x1 (B, 3, H, W) the weak view with its mask; x2/keep2 only in the symmetric variant.
+        Returns (L_mim, q1 (B, C), q2 (B, C) or None)."""
+        z1 = self.encoder.forward_features(x1, keep_idx=keep1)  # (B, 1+K, D) visible tokens only
+        loss_mim = mae_loss(self.decoder(z1, ids_restore), x1, mask1, self.encoder.patch_size, self.norm_pix)
+        q1 = self.predictor(self.head(pooled(z1)))  # (B, C)
+        q2 = None
+        if x2 is not None:  # official: the strong view is masked too (disjoint visible set), no reconstruction
+            z2 = self.encoder.forward_features(x2, keep_idx=keep2)  # (B, 1+K, D)
+            q2 = self.predictor(self.head(pooled(z2)))  # separate BN call: per-view batch statistics (official)
+        return loss_mim, q1, q2
+
+
+class MomentumBranch(nn.Module):
+    """Context encoder f~ and head h~ (Sec. 3.0.2): momentum copies, no predictor, full (unmasked) input."""
+
+    def __init__(self, online: LUTOnline):
+        super().__init__()
+        self.encoder = copy.deepcopy(online.encoder)
+        self.head = copy.deepcopy(online.head)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for blk in self.encoder.blocks:  # targets are deterministic
+            blk.drop_path = 0.0
+
+    @torch.no_grad()
+    def forward(self, x):  # (B, 3, H, W) -> (B, C)
+        return self.head(pooled(self.encoder.forward_features(x)))  # all N patch tokens pooled
+
+
+@torch.no_grad()
+def momentum_update(momentum: MomentumBranch, online: LUTOnline, m: float):
+    """theta~ <- m theta~ + (1 - m) theta for the momentum encoder and head: parameters and floating-point
+    buffers (BN running mean/var; official ModelEma over the state dict). Nothing else is touched."""
+    for part in ("encoder", "head"):
+        src = getattr(online, part).state_dict()
+        for name, t in getattr(momentum, part).state_dict().items():  # state_dict tensors share storage
+            if t.is_floating_point():
+                t.mul_(m).add_(src[name].to(t.dtype), alpha=1.0 - m)
+
+
+def default_context_weight(dim: int) -> float:
+    """lambda of Eq. (3): 1.0 for ViT-S (D 384) and smaller, 0.25 for ViT-B (D 768) and larger (Sec. 5.1.2)."""
+    return 1.0 if dim <= 384 else 0.25
+
+
+# ================================================================================================
+# Data: two views, SRC geometry drawn per view; weak = geometry only, strong = + colour + 3-augment
+# ================================================================================================
+def lut_transform(args: Args) -> common.MultiView:
+    """PIL image -> [weak (3, H, W), strong (3, H, W)] (Sec. 3.0.4, 5.1.2; official TwoGlobalViewAugmentation)."""
+    size = args.img_size
+    if args.crop == "src":  # DeiT III simple random crop: no scale/ratio jitter, views overlap heavily
+        geometric = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+                               T.RandomCrop(size, padding=args.src_padding, padding_mode="reflect"),
+                               T.RandomHorizontalFlip()])
+        weak = T.Compose([geometric, common.normalize_transform()])
+    else:
+        geometric = T.Compose([T.RandomResizedCrop(size, scale=(args.rrc_min_scale, 1.0),
+                                                   interpolation=T.InterpolationMode.BICUBIC),
+                               T.RandomHorizontalFlip()])
+        weak = common.mae_train_transform(size, scale=(args.rrc_min_scale, 1.0))
+    photometric = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=args.jitter_p)]
+    if args.three_augment:  # DeiT III 3-augment: exactly one of the three, each at p 1 (official RandomChoice)
+        photometric.append(T.RandomChoice([T.RandomGrayscale(p=1.0), common.Solarize(1.0),
+                                           common.GaussianBlur(1.0, size)]))
+    strong = T.Compose([geometric, *photometric, common.normalize_transform()])
+    return common.MultiView([weak, strong])
+
+
+# ================================================================================================
+# Train step
+# ================================================================================================
+def forward_losses(model, momentum: MomentumBranch, weak, strong, num_patches: int, mask_ratio: float,
+                   symmetric: bool):
+    """One step's losses. Returns (L_mim, L_bc). `model` is LUTOnline (possibly DDP-wrapped)."""
+    keep1, ids_restore, mask1, keep2 = random_masking(weak.shape[0], num_patches, mask_ratio, weak.device, symmetric)
+    if symmetric:
+        loss_mim, q1, q2 = model(weak, keep1, ids_restore, mask1, strong, keep2)
+        k1, k2 = momentum(weak), momentum(strong)  # both full views (official ema=True forward)
+        loss_bc = 0.5 * (context_loss(q1, k2) + context_loss(q2, k1))  # cross-view pairs only
+    else:
+        loss_mim, q1, _ = model(weak, keep1, ids_restore, mask1)
+        loss_bc = context_loss(q1, momentum(strong))  # masked weak view -> full strong view (Eq. 2)
+    return loss_mim, loss_bc
+
+
+def main(args: Args):
+    # ---------------------------------------------------------------- flags
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1)")
+    if args.symmetric and args.mask_ratio < 0.5:
+        raise UserError(f"--symmetric needs --mask-ratio >= 0.5 (two disjoint visible sets), got {args.mask_ratio}")
+    if args.crop not in ("src", "rrc"):
+        raise UserError(f"--crop {args.crop!r} is unknown; choose src or rrc")
+    if args.lr_scaling not in ("linear", "sqrt"):
+        raise UserError(f"--lr-scaling {args.lr_scaling!r} is unknown; choose linear or sqrt")
+    if args.context_weight is not None and args.context_weight < 0:
+        raise UserError("--context-weight must be >= 0")
+    if not (0.0 <= args.momentum <= 1.0 and 0.0 <= args.momentum_final <= 1.0):
+        raise UserError("--momentum and --momentum-final must be in [0, 1]")
+    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
+        raise UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 and of --decoder-heads {args.decoder_heads}")
+    if min(args.decoder_depth, args.head_hidden_dim, args.pred_hidden_dim) < 1 or (args.head_out_dim or 1) < 1:
+        raise UserError("--decoder-depth, --head-hidden-dim, --pred-hidden-dim and --head-out-dim must be >= 1")
+    if args.accum_steps < 1 or args.epochs < 1 or args.warmup_epochs < 0:
+        raise UserError("--accum-steps and --epochs must be >= 1 and --warmup-epochs >= 0")
+    if args.log_every < 1:
+        raise UserError("--log-every must be >= 1")
+    if not 0.0 < args.rrc_min_scale <= 1.0 or args.src_padding < 0:
+        raise UserError("--rrc-min-scale must be in (0, 1] and --src-padding >= 0")
+
+    dist_info = common.init_distributed(args.device)
+    device, world = dist_info.device, dist_info.world_size
+    micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
+    if args.lr is not None:
+        lr = args.lr
+    elif args.lr_scaling == "linear":
+        lr = args.blr * args.batch_size / 256  # MAE's linear rule (global batch)
+    else:
+        lr = args.blr * math.sqrt(args.batch_size) / 4  # official main_lut.py
+    min_lr = min(args.min_lr, lr)
+
+    # ---------------------------------------------------------------- model
+    common.seed_everything(args.seed)  # identical initial weights on every rank
+    encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size)
+    weight = args.context_weight if args.context_weight is not None else default_context_weight(encoder.dim)
+    if int(encoder.num_patches * (1 - args.mask_ratio)) < 1:
+        raise UserError(f"--mask-ratio {args.mask_ratio} leaves no visible patch of {encoder.num_patches}; lower it")
+    online = LUTOnline(encoder, args)
+    sync_bn = dist_info.enabled and args.sync_bn and device.type == "cuda"  # torch's SyncBN is CUDA-only
+    if sync_bn:
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+    momentum = MomentumBranch(online)  # f~, h~ start as exact copies (official deepcopy)
+    online.to(device)
+    momentum.to(device)
+    online.encoder.grad_checkpointing = args.grad_checkpointing
+
+    groups = common.param_groups(online.named_parameters(), args.weight_decay)
+    opt = common.make_adamw(groups, lr, betas=(0.9, args.beta2), device=device)
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, step = 0, 0
+    state = common.load_resume_state(args.output_dir)
+    if state is not None:
+        online.encoder.load_state_dict(state["model"])
+        online.decoder.load_state_dict(state["decoder"])
+        online.head.load_state_dict(state["head"])
+        online.predictor.load_state_dict(state["predictor"])
+        momentum.encoder.load_state_dict(state["model_ema"])
+        momentum.head.load_state_dict(state["head_ema"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"], state["step"]
+
+    log = common.Logger(args.output_dir, args, dist_info,
+                        extra={"effective_lr": lr, "micro_batch": micro, "effective_context_weight": weight})
+    rule = "--lr" if args.lr is not None else (f"blr {args.blr:.3e} x {args.batch_size}/256" if args.lr_scaling == "linear"
+                                               else f"blr {args.blr:.3e} x sqrt({args.batch_size})/4")
+    log.print(f"global batch {args.batch_size} = {micro} per rank x {args.accum_steps} accum x {world} processes; "
+              f"peak lr {lr:.3e} ({rule}); context weight {weight}; "
+              f"{'symmetric (official)' if args.symmetric else 'one-sided (paper)'} LUT, mask ratio {args.mask_ratio}")
+    if dist_info.enabled and args.sync_bn and not sync_bn:
+        log.print("warning: SyncBatchNorm needs CUDA; on CPU each process's head BN uses its own batch statistics")
+    if args.accum_steps > 1:
+        log.print("warning: --accum-steps > 1: the head BatchNorm normalises over micro-batches only, "
+                  "which changes the dynamics compared with the full batch")
+    if state is not None:
+        log.print(f"resumed from {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}, step {step}")
+    if start_epoch >= args.epochs:
+        log.print(f"training already finished ({start_epoch}/{args.epochs} epochs); nothing to do")
+        log.close()
+        return
+
+    if args.compile:  # the momentum encoder was copied before, so each compiled function is bound to its own encoder
+        online.encoder.forward_features = torch.compile(online.encoder.forward_features)
+        momentum.encoder.forward_features = torch.compile(momentum.encoder.forward_features)
+    model = nn.parallel.DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist_info.enabled else online
+
+    # ---------------------------------------------------------------- data
+    ds = common.build_dataset(args.data, "train", lut_transform(args), img_size=args.img_size, seed=args.seed)
+    iters_per_epoch = (len(ds) // world) // micro
+    steps_per_epoch = iters_per_epoch // args.accum_steps
+    if steps_per_epoch == 0:
+        raise UserError(f"the dataset has {len(ds)} images, fewer than one global batch of {args.batch_size}; "
+                        f"lower --batch-size")
+    total_steps = steps_per_epoch * args.epochs
+    warmup_steps = steps_per_epoch * args.warmup_epochs
+
+    # ---------------------------------------------------------------- train
+    for epoch in range(start_epoch, args.epochs):
+        common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
+        loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True,
+                                     num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+        model.train()
+        momentum.eval()  # official: the momentum model is never in train mode (BN uses its running statistics)
+        t0, sums, n_micro, it_acc = time.time(), [0.0, 0.0, 0.0], 0, 0
+        bar = common.progress(range(steps_per_epoch * args.accum_steps), dist_info, desc=f"epoch {epoch}")
+        it = iter(loader)
+        for micro_step in bar:
+            (weak, strong), _ = next(it)
+            weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)
+            last = (micro_step + 1) % args.accum_steps == 0
+            if it_acc == 0:
+                cur_lr = common.cosine_schedule(step, total_steps, lr, min_lr, warmup_steps)
+                common.set_lr(opt, cur_lr)
+            sync = contextlib.nullcontext() if (last or not dist_info.enabled) else model.no_sync()
+            with sync:
+                with common.autocast(device):
+                    loss_mim, loss_bc = forward_losses(model, momentum, weak, strong, encoder.num_patches,
+                                                       args.mask_ratio, args.symmetric)
+                loss = args.mae_weight * loss_mim + weight * loss_bc  # Eq. (3)
+                common.check_finite(loss, step, args.output_dir)
+                (loss / args.accum_steps).backward()
+            for i, v in enumerate((loss, loss_mim, loss_bc)):
+                sums[i] += float(common.all_reduce_mean(v.detach()))
+            n_micro += 1
+            it_acc += 1
+            if not last:
+                continue
+            it_acc = 0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            # momentum update (Sec. 5.1.2): 0.996 at the first optimizer step -> exactly 1 at the last one
+            m = common.momentum_schedule(step, max(total_steps - 1, 1), args.momentum, args.momentum_final)
+            momentum_update(momentum, online, m)
+            step += 1
+            if dist_info.is_main:
+                ips = (micro_step + 1) * micro * world / max(time.time() - t0, 1e-9)
+                bar.set_postfix(loss=f"{sums[0] / n_micro:.4f}", mim=f"{sums[1] / n_micro:.4f}",
+                                bc=f"{sums[2] / n_micro:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+            if step % args.log_every == 0 or step == total_steps:
+                log.log({"train/loss": sums[0] / n_micro, "train/loss_mim": sums[1] / n_micro,
+                         "train/loss_context": sums[2] / n_micro, "train/lr": cur_lr, "train/momentum": m,
+                         "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
+
+        ep = [s / max(n_micro, 1) for s in sums]
+        log.log({"train/epoch_loss": ep[0], "train/epoch_loss_mim": ep[1], "train/epoch_loss_context": ep[2],
+                 "train/epoch_time_s": time.time() - t0, "epoch": epoch + 1}, step)
+        log.print(f"epoch {epoch + 1}/{args.epochs}: loss {ep[0]:.4f} (mim {ep[1]:.4f}, context {ep[2]:.4f}) "
+                  f"({time.time() - t0:.1f}s)")
+        if dist_info.is_main:
+            common.save_checkpoint(common.checkpoint_path(args.output_dir), {
+                "model": common.encoder_state_dict(online.encoder),
+                "encoder_config": online.encoder.config(),
+                "model_is_ema": False,
+                "model_ema": common.encoder_state_dict(momentum.encoder),
+                "decoder": online.decoder.state_dict(),
+                "head": online.head.state_dict(),
+                "predictor": online.predictor.state_dict(),
+                "head_ema": momentum.head.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "args": dataclasses.asdict(args),
+            })
+        if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
+            log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
+            break
+    log.print(f"done: {common.checkpoint_path(args.output_dir)}")
+    log.close()
+
+
+if __name__ == "__main__":
+    common.run_main(main, Args)

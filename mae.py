@@ -1,0 +1,508 @@
+"""MAE: masked autoencoder pre-training of a ViT.
+
+Paper: He, Chen, Xie, Li, Dollar, Girshick, "Masked Autoencoders Are Scalable Vision Learners",
+CVPR 2022, arXiv:2111.06377 (Sec. 3 "Approach", Sec. 4 + Appendix A.1 "pre-training setting",
+Table 1 ablations). Official code: github.com/facebookresearch/mae (models_mae.py,
+engine_pretrain.py, main_pretrain.py; notes/official_mae_and_mae_ct.md, Sec. 1).
+
+Method (Sec. 3), for an image x cut into N patches of p x p pixels:
+  masking      noise ~ U[0,1)^N per sample; ids_shuffle = argsort(noise); keep the len_keep =
+               int(N (1 - r)) patches with the smallest noise (r = 0.75, Sec. 4.1 / Fig. 5);
+               ids_restore = argsort(ids_shuffle); mask m in {0,1}^N, 1 = removed       ("Masking")
+  encoder      z = ViT(patch_embed(x_i) + pos_i for the visible i only, with [CLS])      ("MAE encoder")
+  decoder      u = decoder_embed(z); the N - len_keep mask tokens are appended after the visible
+               patch tokens, un-shuffled with ids_restore, [CLS] prepended, the decoder's own fixed
+               sin-cos positions added, 8 blocks of width 512 (16 heads), LN, Linear -> p*p*3
+               pixel values per patch (Table 1a/1b defaults)                               ("MAE decoder")
+  target       t_i = patchify(x)_i in (p, q, c) order; with normalised pixels (Table 1d)
+               t_i <- (t_i - mean(t_i)) / sqrt(var_unbiased(t_i) + 1e-6)                ("Reconstruction target")
+  loss         L = sum_i m_i ||y_i - t_i||^2 / (p*p*3) / sum_i m_i, the mean over ALL masked
+               patches of the (per-rank) batch; the visible patches and [CLS] get no loss.
+Optimisation (App. A.1, Table 8): AdamW(0.9, 0.95), weight decay 0.05, lr = blr * global_batch / 256
+with blr 1.5e-4, global batch 4096, 40 warmup epochs then half-cosine (per iteration), 800 epochs
+(ablations; 1600 for the released models), augmentation RandomResizedCrop(scale 0.2-1) + flip.
+
+Launch (paper setting, ViT-L/16, ImageNet-1K, 8 GPUs x 64 images x 8 accumulation = 4096):
+  torchrun --standalone --nproc_per_node=8 mae.py --model vit_l16 --data /path/to/imagenet \
+      --batch-size 4096 --accum-steps 8 --epochs 800 --output-dir runs/mae_l16
+  (ViT-B/16: --model vit_b16; ViT-H/14: --model vit_h14 --grad-checkpointing.) Rerun the same
+  command to resume from OUTPUT_DIR/checkpoint-last.pth.
+Tiny CPU run (the `make demo` configuration: 6 x 15 steps, ~2.5 min on one busy core, norm-pix loss
+1.40 -> 0.52; MAE's k-NN accuracy stays low after so few steps, as MAE's does in general):
+  OMP_NUM_THREADS=1 python mae.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic:2000:500 \
+      --device cpu --num-workers 0 --epochs 6 --warmup-epochs 1 --batch-size 128 --blr 1.5e-3 \
+      --decoder-dim 128 --decoder-depth 2 --decoder-heads 4 --output-dir runs/mae
+  python eval_knn.py --checkpoint runs/mae/checkpoint-last.pth --data synthetic:2000:500 --device cpu
+
+Checkpoint (OUTPUT_DIR/checkpoint-last.pth, every epoch): "model" = the encoder alone (timm names,
+loads strictly into timm's VisionTransformer(num_classes=0) and into any script's --init),
+"decoder" = mask_token, decoder_embed, decoder_pos_embed, decoder_blocks, decoder_norm, decoder_pred
+(official key names: merging "model" and "decoder" gives an official *_full.pth state dict), plus
+"optimizer", "epoch", "step", "args". Each epoch also writes OUTPUT_DIR/recon_epochEEE.png (rows:
+original / masked / reconstruction / reconstruction with the visible patches pasted back) and logs
+it to TensorBoard. With norm-pix targets the network predicts only each patch's normalised content, so
+every predicted patch is de-normalised with the TRUE patch's mean/std (mae#174; the official demo
+instead uses pixel-target weights): the colours of the masked patches in that row come from the image,
+the structure inside them from the model.
+
+Differences to the official code (none changes the method):
+  * Weight decay: official (timm 0.3.2 add_weight_decay) exempts only 1-D parameters and biases, so
+    cls_token and mask_token ARE decayed. The paper does not say; we follow common practice
+    (common.param_groups: no decay on tokens, biases, norms). `--token-weight-decay` restores the
+    official rule.
+  * Gradient accumulation uses DDP no_sync() on the non-final micro-steps (official syncs every
+    micro-step; same gradients, less communication); micro-batches that do not fill a last
+    accumulation group of an epoch are skipped (official carries their gradient into the next epoch).
+  * bf16 autocast on CUDA without a grad scaler (official: fp16 + GradScaler, a known NaN source
+    for ViT-H / many tokens, mae#65); fp32 on CPU. The loss is always computed in fp32.
+  * A checkpoint every epoch (official: every 20 epochs) with automatic resume; every epoch starts
+    from common.epoch_seed, so resuming gives bit-identical weights. Masks differ per rank (official:
+    seed + rank) because the per-epoch seed includes the rank.
+  * The loss is a mean over the masked patches of each rank's micro-batch, and DDP averages the
+    gradients; every sample has exactly N - len_keep masked patches, so this equals the mean over
+    the global batch (official: the same).
+  * The encoder's cls_token/decoder init is official (xavier_uniform Linear weights, zero biases,
+    LN 1/0, tokens N(0, 0.02), patch_embed xavier on the (D, 3p^2) view); only the order of the
+    random draws differs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+import torchvision.utils
+from einops import rearrange
+
+import common
+from common import UserError
+
+
+@dataclass
+class Args:
+    # ---- common flags ----
+    model: str = "vit_l16"
+    """encoder architecture (common.VIT_CONFIGS); the paper pre-trains vit_b16, vit_l16 (main ablations), vit_h14"""
+    img_size: int = 224
+    """training crop size (paper: 224, App. A.1)"""
+    patch_size: Optional[int] = None
+    """patch size p; None -> the model's own (16, or 14 for H/14)"""
+    data: str = "synthetic"
+    """ImageFolder root (ROOT/train), a flat folder of images (no labels needed), or synthetic[:N_TRAIN[:N_VAL]];
+    paper: ImageNet-1K train"""
+    output_dir: str = "runs/mae"
+    """where checkpoint-last.pth, recon_epoch*.png, log.jsonl, args.json and TensorBoard logs go; rerunning resumes"""
+    epochs: int = 800
+    """pre-training epochs (paper: 800 for the Table 1 ablations, 1600 for the released models; official default 400)"""
+    warmup_epochs: float = 40
+    """linear lr warmup epochs, starting from lr 0 (App. A.1 Table 8: 40)"""
+    batch_size: int = 4096
+    """GLOBAL batch = per-rank micro-batch x accum_steps x processes (App. A.1 Table 8: 4096)"""
+    accum_steps: int = 1
+    """gradient accumulation micro-steps per optimizer step (official --accum_iter; safe for MAE: no BN, no negatives)"""
+    blr: float = 1.5e-4
+    """base learning rate; lr = blr * global_batch / 256 (App. A.1 Table 8: 1.5e-4; official argparse default 1e-3)"""
+    lr: Optional[float] = None
+    """absolute peak lr; None -> blr * batch_size / 256 (linear scaling rule, App. A.1)"""
+    weight_decay: float = 0.05
+    """AdamW weight decay (App. A.1 Table 8: 0.05); tokens, biases and norms get 0 (see --token-weight-decay)"""
+    num_workers: int = 10
+    """DataLoader worker processes per rank"""
+    seed: int = 0
+    """random seed (per epoch and rank via common.epoch_seed, so resume is exact and ranks mask differently)"""
+    grad_checkpointing: bool = False
+    """activation checkpointing in encoder and decoder blocks (saves memory for L/H, costs ~30% speed)"""
+    compile: bool = False
+    """torch.compile the encoder's forward_features and the decoder's forward"""
+    device: str = "auto"
+    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    # ---- MAE flags ----
+    mask_ratio: float = 0.75
+    """fraction r of patches removed per image (Sec. 3 'Masking'; Sec. 4.1 / Fig. 5: 0.75)"""
+    norm_pix_loss: bool = True
+    """per-patch normalised pixel targets (Sec. 3 'Reconstruction target', Table 1d; official --norm_pix_loss,
+    used for the released encoders); --no-norm-pix-loss regresses raw (ImageNet-normalised) pixels"""
+    decoder_dim: int = 512
+    """decoder width (Table 1b: 512; official mae_vit_*_dec512d8b)"""
+    decoder_depth: int = 8
+    """decoder blocks (Table 1a: 8)"""
+    decoder_heads: int = 16
+    """decoder attention heads (not in the paper; official: 16)"""
+    min_lr: float = 0.0
+    """lr at the end of the cosine schedule (official --min_lr default 0)"""
+    crop_min_scale: float = 0.2
+    """lower bound of RandomResizedCrop's area scale (Table 8 / Table 1e: RandomResizedCrop; 0.2 from the official code)"""
+    token_weight_decay: bool = False
+    """official-code behaviour: apply weight decay to cls_token and mask_token too (timm 0.3.2 rule)"""
+    init: Optional[str] = None
+    """optional encoder to start from (our checkpoint or an official mae_pretrain_*/_full file); a decoder in the
+    file with the same shape is loaded too. Ignored when OUTPUT_DIR already holds a checkpoint (resume)"""
+    vis_images: int = 8
+    """train images (fixed, center-cropped) shown in recon_epochEEE.png each epoch; 0 disables"""
+    exit_after_epochs: Optional[int] = None
+    """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
+
+
+# ==============================================================================================
+# Masking and patch layout (Sec. 3 "Masking"; official random_masking / patchify)
+# ==============================================================================================
+def random_masking(batch: int, num_patches: int, mask_ratio: float, device, noise: Optional[torch.Tensor] = None):
+    """Per-sample random subset of the patches (uniform without replacement via argsort of noise).
+
+    Returns ids_keep (B, len_keep) long: the visible patch indices in shuffled order;
+            ids_restore (B, N) long: position of each patch in [visible..., masked...] (un-shuffle);
+            mask (B, N) float: 0 = visible, 1 = removed (official convention).
+    """
+    len_keep = int(num_patches * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(batch, num_patches, device=device)  # (B, N) in [0, 1)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, N)
+    ids_keep = ids_shuffle[:, :len_keep]  # (B, len_keep)
+    mask = torch.ones(batch, num_patches, device=device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # (B, N), back in patch order
+    return ids_keep, ids_restore, mask
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches row-major, each vector in (p, q, c) order (official nchpwq->nhwpqc)."""
+    return rearrange(imgs, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
+
+
+def unpatchify(x: torch.Tensor, p: int, channels: int = 3) -> torch.Tensor:
+    """(B, N, p*p*C) -> (B, C, H, W); the inverse of patchify for a square grid."""
+    h = math.isqrt(x.shape[1])
+    return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p, c=channels)
+
+
+def patch_targets(imgs: torch.Tensor, p: int, norm_pix: bool):
+    """Targets t (B, N, p*p*C) and each patch's (mean, std) (B, N, 1) used for the normalisation
+    (Sec. 3 'Reconstruction target': per-patch mean/std, official unbiased var + 1e-6)."""
+    target = patchify(imgs, p).float()
+    if not norm_pix:
+        return target, None, None
+    mean = target.mean(dim=-1, keepdim=True)
+    std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5  # torch.var is unbiased, as official
+    return (target - mean) / std, mean, std
+
+
+def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
+    """Sec. 3 'Reconstruction target' (official forward_loss): per-patch MSE, averaged over the masked
+    patches of the whole batch. imgs (B, 3, H, W), pred (B, N, p*p*3), mask (B, N) with 1 = removed."""
+    target, _, _ = patch_targets(imgs, p, norm_pix)
+    loss = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, N) mean over the p*p*3 values
+    return (loss * mask).sum() / mask.sum()  # only removed patches count
+
+
+# ==============================================================================================
+# Decoder (Sec. 3 "MAE decoder"; official MaskedAutoencoderViT.forward_decoder)
+# ==============================================================================================
+class MaeDecoder(nn.Module):
+    """Lightweight decoder. Parameter names are the official ones (mask_token, decoder_embed,
+    decoder_pos_embed, decoder_blocks.*, decoder_norm, decoder_pred), so an official *_full.pth decoder
+    loads into it and ours merges into an official state dict."""
+
+    def __init__(self, enc_dim: int, grid: int, patch_size: int, dim: int = 512, depth: int = 8, num_heads: int = 16,
+                 in_chans: int = 3, mlp_ratio: float = 4.0, grad_checkpointing: bool = False):
+        super().__init__()
+        self.grad_checkpointing = grad_checkpointing
+        self.decoder_embed = nn.Linear(enc_dim, dim)  # encoder width -> decoder width
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # one shared learned vector (Sec. 3)
+        # the decoder's own fixed 2-D sin-cos table with a zero CLS row, frozen (official)
+        self.decoder_pos_embed = nn.Parameter(common.sincos_pos_embed_2d(dim, grid, grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([common.Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.decoder_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(dim, patch_size ** 2 * in_chans)  # pixels of one patch, (p, q, c) order
+        self._init_weights()
+
+    def _init_weights(self):  # official initialize_weights / _init_weights
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent (B, 1+len_keep, D_enc) encoder output ([CLS] first); ids_restore (B, N).
+        Returns the predicted pixels of every patch, (B, N, p*p*3)."""
+        x = self.decoder_embed(latent)  # (B, 1+n, d)
+        B, N = ids_restore.shape
+        mask_tokens = self.mask_token.to(x.dtype).expand(B, N - (x.shape[1] - 1), -1)  # (B, N-n, d)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, N, d): [visible (shuffled order), masked]
+        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # un-shuffle, (B, N, d)
+        x = torch.cat([x[:, :1], x_], dim=1)  # prepend [CLS], (B, 1+N, d)
+        x = x + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # (B, 1+N, p*p*3)
+        return x[:, 1:]  # the [CLS] prediction is discarded
+
+
+class MaskedAutoencoder(nn.Module):
+    """Encoder (common ViT, run on the visible patches only) + MaeDecoder. forward returns
+    (loss, pred (B, N, p*p*3), mask (B, N))."""
+
+    def __init__(self, encoder: common.VisionTransformer, decoder: MaeDecoder, mask_ratio: float, norm_pix: bool):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.mask_ratio, self.norm_pix = mask_ratio, norm_pix
+
+    def forward(self, imgs: torch.Tensor, noise: Optional[torch.Tensor] = None):
+        B = imgs.shape[0]
+        N = (imgs.shape[-2] // self.encoder.patch_size) * (imgs.shape[-1] // self.encoder.patch_size)
+        ids_keep, ids_restore, mask = random_masking(B, N, self.mask_ratio, imgs.device, noise)
+        latent = self.encoder.forward_features(imgs, keep_idx=ids_keep)  # (B, 1+len_keep, D), after the final LN
+        pred = self.decoder(latent, ids_restore)  # (B, N, p*p*3)
+        loss = mae_loss(imgs, pred, mask, self.encoder.patch_size, self.norm_pix)
+        return loss, pred, mask
+
+
+# ==============================================================================================
+# Optimisation
+# ==============================================================================================
+def build_param_groups(model: MaskedAutoencoder, weight_decay: float, token_weight_decay: bool) -> list[dict]:
+    """AdamW groups over the official flat parameter names (encoder keys + decoder keys). The frozen
+    pos_embeds are skipped. Default: no decay on tokens, biases, norms (common.param_groups); with
+    token_weight_decay the official timm-0.3.2 rule (only 1-D parameters and biases exempt)."""
+    named = list(model.encoder.named_parameters()) + list(model.decoder.named_parameters())
+    if not token_weight_decay:
+        return common.param_groups(named, weight_decay)
+    decay, no_decay = [], []
+    for n, p in named:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
+    return [dict(params=no_decay, weight_decay=0.0, lr_scale=1.0, name="no_wd"),
+            dict(params=decay, weight_decay=weight_decay, lr_scale=1.0, name="wd")]
+
+
+# ==============================================================================================
+# Reconstruction figure (original / masked / reconstruction / reconstruction + visible)
+# ==============================================================================================
+@torch.no_grad()
+def reconstruction_grid(model: MaskedAutoencoder, imgs: torch.Tensor, noise: torch.Tensor, device) -> torch.Tensor:
+    """A (3, H', W') image in [0, 1]: one column per image, rows original / masked (removed patches
+    grey) / reconstruction of every patch / reconstruction with the visible patches pasted back.
+    Norm-pix predictions are mapped back to pixels with each patch's own target mean and std."""
+    p = model.encoder.patch_size
+    was_training = model.training
+    model.eval()
+    imgs = imgs.to(device)
+    with common.autocast(device):
+        _, pred, mask = model(imgs, noise=noise.to(device))
+    pred = pred.float()  # (B, N, p*p*3)
+    _, mean, std = patch_targets(imgs, p, model.norm_pix)
+    if model.norm_pix:
+        pred = pred * std + mean  # de-normalise per patch (mae#174)
+    m = mask[..., None]  # (B, N, 1)
+    patches = patchify(imgs, p).float()
+    grey = torch.zeros_like(patches)  # 0 in ImageNet-normalised space = the mean colour (grey)
+    rows = [patches, patches * (1 - m) + grey * m, pred, patches * (1 - m) + pred * m]
+    mean_c = torch.tensor(common.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std_c = torch.tensor(common.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    rows = [(unpatchify(r, p) * std_c + mean_c).clamp(0, 1) for r in rows]  # un-normalise to [0, 1]
+    scale = max(1, 96 // imgs.shape[-1])  # tiny images are upscaled (nearest) so the PNG is readable
+    out = torch.cat(rows)  # (4B, 3, H, W)
+    if scale > 1:
+        out = torch.nn.functional.interpolate(out, scale_factor=scale, mode="nearest")
+    model.train(was_training)
+    return torchvision.utils.make_grid(out.cpu(), nrow=imgs.shape[0], padding=2, pad_value=1.0)
+
+
+# ==============================================================================================
+# main
+# ==============================================================================================
+def validate(args: Args):
+    """Flag combinations that cannot work, as one-line errors (before any heavy work)."""
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise UserError(f"--mask-ratio {args.mask_ratio} must lie strictly between 0 and 1 (paper: 0.75)")
+    if args.epochs < 0 or args.warmup_epochs < 0:
+        raise UserError("--epochs and --warmup-epochs must be >= 0")
+    if args.batch_size < 1 or args.accum_steps < 1:
+        raise UserError("--batch-size and --accum-steps must be >= 1")
+    if args.decoder_dim % args.decoder_heads:
+        raise UserError(f"--decoder-dim {args.decoder_dim} is not divisible by --decoder-heads {args.decoder_heads}")
+    if args.decoder_dim % 4:
+        raise UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 (2-D sin-cos positions)")
+    if args.decoder_depth < 0:
+        raise UserError("--decoder-depth must be >= 0")
+    if not 0.0 < args.crop_min_scale <= 1.0:
+        raise UserError(f"--crop-min-scale {args.crop_min_scale} must lie in (0, 1]")
+    if args.blr <= 0 and args.lr is None:
+        raise UserError("--blr must be > 0")
+    if args.min_lr < 0 or args.weight_decay < 0:
+        raise UserError("--min-lr and --weight-decay must be >= 0")
+
+
+def main(args: Args):
+    validate(args)
+    dist_info = common.init_distributed(args.device)
+    device, world = dist_info.device, dist_info.world_size
+    micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256  # linear scaling (App. A.1)
+
+    try:
+        common.seed_everything(args.seed)  # same initial weights on every rank
+        encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                                    grad_checkpointing=args.grad_checkpointing)
+    except AssertionError as e:  # sin-cos table needs dim % 4 == 0
+        raise UserError(f"cannot build --model {args.model}: {e}") from None
+    N = encoder.num_patches
+    len_keep = int(N * (1 - args.mask_ratio))
+    if not 1 <= len_keep < N:
+        raise UserError(f"--mask-ratio {args.mask_ratio} keeps {len_keep} of {N} patches; it must keep at least one "
+                        f"and remove at least one")
+    decoder = MaeDecoder(encoder.dim, encoder.grid, encoder.patch_size, args.decoder_dim, args.decoder_depth,
+                         args.decoder_heads, grad_checkpointing=args.grad_checkpointing)
+    model = MaskedAutoencoder(encoder, decoder, args.mask_ratio, args.norm_pix_loss)
+
+    dataset = common.build_dataset(args.data, "train", common.mae_train_transform(args.img_size, (args.crop_min_scale, 1.0)),
+                                   img_size=args.img_size, seed=args.seed)
+    micro_per_epoch = len(dataset) // world // micro
+    steps_per_epoch = micro_per_epoch // args.accum_steps  # optimizer steps
+    if steps_per_epoch == 0:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch of {args.batch_size}; "
+                        f"lower --batch-size")
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+
+    state = common.load_resume_state(args.output_dir)
+    start_epoch = state["epoch"] if state is not None else 0
+    log = common.Logger(args.output_dir, args, dist_info, extra=dict(
+        effective_batch=args.batch_size, per_rank_batch=micro, lr=lr, steps_per_epoch=steps_per_epoch,
+        num_patches=N, len_keep=len_keep))
+    rule = "--lr" if args.lr is not None else f"blr {args.blr:g} x {args.batch_size} / 256"
+    log.print(f"global batch {args.batch_size} = {micro} per rank x {args.accum_steps} accumulation x {world} "
+              f"process(es); lr {lr:.4g} ({rule}); {N} patches, {len_keep} visible")
+    if start_epoch >= args.epochs:
+        log.print(f"{common.checkpoint_path(args.output_dir)} already holds all {args.epochs} epochs; nothing to do")
+        log.close()
+        return
+
+    optimizer_state = None
+    if state is not None:
+        common.load_encoder(encoder, state["model"], what="the resume checkpoint")
+        decoder.load_state_dict(state["decoder"])
+        optimizer_state = state["optimizer"]
+        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}")
+    elif args.init is not None:
+        ckpt = common.load_file(args.init)
+        desc = common.load_encoder(encoder, ckpt, what="--init")
+        log.print(f"loaded {desc} from {args.init}; " + load_init_decoder(decoder, ckpt))
+    n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    n_dec = sum(p.numel() for p in decoder.parameters() if p.requires_grad)
+    log.print(f"encoder {common.describe_vit(encoder.config())}: {n_enc:,} trainable parameters; "
+              f"decoder {args.decoder_dim}-d x {args.decoder_depth} blocks x {args.decoder_heads} heads: {n_dec:,}")
+
+    model.to(device)
+    optimizer = common.make_adamw(build_param_groups(model, args.weight_decay, args.token_weight_decay), lr=lr,
+                                  betas=(0.9, 0.95), device=device)  # App. A.1: AdamW beta2 0.95
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    if args.compile:
+        encoder.forward_features = torch.compile(encoder.forward_features)
+        decoder.forward = torch.compile(decoder.forward)
+    ddp = model
+    if dist_info.enabled:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # a fixed set of train images and masks for the per-epoch reconstruction figure (rank 0)
+    vis_imgs = vis_noise = None
+    if dist_info.is_main and args.vis_images > 0:
+        vis_ds = common.build_dataset(args.data, "train", common.eval_transform(args.img_size), img_size=args.img_size,
+                                      seed=args.seed)
+        n_vis = min(args.vis_images, len(vis_ds))
+        picks = torch.linspace(0, len(vis_ds) - 1, n_vis).long().tolist()  # spread over the (sorted) dataset
+        vis_imgs = torch.stack([vis_ds[i][0] for i in picks])  # (V, 3, H, W)
+        vis_noise = torch.rand(n_vis, N, generator=torch.Generator().manual_seed(args.seed))  # (V, N)
+
+    for epoch in range(start_epoch, args.epochs):
+        common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))  # CRUCIAL for exact resume
+        loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
+                                     num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+        model.train()
+        bar = common.progress(loader, dist_info, total=steps_per_epoch * args.accum_steps, desc=f"epoch {epoch}")
+        t0, loss_sum, accum_loss = time.time(), 0.0, 0.0
+        for it, (imgs, _) in enumerate(bar):
+            if it >= steps_per_epoch * args.accum_steps:
+                break  # an incomplete accumulation group at the epoch end is skipped
+            step = epoch * steps_per_epoch + it // args.accum_steps  # global optimizer step
+            last_micro = (it + 1) % args.accum_steps == 0
+            if it % args.accum_steps == 0:  # per-iteration warmup + cosine (official lr_sched, fractional epoch)
+                cur_lr = common.cosine_schedule(step, total_steps, base=lr, final=args.min_lr, warmup_steps=warmup_steps)
+                common.set_lr(optimizer, cur_lr)
+            imgs = imgs.to(device, non_blocking=True)
+            with (ddp.no_sync() if dist_info.enabled and not last_micro else contextlib.nullcontext()):
+                with common.autocast(device):
+                    loss, _, _ = ddp(imgs)
+                common.check_finite(loss, step, args.output_dir)
+                (loss / args.accum_steps).backward()  # gradients of the mean over the accumulated micro-batches
+            accum_loss += loss.detach() / args.accum_steps
+            if not last_micro:
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_v = common.all_reduce_mean(accum_loss).item()  # mean over ranks, for logging only
+            accum_loss, loss_sum = 0.0, loss_sum + loss_v
+            if dist_info.is_main:
+                ips = (it + 1) * micro * world / max(time.time() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+                log.log({"train/loss": loss_v, "train/lr": cur_lr, "train/epoch": epoch + (it + 1) / (steps_per_epoch * args.accum_steps)},
+                        step=step)
+        epoch_loss = loss_sum / steps_per_epoch
+        if dist_info.is_main:
+            common.save_checkpoint(common.checkpoint_path(args.output_dir), {
+                "model": common.encoder_state_dict(encoder), "encoder_config": encoder.config(), "model_is_ema": False,
+                "decoder": common.clean_state_dict(common.unwrap(decoder).state_dict()),
+                "decoder_config": dict(dim=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_heads),
+                "norm_pix_loss": args.norm_pix_loss, "mask_ratio": args.mask_ratio,
+                "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+                "args": dataclasses.asdict(args)})
+            log.log({"train/epoch_loss": epoch_loss}, step=(epoch + 1) * steps_per_epoch)
+            msg = f"epoch {epoch} done, mean loss {epoch_loss:.4f}, {time.time() - t0:.0f} s; saved {common.checkpoint_path(args.output_dir)}"
+            if vis_imgs is not None:
+                grid = reconstruction_grid(model, vis_imgs, vis_noise, device)
+                png = os.path.join(args.output_dir, f"recon_epoch{epoch:03d}.png")
+                torchvision.utils.save_image(grid, png)
+                log.image("train/reconstruction", grid, (epoch + 1) * steps_per_epoch)
+                msg += f" and {png}"
+            log.print(msg)
+        if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
+            log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
+            break
+    log.close()
+
+
+def load_init_decoder(decoder: MaeDecoder, ckpt: dict) -> str:
+    """Load the decoder of an --init file if it has one of the same shape: ours ("decoder") or an official
+    *_full.pth (decoder_* and mask_token inside "model"). The fixed decoder_pos_embed is always our own
+    table (the same values at the same resolution). Returns a note for the log."""
+    sd = ckpt.get("decoder") if isinstance(ckpt, dict) else None
+    if sd is None and isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        sd = {k: v for k, v in common.clean_state_dict(ckpt["model"]).items() if k.startswith(("decoder", "mask_token"))}
+    if not sd:
+        return "no decoder in the file, the decoder starts from scratch"
+    sd = {k: v for k, v in sd.items() if k != "decoder_pos_embed"}
+    mine = {k: v for k, v in decoder.state_dict().items() if k != "decoder_pos_embed"}
+    if set(sd) != set(mine) or any(sd[k].shape != mine[k].shape for k in mine):
+        return "its decoder has another shape than --decoder-dim/--decoder-depth/--decoder-heads, the decoder starts from scratch"
+    decoder.load_state_dict(sd, strict=False)
+    return "decoder loaded too"
+
+
+if __name__ == "__main__":
+    common.run_main(main, Args)

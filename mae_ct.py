@@ -1,0 +1,586 @@
+"""MAE-CT: contrastive tuning of a pre-trained MAE encoder with an NNCLR head.
+
+Paper: Lehner, Alkin, Fürst, Rumetshofer, Miklautz, Hochreiter, "Contrastive Tuning: A Little Help
+to Make Masked Autoencoders Forget", AAAI 2024, arXiv:2304.10520 (Sec. 3, Algorithm 1, App. A.2,
+Tables 7-8). Official code: github.com/ml-jku/MAE-CT (notes/official_mae_and_mae_ct.md, Sec. 2).
+
+What this file does (one run, two stages, resumable inside either):
+  Stage 1 "NNCLR initialisation" (Sec. 3, App. A.2): encoder fully frozen; train projector g and
+    predictor h for --head-epochs (20) epochs, lr 1e-4 (x batch*views/256), tau 0.15, top-1 NN, no
+    projector EMA (the NN path uses the online projector).
+  Stage 2 "contrastive tuning" (Algorithm 1, Tables 7/8): lower half of the blocks + stem frozen,
+    layer-wise lr decay 0.65 on the rest, top-k NN lookup, fast projector EMA g_m (NN path + queue),
+    slow encoder EMA f_m (0.9999), which is the released encoder (saved as "model").
+
+Equations (y = encoder output after the final LayerNorm, pooled: [CLS] for L/H, mean of the patch
+tokens for B, App. A.2):
+  p_v = normalize(h(g(y_v)))                 predictor path, once per view v (BN per view)
+  z_v = normalize(g_m(y_v))                  NN path (stage 1: g instead of g_m)
+  topk-NN(z, Q, k) = U_{1..k}( topk_{q in Q} z.q )                                       (Eq. 1)
+  L_i(nn, p) = -log exp(nn_i . p_i / tau) / sum_j exp(nn_i . p_j / tau)                   (Eq. 2)
+      j runs over the GLOBAL batch: the predictions of all ranks are gathered with gradient, the
+      anchors nn_i are this rank's (detached) neighbours, labels offset by rank*B (official loss).
+  L = L(nn(z_0), p_1)/2 + L(nn(z_1), p_0)/2                                  (Algorithm 1, symmetric)
+  Q <- FIFO(Q, all_gather(z_0))              queue of normalised view-0 NN-path embeddings
+  g_m <- t2 g_m + (1-t2) g,  f_m <- t1 f_m + (1-t1) f      (t2 0.99/0.995, t1 0.9999; Table 7/8)
+  lr = base_lr * global_batch * 2 views / 256; warmup 20% of the updates, then cosine (Table 7).
+
+Launch (paper setting, MAE-CT_min ViT-L/16, 8 GPUs, global batch 1024 per Table 7):
+  torchrun --standalone --nproc_per_node=8 mae_ct.py --model vit_l16 \
+      --init mae_pretrain_vit_large.pth --data /path/to/imagenet --output-dir runs/maect_l16
+  ViT-B/16: --model vit_b16 (mean-patch pooling); ViT-H/14: --model vit_h14 (batch 512, 30 epochs);
+  MAE-CT_aug: add --aug byol (Table 8 defaults: epochs 80/40/40, head lr 5e-4, k 10/10/30).
+  kNN of the result: eval_knn.py --checkpoint runs/maect_l16/checkpoint-last.pth --data ... --model vit_l16
+  (for B/16 add --pool avg, the pooling the head was trained on).
+Tiny CPU run (vit_t16, 32 px, patch 4; the paper's EMA 0.9999 and lr need thousands of updates, so a
+few-minute run uses a faster encoder EMA and larger lrs):
+  python mae_ct.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic:2000:500 --device cpu \
+      --num-workers 0 --init runs/mae/checkpoint-last.pth --output-dir runs/mae_ct --batch-size 32 \
+      --head-epochs 1 --epochs 2 --aug byol --blr 4e-3 --head-blr 2e-3 --head-init-blr 2e-3 --encoder-ema 0.9 \
+      --layer-decay 0.8 --temperature 0.2 --topk 1 --queue-size 1024 --proj-hidden 256 --proj-dim 64 --pred-hidden 512
+  python eval_knn.py --checkpoint runs/mae_ct/checkpoint-last.pth --data synthetic:2000:500 --pool avg --device cpu
+
+Paper vs official code (paper is the default, official behaviour behind a flag):
+  * Self-match in the NN lookup: Algorithm 1 looks up the whole queue; the official head sets the
+    similarity of queue entries with the sample's own dataset index to -1 -> `--exclude-self`.
+    Identical whenever the queue is shorter than an epoch (ImageNet: 65,536 < 1.28M), so it only
+    matters for tiny datasets.
+  * MAE-CT_aug ViT-H top-k: Table 8 says k=30, the official yaml uses 20 -> `--topk 20`.
+  * Enqueue time: Algorithm 1 shifts z_0 in after the optimizer step, the official code before
+    backward. Nothing reads the queue in between, so both give the same numbers (we do the latter).
+  * Warmup shape (paper: "warmup -> cosine", 20%): the official per-update rule
+    lr*(s+1)/(W+1) (never 0) for s < W = floor(0.2*updates), then lr*(1+cos(pi*s'/C))/2.
+Other differences to the official code (no effect on the maths unless noted):
+  * The official pos_embed has no CLS row (CLS gets no position); ours has a zero row: identical.
+  * Official asserts queue_size % global_batch == 0; our FIFO wraps around (same result when divisible).
+  * The official encoder EMA lives on rank 0 only; here every rank keeps it (identical values).
+  * One run holds both stages; stage 2 starts a fresh AdamW (official: two separate runs) and its
+    target projector is a copy of the stage-1 projector, the queue carries over (as official).
+  * ViT-T/S (not in the paper) use the ViT-B column of Tables 7/8, including mean-patch pooling.
+  * Gradient accumulation is refused: it would shrink the BN batch and the negatives of Eq. 2.
+  * bf16 autocast on CUDA (as official), fp32 on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import UserError
+
+
+@dataclass
+class Args:
+    # ---- common flags ----
+    model: str = "vit_l16"
+    """encoder architecture (common.VIT_CONFIGS); the paper tunes vit_b16, vit_l16, vit_h16, vit_h14"""
+    img_size: int = 224
+    """training resolution (paper 224); the MAE pos_embed is interpolated if --init differs"""
+    patch_size: Optional[int] = None
+    """patch size; None -> the model's own (16, or 14 for H/14). Must match the --init checkpoint"""
+    data: str = "synthetic"
+    """ImageFolder root (ROOT/train), a flat folder of images, or synthetic[:N_TRAIN[:N_VAL]]; paper: ImageNet-1K train"""
+    output_dir: str = "runs/mae_ct"
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning resumes"""
+    epochs: Optional[int] = None
+    """contrastive-tuning (stage 2) epochs; None -> Table 7 (min aug: B 20, L 20, H 30) or Table 8 (aug: 80, 40, 40)"""
+    warmup_epochs: Optional[float] = None
+    """stage-2 warmup epochs; None -> --warmup-fraction of the stage-2 updates (Table 7: 20 percent)"""
+    batch_size: Optional[int] = None
+    """GLOBAL batch (images, each gives 2 views); None -> Table 7/8: 1024 (B/L), 512 (H)"""
+    accum_steps: int = 1
+    """gradient accumulation; must stay 1: accumulating shrinks the BatchNorm batch and the negatives of Eq. 2"""
+    blr: float = 1e-4
+    """encoder base lr, scaled by global_batch*2 views/256 (Table 7/8: 1e-4; official LinearLrScaler)"""
+    lr: Optional[float] = None
+    """absolute peak encoder lr; None -> blr * batch_size * 2 / 256"""
+    weight_decay: float = 0.05
+    """encoder AdamW weight decay (Table 7/8: 0.05); biases and 1-D params get 0"""
+    num_workers: int = 10
+    """DataLoader worker processes per rank"""
+    seed: int = 0
+    """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
+    grad_checkpointing: bool = False
+    """activation checkpointing in the encoder blocks (saves memory for L/H, costs ~30 percent speed)"""
+    compile: bool = False
+    """torch.compile the encoder's forward_features"""
+    device: str = "auto"
+    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    # ---- MAE-CT flags ----
+    init: Optional[str] = None
+    """MAE encoder to tune (required): our mae.py checkpoint or an official MAE release file (mae_pretrain_vit_*.pth)"""
+    aug: str = "min"
+    """'min': MAE-CT_min, 2 views of RandomResizedCrop(0.08-1)+flip (Table 7); 'byol': MAE-CT_aug, BYOL's
+    asymmetric colour/blur/solarize views (Table 8). Also selects the per-model defaults"""
+    min_scale: float = 0.08
+    """lower bound of the RandomResizedCrop area scale for both views (official: 0.08)"""
+    pool: Optional[str] = None
+    """head input: 'cls' (CLS token) or 'avg' (mean of the patch tokens), after the final LayerNorm;
+    None -> 'avg' for ViT-B (and T/S), 'cls' for L/H (App. A.2)"""
+    head_epochs: int = 20
+    """stage-1 NNCLR head initialisation epochs on the frozen encoder (App. A.2: 20); 0 skips stage 1"""
+    head_init_blr: float = 1e-4
+    """stage-1 head base lr, scaled like --blr (App. A.2: 1e-4)"""
+    head_init_temperature: float = 0.15
+    """stage-1 temperature tau (App. A.2: 0.15)"""
+    head_blr: Optional[float] = None
+    """stage-2 head base lr, scaled like --blr; None -> Table 7: 1e-4 (min), Table 8: 5e-4 (aug)"""
+    head_weight_decay: float = 1e-5
+    """AdamW weight decay of projector/predictor in both stages (Table 7/8: 1e-5)"""
+    warmup_fraction: float = 0.2
+    """warmup length as a fraction of each stage's updates (Table 7/8 and App. A.2: 20 percent)"""
+    layer_decay: float = 0.65
+    """layer-wise lr decay of the encoder in stage 2 (Table 7/8: 0.65; MAE util/lr_decay rule)"""
+    frozen_blocks: Optional[int] = None
+    """stage-2 frozen lower blocks (plus patch_embed and cls_token); None -> depth/2 (Table 7: 6/12/16)"""
+    temperature: Optional[float] = None
+    """stage-2 tau of Eq. 2; None -> Table 7 (0.15/0.2/0.3 for B/L/H) or Table 8 (0.15/0.15/0.35)"""
+    topk: Optional[int] = None
+    """stage-2 k of the topk-NN lookup (Eq. 1); None -> Table 7 (20/20/20) or Table 8 (10/10/30; official H: 20)"""
+    projector_ema: Optional[float] = None
+    """stage-2 momentum t2 of the projector EMA g_m (Alg. 1); None -> Table 7/8: 0.99 (B/L), 0.995 (H)"""
+    encoder_ema: float = 0.9999
+    """momentum t1 of the encoder EMA f_m, the encoder released/evaluated (Alg. 1, Table 7/8: 0.9999)"""
+    queue_size: int = 65536
+    """length of the NN queue Q (Sec. 4 / Alg. 1: 65,536); initialised with random unit vectors (official)"""
+    exclude_self: bool = False
+    """official-code behaviour: never return the sample's own (older) queue entry as its NN (paper: no
+    exclusion; identical while the queue is shorter than an epoch)"""
+    proj_hidden: int = 2048
+    """projector hidden width (Alg. 1: 2048)"""
+    proj_dim: int = 256
+    """projector / predictor output width (Alg. 1: 256)"""
+    pred_hidden: int = 4096
+    """predictor hidden width (Alg. 1: 4096)"""
+    exit_after_epochs: Optional[int] = None
+    """testing: stop after this many completed epochs (stage 1 + stage 2), as if the run was killed"""
+
+
+# Tables 7 (MAE-CT_min) and 8 (MAE-CT_aug): column per model size.
+PAPER_DEFAULTS = {  # (aug, size) -> epochs, batch, temperature, topk, projector EMA, head base lr
+    ("min", "B"): dict(epochs=20, batch_size=1024, temperature=0.15, topk=20, projector_ema=0.99, head_blr=1e-4),
+    ("min", "L"): dict(epochs=20, batch_size=1024, temperature=0.2, topk=20, projector_ema=0.99, head_blr=1e-4),
+    ("min", "H"): dict(epochs=30, batch_size=512, temperature=0.3, topk=20, projector_ema=0.995, head_blr=1e-4),
+    ("byol", "B"): dict(epochs=80, batch_size=1024, temperature=0.15, topk=10, projector_ema=0.99, head_blr=5e-4),
+    ("byol", "L"): dict(epochs=40, batch_size=1024, temperature=0.15, topk=10, projector_ema=0.99, head_blr=5e-4),
+    ("byol", "H"): dict(epochs=40, batch_size=512, temperature=0.35, topk=30, projector_ema=0.995, head_blr=5e-4),
+}
+MODEL_SIZE = {"vit_t16": "B", "vit_s16": "B", "vit_b16": "B", "vit_l16": "L", "vit_h14": "H", "vit_h16": "H", "vit_2b14": "H"}
+NUM_VIEWS = 2  # Algorithm 1: two augmented views per image
+
+
+def resolve_args(args: Args) -> Args:
+    """Fill the None defaults from Tables 7/8 (per model size and --aug) and validate the flags."""
+    if args.aug not in ("min", "byol"):
+        raise UserError(f"--aug {args.aug!r}: choose 'min' (MAE-CT_min, Table 7) or 'byol' (MAE-CT_aug, Table 8)")
+    if args.model not in MODEL_SIZE:
+        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(MODEL_SIZE)}")
+    size = MODEL_SIZE[args.model]
+    fill = {k: v for k, v in PAPER_DEFAULTS[(args.aug, size)].items() if getattr(args, k) is None}
+    if args.pool is None:
+        fill["pool"] = "avg" if size == "B" else "cls"
+    if args.frozen_blocks is None:
+        fill["frozen_blocks"] = common.VIT_CONFIGS[args.model][1] // 2
+    args = dataclasses.replace(args, **fill)
+    depth = common.VIT_CONFIGS[args.model][1]
+    if args.accum_steps != 1:
+        raise UserError("--accum-steps must be 1 for MAE-CT: accumulation shrinks the BatchNorm batch and the "
+                        "negatives of the NNCLR loss; lower --batch-size or use more GPUs instead")
+    if args.pool not in ("cls", "avg"):
+        raise UserError(f"--pool {args.pool!r}: choose 'cls' or 'avg'")
+    if args.batch_size < 2:
+        raise UserError("--batch-size must be at least 2 (BatchNorm in the heads needs 2 samples per view)")
+    if not 0 <= args.frozen_blocks <= depth:
+        raise UserError(f"--frozen-blocks {args.frozen_blocks} is outside [0, {depth}] for {args.model}")
+    if args.topk < 1 or args.queue_size < 1:
+        raise UserError("--topk and --queue-size must be >= 1")
+    if args.topk > args.queue_size:
+        raise UserError(f"--topk {args.topk} exceeds --queue-size {args.queue_size}; lower --topk")
+    if min(args.temperature, args.head_init_temperature) <= 0:
+        raise UserError("--temperature and --head-init-temperature must be > 0")
+    if not (0 <= args.projector_ema <= 1 and 0 <= args.encoder_ema <= 1):
+        raise UserError("--projector-ema and --encoder-ema must lie in [0, 1]")
+    if args.epochs < 0 or args.head_epochs < 0:
+        raise UserError("--epochs and --head-epochs must be >= 0")
+    return args
+
+
+def scaled_lr(base_lr: float, global_batch: int, views: int = NUM_VIEWS) -> float:
+    """lr = base * global_batch * views / 256 (official LinearLrScaler, notes Sec. 2.7; Table 7 'Learning rate')."""
+    return base_lr * global_batch * views / 256
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Per-update schedule multiplier in [0, 1]: official warmup (s+1)/(W+1) (never 0), then half-cosine
+    to 0 over the remaining updates (Table 7: 'warmup -> cosine', warmup fraction 20%)."""
+    return common.cosine_schedule(step, total_steps, base=1.0, final=0.0, warmup_steps=warmup_steps,
+                                  warmup_start=1.0 / (warmup_steps + 1))
+
+
+# ==============================================================================================
+# NNCLR head: projector g, predictor h (App. A.2 "NNCLR architecture"; official ContrastiveHeadBase)
+# ==============================================================================================
+def build_projector(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """3-layer MLP, no biases; every Linear is followed by BN, every BN but the last by ReLU.
+    The last BN is affine (official). PyTorch default init (official stage 2)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, out_dim, bias=False), nn.BatchNorm1d(out_dim))
+
+
+def build_predictor(dim: int, hidden: int) -> nn.Sequential:
+    """2-layer MLP, no biases, BN+ReLU after the first layer only (App. A.2)."""
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim, bias=False))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the gradients over ranks too (the global objective is the sum
+    of the ranks' losses, whose DDP-averaged gradient is the single-process one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d with batch statistics over ALL ranks (nn.SyncBatchNorm maths: biased variance for
+    normalising, unbiased for the running estimate), written with the differentiable all_reduce so it
+    also runs on CPU/gloo, where DDP rejects nn.SyncBatchNorm. Every rank must have the same batch."""
+
+    def forward(self, x):  # (B, C)
+        if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return super().forward(x)
+        n = x.shape[0] * torch.distributed.get_world_size()
+        mean = _AllReduceSum.apply(x.sum(0)) / n  # (C,)
+        var = _AllReduceSum.apply(((x - mean) ** 2).sum(0)) / n  # (C,) two-pass, biased
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), self.momentum)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BN statistics over the global batch under DDP (official: sync_batchnorm=True). CUDA:
+    nn.SyncBatchNorm (fused kernels); CPU: GlobalBatchNorm1d (same maths, DDP-on-CPU compatible)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return module
+
+
+class MaeCt(nn.Module):
+    """Encoder f + projector g + predictor h. The encoder runs once on all views concatenated, the heads
+    once PER VIEW so that BatchNorm statistics are per view (App. A.2; official forward_heads)."""
+
+    def __init__(self, encoder: common.VisionTransformer, pool: str, proj_hidden: int, proj_dim: int, pred_hidden: int):
+        super().__init__()
+        self.encoder, self.pool = encoder, pool
+        self.projector = build_projector(encoder.dim, proj_hidden, proj_dim)
+        self.predictor = build_predictor(proj_dim, pred_hidden)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.forward_features(x)  # (B, 1+N, D), after the final LayerNorm
+        return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)  # (B, D)
+
+    def forward(self, views: list[torch.Tensor]):
+        n = views[0].shape[0]
+        trainable = any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):  # stage 1: frozen encoder, no graph
+            y = self.pooled(torch.cat(views))  # (V*B, D)
+        ys = list(y.split(n))  # V x (B, D)
+        projected = [self.projector(yv) for yv in ys]  # V x (B, 256), BN statistics per view
+        predicted = [self.predictor(zv) for zv in projected]  # V x (B, 256)
+        return ys, projected, predicted
+
+
+class NNQueue(nn.Module):
+    """FIFO shift register Q of normalised embeddings (Alg. 1) with the dataset index and label of each
+    entry. Initialised with random unit vectors, ids/labels -1 (official ContrastiveHeadBase)."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))  # (Q, d)
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))  # (Q,)
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))  # (Q,)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def find_nn(self, z: torch.Tensor, topk: int = 1, ids: Optional[torch.Tensor] = None):
+        """topk-NN(z, Q, k) of Eq. 1: a uniformly random one of the k most similar entries (k=1: the NN).
+        z (B, d) unit vectors; ids (B,) excludes entries holding the same sample (--exclude-self).
+        Returns (Q[idx] (B, d), idx (B,))."""
+        sim = z.float() @ self.queue.T  # (B, Q) cosine similarities
+        if ids is not None:
+            sim = sim.masked_fill(ids[:, None] == self.ids[None, :], float("-inf"))
+        if topk == 1:
+            idx = sim.argmax(dim=1)  # (B,)
+        else:
+            cand = sim.topk(topk, dim=1).indices  # (B, k)
+            pick = torch.randint(topk, (z.shape[0],), device=z.device)  # uniform over the k candidates
+            idx = cand[torch.arange(z.shape[0], device=z.device), pick]
+        return self.queue[idx], idx
+
+    @torch.no_grad()
+    def enqueue(self, z: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor):
+        """Shift the (globally gathered) batch in, oldest entries out (FIFO, wrapping around)."""
+        size, n = self.queue.shape[0], z.shape[0]
+        pos = ((self.ptr + torch.arange(n, device=z.device)) % size)[-size:]  # if n > size only the newest stay
+        self.queue[pos] = z[-size:].float()
+        self.ids[pos] = ids[-size:]
+        self.labels[pos] = labels[-size:]
+        self.ptr.copy_((self.ptr + n) % size)
+
+
+# ==============================================================================================
+# Loss (Eq. 2, Algorithm 1)
+# ==============================================================================================
+def nnclr_loss(nn_anchor: torch.Tensor, pred: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Eq. 2 for one direction. nn_anchor (B, d): this rank's detached neighbours (rows); pred (B, d):
+    this rank's normalised predictions, gathered over ranks WITH gradient (columns; the negatives are
+    the predictions of the whole global batch). Positive of row i is column rank*B + i. Mean over rows."""
+    pred_all = common.all_gather_grad(pred)  # (W*B, d)
+    logits = nn_anchor @ pred_all.T / temperature  # (B, W*B)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    labels = torch.arange(pred.shape[0], device=pred.device) + rank * pred.shape[0]
+    return F.cross_entropy(logits, labels)
+
+
+def mae_ct_forward_loss(model: nn.Module, target_projector: Optional[nn.Module], queue: NNQueue,
+                        views: list[torch.Tensor], ids: torch.Tensor, labels: torch.Tensor,
+                        temperature: float, topk: int, exclude_self: bool, device: torch.device):
+    """One step's forward: both views, NN lookups, symmetric loss, then enqueue view 0 (official order:
+    before backward). Stage 1 passes target_projector=None (NN path = online projector, App. A.2).
+    Returns (loss, metrics)."""
+    with common.autocast(device):
+        ys, projected, predicted = model(views)
+    with torch.no_grad():  # NN path: z = normalize(g_m(y)) (Alg. 1); detached, batch-stat BN (train mode)
+        if target_projector is not None:
+            with common.autocast(device):
+                zs = [target_projector(y.detach()) for y in ys]
+        else:
+            zs = [z.detach() for z in projected]
+        zs = [F.normalize(z.float(), dim=1) for z in zs]  # V x (B, d)
+        lookups = [queue.find_nn(z, topk, ids if exclude_self else None) for z in zs]
+    ps = [F.normalize(p.float(), dim=1) for p in predicted]  # V x (B, d)
+    # symmetrised InfoNCE: NN of view 0 vs predictions of view 1 and vice versa (Alg. 1)
+    loss = 0.5 * nnclr_loss(lookups[0][0], ps[1], temperature) + 0.5 * nnclr_loss(lookups[1][0], ps[0], temperature)
+    # NN accuracy (does the neighbour share the label?), a cheap online monitor; -1 = unknown
+    nn_labels = queue.labels[lookups[0][1]]
+    known = (labels >= 0) & (nn_labels >= 0)
+    nn_acc = ((nn_labels == labels) & known).sum().float() / known.sum().clamp(min=1)
+    queue.enqueue(common.all_gather_nograd(zs[0]), common.all_gather_nograd(ids), common.all_gather_nograd(labels))
+    return loss, {"nn_acc": nn_acc}
+
+
+# ==============================================================================================
+# Freezing and optimisation
+# ==============================================================================================
+def set_trainable(model: MaeCt, stage: int, frozen_blocks: int):
+    """Stage 1: whole encoder frozen (Sec. 3 'NNCLR initialization'). Stage 2: blocks [0, frozen_blocks)
+    and, if block 0 is frozen, the stem (patch_embed, cls_token) frozen (official vit_block_freezer);
+    pos_embed is always fixed (sin-cos). Heads always train."""
+    enc = model.encoder
+    for n, p in enc.named_parameters():
+        if stage == 1 or n == "pos_embed":
+            p.requires_grad_(False)
+        elif n.startswith("blocks."):
+            p.requires_grad_(int(n.split(".")[1]) >= frozen_blocks)
+        elif n.startswith(("patch_embed.", "cls_token", "embed_norm.")):
+            p.requires_grad_(frozen_blocks == 0)
+        else:  # final norm
+            p.requires_grad_(True)
+    for p in list(model.projector.parameters()) + list(model.predictor.parameters()):
+        p.requires_grad_(True)
+
+
+def build_optimizer(model: MaeCt, stage: int, args: Args, enc_lr: float, head_lr: float, device) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95) (Table 7). Each group's lr_scale holds its PEAK lr (encoder: LLRD 0.65^(depth+1-layer)
+    x enc_lr; heads: head_lr, wd 1e-5); set_lr multiplies in the schedule factor (lr_factor)."""
+    groups = []
+    if stage == 2:
+        groups += common.param_groups(model.encoder.named_parameters(), args.weight_decay, args.layer_decay,
+                                      model.encoder.depth, lr_scale=enc_lr, tag="encoder_")
+    heads = [("projector." + n, p) for n, p in model.projector.named_parameters()] + \
+            [("predictor." + n, p) for n, p in model.predictor.named_parameters()]
+    groups += common.param_groups(heads, args.head_weight_decay, lr_scale=head_lr, tag="head_")
+    return common.make_adamw(groups, lr=0.0, device=device)
+
+
+def min_aug_transform(img_size: int, min_scale: float):
+    """MAE-CT_min (Table 7): RandomResizedCrop(scale min_scale-1, bicubic) + horizontal flip, both views."""
+    return common.mae_train_transform(img_size, scale=(min_scale, 1.0))
+
+
+def build_views(args: Args):
+    if args.aug == "min":
+        t = min_aug_transform(args.img_size, args.min_scale)
+        return common.MultiView([t, t])
+    # MAE-CT_aug (Table 8): BYOL's asymmetric pair, view 0 always blurred, view 1 blur 0.1 + solarize 0.2
+    return common.MultiView([common.byol_view(args.img_size, scale=(args.min_scale, 1.0), blur_p=1.0, solarize_p=0.0),
+                             common.byol_view(args.img_size, scale=(args.min_scale, 1.0), blur_p=0.1, solarize_p=0.2)])
+
+
+# ==============================================================================================
+# main
+# ==============================================================================================
+def main(args: Args):
+    args = resolve_args(args)
+    dist_info = common.init_distributed(args.device)
+    device, world = dist_info.device, dist_info.world_size
+    micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
+    enc_lr = args.lr if args.lr is not None else scaled_lr(args.blr, args.batch_size)
+    head_lr = scaled_lr(args.head_blr, args.batch_size)
+    head_init_lr = scaled_lr(args.head_init_blr, args.batch_size)
+
+    state = common.load_resume_state(args.output_dir)
+    if state is None and args.init is None:
+        raise UserError("MAE-CT tunes a pre-trained MAE encoder: pass --init PATH (mae.py checkpoint or "
+                        "official mae_pretrain_vit_*.pth)")
+    total_epochs = args.head_epochs + args.epochs
+    start_epoch = state["epoch"] if state is not None else 0
+
+    dataset = common.WithIndex(common.build_dataset(args.data, "train", build_views(args), img_size=args.img_size,
+                                                    seed=args.seed))
+    steps_per_epoch = len(dataset) // world // micro
+    if steps_per_epoch == 0:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch of {args.batch_size}; "
+                        f"lower --batch-size")
+    log = common.Logger(args.output_dir, args, dist_info, extra=dict(
+        effective_batch=args.batch_size, per_rank_batch=micro, encoder_lr=enc_lr, head_lr=head_lr,
+        head_init_lr=head_init_lr, steps_per_epoch=steps_per_epoch))
+    rule = "--lr" if args.lr is not None else f"{args.blr:g} x {args.batch_size} x {NUM_VIEWS} / 256"
+    log.print(f"global batch {args.batch_size} x {NUM_VIEWS} views; encoder lr {enc_lr:.3g} ({rule}), "
+              f"head lr {head_lr:.3g}, head-init lr {head_init_lr:.3g} (base x batch x views / 256)")
+    if start_epoch >= total_epochs:
+        log.print(f"{common.checkpoint_path(args.output_dir)} already holds all {total_epochs} epochs; nothing to do")
+        return
+
+    common.seed_everything(args.seed)
+    encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                                grad_checkpointing=args.grad_checkpointing)
+    model = MaeCt(encoder, args.pool, args.proj_hidden, args.proj_dim, args.pred_hidden)
+    queue = NNQueue(args.queue_size, args.proj_dim)
+    target_projector = None
+    if state is not None:
+        common.load_encoder(encoder, state["model_online"], what="the resume checkpoint")
+        model.projector.load_state_dict(state["projector"])
+        model.predictor.load_state_dict(state["predictor"])
+        queue.load_state_dict(state["queue"])
+        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch} (stage {state['stage']})")
+    else:
+        desc = common.load_encoder(encoder, args.init, what="--init")
+        log.print(f"loaded {desc} from {args.init}")
+    ema_encoder = copy.deepcopy(encoder).requires_grad_(False)  # f_m (Alg. 1); equals f until stage 2 starts
+    if state is not None:
+        common.load_encoder(ema_encoder, state["model"], what="the resume checkpoint")
+    if dist_info.enabled:  # one BN batch over all ranks (official: sync_batchnorm=True)
+        model = sync_batchnorm(model, device)
+    model.to(device)
+    ema_encoder.to(device)
+    queue.to(device)
+    if args.compile:
+        encoder.forward_features = torch.compile(encoder.forward_features)
+
+    for stage, (first, last) in ((1, (0, args.head_epochs)), (2, (args.head_epochs, total_epochs))):
+        if start_epoch >= last:
+            continue
+        resuming_here = state is not None and state["stage"] == stage and start_epoch > first
+        set_trainable(model, stage, args.frozen_blocks)
+        if stage == 2:  # g_m starts as a copy of the initialised projector (official NnclrEmaQueueHead)
+            target_projector = copy.deepcopy(model.projector).requires_grad_(False)
+            if resuming_here:
+                target_projector.load_state_dict(state["target_projector"])
+        optimizer = build_optimizer(model, stage, args, enc_lr, head_lr if stage == 2 else head_init_lr, device)
+        if resuming_here:
+            optimizer.load_state_dict(state["optimizer"])
+        n_enc = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
+        n_head = sum(p.numel() for p in list(model.projector.parameters()) + list(model.predictor.parameters()))
+        log.print(f"stage {stage} ({'head initialisation, frozen encoder' if stage == 1 else 'contrastive tuning'}): "
+                  f"epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, head params {n_head:,}")
+        ddp = model
+        if dist_info.enabled:
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        stage_steps = (last - first) * steps_per_epoch
+        frac_warm = args.warmup_epochs * steps_per_epoch if (stage == 2 and args.warmup_epochs is not None) \
+            else args.warmup_fraction * stage_steps
+        warmup_steps = int(frac_warm)  # official: floor
+        temperature = args.head_init_temperature if stage == 1 else args.temperature
+        topk = 1 if stage == 1 else args.topk  # App. A.2: top-1 during initialisation
+
+        for epoch in range(max(start_epoch, first), last):
+            common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
+            loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
+                                         num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+            model.train()
+            bar = common.progress(loader, dist_info, total=steps_per_epoch, desc=f"stage {stage} epoch {epoch}")
+            t0 = time.time()
+            for it, (views, labels, ids) in enumerate(bar):
+                step = (epoch - first) * steps_per_epoch + it  # update index inside this stage
+                factor = lr_factor(step, stage_steps, warmup_steps)
+                common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
+                views = [v.to(device, non_blocking=True) for v in views]
+                labels, ids = labels.to(device), ids.to(device)
+                loss, metrics = mae_ct_forward_loss(ddp, target_projector, queue, views, ids, labels, temperature,
+                                                    topk, args.exclude_self, device)
+                common.check_finite(loss, epoch * steps_per_epoch + it, args.output_dir)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if stage == 2:
+                    # EMA updates (Alg. 1): fast projector EMA g_m, slow encoder EMA f_m; BN buffers copied
+                    common.ema_update(target_projector, model.projector, args.projector_ema)
+                    common.ema_update(ema_encoder, model.encoder, args.encoder_ema)
+                loss_v = common.all_reduce_mean(loss.detach()).item()  # collective: every rank
+                if dist_info.is_main:
+                    ips = (it + 1) * args.batch_size / max(time.time() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{enc_lr * factor if stage == 2 else head_init_lr * factor:.2e}",
+                                    img_s=f"{ips:.0f}")
+                    log.log({"train/loss": loss_v, "train/stage": stage, "train/nn_acc": metrics["nn_acc"].item(),
+                             "train/lr": enc_lr * factor if stage == 2 else 0.0,
+                             "train/head_lr": (head_lr if stage == 2 else head_init_lr) * factor, "train/epoch": epoch},
+                            step=epoch * steps_per_epoch + it)
+            if dist_info.is_main:
+                common.save_checkpoint(common.checkpoint_path(args.output_dir), {
+                    "model": common.encoder_state_dict(ema_encoder), "model_is_ema": True,
+                    "model_online": common.encoder_state_dict(model.encoder),
+                    "encoder_config": model.encoder.config(), "pool": args.pool,
+                    "projector": model.projector.state_dict(), "predictor": model.predictor.state_dict(),
+                    "target_projector": target_projector.state_dict() if target_projector is not None else None,
+                    "queue": queue.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "stage": stage,
+                    "args": dataclasses.asdict(args)})
+                log.print(f"epoch {epoch} (stage {stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
+            if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:
+                log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
+                log.close()
+                return
+    log.close()
+
+
+if __name__ == "__main__":
+    common.run_main(main, Args)

@@ -1,0 +1,694 @@
+"""MIM-Refiner: ID heads with Nearest Neighbor Alignment on intermediate blocks of a pre-trained MIM encoder.
+
+Paper: Alkin, Miklautz, Hochreiter, Brandstetter, "MIM-Refiner: A Contrastive Learning Boost from
+Intermediate Pre-Trained Representations", ICLR 2025, arXiv:2402.10093 (Sec. 3, Eq. 1-2, App. A.1,
+B.1-B.3, Table 1, Table 10). Official code: github.com/ml-jku/MIM-Refiner (notes/official_mim_refiner.md).
+
+What this file does (one run, two stages, resumable inside either):
+  Stage "heads" (App. B.3, following MAE-CT): encoder frozen (eval, no graph); one ID head per chosen
+    block trains for --head-epochs (20) epochs, base lr 2e-4, top-1 NN lookup.
+  Stage "refine" (Table 10): encoder + heads train for --epochs (30 MAE L/H, 20 MAE-2B and data2vec 2.0),
+    base lr 4e-4, layer-wise lr decay 0.65 on the encoder, random top-20 NN; an EMA (0.9999) of the
+    encoder is what the paper evaluates, saved as "model" (the online encoder as "model_online").
+  Heads and queues carry over from stage "heads" to "refine" (official stage-3 initialisation).
+
+Heads (App. B.2; official nnclr_head.py). For every block b in --head-blocks (0-based; default the last
+third: L/16 and 2B/14 blocks 16-23, H/14 blocks 20-31, App. A.1):
+  f_b = CLS token of block b's raw output (residual stream, no LayerNorm); the head on the LAST block reads
+        the encoder output, i.e. after the final LayerNorm for pre-norm (MAE) ViTs (official "cls" head).
+  z = g(f_b): projector Lin(D,2048)-BN-GELU-Lin(2048,2048)-BN-GELU-Lin(2048,256)-BN
+  p = h(z):   predictor Lin(256,4096)-BN-GELU-Lin(4096,256)-BN       (no biases, xavier init, SyncBN under DDP)
+  BN statistics are taken over all 2+L views of the micro-batch at once (official).
+
+NNA loss, Eq. 1-2, as the authors implement it (official nnclr_loss.py). Per head, n images per rank,
+N = n * world, views [g0, g1, l0..l(L-1)], all vectors L2-normalised:
+  pre_i  = SG(z of global view i)                                    i in {0, 1}   (n, 256)
+  post_i = NN(pre_i, Q) = argmax_q pre_i . q  (Eq. 2; refine: uniform pick among the top-20; --exclude-self:
+           entries holding the same dataset index are skipped, official)            (n, 256)
+  P_j    = all_gather_with_grad(p of view j)                                        (N, 256)
+  logit_ij[b, c] = post_i[b] . P_j[c] / tau   if c == rank*n + b   (positive: the image's NN vs its other view)
+                 = pre_i[b]  . P_j[c] / tau   otherwise             (negatives: other images' predictions;
+                                                                     Sec. 3: no NN-swap for the negatives)
+  L_ij = CE(logit_ij, rank*n + b), mean over b;  (i, j) in {(0,1), (1,0)} + {(i, 2+l): i in {0,1}, l < L}
+  L_head = mean over those 2 + 2L terms;  L = sum over heads (Table 1c: summing suffices).
+  Gradient flows only through the predictions p (gathered with gradient, so every sample's prediction
+  gets the gradient of every rank's rows; DDP's average makes it the single-process gradient).
+  Eq. 1 writes the same objective for one anchor z_i with the NN as positive and stop-gradient features
+  of the other samples as negatives; like NNCLR, the code puts the gradient on the predictor side.
+  Queue Q per head (65,536 x 256, FIFO, initialised randn with ids -1): after the lookup, the raw projections
+  of global view 0 of ALL ranks (all-gathered, no grad) are enqueued with their dataset ids and labels.
+  lr = blr * global_batch / 256; 4 warmup epochs (per update, starting just above 0) then cosine to 1e-6.
+
+Launch (the user's command; paper setting for MAE ViT-H/14: batch 512, tau 0.3, 30+20 epochs):
+  torchrun --standalone --nproc_per_node=4 mim_refiner.py --model vit_h14 --grad-checkpointing
+    (expects checkpoints/mae_pretrain_vit_huge.pth and data/imagenet/train/<class>/*.JPEG)
+  ViT-L/16: --model vit_l16 (checkpoints/mae_pretrain_vit_large.pth, batch 1024, tau 0.2)
+  ViT-2B/14: --model vit_2b14 (checkpoints/mae_in1k/vit_2b14.pt from MAWS, batch 512, tau 0.35, blocks 0-5 frozen)
+  data2vec 2.0: --init checkpoints/huge_imagenet.pt (fairseq file; selects the post-norm ViT, 20 epochs)
+  kNN of the result: eval_knn.py --checkpoint runs/mim_refiner/checkpoint-last.pth --data data/imagenet --model vit_h14
+Tiny CPU smoke run (about 5 min on 2 busy cores; --ema-momentum 0.9 because 0.9999 barely moves in 32 updates):
+  python mim_refiner.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic:512 --init MAE.pth \
+    --batch-size 64 --head-epochs 1 --epochs 4 --warmup-epochs 0.5 --blr 4e-3 --head-blr 4e-3 --queue-size 1024 \
+    --local-crops 2 --head-blocks 10 11 --freeze-blocks 8 --head-hidden 256 --pred-hidden 512 --topk 1 \
+    --ema-momentum 0.9 --num-workers 0 --device cpu
+
+Paper vs official code (paper is the default, official behaviour behind a flag):
+  * Local-view indexing (notes trap #1): the official loss uses predicted[:, l] instead of [:, 2+l] for
+    the local targets, i.e. targets g0, g1, l0..l(L-3) (incl. a same-view pair) and no loss on the last
+    two locals -> `--official-local-indexing`. Default: the paper's intent, every local view a target.
+  * Augmentation order: BYOL (the paper's reference) applies grayscale before blur/solarize (common.byol_view);
+    kappadata applies them after. Blur radius U[0.1, 2.0] px at 224 px for every view (locals not shrunk).
+  * Self-match in the NN lookup: Eq. 2 searches the whole queue; the official queue gives entries with the
+    sample's own dataset index similarity -1 -> `--exclude-self`. Identical whenever the queue is shorter
+    than an epoch (ImageNet), so it only matters for tiny datasets.
+Other differences to the official code (no effect on the maths unless noted):
+  * The official encoder EMA lives on rank 0 only; here every rank keeps it (identical values).
+  * One run holds both stages; stage "refine" starts a fresh AdamW (official: a separate run).
+  * torch's SyncBatchNorm is CUDA-only; on CPU/gloo the heads use GatherBatchNorm1d below (same maths).
+  * ViT-T/S/B (not in the paper) default to the last depth//3 blocks, tau 0.2, batch 1024, MAE L epochs.
+  * Gradient accumulation (--accum-steps > 1) is allowed with a warning: BN statistics, negatives and the
+    queue update become per micro-batch (the official automatic accumulation has the same semantics).
+
+Memory per GPU, user's command on 4 x A100 at the paper batch (bf16 autocast, --grad-checkpointing),
+estimated, not measured (no GPU was available); per rank n = 512/4 = 128 images:
+  tokens per rank T = 2n*(1+(224/14)^2) + 10n*(1+(98/14)^2) = 256*257 + 1280*50 = 129,792
+  static = trainable params x 16 B (fp32 weight, grad, AdamW m, v) + frozen params x 4 B + EMA x 4 B
+           + bf16 weight copies cached by autocast x 2 B + queues (heads x 65,536 x (256 x 4 B + 16 B))
+  activations = checkpointed block inputs T x D x 4 B (fp32 residual stream) per trainable block
+           + one block recomputed in backward, ~38 B x D per token (LN inputs fp32, qkv/attn/MLP bf16)
+           + heads (heads x 12n rows x ~20k activations x 4 B); +10% allocator slack on the total
+  ViT-H/14 (630M encoder, 12 heads x 9.5M): static 16.5 GB + activations 21.3 (32 x 0.66) + 6.3 + 1.6 GB
+           = 46 GB, ~50 GB with slack: fits 4 x A100-80GB, NOT 40 GB. On 40 GB: 8 GPUs (n=64) or
+           --accum-steps 2 (changes BN/negatives): ~34 GB.
+  ViT-2B/14 (1.89B encoder, blocks 0-5 frozen -> 1.42B trainable, 8 heads x 12.1M): static 38 GB +
+           activations 23.9 (18 x 1.33) + 12.6 + 1.1 GB = 76 GB, ~83 GB with slack: does NOT fit 4 x 80 GB
+           at batch 512 (nor 40 GB). 8 x 80 GB (n=64) or --accum-steps 2 on 4 x 80 GB: ~62 GB.
+  (ViT-L/16 at batch 1024 on 4 GPUs, n=256: ~41 GB with slack.) Without --grad-checkpointing the
+  activations grow ~10x (H: ~200 GB per GPU), so it is required for H and 2B.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import UserError
+
+
+@dataclass
+class Args:
+    # ---- common flags ----
+    model: str = "vit_l16"
+    """encoder architecture (common.VIT_CONFIGS); the paper refines vit_l16, vit_h14, vit_2b14"""
+    img_size: int = 224
+    """global-view resolution (Table 10: 224); the --init pos_embed is interpolated if it differs"""
+    patch_size: Optional[int] = None
+    """patch size; None -> the model's own (16, or 14 for H/14 and 2B/14). Must match --init"""
+    data: str = "data/imagenet"
+    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]]; paper: ImageNet-1K train"""
+    output_dir: str = "runs/mim_refiner"
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning resumes"""
+    epochs: Optional[int] = None
+    """refinement epochs; None -> Table 10: 30 (MAE L/H), 20 (MAE 2B, data2vec 2.0)"""
+    warmup_epochs: float = 4
+    """linear lr warmup epochs at the start of each stage (Table 10: 4)"""
+    batch_size: Optional[int] = None
+    """GLOBAL batch of images (each gives 2 global + --local-crops views); None -> Table 10: 1024 (L), 512 (H, 2B)"""
+    accum_steps: int = 1
+    """gradient accumulation; >1 makes BN statistics, negatives and queue updates per micro-batch (warned)"""
+    blr: float = 4e-4
+    """refinement base lr for encoder and heads, scaled by global_batch/256 (Table 10: 4e-4; LinearLrScaler)"""
+    lr: Optional[float] = None
+    """absolute peak refinement lr; None -> blr * batch_size / 256"""
+    weight_decay: float = 0.05
+    """encoder AdamW weight decay (Table 10: 0.05); biases, 1-D params and cls_token get 0"""
+    num_workers: int = 10
+    """DataLoader worker processes per rank (12 views per image: augmentation is CPU-heavy)"""
+    seed: int = 0
+    """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
+    grad_checkpointing: bool = False
+    """activation checkpointing in the encoder blocks; needed for H/14 and 2B/14 (see the memory estimate)"""
+    compile: bool = False
+    """torch.compile the encoder's forward_features"""
+    device: str = "auto"
+    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    # ---- MIM-Refiner flags ----
+    init: Optional[str] = None
+    """pre-trained MIM encoder: our mae.py checkpoint, an official MAE / MAWS / data2vec 2.0 file; None ->
+    checkpoints/mae_pretrain_vit_{large,huge}.pth (L, H), checkpoints/mae_in1k/vit_2b14.pt (2B)"""
+    post_norm: bool = False
+    """force the post-norm (data2vec 2.0) ViT; a data2vec 2.0 --init selects it automatically (App. B.1)"""
+    head_blocks: Optional[list[int]] = None
+    """0-based blocks with an ID head (negatives count from the end); None -> App. A.1: last 8 blocks for
+    L/16 and 2B/14, last 12 for H/14, last depth//3 otherwise. The last block's head reads the final-norm output"""
+    head_hidden: int = 2048
+    """projector hidden width (App. B.2: 2048)"""
+    head_dim: int = 256
+    """projector/predictor output width = queue width (official: 256)"""
+    pred_hidden: int = 4096
+    """predictor hidden width (App. B.2: 4096)"""
+    queue_size: int = 65536
+    """FIFO queue length per head (official: 65,536); initialised with randn"""
+    topk: int = 20
+    """refinement NN lookup: uniform pick among the top-k (Table 10: 20)"""
+    head_topk: int = 1
+    """head-stage NN lookup k (App. B.3: top-1)"""
+    temperature: Optional[float] = None
+    """tau of Eq. 1; None -> Table 10: 0.2 (L), 0.3 (H), 0.35 (2B); 0.2 for smaller models"""
+    local_crops: int = 10
+    """number of local views (Table 10: 10)"""
+    local_size: Optional[int] = None
+    """local view resolution; None -> Table 10: 96 for /16, 98 for /14 at 224, i.e. patch*round(3/7*img/patch)"""
+    global_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    """RandomResizedCrop area scale of the 2 global views (Table 10: [0.25, 1.0])"""
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
+    """RandomResizedCrop area scale of the local views (Table 10: [0.05, 0.25])"""
+    color_aug: bool = True
+    """BYOL colour jitter, grayscale, blur, solarize (Table 10); --no-color-aug: crop+flip only (App. A.2)"""
+    head_epochs: int = 20
+    """head-stage epochs on the frozen encoder (App. B.3: 20); 0 skips the stage"""
+    head_blr: float = 2e-4
+    """head-stage base lr, scaled by global_batch/256 (App. B.3: 2e-4)"""
+    head_weight_decay: float = 1e-5
+    """AdamW weight decay of the ID heads in both stages (Table 10: 1e-5)"""
+    min_lr: float = 1e-6
+    """lr at the end of the cosine of each stage (official wupcos schedule: absolute 1e-6)"""
+    layer_decay: float = 0.65
+    """layer-wise lr decay of the encoder (Table 10: 0.65): block k gets 0.65^(depth-k), the final norm 1"""
+    freeze_blocks: Optional[int] = None
+    """refinement: freeze patch_embed, cls_token and blocks [0, k) (Table 10: 6 for 2B/14, else 0)"""
+    ema_momentum: float = 0.9999
+    """encoder EMA momentum per update during refinement (Table 10: 0.9999); the EMA is saved as "model\""""
+    official_local_indexing: bool = False
+    """official loss indexing: local targets predicted[:, l] instead of [:, 2+l] (notes trap #1)"""
+    exclude_self: bool = False
+    """official lookup: never return the sample's own (older) queue entry as its NN (Eq. 2: the whole queue;
+    identical while the queue is shorter than an epoch, ImageNet: 65,536 < 1.28M; matters on tiny data)"""
+    exit_after_epochs: Optional[int] = None
+    """testing: stop after this many completed epochs (both stages counted), as if the run was killed"""
+
+
+# Table 10 and App. A.1 per model; init file names from the official pretrained_initializer (notes Sec. 1.3).
+PRESETS = {
+    "vit_l16": dict(head_blocks=list(range(16, 24)), temperature=0.2, batch_size=1024, freeze_blocks=0,
+                    init="checkpoints/mae_pretrain_vit_large.pth"),
+    "vit_h14": dict(head_blocks=list(range(20, 32)), temperature=0.3, batch_size=512, freeze_blocks=0,
+                    init="checkpoints/mae_pretrain_vit_huge.pth"),
+    "vit_h16": dict(head_blocks=list(range(20, 32)), temperature=0.3, batch_size=512, freeze_blocks=0, init=None),
+    "vit_2b14": dict(head_blocks=list(range(16, 24)), temperature=0.35, batch_size=512, freeze_blocks=6,
+                     init="checkpoints/mae_in1k/vit_2b14.pt"),
+}
+
+
+def default_head_blocks(model: str, depth: int) -> list[int]:
+    """App. A.1: heads on the last 8 (L, 2B) / 12 (H) blocks; other models: the last third."""
+    if model in PRESETS:
+        return list(PRESETS[model]["head_blocks"])
+    return list(range(depth - max(1, depth // 3), depth))
+
+
+def default_local_size(img_size: int, patch_size: int) -> int:
+    """Table 10: 96 px (/16) and 98 px (/14) local views at 224 px, i.e. 3/7 of the global grid side,
+    rounded to whole patches (6x6 resp. 7x7 patches); the same rule scales tiny runs (32/4 -> 12)."""
+    grid = img_size // patch_size
+    return patch_size * max(1, int(grid * 96 / 224 + 0.5))
+
+
+def resolve_args(args: Args, post_norm: bool) -> Args:
+    """Fill the None defaults (Table 10 per model; 20 epochs for data2vec 2.0) and validate flags."""
+    if args.model not in common.VIT_CONFIGS:
+        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(common.VIT_CONFIGS)}")
+    _, depth, _, own_patch = common.VIT_CONFIGS[args.model]
+    preset = PRESETS.get(args.model, {})
+    patch = args.patch_size or own_patch
+    fill = {}
+    if args.epochs is None:
+        fill["epochs"] = 20 if (post_norm or args.model == "vit_2b14") else 30
+    if args.batch_size is None:
+        fill["batch_size"] = preset.get("batch_size", 1024)
+    if args.temperature is None:
+        fill["temperature"] = preset.get("temperature", 0.2)
+    if args.freeze_blocks is None:
+        fill["freeze_blocks"] = preset.get("freeze_blocks", 0)
+    if args.head_blocks is None:
+        fill["head_blocks"] = default_head_blocks(args.model, depth)
+    if args.local_size is None:
+        fill["local_size"] = default_local_size(args.img_size, patch)
+    args = dataclasses.replace(args, **fill)
+    if args.img_size % patch:
+        raise UserError(f"--img-size {args.img_size} is not a multiple of the patch size {patch}")
+    if args.local_crops > 0 and (args.local_size < patch or args.local_size % patch):
+        raise UserError(f"--local-size {args.local_size} must be a positive multiple of the patch size {patch}")
+    if args.local_crops < 0:
+        raise UserError("--local-crops must be >= 0")
+    bad = [b for b in args.head_blocks if not -depth <= b < depth]
+    if bad or not args.head_blocks:
+        raise UserError(f"--head-blocks {bad or '(none)'}: {args.model} has blocks 0..{depth - 1}")
+    blocks = [b % depth for b in args.head_blocks]
+    if len(set(blocks)) != len(blocks):
+        raise UserError(f"--head-blocks {args.head_blocks} names a block twice")
+    args = dataclasses.replace(args, head_blocks=blocks)
+    if not 0 <= args.freeze_blocks <= depth:
+        raise UserError(f"--freeze-blocks {args.freeze_blocks} is outside [0, {depth}] for {args.model}")
+    if min(args.topk, args.head_topk, args.queue_size) < 1 or max(args.topk, args.head_topk) > args.queue_size:
+        raise UserError(f"need 1 <= --topk/--head-topk <= --queue-size (got {args.topk}/{args.head_topk}, "
+                        f"{args.queue_size})")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0")
+    if not 0 <= args.ema_momentum <= 1:
+        raise UserError("--ema-momentum must lie in [0, 1]")
+    if args.epochs < 0 or args.head_epochs < 0 or args.epochs + args.head_epochs == 0:
+        raise UserError("--epochs and --head-epochs must be >= 0 and not both 0")
+    for name in ("global_scale", "local_scale"):
+        lo_hi = getattr(args, name)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise UserError(f"--{name.replace('_', '-')} needs two numbers 0 < lo <= hi <= 1")
+    if args.accum_steps < 1:
+        raise UserError("--accum-steps must be >= 1")
+    return args
+
+
+# ==============================================================================================
+# ID heads (App. B.2; official nnclr_head.py)
+# ==============================================================================================
+class IDHead(nn.Module):
+    """Projector g (3 Linears) and predictor h (2 Linears); every Linear without bias and followed by BN,
+    every BN but the last of each MLP by GELU. xavier_uniform Linears, BN weight 1 / bias 0 (official)."""
+
+    def __init__(self, dim: int, hidden: int = 2048, out_dim: int = 256, pred_hidden: int = 4096):
+        super().__init__()
+        self.projector = nn.Sequential(
+            nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(),
+            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(),
+            nn.Linear(hidden, out_dim, bias=False), nn.BatchNorm1d(out_dim))
+        self.predictor = nn.Sequential(
+            nn.Linear(out_dim, pred_hidden, bias=False), nn.BatchNorm1d(pred_hidden), nn.GELU(),
+            nn.Linear(pred_hidden, out_dim, bias=False), nn.BatchNorm1d(out_dim))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+
+    def forward(self, f: torch.Tensor):  # (M, D) -> z (M, 256), p (M, 256)
+        z = self.projector(f)
+        return z, self.predictor(z)
+
+
+class GatherBatchNorm1d(nn.BatchNorm1d):
+    """SyncBatchNorm for CPU/gloo (torch's nn.SyncBatchNorm only runs on GPUs): training-mode statistics
+    over the rows of all ranks, via all_gather with gradient, so 2 ranks x n rows == 1 rank x 2n rows."""
+
+    def forward(self, x):  # (M, C)
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        count = common.all_gather_grad(x.new_full((1, 1), float(x.shape[0]))).sum()
+        mean = common.all_gather_grad(x.sum(0, keepdim=True)).sum(0) / count  # (C,)
+        var = common.all_gather_grad(((x - mean) ** 2).sum(0, keepdim=True)).sum(0) / count  # biased, (C,)
+        with torch.no_grad():  # running stats as nn.BatchNorm1d: unbiased variance, momentum 0.1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
+            self.num_batches_tracked.add_(1)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+def convert_gather_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm1d for GatherBatchNorm1d (same parameters/buffers, same state_dict keys)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            new = GatherBatchNorm1d(child.num_features, child.eps, child.momentum)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert_gather_batchnorm(child)
+    return module
+
+
+class Refiner(nn.Module):
+    """Encoder + one ID head per block in `head_blocks`. One forward = the whole multi-crop step, so that
+    DDP sees a single forward per backward: the encoder runs once on the global views and once on the
+    local views (two resolutions), each head sees the CLS tokens of all views concatenated."""
+
+    def __init__(self, encoder: common.VisionTransformer, head_blocks: list[int], hidden: int, out_dim: int,
+                 pred_hidden: int):
+        super().__init__()
+        self.encoder, self.head_blocks = encoder, list(head_blocks)
+        self.heads = nn.ModuleList([IDHead(encoder.dim, hidden, out_dim, pred_hidden) for _ in head_blocks])
+        self.features_fn = self.features  # replaced by a compiled version under --compile
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """CLS token per head (B, D): raw block output; the last block's head reads the encoder output
+        (after the final LayerNorm for pre-norm ViTs; identical to the raw output for post-norm)."""
+        last = self.encoder.depth - 1
+        out, blocks = self.encoder.forward_features(x, return_blocks=self.head_blocks)  # (B, 1+N, D), [(B, 1+N, D)]
+        return [(out if b == last else o)[:, 0] for b, o in zip(self.head_blocks, blocks)]
+
+    def forward(self, x_global: torch.Tensor, x_local: Optional[torch.Tensor], train_encoder: bool = True):
+        """x_global (2n, 3, S, S) = [g0; g1]; x_local (L*n, 3, s, s) = [l0; ...; l(L-1)] or None.
+        Returns per head (z, p), each (V*n, 256) in view-major order [g0; g1; l0; ...]."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):  # stage "heads": no graph
+            feats = self.features_fn(x_global)
+            if x_local is not None:
+                feats = [torch.cat([fg, fl]) for fg, fl in zip(feats, self.features_fn(x_local))]
+        return [head(f if train_encoder else f.detach()) for head, f in zip(self.heads, feats)]
+
+
+# ==============================================================================================
+# Queue and NN lookup (Eq. 2; official nnclr_queue.py)
+# ==============================================================================================
+class NNQueue(nn.Module):
+    """FIFO ring of raw (un-normalised) projections with the dataset index and label of every entry.
+    Initialised with randn vectors and ids/labels -1 (official)."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("x", torch.randn(size, dim))  # (Q, d)
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))  # (Q,)
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))  # (Q,)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def lookup(self, z: torch.Tensor, ids: Optional[torch.Tensor] = None, topk: int = 1):
+        """NN(z, Q) of Eq. 2 by cosine similarity; topk > 1: a uniformly random one of the k most similar
+        (refinement, Table 10). With `ids`, entries holding the sample's own dataset id get similarity -1
+        (official self-exclusion). z (m, d), ids (m,) -> (stored vectors (m, d), queue positions (m,))."""
+        sim = F.normalize(z.float(), dim=1) @ F.normalize(self.x, dim=1).T  # (m, Q)
+        if ids is not None:
+            sim = sim.masked_fill(ids[:, None] == self.ids[None, :], -1.0)
+        if topk == 1:
+            pos = sim.argmax(dim=1)  # (m,)
+        else:
+            cand = sim.topk(topk, dim=1).indices  # (m, k)
+            pick = torch.randint(topk, (z.shape[0],), device=z.device)  # independently per row
+            pos = cand[torch.arange(z.shape[0], device=z.device), pick]
+        return self.x[pos], pos
+
+    @torch.no_grad()
+    def enqueue(self, z: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor):
+        """Write the (globally gathered) rows at the pointer, oldest entries out, wrapping around."""
+        size = self.x.shape[0]
+        if z.shape[0] > size:  # only the newest `size` rows survive a longer write
+            self.ptr.copy_((self.ptr + z.shape[0] - size) % size)
+            z, ids, labels = z[-size:], ids[-size:], labels[-size:]
+        pos = (self.ptr + torch.arange(z.shape[0], device=z.device)) % size
+        self.x[pos] = z.float()
+        self.ids[pos] = ids
+        self.labels[pos] = labels
+        self.ptr.copy_((self.ptr + z.shape[0]) % size)
+
+
+# ==============================================================================================
+# Loss (Eq. 1; official nnclr_loss.py)
+# ==============================================================================================
+def view_pairs(num_views: int, official_local_indexing: bool = False) -> list[tuple[int, int]]:
+    """(anchor global view i, target view j) terms: the 2 global pairs, then each global vs each local.
+    Official code: local target index l instead of 2+l (notes trap #1)."""
+    locals_ = range(num_views - 2)
+    return [(0, 1), (1, 0)] + [(i, l if official_local_indexing else 2 + l) for i in (0, 1) for l in locals_]
+
+
+def nna_loss(z_global: torch.Tensor, nn_global: torch.Tensor, p: torch.Tensor, temperature: float,
+             rank: int = 0, official_local_indexing: bool = False) -> torch.Tensor:
+    """NNA loss of one head (Eq. 1). z_global (2n, d): this rank's detached projections of [g0; g1];
+    nn_global (2n, d): their queue NNs; p (V*n, d): predictions of all views [g0; g1; l0; ...] (with grad).
+    The predictions of all ranks are gathered with gradient (negatives); labels offset by rank*n."""
+    n = z_global.shape[0] // 2
+    num_views = p.shape[0] // n
+    pre = F.normalize(z_global.float(), dim=-1).view(2, n, -1)  # (2, n, d) anchors' own projections
+    post = F.normalize(nn_global.float(), dim=-1).view(2, n, -1)  # (2, n, d) their nearest neighbours
+    pred = F.normalize(p.float(), dim=-1).view(num_views, n, -1).transpose(0, 1)  # (n, V, d)
+    pred_all = common.all_gather_grad(pred.contiguous())  # (N, V, d), rank-major
+    labels = torch.arange(n, device=p.device) + rank * n  # (n,) column of each row's own image
+    terms = []
+    for i, j in view_pairs(num_views, official_local_indexing):
+        logits = pre[i] @ pred_all[:, j].T / temperature  # (n, N) negatives: own projection vs others' predictions
+        positive = (post[i] * pred_all[labels, j]).sum(-1, keepdim=True) / temperature  # (n, 1) NN vs own prediction
+        logits = logits.scatter(1, labels[:, None], positive)  # the NN-swap only for the positive (Sec. 3)
+        terms.append(F.cross_entropy(logits, labels))
+    return torch.stack(terms).mean()
+
+
+def refiner_loss(outputs, queues: nn.ModuleList, ids: torch.Tensor, labels: torch.Tensor, n: int, topk: int,
+                 temperature: float, rank: int, official_local_indexing: bool, exclude_self: bool = False):
+    """Sum over heads of the NNA loss (Table 1c); per head: lookup with both global views, then enqueue
+    global view 0 of all ranks (official order). Returns (loss, per-head losses, per-head NN accuracy)."""
+    total, head_losses, nn_accs = 0.0, [], []
+    ids2 = torch.cat([ids, ids])  # (2n,) ids of [g0; g1]
+    for (z, p), queue in zip(outputs, queues):
+        z_global = z.detach().float()[:2 * n]  # (2n, d)
+        nn_global, pos = queue.lookup(z_global, ids2 if exclude_self else None, topk)
+        loss = nna_loss(z_global, nn_global, p, temperature, rank, official_local_indexing)
+        # NN accuracy (App. E "accuracy of the NN-swap"): does the neighbour share the label? -1 = unknown
+        nn_lab, lab2 = queue.labels[pos], torch.cat([labels, labels])
+        known = (nn_lab >= 0) & (lab2 >= 0)
+        nn_accs.append(((nn_lab == lab2) & known).sum().float() / known.sum().clamp(min=1))
+        queue.enqueue(common.all_gather_nograd(z_global[:n]), common.all_gather_nograd(ids),
+                      common.all_gather_nograd(labels))
+        total = total + loss
+        head_losses.append(loss.detach())
+    return total, head_losses, nn_accs
+
+
+# ==============================================================================================
+# Freezing, optimisation, schedules
+# ==============================================================================================
+def set_trainable(encoder: common.VisionTransformer, stage: str, freeze_blocks: int):
+    """Stage "heads": the whole encoder is frozen. Stage "refine": blocks [0, freeze_blocks) and, if any
+    block is frozen, the stem (patch_embed, cls_token, embed_norm) are frozen (official vit_block_freezer);
+    pos_embed is always fixed (sin-cos)."""
+    for n, p in encoder.named_parameters():
+        if stage == "heads" or n == "pos_embed":
+            p.requires_grad_(False)
+        elif n.startswith("blocks."):
+            p.requires_grad_(int(n.split(".")[1]) >= freeze_blocks)
+        elif n.startswith(("patch_embed.", "cls_token", "embed_norm.")):
+            p.requires_grad_(freeze_blocks == 0)
+        else:  # final norm
+            p.requires_grad_(True)
+
+
+def build_optimizer(model: Refiner, stage: str, args: Args, peak_lr: float, device) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95) (Table 10). Each group's lr_scale is its PEAK lr: encoder peak_lr x 0.65^(depth+1-layer)
+    (stem 0.65^(depth+1), block k 0.65^(depth-k), final norm 1; notes Sec. 4.2), wd 0.05; heads peak_lr, wd 1e-5.
+    set_lr multiplies in the schedule factor."""
+    groups = []
+    if stage == "refine":
+        groups += common.param_groups(model.encoder.named_parameters(), args.weight_decay, args.layer_decay,
+                                      model.encoder.depth, lr_scale=peak_lr, tag="encoder_")
+    groups += common.param_groups(model.heads.named_parameters(), args.head_weight_decay, lr_scale=peak_lr,
+                                  tag="heads_")
+    return common.make_adamw(groups, lr=0.0, betas=(0.9, 0.95), device=device)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, final: float) -> float:
+    """Per-update multiplier of the peak lr: linear warmup starting just above 0 ((s+1)/(W+1), official
+    kappaschedules), then half-cosine down to `final` (= 1e-6 / peak lr) at the end of the stage."""
+    return common.cosine_schedule(step, total_steps, base=1.0, final=final, warmup_steps=warmup_steps,
+                                  warmup_start=1.0 / (warmup_steps + 1))
+
+
+# ==============================================================================================
+# Data: 2 global + L local BYOL views (Table 10)
+# ==============================================================================================
+def build_views(args: Args) -> common.MultiView:
+    """g0: blur p 1.0; g1: blur p 0.1 + solarize p 0.2; locals: blur p 0.5 (BYOL asymmetry, official yaml).
+    Blur radius U[0.1, 2.0] px at 224 for every view (official: absolute, also for the small locals)."""
+    col = dict(jitter_p=0.8, gray_p=0.2) if args.color_aug else dict(jitter_p=0.0, gray_p=0.0)
+    c = 1.0 if args.color_aug else 0.0  # --no-color-aug (App. A.2): crop + flip only
+
+    def view(size, scale, blur_p, solarize_p):
+        t = common.byol_view(size, scale=tuple(scale), blur_p=blur_p * c, solarize_p=solarize_p * c, **col)
+        t.transforms = [common.GaussianBlur(blur_p * c, args.img_size) if isinstance(s, common.GaussianBlur) else s
+                        for s in t.transforms]  # radius relative to the global resolution, not the crop
+        return t
+
+    g0 = view(args.img_size, args.global_scale, 1.0, 0.0)
+    g1 = view(args.img_size, args.global_scale, 0.1, 0.2)
+    local = view(args.local_size, args.local_scale, 0.5, 0.0)
+    return common.MultiView([g0, g1] + [local] * args.local_crops)
+
+
+def is_post_norm_checkpoint(ckpt: dict) -> bool:
+    """True for a data2vec 2.0 encoder (fairseq file, or any file with an `embed_norm` and no final norm):
+    App. B.1, the refined model keeps the architecture of the MIM model (post-norm for data2vec 2.0)."""
+    sd, _ = common.select_weights(ckpt)
+    return common.checkpoint_encoder_config(common.convert_to_ours(sd))["post_norm"]
+
+
+# ==============================================================================================
+# main
+# ==============================================================================================
+def main(args: Args):
+    dist_info = common.init_distributed(args.device)
+    device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
+    state = common.load_resume_state(args.output_dir)
+
+    # ---- initial weights (or resume) and the data must exist: one line that says what to put where ----
+    init_ckpt, post_norm = None, args.post_norm
+    if state is not None:
+        post_norm = state["encoder_config"]["post_norm"]
+    else:
+        init = args.init or PRESETS.get(args.model, {}).get("init")
+        if init is None:
+            raise UserError(f"--model {args.model} has no default pre-trained checkpoint; pass --init PATH "
+                            f"(a mae.py checkpoint or an official MAE / data2vec 2.0 file)")
+        missing = []
+        if not os.path.isfile(init):
+            missing.append(f"the pre-trained encoder at {init} (official MAE release file, or pass --init PATH)")
+        if common.parse_synthetic(args.data) is None and not os.path.isdir(args.data):
+            missing.append(f"ImageNet at {args.data}/train/<class>/*.JPEG (or pass --data ROOT)")
+        if missing:
+            raise UserError("missing " + " and ".join(missing))
+        args = dataclasses.replace(args, init=init)
+        init_ckpt = common.load_file(init)
+        post_norm = post_norm or is_post_norm_checkpoint(init_ckpt)
+    args = resolve_args(args, post_norm)
+    if args.accum_steps > 1:
+        warnings.warn("--accum-steps > 1: BatchNorm statistics, the negatives of Eq. 1 and the queue updates become "
+                      "per micro-batch (not the paper's setting)")
+    micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
+    peak_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    head_stage_lr = args.head_blr * args.batch_size / 256
+    total_epochs = args.head_epochs + args.epochs
+    start_epoch = state["epoch"] if state is not None else 0
+
+    dataset = common.WithIndex(common.build_dataset(args.data, "train", build_views(args), img_size=args.img_size,
+                                                    seed=args.seed))
+    steps_per_epoch = len(dataset) // (micro * world) // args.accum_steps  # optimizer updates per epoch
+    if steps_per_epoch == 0:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch of {args.batch_size}; "
+                        f"lower --batch-size")
+    log = common.Logger(args.output_dir, args, dist_info, extra=dict(
+        effective_batch=args.batch_size, per_rank_batch=micro, refine_lr=peak_lr, head_stage_lr=head_stage_lr,
+        steps_per_epoch=steps_per_epoch, post_norm=post_norm))
+    log.print(f"global batch {args.batch_size} images x (2 + {args.local_crops}) views; refine lr {peak_lr:.3g} "
+              f"(= {args.blr:g} x {args.batch_size} / 256), head-stage lr {head_stage_lr:.3g}; "
+              f"heads on blocks {args.head_blocks}, tau {args.temperature}, local views {args.local_size}px")
+    if start_epoch >= total_epochs:
+        log.print(f"{common.checkpoint_path(args.output_dir)} already holds all {total_epochs} epochs; nothing to do")
+        return
+
+    # ---- model: the same seed on every rank, so heads and random queues start identical ----
+    common.seed_everything(args.seed)
+    encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, post_norm=post_norm,
+                                grad_checkpointing=args.grad_checkpointing)
+    model = Refiner(encoder, args.head_blocks, args.head_hidden, args.head_dim, args.pred_hidden)
+    queues = nn.ModuleList([NNQueue(args.queue_size, args.head_dim) for _ in args.head_blocks])
+    if state is not None:
+        common.load_encoder(encoder, state["model_online"], what="the resume checkpoint")
+        model.heads.load_state_dict(state["heads"])
+        queues.load_state_dict(state["queues"])
+        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch} (stage {state['stage']})")
+    else:
+        desc = common.load_encoder(encoder, init_ckpt, what="--init")
+        log.print(f"loaded {desc} from {args.init} ({'post' if post_norm else 'pre'}-norm ViT)")
+    ema = copy.deepcopy(encoder).requires_grad_(False)  # evaluated encoder (Table 10 EMA); = encoder until "refine"
+    if state is not None:
+        common.load_encoder(ema, state["model"], what="the resume checkpoint")
+    if dist_info.enabled:  # BN statistics over the global batch (official sync_batchnorm)
+        model.heads = (nn.SyncBatchNorm.convert_sync_batchnorm(model.heads) if device.type == "cuda"
+                       else convert_gather_batchnorm(model.heads))
+    model.to(device)
+    ema.to(device)
+    queues.to(device)
+    if args.compile:
+        model.features_fn = torch.compile(model.features)
+
+    stages = (("heads", 0, args.head_epochs), ("refine", args.head_epochs, total_epochs))
+    for stage, first, last in stages:
+        if start_epoch >= last:
+            continue
+        resuming_here = state is not None and state["stage"] == stage and start_epoch > first
+        set_trainable(encoder, stage, args.freeze_blocks)
+        lr = head_stage_lr if stage == "heads" else peak_lr
+        optimizer = build_optimizer(model, stage, args, lr, device)
+        if resuming_here:
+            optimizer.load_state_dict(state["optimizer"])
+        n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        n_head = sum(p.numel() for p in model.heads.parameters())
+        log.print(f"stage {stage!r}: epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, "
+                  f"head params {n_head:,} ({len(args.head_blocks)} heads)")
+        ddp = model
+        if dist_info.enabled:
+            # blocks after the last head (and the final norm) get no gradient unless the last block has a head
+            unused = stage == "refine" and max(args.head_blocks) != encoder.depth - 1
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                      find_unused_parameters=unused, gradient_as_bucket_view=True)
+        stage_steps = (last - first) * steps_per_epoch
+        warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+        topk = args.head_topk if stage == "heads" else args.topk
+        train_encoder = stage == "refine"
+
+        for epoch in range(max(start_epoch, first), last):
+            common.seed_everything(common.epoch_seed(args.seed, epoch, rank))
+            loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
+                                         num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+            model.train()
+            encoder.train(train_encoder)  # stage "heads": encoder in eval mode (official)
+            bar = common.progress(loader, dist_info, total=steps_per_epoch * args.accum_steps,
+                                  desc=f"{stage} epoch {epoch}")
+            t0 = time.time()
+            for it, (views, labels, ids) in enumerate(bar):
+                update, micro_step = divmod(it, args.accum_steps)
+                if update >= steps_per_epoch:
+                    break
+                step = (epoch - first) * steps_per_epoch + update  # update index inside this stage
+                global_step = epoch * steps_per_epoch + update
+                factor = lr_factor(step, stage_steps, warmup_steps, args.min_lr / lr)
+                if micro_step == 0:
+                    common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
+                x_global = torch.cat(views[:2]).to(device, non_blocking=True)  # (2n, 3, S, S) [g0; g1]
+                x_local = torch.cat(views[2:]).to(device, non_blocking=True) if args.local_crops else None  # (L*n, 3, s, s)
+                labels, ids = labels.to(device), ids.to(device)
+                sync = micro_step == args.accum_steps - 1
+                with (ddp.no_sync() if dist_info.enabled and not sync else nullcontext()):
+                    with common.autocast(device):
+                        outputs = ddp(x_global, x_local, train_encoder=train_encoder)
+                    loss, head_losses, nn_accs = refiner_loss(outputs, queues, ids, labels, micro, topk,
+                                                              args.temperature, rank, args.official_local_indexing,
+                                                              args.exclude_self)
+                    common.check_finite(loss, global_step, args.output_dir)
+                    (loss / args.accum_steps).backward()
+                if not sync:
+                    continue
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if stage == "refine":  # encoder EMA, constant momentum per update (Table 10; official EmaCallback)
+                    common.ema_update(ema, encoder, args.ema_momentum)
+                loss_v = common.all_reduce_mean(loss.detach()).item()
+                if dist_info.is_main:
+                    ips = (it + 1) * micro * world / max(time.time() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr * factor:.2e}", img_s=f"{ips:.0f}")
+                    metrics = {"train/loss": loss_v, "train/lr": lr * factor, "train/epoch": epoch,
+                               "train/stage": 0 if stage == "heads" else 1}
+                    for b, hl, acc in zip(args.head_blocks, head_losses, nn_accs):
+                        metrics[f"train/loss_block{b}"] = hl.item()
+                        metrics[f"train/nn_acc_block{b}"] = acc.item()
+                    log.log(metrics, step=global_step)
+            if dist_info.is_main:
+                common.save_checkpoint(common.checkpoint_path(args.output_dir), {
+                    "model": common.encoder_state_dict(ema), "model_is_ema": True,
+                    "model_online": common.encoder_state_dict(encoder), "encoder_config": encoder.config(),
+                    "heads": model.heads.state_dict(), "head_blocks": list(args.head_blocks),
+                    "queues": queues.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "stage": stage,
+                    "args": dataclasses.asdict(args)})
+                log.print(f"epoch {epoch} ({stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
+            if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:
+                log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
+                log.close()
+                return
+    log.close()
+
+
+if __name__ == "__main__":
+    common.run_main(main, Args)
