@@ -15,7 +15,7 @@ venv: .venv/stamp
 
 # Miniature pipeline on CPU (synthetic data): MAE pre-training -> methods -> kNN table.
 demo: .venv/stamp
-	$(PY) benchmarks/demo.py --output-dir $(DEMO_DIR)
+	$(PY) benchmarks/mini_repro.py --preset demo --output-dir $(DEMO_DIR)
 
 # The test suite (CPU, about 10 minutes on 2 cores).
 test: .venv/stamp
@@ -23,7 +23,7 @@ test: .venv/stamp
 
 # The papers' claims in miniature (issue: miniature reproduction), about 30 minutes on 2 cores.
 repro: .venv/stamp
-	$(PY) benchmarks/mini_repro.py --output-dir results
+	$(PY) benchmarks/mini_repro.py --preset full --output-dir results
 
 bench: .venv/stamp
 	$(PY) benchmarks/bench_vit.py

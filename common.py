@@ -89,7 +89,7 @@ def parse_args(cls, argv=None):
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
-        kw = dict(default=default, help=docs.get(f.name, ""), dest=f.name)
+        kw = dict(default=default, help=docs.get(f.name, "").replace("%", "%%"), dest=f.name)  # argparse %-formats help
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) in (list, tuple):
@@ -477,16 +477,19 @@ def describe_vit(cfg: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "plus", "x-cross", "h-stripes", "v-stripes",
-                     "checker", "diamond")
+# Each class is one shape filled with one texture (shape/texture); colours are random per image.
+SYNTHETIC_CLASSES = ("disk/solid", "square/h-stripes", "triangle/v-stripes", "ring/diag", "plus/checker",
+                     "diamond/dots", "square/rings", "disk/checker", "triangle/solid", "diamond/h-stripes")
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """Procedural labelled dataset: 10 shape/texture classes (see SYNTHETIC_CLASSES) with random
-    object colour, position, scale and small rotation on a random gradient+noise background.
+    """Procedural labelled dataset: 10 classes, each one shape filled with one texture (see
+    SYNTHETIC_CLASSES), with random fill/pattern colours, position, scale and small rotation on a
+    random gradient+noise background.
 
-    Colour carries no class information, so a method must learn shape to classify: colour jitter
-    invariance (contrastive methods) and spatial structure (MIM) both matter. Deterministic: image i
+    Colour carries no class information: a method must become invariant to colour and background
+    and pick up texture (local, learnable in minutes) and shape (global). Two classes share each
+    shape and most textures appear twice, so neither cue alone suffices for every class. Deterministic: image i
     of split s is a pure function of (seed, s, i). Any image size.
     """
 
@@ -512,35 +515,34 @@ class SyntheticShapes(torch.utils.data.Dataset):
         a = rng.uniform(0, 2 * np.pi)
         t = (np.cos(a) * xx + np.sin(a) * yy)[..., None]
         img = c0 * (1 - t) + c1 * t
-        img = img + rng.normal(0, 0.04, img.shape)
-        # object: centre, radius, rotation, colour far enough from the local background
-        r = rng.uniform(0.22, 0.42)
-        cx, cy = rng.uniform(r * 0.8, 1 - r * 0.8, 2)
-        rot = rng.uniform(-0.3, 0.3)
-        color = rng.uniform(0, 1, 3)
-        bg = img[int(cy * S) % S, int(cx * S) % S]
-        if np.abs(color - bg).sum() < 0.6:
-            color = 1.0 - bg
+        img = img + rng.normal(0, 0.03, img.shape)
+        # object: centre, radius, small rotation, two random colours (fill and pattern)
+        r = rng.uniform(0.3, 0.45)
+        cx, cy = rng.uniform(r * 0.7, 1 - r * 0.7, 2)
+        rot = rng.uniform(-0.25, 0.25)
+        color, color2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+        if np.abs(color - color2).sum() < 0.8:
+            color2 = 1.0 - color
         u0, v0 = (xx - cx) / r, (yy - cy) / r
         u = np.cos(rot) * u0 + np.sin(rot) * v0
         v = -np.sin(rot) * u0 + np.cos(rot) * v0
         rad = np.sqrt(u ** 2 + v ** 2)
         box = (np.abs(u) < 0.85) & (np.abs(v) < 0.85)
-        k = 3.2  # stripes per unit radius
-        name = SYNTHETIC_CLASSES[label]
-        m = {
-            "disk": rad < 0.9,
-            "square": box,
-            "triangle": (v > -0.8) & (v < 0.8) & (np.abs(u) < (v + 0.8) * 0.6),
-            "ring": (rad < 0.95) & (rad > 0.55),
-            "plus": ((np.abs(u) < 0.3) & (np.abs(v) < 0.95)) | ((np.abs(v) < 0.3) & (np.abs(u) < 0.95)),
-            "x-cross": ((np.abs(u - v) < 0.42) | (np.abs(u + v) < 0.42)) & (rad < 1.0),
-            "h-stripes": box & (np.sin(v * np.pi * k) > 0),
-            "v-stripes": box & (np.sin(u * np.pi * k) > 0),
-            "checker": box & (np.sin(u * np.pi * k / 1.6) * np.sin(v * np.pi * k / 1.6) > 0),
-            "diamond": (np.abs(u) + np.abs(v)) < 0.95,
-        }[name]
-        img = np.where(m[..., None], color, img)
+        shape, texture = SYNTHETIC_CLASSES[label].split("/")
+        region = {
+            "disk": rad < 0.95, "square": box, "diamond": (np.abs(u) + np.abs(v)) < 1.0,
+            "triangle": (v > -0.85) & (v < 0.85) & (np.abs(u) < (v + 0.85) * 0.65),
+            "ring": (rad < 1.0) & (rad > 0.45),
+            "plus": ((np.abs(u) < 0.38) & (np.abs(v) < 1.0)) | ((np.abs(v) < 0.38) & (np.abs(u) < 1.0)),
+        }[shape]
+        k = np.pi * S * r / 3.0  # texture period of about 6 pixels whatever the image size
+        pattern = {
+            "solid": np.zeros_like(u, dtype=bool), "h-stripes": np.sin(v * k) > 0, "v-stripes": np.sin(u * k) > 0,
+            "diag": np.sin((u + v) * k / 1.4) > 0, "checker": np.sin(u * k) * np.sin(v * k) > 0,
+            "dots": (np.sin(u * k) > 0.5) & (np.sin(v * k) > 0.5), "rings": np.sin(rad * k) > 0,
+        }[texture]
+        img = np.where((region & ~pattern)[..., None], color, img)
+        img = np.where((region & pattern)[..., None], color2, img)
         return (np.clip(img, 0, 1) * 255).astype(np.uint8), label
 
     def __getitem__(self, index):
@@ -1046,4 +1048,5 @@ class Logger:
 def progress(iterable, dist_info: DistInfo, **kw):
     """tqdm bar on rank 0 only (disabled elsewhere)."""
     from tqdm import tqdm
-    return tqdm(iterable, disable=not dist_info.is_main, dynamic_ncols=True, **kw)
+    # delay: a bar appears only after 1 s, so an error raised at once stays a one-line message
+    return tqdm(iterable, disable=not dist_info.is_main, dynamic_ncols=True, delay=kw.pop("delay", 1.0), **kw)

@@ -1,0 +1,26 @@
+"""benchmarks/mini_repro.py: the table machinery end to end on a few-step configuration."""
+import json
+import re
+
+from conftest import run_script
+
+
+def test_mini_repro_smoke_table_plot_and_numbers(tmp_path):
+    out = tmp_path / "results"
+    run_script("benchmarks/mini_repro.py", "--preset", "smoke", "--output-dir", out, timeout=900,
+               env={"OMP_NUM_THREADS": "1"})
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["results"]) == ["raw-pixels", "random-init", "mae"]
+    table = (out / "table.md").read_text()
+    for m, r in res["results"].items():
+        # the table row holds exactly the kNN number that eval_knn.py wrote for that method
+        ev = json.loads((out / "evals" / f"{m}.json").read_text())
+        assert r["eval"]["top1"]["20"] == ev["top1"]["20"]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {m} |"))
+        assert f"| {ev['top1']['20']:.1f} |" in row
+        assert 0.0 <= r["eval"]["linear_probe"] <= 100.0
+    # the MAE run is evaluated on every block (12 for vit_t16), the best block is reported
+    assert len(res["results"]["mae"]["eval"]["per_block"]) == 12
+    assert re.search(r"\| mae \| [\d.]+ \| [\d.]+ \(block \d+\) \|", table)
+    assert (out / "per_block_knn.png").stat().st_size > 1000
+    assert (out / "runs" / "mae" / "checkpoint-last.pth").exists()
