@@ -51,7 +51,7 @@ METHOD_FLAGS = {
     "mae": ["--epochs", "10", "--warmup-epochs", "1", "--blr", "1.5e-3", "--decoder-dim", "128", "--decoder-depth", "2",
             "--decoder-heads", "4"],
     # EMA 0.99 instead of 0.9999: the paper's momentum would leave "model" at the MAE weights in 100 steps
-    "mim_refiner": ["--batch-size", "64", "--head-epochs", "1", "--epochs", "3", "--warmup-epochs", "0.5", "--blr", "2e-3",
+    "mim_refiner": ["--batch-size", "64", "--head-epochs", "1", "--epochs", "1", "--warmup-epochs", "0.5", "--blr", "2e-3",
                     "--head-blr", "2e-3", "--queue-size", "512", "--local-crops", "2", "--head-hidden", "256",
                     "--pred-hidden", "512", "--topk", "5", "--ema-momentum", "0.99"],
     "mae_ct": ["--batch-size", "64", "--head-epochs", "1", "--epochs", "3", "--aug", "byol", "--blr", "4e-3",

@@ -234,6 +234,13 @@ def test_end_to_end_image_folder_checkpoint_loads_into_vit_and_timm(tmp_path, ca
     assert (out / "recon_epoch000.png").is_file() and png.is_file()
     assert Image.open(png).size == (3 * 98 + 2, 4 * 98 + 2)  # 3 images x 4 rows of 96 px tiles, padding 2
     assert any((out / "tb").iterdir())
+    # then eval_knn.py on the same ImageFolder: its classes differ in colour, so the answer is known (100%)
+    js = tmp_path / "knn.json"
+    run_script("eval_knn.py", "--checkpoint", out / "checkpoint-last.pth", "--data", data, "--k", "1", "3",
+               "--num-workers", "0", "--device", "cpu", "--output-json", js, env=ONE_THREAD)
+    res = json.loads(js.read_text())
+    assert res["protocol"]["n_train"] == 18 and res["protocol"]["n_val"] == 18
+    assert res["top1"]["1"] == 100.0 and res["top1"]["3"] == 100.0
     # --init from that checkpoint on a flat folder of unlabelled images (encoder + decoder continue)
     flat = tmp_path / "flat"
     flat.mkdir()
