@@ -17,7 +17,7 @@ venv: .venv/stamp
 demo: .venv/stamp
 	$(PY) benchmarks/mini_repro.py --preset demo --output-dir $(DEMO_DIR)
 
-# The test suite (CPU, about 10 minutes on 2 cores).
+# The test suite (CPU, about 5 minutes on 2 cores).
 test: .venv/stamp
 	$(PY) -m pytest -q tests
 
