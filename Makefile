@@ -21,7 +21,7 @@ demo: .venv/stamp
 test: .venv/stamp
 	$(PY) -m pytest -q tests
 
-# The papers' claims in miniature (issue: miniature reproduction), about 30 minutes on 2 cores.
+# The papers' claims in miniature (all methods); not yet timed, aimed at under 30 minutes on 2 cores.
 repro: .venv/stamp
 	$(PY) benchmarks/mini_repro.py --preset full --output-dir results
 

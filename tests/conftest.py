@@ -14,6 +14,19 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Tiny models and tensors: one thread is fastest (thread wake-ups cost more than they save) and robust
+# when other jobs share the 2 CI cores. ONE_THREAD is for subprocess env, `one_thread` for in-process tests.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # The tiny configuration every end-to-end test uses (see README "Tests").
 TINY = ["--model", "vit_t16", "--img-size", "32", "--patch-size", "4", "--num-workers", "0", "--device", "cpu"]
 

@@ -9,11 +9,10 @@ from PIL import Image
 
 import common
 import conmim
-from conftest import TINY, read_json, run_script
+from conftest import ONE_THREAD as ONE, TINY, read_json, run_script
 
 # tiny ConMIM: patch 8 -> a 4x4 patch grid (2x2 masking cells, 3 of 4 masked), small projector
 FAST = [*TINY, "--patch-size", "8"]
-ONE = {"OMP_NUM_THREADS": "1"}  # tiny ops: 1 thread avoids spin-wait stalls when other jobs share the cores
 SMALL = [*FAST, "--head-hidden-dim", "32", "--head-out-dim", "16", "--warmup-epochs", "1", "--log-every", "1"]
 
 

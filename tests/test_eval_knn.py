@@ -9,18 +9,10 @@ import torch
 
 import common
 import eval_knn
-from conftest import TINY, read_json, run_script, write_image_folder, write_mae_release_checkpoint
+from conftest import ONE_THREAD, TINY, read_json, run_script, write_image_folder, write_mae_release_checkpoint
 
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest, and robust on a loaded 2-core box
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _cls_features(enc, ds):

@@ -11,22 +11,14 @@ from PIL import Image
 
 import common
 import mae
-from conftest import TINY, run_script, write_image_folder, write_mae_release_checkpoint
+from conftest import ONE_THREAD, TINY, run_script, write_image_folder, write_mae_release_checkpoint
 
 # tiny end-to-end config: patch 8 (16 tokens, 4 visible) and a 1-block decoder keep each step cheap
 E2E = [*TINY, "--patch-size", "8", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
        "--batch-size", "8", "--warmup-epochs", "1", "--blr", "1e-3", "--vis-images", "3"]
 
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny tensors: thread wake-ups cost more than they save, worst on busy cores
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def tiny_mae(norm_pix=True, seed=0, img=8, patch=4, mask_ratio=0.75):

@@ -2,13 +2,13 @@
 import json
 import re
 
-from conftest import run_script
+from conftest import ONE_THREAD, run_script
 
 
 def test_mini_repro_smoke_table_plot_and_numbers(tmp_path):
     out = tmp_path / "results"
     run_script("benchmarks/mini_repro.py", "--preset", "smoke", "--output-dir", out, timeout=900,
-               env={"OMP_NUM_THREADS": "1"})
+               env=ONE_THREAD)
     res = json.loads((out / "results.json").read_text())
     assert list(res["results"]) == ["raw-pixels", "random-init", "mae"]
     table = (out / "table.md").read_text()
