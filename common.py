@@ -988,6 +988,103 @@ def rng_state() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# 7b. Sharded data parallel (--fsdp): PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard)
+# ----------------------------------------------------------------------------------------------
+# ZeRO-3 style: every parameter (and hence its gradient and AdamW moments) lives as a dim-0 shard (a
+# DTensor) on each of the W processes; a transformer block's full weights are all-gathered just before
+# its forward/backward and freed after. Per-GPU static memory drops from 16 B/param (DDP) to 16/W B/param,
+# which is what makes ViT-2B/14 fit (benchmarks/mem_estimate.py). Checkpoints are gathered back to the
+# plain single-process format ("model" stays timm-loadable, eval_knn.py reads it), so a run trained with
+# --fsdp resumes with --fsdp and its files load anywhere.
+FSDP_UNSUPPORTED_WITH_COMPILE = "--fsdp with --compile is not supported; drop one of them"
+
+
+def fsdp_shard(module: nn.Module, units=(), bf16: bool = False, forward_methods=()) -> nn.Module:
+    """Shard `module` in place with `fully_shard`: each module in `units` (e.g. transformer blocks) becomes
+    one all-gather unit, then `module` itself the unit of its remaining parameters. Call it on every rank
+    after loading weights and moving to the device; build the optimizer afterwards (over the sharded
+    parameters). bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) (CUDA). forward_methods:
+    methods other than forward that are called from outside (e.g. "forward_features"), so that FSDP
+    all-gathers the root parameters for them too."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    # the mesh lives where the module does (the default would pick CUDA whenever it is visible, even under --device cpu)
+    device_type = next(module.parameters()).device.type
+    kw = {"mesh": init_device_mesh(device_type, (dist.get_world_size(),))}
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for unit in units:
+        fully_shard(unit, **kw)
+    fully_shard(module, **kw)
+    for name in forward_methods:
+        register_fsdp_forward_method(module, name)
+    return module
+
+
+def fsdp_shard_vit(encoder: VisionTransformer, bf16: bool = False) -> VisionTransformer:
+    """fsdp_shard for our ViT: one unit per block, the stem + final norm in the root unit, forward_features
+    registered (the scripts call it rather than forward)."""
+    return fsdp_shard(encoder, list(encoder.blocks), bf16, forward_methods=("forward_features",))
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when `module` holds FSDP-sharded (DTensor) parameters."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """The plain single-process state dict (no `module.`/`_orig_mod.` prefixes, full tensors). For an
+    FSDP-sharded module this is a collective (call it on EVERY rank): rank 0 gets the full tensors on CPU,
+    the other ranks an empty dict. For a plain/DDP/compiled module it is `encoder_state_dict`."""
+    if not is_sharded(module):
+        return encoder_state_dict(module)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return clean_state_dict(sd)
+
+
+def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() for a plain module. For an FSDP-sharded `module` (the module holding every
+    parameter of `optimizer`) a collective returning, on rank 0, the gathered state keyed by parameter
+    name (torch.distributed.checkpoint format; {} on the other ranks). Load it back with
+    `load_optimizer_state_dict` on the same sharded module."""
+    if not is_sharded(module):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict):
+    """Inverse of `full_optimizer_state_dict`: every rank passes the full dict read from the checkpoint
+    and keeps its own shard. A state saved without --fsdp cannot be loaded into a sharded module (and
+    vice versa): one-line error."""
+    groups = state.get("param_groups") or [{"params": [0]}]
+    named = isinstance((groups[0]["params"] or [0])[0], str)  # FSDP format: parameters named, not numbered
+    if is_sharded(module) != named:
+        raise UserError("the checkpoint's optimizer state was saved " + ("with" if named else "without")
+                        + " --fsdp; resume with the same setting (or start a new --output-dir)")
+    if not is_sharded(module):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def grad_sync(model: nn.Module, sync: bool):
+    """Context for one accumulation micro-step: no gradient all-reduce / reduce-scatter unless `sync`
+    (DDP `no_sync()`, FSDP2 `set_requires_gradient_sync(False)`; nothing for a plain module)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
 # 8. Logging
 # ----------------------------------------------------------------------------------------------
 def git_sha() -> str:

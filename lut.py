@@ -151,6 +151,9 @@ class Args:
     """torch.compile the encoders' forward_features"""
     device: str = "auto"
     """auto | cpu | cuda"""
+    fsdp: bool = False
+    """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
+    largest model, ViT-L/16, fits 4 x A100 with DDP + --grad-checkpointing, see benchmarks/mem_estimate.py)"""
     # ---------------------------------------------------------------- MAE branch (Eq. 1)
     mask_ratio: float = 0.75
     """fraction of patches removed from the online encoder's input; paper 0.75 (Sec. 5.1.2)"""
@@ -408,6 +411,9 @@ def forward_losses(model, momentum: MomentumBranch, weak, strong, num_patches: i
 
 def main(args: Args):
     # ---------------------------------------------------------------- flags
+    if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
+        raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; LUT up to ViT-L/16 trains with "
+                        "DDP (drop --fsdp, add --grad-checkpointing)")
     if not 0.0 < args.mask_ratio < 1.0:
         raise UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1)")
     if args.symmetric and args.mask_ratio < 0.5:

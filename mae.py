@@ -25,8 +25,10 @@ with blr 1.5e-4, global batch 4096, 40 warmup epochs then half-cosine (per itera
 Launch (paper setting, ViT-L/16, ImageNet-1K, 8 GPUs x 64 images x 8 accumulation = 4096):
   torchrun --standalone --nproc_per_node=8 mae.py --model vit_l16 --data /path/to/imagenet \
       --batch-size 4096 --accum-steps 8 --epochs 800 --output-dir runs/mae_l16
-  (ViT-B/16: --model vit_b16; ViT-H/14: --model vit_h14 --grad-checkpointing.) Rerun the same
-  command to resume from OUTPUT_DIR/checkpoint-last.pth.
+  (ViT-B/16: --model vit_b16; ViT-H/14: --model vit_h14 --grad-checkpointing; ViT-2B/14 and larger:
+  add --fsdp, which shards parameters, gradients and AdamW states over the processes with PyTorch FSDP2
+  and still writes the plain checkpoint below; benchmarks/mem_estimate.py gives the memory per GPU.)
+  Rerun the same command to resume from OUTPUT_DIR/checkpoint-last.pth.
 Tiny CPU run (the `make demo` configuration: 6 x 15 steps, ~2.5 min on one busy core, norm-pix loss
 1.40 -> 0.52; MAE's k-NN accuracy stays low after so few steps, as MAE's does in general):
   OMP_NUM_THREADS=1 python mae.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic:2000:500 \
@@ -67,7 +69,6 @@ Differences to the official code (none changes the method):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -123,6 +124,9 @@ class Args:
     """torch.compile the encoder's forward_features and the decoder's forward"""
     device: str = "auto"
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    fsdp: bool = False
+    """shard encoder, decoder, gradients and AdamW states over the processes with PyTorch FSDP2 (fully_shard)
+    instead of DDP (ViT-2B/14 and larger; benchmarks/mem_estimate.py). Checkpoints keep the plain format"""
     # ---- MAE flags ----
     mask_ratio: float = 0.75
     """fraction r of patches removed per image (Sec. 3 'Masking'; Sec. 4.1 / Fig. 5: 0.75)"""
@@ -346,6 +350,8 @@ def validate(args: Args):
         raise UserError("--blr must be > 0")
     if args.min_lr < 0 or args.weight_decay < 0:
         raise UserError("--min-lr and --weight-decay must be >= 0")
+    if args.fsdp and args.compile:
+        raise UserError(common.FSDP_UNSUPPORTED_WITH_COMPILE)
 
 
 def main(args: Args):
@@ -409,20 +415,27 @@ def main(args: Args):
               f"decoder {args.decoder_dim}-d x {args.decoder_depth} blocks x {args.decoder_heads} heads: {n_dec:,}")
 
     model.to(device)
+    fsdp = args.fsdp and dist_info.enabled
+    if args.fsdp and not fsdp:
+        log.print("--fsdp: a single process, nothing to shard; running unsharded")
+    if fsdp:  # ZeRO-3 instead of DDP: one all-gather unit per encoder/decoder block
+        common.fsdp_shard_vit(encoder, bf16=device.type == "cuda")
+        common.fsdp_shard(decoder, list(decoder.decoder_blocks))  # fp32 parameters + autocast, as under DDP
+        common.fsdp_shard(model)
     optimizer = common.make_adamw(build_param_groups(model, args.weight_decay, args.token_weight_decay), lr=lr,
                                   betas=(0.9, 0.95), device=device)  # App. A.1: AdamW beta2 0.95
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+        common.load_optimizer_state_dict(model, optimizer, optimizer_state)
     if args.compile:
         encoder.forward_features = torch.compile(encoder.forward_features)
         decoder.forward = torch.compile(decoder.forward)
     ddp = model
-    if dist_info.enabled:
+    if dist_info.enabled and not fsdp:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # a fixed set of train images and masks for the per-epoch reconstruction figure (rank 0)
     vis_imgs = vis_noise = None
-    if dist_info.is_main and args.vis_images > 0:
+    if (dist_info.is_main or fsdp) and args.vis_images > 0:  # under --fsdp every rank runs the (collective) forward
         vis_ds = common.build_dataset(args.data, "train", common.eval_transform(args.img_size), img_size=args.img_size,
                                       seed=args.seed)
         n_vis = min(args.vis_images, len(vis_ds))
@@ -446,7 +459,7 @@ def main(args: Args):
                 cur_lr = common.cosine_schedule(step, total_steps, base=lr, final=args.min_lr, warmup_steps=warmup_steps)
                 common.set_lr(optimizer, cur_lr)
             imgs = imgs.to(device, non_blocking=True)
-            with (ddp.no_sync() if dist_info.enabled and not last_micro else contextlib.nullcontext()):
+            with common.grad_sync(ddp, last_micro):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
                 with common.autocast(device):
                     loss, _, _ = ddp(imgs)
                 common.check_finite(loss, step, args.output_dir)
@@ -464,18 +477,21 @@ def main(args: Args):
                 log.log({"train/loss": loss_v, "train/lr": cur_lr, "train/epoch": epoch + (it + 1) / (steps_per_epoch * args.accum_steps)},
                         step=step)
         epoch_loss = loss_sum / steps_per_epoch
+        # gathered on every rank under --fsdp (collectives), plain state dicts otherwise
+        enc_sd, dec_sd = common.full_state_dict(encoder), common.full_state_dict(decoder)
+        opt_sd = common.full_optimizer_state_dict(model, optimizer)
+        grid = reconstruction_grid(model, vis_imgs, vis_noise, device) if vis_imgs is not None else None
         if dist_info.is_main:
             common.save_checkpoint(common.checkpoint_path(args.output_dir), {
-                "model": common.encoder_state_dict(encoder), "encoder_config": encoder.config(), "model_is_ema": False,
-                "decoder": common.clean_state_dict(common.unwrap(decoder).state_dict()),
+                "model": enc_sd, "encoder_config": encoder.config(), "model_is_ema": False,
+                "decoder": dec_sd,
                 "decoder_config": dict(dim=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_heads),
                 "norm_pix_loss": args.norm_pix_loss, "mask_ratio": args.mask_ratio,
-                "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+                "optimizer": opt_sd, "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                 "args": dataclasses.asdict(args)})
             log.log({"train/epoch_loss": epoch_loss}, step=(epoch + 1) * steps_per_epoch)
             msg = f"epoch {epoch} done, mean loss {epoch_loss:.4f}, {time.time() - t0:.0f} s; saved {common.checkpoint_path(args.output_dir)}"
-            if vis_imgs is not None:
-                grid = reconstruction_grid(model, vis_imgs, vis_noise, device)
+            if grid is not None:
                 png = os.path.join(args.output_dir, f"recon_epoch{epoch:03d}.png")
                 torchvision.utils.save_image(grid, png)
                 log.image("train/reconstruction", grid, (epoch + 1) * steps_per_epoch)

@@ -113,6 +113,9 @@ class Args:
     """torch.compile the encoder's forward_features"""
     device: str = "auto"
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    fsdp: bool = False
+    """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
+    largest model, ViT-H/14, fits 4 x A100 with DDP + --grad-checkpointing, see benchmarks/mem_estimate.py)"""
     # ---- MAE-CT flags ----
     init: Optional[str] = None
     """MAE encoder to tune (required): our mae.py checkpoint or an official MAE release file (mae_pretrain_vit_*.pth)"""
@@ -450,6 +453,9 @@ def build_views(args: Args):
 # ==============================================================================================
 def main(args: Args):
     args = resolve_args(args)
+    if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
+        raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; MAE-CT up to ViT-H/14 trains with "
+                        "DDP (drop --fsdp, add --grad-checkpointing)")
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)

@@ -83,8 +83,12 @@ estimated, not measured (no GPU was available); per rank n = 512/4 = 128 images:
   ViT-2B/14 (1.89B encoder, blocks 0-5 frozen -> 1.42B trainable, 8 heads x 12.1M): static 38 GB +
            activations 23.9 (18 x 1.33) + 12.6 + 1.1 GB = 76 GB, ~83 GB with slack: does NOT fit 4 x 80 GB
            at batch 512 (nor 40 GB). 8 x 80 GB (n=64) or --accum-steps 2 on 4 x 80 GB: ~62 GB.
+           With --fsdp (parameters, gradients, AdamW states and the EMA sharded over the 4 GPUs): ~54 GB with
+           slack, fits 4 x 80 GB at batch 512; 4 x 40 GB with --fsdp --accum-steps 2 (~33 GB).
   (ViT-L/16 at batch 1024 on 4 GPUs, n=256: ~41 GB with slack.) Without --grad-checkpointing the
   activations grow ~10x (H: ~200 GB per GPU), so it is required for H and 2B.
+  All methods and models: benchmarks/mem_estimate.py (the same formula, exact parameter counts).
+  ViT-2B/14 launch: torchrun --nproc_per_node=4 mim_refiner.py --model vit_2b14 --fsdp --grad-checkpointing
 """
 from __future__ import annotations
 
@@ -93,7 +97,6 @@ import dataclasses
 import os
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -143,6 +146,9 @@ class Args:
     """torch.compile the encoder's forward_features"""
     device: str = "auto"
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    fsdp: bool = False
+    """shard encoder, EMA encoder, heads, gradients and AdamW states over the processes with PyTorch FSDP2
+    (fully_shard) instead of DDP; for ViT-2B/14 (benchmarks/mem_estimate.py). Checkpoints keep the plain format"""
     # ---- MIM-Refiner flags ----
     init: Optional[str] = None
     """pre-trained MIM encoder: our mae.py checkpoint, an official MAE / MAWS / data2vec 2.0 file; None ->
@@ -276,6 +282,8 @@ def resolve_args(args: Args, post_norm: bool) -> Args:
             raise UserError(f"--{name.replace('_', '-')} needs two numbers 0 < lo <= hi <= 1")
     if args.accum_steps < 1:
         raise UserError("--accum-steps must be >= 1")
+    if args.fsdp and args.compile:
+        raise UserError(common.FSDP_UNSUPPORTED_WITH_COMPILE)
     return args
 
 
@@ -600,6 +608,13 @@ def main(args: Args):
     model.to(device)
     ema.to(device)
     queues.to(device)
+    fsdp = args.fsdp and dist_info.enabled
+    if args.fsdp and not fsdp:
+        log.print("--fsdp: a single process, nothing to shard; running unsharded")
+    if fsdp:  # ZeRO-3: blocks and stems of both encoders sharded, heads in the root unit (fp32, autocast as DDP)
+        common.fsdp_shard_vit(encoder, bf16=device.type == "cuda")
+        common.fsdp_shard(model)
+        common.fsdp_shard_vit(ema, bf16=device.type == "cuda")  # never run; sharded storage, EMA on the shards
     if args.compile:
         model.features_fn = torch.compile(model.features)
 
@@ -612,13 +627,13 @@ def main(args: Args):
         lr = head_stage_lr if stage == "heads" else peak_lr
         optimizer = build_optimizer(model, stage, args, lr, device)
         if resuming_here:
-            optimizer.load_state_dict(state["optimizer"])
+            common.load_optimizer_state_dict(model, optimizer, state["optimizer"])
         n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
         n_head = sum(p.numel() for p in model.heads.parameters())
         log.print(f"stage {stage!r}: epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, "
                   f"head params {n_head:,} ({len(args.head_blocks)} heads)")
         ddp = model
-        if dist_info.enabled:
+        if dist_info.enabled and not fsdp:
             # blocks after the last head (and the final norm) get no gradient unless the last block has a head
             unused = stage == "refine" and max(args.head_blocks) != encoder.depth - 1
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -650,7 +665,7 @@ def main(args: Args):
                 x_local = torch.cat(views[2:]).to(device, non_blocking=True) if args.local_crops else None  # (L*n, 3, s, s)
                 labels, ids = labels.to(device), ids.to(device)
                 sync = micro_step == args.accum_steps - 1
-                with (ddp.no_sync() if dist_info.enabled and not sync else nullcontext()):
+                with common.grad_sync(ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
                     with common.autocast(device):
                         outputs = ddp(x_global, x_local, train_encoder=train_encoder)
                     loss, head_losses, nn_accs = refiner_loss(outputs, queues, ids, labels, micro, topk,
@@ -674,12 +689,15 @@ def main(args: Args):
                         metrics[f"train/loss_block{b}"] = hl.item()
                         metrics[f"train/nn_acc_block{b}"] = acc.item()
                     log.log(metrics, step=global_step)
+            # gathered on every rank under --fsdp (collectives), plain state dicts otherwise
+            ema_sd, online_sd = common.full_state_dict(ema), common.full_state_dict(encoder)
+            heads_sd, opt_sd = common.full_state_dict(model.heads), common.full_optimizer_state_dict(model, optimizer)
             if dist_info.is_main:
                 common.save_checkpoint(common.checkpoint_path(args.output_dir), {
-                    "model": common.encoder_state_dict(ema), "model_is_ema": True,
-                    "model_online": common.encoder_state_dict(encoder), "encoder_config": encoder.config(),
-                    "heads": model.heads.state_dict(), "head_blocks": list(args.head_blocks),
-                    "queues": queues.state_dict(), "optimizer": optimizer.state_dict(),
+                    "model": ema_sd, "model_is_ema": True,
+                    "model_online": online_sd, "encoder_config": encoder.config(),
+                    "heads": heads_sd, "head_blocks": list(args.head_blocks),
+                    "queues": queues.state_dict(), "optimizer": opt_sd,
                     "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "stage": stage,
                     "args": dataclasses.asdict(args)})
                 log.print(f"epoch {epoch} ({stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")

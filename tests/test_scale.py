@@ -1,0 +1,251 @@
+"""Speed and scale (issue #8): --compile checkpoint interchange, --fsdp (FSDP2 under torchrun x2 with gloo),
+gradient checkpointing in the method modules, the training benchmark and the memory estimate.
+
+Why the --compile tests use torch.compile(backend="eager"): a cold inductor compile of even the tiny MAE
+takes about 70 s on 2 CPU cores (C++ code generation), over this file's budget. The eager backend still
+traces with dynamo and wraps modules exactly like the default (`OptimizedModule`, `_orig_mod.` keys), so
+the checkpoint/prefix handling under test is the same; only the generated kernels differ.
+"""
+import functools
+import json
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import ONE_THREAD, TINY, read_json, run_script, write_mae_release_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_inprocess(capsys, module, *argv):
+    """A script's entry point (common.run_main) in this process; returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    old, sys.argv = sys.argv, [module.__name__ + ".py", *[str(a) for a in argv]]
+    code = 0
+    try:
+        common.run_main(module.main, module.Args)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_vit_state_dict(sd, name="vit_t16", img=32, patch=8):
+    """A plain timm-named encoder state dict: exactly our ViT's keys and shapes, full tensors, no wrapper prefixes."""
+    ref = common.create_vit(name, img_size=img, patch_size=patch).state_dict()
+    assert set(sd) == set(ref), set(sd) ^ set(ref)
+    for k, v in sd.items():
+        assert type(v) is torch.Tensor and v.shape == ref[k].shape, (k, type(v), v.shape)
+        assert not any(p in k for p in ("module.", "_orig_mod.", "_fsdp", "_checkpoint")), k
+
+
+# ---------------------------------------------------------------------------------------------
+# --compile: checkpoints without `_orig_mod.`, loadable either way
+# ---------------------------------------------------------------------------------------------
+def test_compiled_module_state_dict_prefix_round_trip():
+    torch.manual_seed(0)
+    plain = common.create_vit("vit_t16", img_size=32, patch_size=8)
+    compiled = torch.compile(plain, backend="eager")
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())  # what a naive save would write
+    sd = common.encoder_state_dict(compiled)
+    assert_vit_state_dict(sd)
+    assert common.full_state_dict(compiled).keys() == sd.keys()
+    # a file written from the compiled module's raw state dict loads into a plain model, and ours into a compiled one
+    other = common.create_vit("vit_t16", img_size=32, patch_size=8)
+    common.load_encoder(other, {"model": compiled.state_dict()})
+    torch.manual_seed(1)
+    target = torch.compile(common.create_vit("vit_t16", img_size=32, patch_size=8), backend="eager")
+    common.load_encoder(common.unwrap(target), {"model": sd})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(other(x), plain(x)) and torch.equal(target(x), plain(x))
+
+
+def test_compile_on_and_off_resume_each_others_checkpoints(tmp_path, capsys, monkeypatch):
+    """mae.py: 1 epoch with --compile, resume without it, and the other way round; both equal the
+    uninterrupted plain run (the eager backend computes what eager mode computes)."""
+    import mae
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    args = [*TINY, "--patch-size", 8, "--decoder-dim", 32, "--decoder-depth", 1, "--decoder-heads", 2, "--batch-size", 8,
+            "--warmup-epochs", 1, "--blr", 1e-3, "--vis-images", 0, "--data", "synthetic:16:8", "--epochs", 2]
+    assert run_inprocess(capsys, mae, *args, "--output-dir", tmp_path / "plain")[0] == 0
+    for first, second, out in ((["--compile"], [], "c_then_p"), ([], ["--compile"], "p_then_c")):
+        assert run_inprocess(capsys, mae, *args, *first, "--exit-after-epochs", 1, "--output-dir", tmp_path / out)[0] == 0
+        mid = load(tmp_path / out / "checkpoint-last.pth")
+        assert mid["epoch"] == 1 and mid["args"]["compile"] == bool(first)
+        assert_vit_state_dict(mid["model"])
+        code, stdout, _ = run_inprocess(capsys, mae, *args, *second, "--output-dir", tmp_path / out)
+        assert code == 0 and "resuming" in stdout
+    ref = load(tmp_path / "plain" / "checkpoint-last.pth")
+    for out in ("c_then_p", "p_then_c"):
+        ck = load(tmp_path / out / "checkpoint-last.pth")
+        assert ck["epoch"] == 2
+        for key in ("model", "decoder"):
+            for k in ref[key]:
+                assert torch.equal(ck[key][k], ref[key][k]), (out, key, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# --fsdp under torchrun x2 (gloo)
+# ---------------------------------------------------------------------------------------------
+REFINER = [*TINY, "--patch-size", 8, "--data", "synthetic:32:20", "--batch-size", 16, "--queue-size", 48,
+           "--local-crops", 2, "--head-hidden", 32, "--pred-hidden", 32, "--head-blocks", 10, 11, "--warmup-epochs", 1,
+           "--blr", 1e-3, "--head-blr", 1e-3, "--head-epochs", 1, "--epochs", 2]
+
+
+def test_fsdp_mim_refiner_resume_and_eval_knn(tmp_path):
+    """Sharded encoder + EMA + heads: killed after the first refinement epoch and resumed (sharded optimizer state
+    reloaded); the gathered checkpoint is the plain format: "model" (EMA) timm-named, eval_knn.py reads it."""
+    enc0 = write_mae_release_checkpoint(tmp_path / "mae.pth", patch_size=8)
+    out = tmp_path / "fsdp"
+    args = [*REFINER, "--init", tmp_path / "mae.pth", "--fsdp", "--output-dir", out]
+    run_script("mim_refiner.py", *args, "--exit-after-epochs", 2, nproc=2)
+    mid = load(out / "checkpoint-last.pth")
+    assert mid["epoch"] == 2 and mid["stage"] == "refine"
+    assert all(isinstance(k, str) and k.startswith(("encoder.", "heads.")) for k in mid["optimizer"]["state"])
+    p = run_script("mim_refiner.py", *args, nproc=2)
+    assert "resuming" in p.stdout
+    ck = load(out / "checkpoint-last.pth")
+    assert ck["epoch"] == 3 and ck["step"] == 6 and ck["model_is_ema"] is True
+    for key in ("model", "model_online"):
+        assert_vit_state_dict(ck[key])
+    assert set(ck["heads"]) == set(mid["heads"]) and all(type(v) is torch.Tensor for v in ck["heads"].values())
+    w = "blocks.11.mlp.fc1.weight"
+    moved_online = (ck["model_online"][w] - enc0.state_dict()[w]).abs().max()
+    moved_ema = (ck["model"][w] - enc0.state_dict()[w]).abs().max()
+    assert moved_online > 0 and 0 < moved_ema < moved_online  # refined, EMA updated on the shards
+    losses = [json.loads(line)["train/loss"] for line in open(out / "log.jsonl")]
+    assert len(losses) == 6 and all(0 < v < 20 for v in losses)
+    knn = tmp_path / "knn.json"
+    run_script("eval_knn.py", "--checkpoint", out / "checkpoint-last.pth", "--data", "synthetic:32:20", "--img-size", 32,
+               "--patch-size", 8, "--k", 10, "--num-workers", 0, "--device", "cpu", "--output-json", knn)
+    assert 0.0 <= read_json(knn)["top1"]["10"] <= 100.0
+
+
+MAE = [*TINY, "--patch-size", 8, "--decoder-dim", 32, "--decoder-depth", 1, "--decoder-heads", 2, "--batch-size", 8,
+       "--warmup-epochs", 1, "--blr", 1e-3, "--vis-images", 2, "--data", "synthetic:32:8", "--epochs", 1,
+       "--accum-steps", 2]
+
+
+def test_fsdp_mae_equals_ddp_with_accumulation(tmp_path):
+    """mae.py --fsdp (gradient accumulation without reduce-scatter on the first micro-step) gives the DDP run's
+    losses and weights: same maths, only the communication differs."""
+    for name, extra in (("fsdp", ["--fsdp"]), ("ddp", [])):
+        run_script("mae.py", *MAE, *extra, "--output-dir", tmp_path / name, nproc=2, env=ONE_THREAD)
+    f, d = load(tmp_path / "fsdp" / "checkpoint-last.pth"), load(tmp_path / "ddp" / "checkpoint-last.pth")
+    assert_vit_state_dict(f["model"])
+    assert f["decoder"].keys() == d["decoder"].keys()
+    for key in ("model", "decoder"):
+        for k in d[key]:
+            assert torch.allclose(f[key][k], d[key][k], atol=1e-6), (key, k)
+    assert not torch.equal(f["model"]["blocks.0.attn.qkv.weight"],
+                           common.create_vit("vit_t16", img_size=32, patch_size=8).state_dict()["blocks.0.attn.qkv.weight"])
+    logs = {n: [json.loads(l)["train/loss"] for l in open(tmp_path / n / "log.jsonl") if "train/loss" in l] for n in ("fsdp", "ddp")}
+    assert len(logs["fsdp"]) == 4 and logs["fsdp"] == pytest.approx(logs["ddp"], abs=1e-6)
+    assert (tmp_path / "fsdp" / "recon_epoch000.png").is_file()  # the figure's forward runs on every rank under FSDP
+    enc = common.create_vit("vit_t16", img_size=32, patch_size=8)
+    common.load_encoder(enc, str(tmp_path / "fsdp" / "checkpoint-last.pth"))
+
+
+def test_fsdp_refusals_are_one_line_errors(capsys):
+    import conmim
+    import lut
+    import mae
+    import mae_ct
+    import mim_refiner
+    for module in (mae_ct, lut, conmim):
+        code, _, err = run_inprocess(capsys, module, *TINY, "--fsdp", "--data", "synthetic:16:8")
+        assert code == 2 and err.startswith("error: --fsdp is implemented in mim_refiner.py and mae.py only"), err
+        assert len(err.strip().splitlines()) == 1
+    code, _, err = run_inprocess(capsys, mae, *TINY, "--fsdp", "--compile", "--data", "synthetic:16:8")
+    assert code == 2 and err.strip() == "error: " + common.FSDP_UNSUPPORTED_WITH_COMPILE
+    with pytest.raises(common.UserError, match="--fsdp with --compile"):
+        mim_refiner.resolve_args(mim_refiner.Args(model="vit_t16", img_size=32, patch_size=4, fsdp=True, compile=True), False)
+
+
+def test_optimizer_state_format_mismatch_is_a_user_error():
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(1, 2)).sum().backward()
+    opt.step()
+    named = {"state": {"weight": opt.state_dict()["state"][0]}, "param_groups": [{"params": ["weight", "bias"]}]}
+    with pytest.raises(common.UserError, match="saved with --fsdp"):
+        common.load_optimizer_state_dict(m, opt, named)
+    common.load_optimizer_state_dict(m, opt, opt.state_dict())  # the plain format loads as before
+
+
+# ---------------------------------------------------------------------------------------------
+# activation checkpointing in the method modules (the encoder alone: test_common.py)
+# ---------------------------------------------------------------------------------------------
+def test_grad_checkpointing_same_gradients_mae_with_drop_path():
+    """tests/test_common.py covers forward_features without stochastic depth; here the MAE path: visible-token
+    subset (keep_idx), checkpointed decoder, and drop-path in train mode (checkpoint replays the RNG)."""
+    import mae
+    grads = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        enc = common.create_vit("vit_t16", img_size=32, patch_size=8, depth=2, drop_path_rate=0.2, grad_checkpointing=gc)
+        dec = mae.MaeDecoder(enc.dim, enc.grid, 8, dim=32, depth=2, num_heads=2, grad_checkpointing=gc)
+        model = mae.MaskedAutoencoder(enc, dec, 0.75, True).train()
+        torch.manual_seed(1)
+        x, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+        loss, _, _ = model(x, noise=noise)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_grad_checkpointing_same_gradients_refiner_intermediate_blocks():
+    import mim_refiner as mr
+    grads = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        enc = common.create_vit("vit_t16", img_size=32, patch_size=8, depth=3, grad_checkpointing=gc)
+        model = mr.Refiner(enc, [1, 2], 16, 8, 16).train()
+        xg, xl = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)
+        sum(p.square().sum() + z.sum() for z, p in model(xg, xl)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks: smoke runs (no timing assertions) and the activation formula against measured bytes
+# ---------------------------------------------------------------------------------------------
+def test_bench_train_prints_a_table(capsys):
+    sys.path.insert(0, str(common.Path(common.__file__).parent / "benchmarks"))
+    import bench_train
+    assert bench_train.main(["--methods", "mae", "mim_refiner", "--batch-size", "4", "--rounds", "1", "--iters", "1",
+                             "--data-images", "4", "--data-batches", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = [l for l in out if l.startswith("| method |")]
+    rows = [l.split("|")[1:-1] for l in out if l.startswith("| mae ") or l.startswith("| mim_refiner ")]
+    assert len(header) == 1 and "ratio" in header[0] and "data img/s/core" in header[0]
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 and float(r[5]) > 0
+
+
+def test_mem_estimate_activation_formula_matches_measured_saved_bytes(capsys):
+    sys.path.insert(0, str(common.Path(common.__file__).parent / "benchmarks"))
+    import mem_estimate
+    for gc, measured, formula in mem_estimate.validate():
+        assert measured == pytest.approx(formula, rel=0.05), (gc, measured, formula)
+    assert mem_estimate.main(["--methods", "mim_refiner", "--models", "vit_h14", "vit_2b14"]) == 0
+    rows = [l.split("|")[1:-1] for l in capsys.readouterr().out.splitlines() if l.startswith("| mim_refiner ")]
+    assert len(rows) == 2
+    h14, b2 = [[float(c) for c in r[4:7]] for r in rows]  # DDP, DDP + ckpt, FSDP + ckpt (GB)
+    for r in (h14, b2):
+        assert r[0] > r[1] > r[2] > 0  # checkpointing and sharding each save memory
+    assert b2[1] > 80 > b2[2]  # the ViT-2B/14 case --fsdp exists for
