@@ -477,20 +477,23 @@ def describe_vit(cfg: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-# Each class is one shape filled with one texture (shape/texture); colours are random per image.
+# Each class is one shape filled with one texture (shape/texture); grey levels are random per image.
 SYNTHETIC_CLASSES = ("disk/solid", "square/h-stripes", "triangle/v-stripes", "ring/diag", "plus/checker",
                      "diamond/dots", "square/rings", "disk/checker", "triangle/solid", "diamond/h-stripes")
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
     """Procedural labelled dataset: 10 classes, each one shape filled with one texture (see
-    SYNTHETIC_CLASSES), with random fill/pattern colours, position, scale and small rotation on a
-    random gradient+noise background.
+    SYNTHETIC_CLASSES), with random fill/pattern grey levels, position, scale and small rotation on a
+    random grey gradient+noise background. Returned as RGB (three equal channels).
 
-    Colour carries no class information: a method must become invariant to colour and background
-    and pick up texture (local, learnable in minutes) and shape (global). Two classes share each
-    shape and most textures appear twice, so neither cue alone suffices for every class. Deterministic: image i
-    of split s is a pure function of (seed, s, i). Any image size.
+    Brightness carries no class information: a method must become invariant to it and to the background
+    and pick up texture (local) and shape (global). Two classes share each shape and most textures
+    appear twice, so neither cue alone suffices for every class. Grey rather than random colours: with
+    random RGB colours the colour dominated every tiny encoder's features (random-init, MAE, MAE-CT and
+    MIM-Refiner all at chance kNN in a few CPU minutes), which hid every method effect the miniature is
+    meant to show (README "Miniature reproduction"). Deterministic: image i of split s is a pure function
+    of (seed, s, i). Any image size.
     """
 
     def __init__(self, size: int, img_size: int = 32, split: str = "train", seed: int = 0, num_classes: int = 10,
@@ -510,19 +513,17 @@ class SyntheticShapes(torch.utils.data.Dataset):
         label = index % self.num_classes
         S = self.img_size
         yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S  # [0, 1)
-        # background: random colour with a linear gradient and pixel noise
-        c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+        # background: a linear gradient between two random grey levels, plus pixel noise
+        b0, b1 = rng.uniform(0, 1, 2)
         a = rng.uniform(0, 2 * np.pi)
-        t = (np.cos(a) * xx + np.sin(a) * yy)[..., None]
-        img = c0 * (1 - t) + c1 * t
-        img = img + rng.normal(0, 0.03, img.shape)
-        # object: centre, radius, small rotation, two random colours (fill and pattern)
+        t = np.cos(a) * xx + np.sin(a) * yy
+        img = b0 * (1 - t) + b1 * t + rng.normal(0, 0.02, (S, S))
+        # object: centre, radius, small rotation; fill and pattern grey levels at least 0.35 apart
         r = rng.uniform(0.3, 0.45)
         cx, cy = rng.uniform(r * 0.7, 1 - r * 0.7, 2)
         rot = rng.uniform(-0.25, 0.25)
-        color, color2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
-        if np.abs(color - color2).sum() < 0.8:
-            color2 = 1.0 - color
+        fill = rng.uniform(0, 1)
+        fill2 = (fill + rng.uniform(0.35, 0.65)) % 1.0
         u0, v0 = (xx - cx) / r, (yy - cy) / r
         u = np.cos(rot) * u0 + np.sin(rot) * v0
         v = -np.sin(rot) * u0 + np.cos(rot) * v0
@@ -541,8 +542,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
             "diag": np.sin((u + v) * k / 1.4) > 0, "checker": np.sin(u * k) * np.sin(v * k) > 0,
             "dots": (np.sin(u * k) > 0.5) & (np.sin(v * k) > 0.5), "rings": np.sin(rad * k) > 0,
         }[texture]
-        img = np.where((region & ~pattern)[..., None], color, img)
-        img = np.where((region & pattern)[..., None], color2, img)
+        img = np.where(region & ~pattern, fill, img)
+        img = np.where(region & pattern, fill2, img)
+        img = np.repeat(img[..., None], 3, axis=-1)  # (S, S, 3)
         return (np.clip(img, 0, 1) * 255).astype(np.uint8), label
 
     def __getitem__(self, index):
