@@ -43,9 +43,9 @@ Launch (paper setting, ViT-B/16, 1600 epochs, global batch 4096 = 8 GPUs x 128 x
         --warmup-epochs 40 --batch-size 4096 --accum-steps 4 --output-dir runs/lut_vitb16
     # ViT-S/16 (lambda = 1.0 chosen automatically): --model vit_s16
     # official two-sided variant and learning-rate rule: --symmetric --lr-scaling sqrt
-    # Miniature (CPU, synthetic shapes), the budget of mae.py's `make demo` run plus small heads:
-    #   python lut.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic:2000:500 --device cpu \\
-    #       --num-workers 0 --epochs 20 --warmup-epochs 2 --batch-size 128 --blr 1.5e-3 --decoder-dim 128 \\
+    # Miniature (CPU, synthetic shapes), the budget of mae.py's `make repro` run plus small heads:
+    #   python lut.py --model vit_t16 --img-size 32 --patch-size 8 --data synthetic:2000:500 --device cpu \\
+    #       --num-workers 0 --epochs 20 --warmup-epochs 1 --batch-size 128 --blr 1.5e-3 --decoder-dim 128 \\
     #       --decoder-depth 2 --decoder-heads 4 --head-hidden-dim 512 --pred-hidden-dim 512 --momentum 0.99
     #   (--context-weight 0 --crop rrc turns this into plain MAE with MAE's augmentation)
 
