@@ -49,6 +49,21 @@ def run_script(script, *args, nproc=1, check=True, timeout=600, env=None):
     return p
 
 
+def run_inprocess(capsys, module, *argv):
+    """A script's entry point (common.run_main) in this process; returns (exit code, stdout, stderr)."""
+    import common
+    capsys.readouterr()
+    old, sys.argv = sys.argv, [module.__name__ + ".py", *[str(a) for a in argv]]
+    code = 0
+    try:
+        common.run_main(module.main, module.Args)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
 def write_image_folder(root: Path, classes=("a", "b", "c"), per_class=8, size=40, splits=("train", "val"), seed=0):
     """A tiny labelled ImageFolder (ROOT/train/<cls>/*.png, ROOT/val/<cls>/*.png). Class c is a
     distinct flat colour plus noise, so the kNN answer is known (100%)."""

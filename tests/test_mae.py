@@ -11,6 +11,7 @@ from PIL import Image
 
 import common
 import mae
+import conftest
 from conftest import ONE_THREAD, TINY, run_script, write_image_folder, write_mae_release_checkpoint
 
 # tiny end-to-end config: patch 8 (16 tokens, 4 visible) and a 1-block decoder keep each step cheap
@@ -33,20 +34,8 @@ def load(path):
 
 
 def run_inprocess(capsys, *argv):
-    """Run mae.py's entry point (common.run_main) in this process; returns (exit code, stdout, stderr)."""
-    import sys
-    capsys.readouterr()
-    old = sys.argv
-    sys.argv = ["mae.py", *[str(a) for a in argv]]
-    code = 0
-    try:
-        common.run_main(mae.main, mae.Args)
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
+    """mae.py's entry point in this process; returns (exit code, stdout, stderr)."""
+    return conftest.run_inprocess(capsys, mae, *argv)
 
 
 def assert_one_line_error(p, needle):

@@ -14,28 +14,13 @@ import pytest
 import torch
 
 import common
-from conftest import ONE_THREAD, TINY, read_json, run_script, write_mae_release_checkpoint
+from conftest import ONE_THREAD, TINY, read_json, run_inprocess, run_script, write_mae_release_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def run_inprocess(capsys, module, *argv):
-    """A script's entry point (common.run_main) in this process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    old, sys.argv = sys.argv, [module.__name__ + ".py", *[str(a) for a in argv]]
-    code = 0
-    try:
-        common.run_main(module.main, module.Args)
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_vit_state_dict(sd, name="vit_t16", img=32, patch=8):
