@@ -306,10 +306,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):  # (B, N, D)
+    def forward(self, x, attn_bias=None):  # x (B, N, D); attn_bias None or additive (h, N, N) / (B, h, N, N)
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, D/h), scale (D/h)^-0.5
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(qkv.dtype)  # SDPA wants the mask in the query dtype (bf16 autocast)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_bias)  # (B, h, N, D/h), scale (D/h)^-0.5
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -345,13 +347,41 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x):
+    def forward(self, x, attn_bias=None):
         p, t = self.drop_path, self.training
         if self.post_norm:
-            x = self.norm1(x + drop_path(self.attn(x), p, t))
+            x = self.norm1(x + drop_path(self.attn(x, attn_bias), p, t))
             return self.norm2(x + drop_path(self.mlp(x), p, t))
-        x = x + drop_path(self.attn(self.norm1(x)), p, t)
+        x = x + drop_path(self.attn(self.norm1(x), attn_bias), p, t)
         return x + drop_path(self.mlp(self.norm2(x)), p, t)
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's shared relative position bias (Bao et al. 2022, Sec. 2.5; timm `beit.RelativePositionBias`, same
+    names): one learned scalar per head and relative offset (dy, dx) between two patches, plus three
+    entries for CLS->patch, patch->CLS and CLS->CLS; zero-initialised (BEiT). Added to the attention logits
+    of every block. Used by ConMIM's BEiT backbone, where it replaces the absolute position embedding."""
+
+    def __init__(self, grid: int, num_heads: int):
+        super().__init__()
+        self.grid = grid
+        num_rel = (2 * grid - 1) ** 2 + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))  # ((2G-1)^2+3, h)
+        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)  # (2, N)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)  # (N, N, 2) in [0, 2G-2]
+        index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long)  # (1+N, 1+N)
+        index[1:, 1:] = rel[..., 0] * (2 * grid - 1) + rel[..., 1]
+        index[0, 1:], index[1:, 0], index[0, 0] = num_rel - 3, num_rel - 2, num_rel - 1
+        self.register_buffer("relative_position_index", index, persistent=False)  # as timm: not in the state dict
+
+    def forward(self, keep_idx=None) -> torch.Tensor:
+        """(h, 1+N, 1+N); with keep_idx (B, n) the rows/columns of [CLS; kept patches]: (B, h, 1+n, 1+n)."""
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (h, 1+N, 1+N)
+        if keep_idx is None:
+            return bias
+        idx = torch.cat([keep_idx.new_zeros(keep_idx.shape[0], 1), keep_idx + 1], dim=1)  # (B, 1+n)
+        bias = bias[:, idx].permute(1, 0, 2, 3)  # (B, h, 1+n, 1+N)
+        return torch.gather(bias, 3, idx[:, None, None, :].expand(-1, bias.shape[1], bias.shape[2], -1))
 
 
 class VisionTransformer(nn.Module):
@@ -361,10 +391,15 @@ class VisionTransformer(nn.Module):
     nn.Parameter (as in MAE) so that it is saved and loaded and the state dict loads strictly into
     timm's `VisionTransformer(num_classes=0, ...)`. Inputs of another resolution than `img_size`
     (local crops) use a bicubically interpolated table.
+
+    `rel_pos_bias=True` gives BEiT's position scheme instead (ConMIM's backbone): no absolute position
+    embedding (`pos_embed` is None), one RelativePositionBias shared by all blocks; the state dict then
+    loads into timm's `Beit(use_abs_pos_emb=False, use_shared_rel_pos_bias=True)` after splitting
+    qkv.bias into q_bias / v_bias (conmim.timm_beit_state_dict). Fixed resolution (no interpolation).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, drop_path_rate=0.0, post_norm=False, grad_checkpointing=False):
+                 mlp_ratio=4.0, drop_path_rate=0.0, post_norm=False, grad_checkpointing=False, rel_pos_bias=False):
         super().__init__()
         self.img_size, self.patch_size, self.dim, self.depth = img_size, patch_size, dim, depth
         self.num_heads, self.post_norm = num_heads, post_norm
@@ -373,7 +408,12 @@ class VisionTransformer(nn.Module):
         self.num_patches = self.grid ** 2
         self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, self.grid, self.grid)[None], requires_grad=False)
+        if rel_pos_bias:
+            self.register_parameter("pos_embed", None)
+            self.rel_pos_bias = RelativePositionBias(self.grid, num_heads)
+        else:
+            self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, self.grid, self.grid)[None], requires_grad=False)
+            self.rel_pos_bias = None
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, dpr[i], post_norm) for i in range(depth)])
         if post_norm:  # data2vec 2.0: LN on the embedded tokens, none after the last block
@@ -398,7 +438,7 @@ class VisionTransformer(nn.Module):
     def config(self) -> dict:
         """Plain-type description stored in checkpoints (`encoder_config`)."""
         return dict(img_size=self.img_size, patch_size=self.patch_size, dim=self.dim, depth=self.depth,
-                    num_heads=self.num_heads, post_norm=self.post_norm)
+                    num_heads=self.num_heads, post_norm=self.post_norm, rel_pos_bias=self.rel_pos_bias is not None)
 
     def embed(self, x, keep_idx=None, mask=None, mask_token=None):
         """Patchify and add positions; returns [CLS; patches] (B, 1+n, D).
@@ -411,7 +451,13 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)  # (B, N, D)
         if mask is not None:
             x = torch.where(mask[..., None], mask_token.to(x.dtype).expand_as(x), x)
-        pos = self.pos_embed if (gh, gw) == (self.grid, self.grid) else resize_pos_embed(self.pos_embed, gh, gw)
+        if self.rel_pos_bias is None:
+            pos = self.pos_embed if (gh, gw) == (self.grid, self.grid) else resize_pos_embed(self.pos_embed, gh, gw)
+        elif (gh, gw) == (self.grid, self.grid):
+            pos = x.new_zeros(1, 1 + gh * gw, x.shape[-1])  # positions enter through the attention bias
+        else:
+            raise UserError(f"a relative-position-bias ViT runs at its {self.img_size} px only, got {gh * self.patch_size}x"
+                            f"{gw * self.patch_size} px; pass --img-size {self.img_size}")
         x = x + pos[:, 1:]
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
@@ -424,13 +470,14 @@ class VisionTransformer(nn.Module):
         indices, negatives allowed) also returns the raw residual-stream output of those blocks
         (no final norm), as a list of (B, 1+n, D), in the order asked."""
         x = self.embed(x, keep_idx, mask, mask_token)
+        bias = None if self.rel_pos_bias is None else self.rel_pos_bias(keep_idx)  # shared by all blocks (BEiT)
         want = {} if return_blocks is None else {b % self.depth: i for i, b in enumerate(return_blocks)}
         outs = [None] * len(want)
         for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, bias, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, bias)
             if i in want:
                 outs[want[i]] = x
         if not self.post_norm:
@@ -771,7 +818,8 @@ def vit_layer_id(name: str, depth: int) -> int:
 
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     """Biases, 1-D parameters (norms), tokens and position tables get no weight decay."""
-    return p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in ("cls_token", "pos_embed", "mask_token")
+    return p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in (
+        "cls_token", "pos_embed", "mask_token", "relative_position_bias_table")  # BEiT: no decay on the table
 
 
 def param_groups(named_params, weight_decay: float, layer_decay: float | None = None, depth: int | None = None,
@@ -912,8 +960,11 @@ def convert_to_ours(sd: dict) -> dict:
     return sd
 
 
+REL_POS_KEY = "rel_pos_bias.relative_position_bias_table"
+
+
 def checkpoint_encoder_config(sd: dict) -> dict:
-    """Infer (dim, depth, num_heads?, patch_size, post_norm, img_size) from an encoder state dict."""
+    """Infer (dim, depth, patch_size, post_norm, img_size, rel_pos_bias) from an encoder state dict."""
     w = sd.get("patch_embed.proj.weight")
     if w is None:
         raise UserError("the checkpoint holds no ViT encoder (no patch_embed.proj.weight key); "
@@ -921,8 +972,11 @@ def checkpoint_encoder_config(sd: dict) -> dict:
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     n = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else None
     grid = math.isqrt(n) if n else None
+    table = sd.get(REL_POS_KEY)
+    if table is not None:  # (2G-1)^2 + 3 rows
+        grid = (math.isqrt(table.shape[0] - 3) + 1) // 2
     return dict(dim=w.shape[0], depth=depth, patch_size=w.shape[-1], post_norm="embed_norm.weight" in sd,
-                img_size=grid * w.shape[-1] if grid else None)
+                img_size=grid * w.shape[-1] if grid else None, rel_pos_bias=table is not None)
 
 
 def select_weights(ckpt: dict, ema: bool = False) -> tuple[dict, str]:
@@ -963,11 +1017,18 @@ def load_encoder(model: VisionTransformer, source, ema: bool = False, what: str 
         theirs = describe_vit({**cfg, "num_heads": ckpt.get("encoder_config", {}).get("num_heads", "?")})
         raise UserError(f"{what} holds a {'post-norm ' if cfg['post_norm'] else ''}{theirs} but the model is "
                         f"{'post-norm ' if mine['post_norm'] else ''}{describe_vit(mine)}; pass the matching --model/--patch-size")
+    if cfg["rel_pos_bias"] != mine["rel_pos_bias"]:
+        pos = {True: "relative position bias (BEiT, ConMIM)", False: "absolute position embedding"}
+        raise UserError(f"{what} uses {pos[cfg['rel_pos_bias']]} but the model uses {pos[mine['rel_pos_bias']]}; "
+                        f"build the model to match (conmim.py --pos-embed, or let eval_knn.py read it from the file)")
+    if cfg["rel_pos_bias"] and cfg["img_size"] != mine["img_size"]:
+        raise UserError(f"{what} is a relative-position-bias ViT for {cfg['img_size']} px but the model is for "
+                        f"{mine['img_size']} px; pass --img-size {cfg['img_size']}")
     enc_cfg = ckpt.get("encoder_config") if isinstance(ckpt, dict) else None
     if enc_cfg and enc_cfg.get("num_heads") not in (None, mine["num_heads"]):
         raise UserError(f"{what} has {enc_cfg['num_heads']} attention heads but the model has {mine['num_heads']}; "
                         f"pass the matching --model")
-    if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
+    if "pos_embed" in sd and model.pos_embed is not None and sd["pos_embed"].shape != model.pos_embed.shape:
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.grid, model.grid)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:

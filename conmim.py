@@ -41,20 +41,19 @@ network the paper trains by back-propagation and transfers, Sec. 4; "model_is_em
 Deviations (paper default first; official TencentARC/ConMIM @4263955 behaviour noted):
   * Backbone. The paper/official code uses a BEiT ViT: no absolute position embedding but a shared
     zero-initialised relative position bias, layer scale (gamma init 0.1; 1e-5 for L), q/v-only qkv
-    biases and BEiT's truncated-normal init with depth rescaling. We use the shared timm/MAE ViT of
-    common.py (fixed 2-D sin-cos absolute positions, no layer scale, qkv bias, MAE init). Expected
-    effect: the loss needs position-aware patch features (the positive is "the same position"), which
-    the sin-cos table provides, so the method works unchanged; without layer scale very deep/wide
-    models are somewhat less stable early in training (keep --clip-grad, warmup), and fine-tuning
-    numbers may differ from the paper by a few tenths (BEiT-style backbones fine-tune slightly
-    better). The resulting weights load into timm's plain ViT, which BEiT weights do not.
-    CAVEAT (measured on --data synthetic, vit_t16/32 px/patch 8, 90 steps): with absolute positions in
-    BOTH branches Eq. (3) has a positional shortcut, since the positive is "the key at the same
-    position": the trained model's loss with keys from a *different* image (1.83) is about its loss on
-    the right image (1.78), and keys of a blank image give 0.38. The BEiT backbone has no absolute
-    position in its tokens, which blocks this shortcut. Embedding the keys without the position table
-    instead collapses (loss stays at log N). A faithful fix needs BEiT's relative position bias in the
-    shared ViT (see the report to the lead); until then expect weak semantic features from this file.
+    biases and BEiT's truncated-normal init with depth rescaling. Default `--pos-embed rel`: the shared
+    ViT of common.py with BEiT's shared relative position bias and no absolute positions (the part that
+    matters for Eq. (3), below); not copied: layer scale (without it very deep/wide models are somewhat less
+    stable early on: keep --clip-grad and warmup), the q/v-only bias (a key bias cancels in the softmax, so
+    the function class is the same; `timm_beit_state_dict` exports to timm's Beit exactly) and BEiT's init
+    (MAE's is used). `--pos-embed abs` keeps the fixed sin-cos absolute positions of the other scripts (loads
+    into timm's plain ViT) and is NOT recommended: with absolute positions in BOTH branches Eq. (3) has a
+    positional shortcut, since the positive is "the key at the same position". Measured (--data synthetic,
+    vit_t16/32 px/patch 8, 90 steps, abs): the trained model's loss with keys from a *different* image (1.83)
+    is about its loss on the right image (1.78), and keys of a blank image give 0.38, i.e. the loss is solved
+    by position alone. Relative positions leave a masked token no way to name its own position except
+    through the content around it. Embedding the keys without the position table instead collapses (loss
+    stays at log N).
   * Masking. Paper: 75% random masking (Sec. 4) in units of 32 px cells for ViT-B/L and 16 px for ViT-S
     (Table 11) = official `--mask_type random_mps32` (ceil(49*0.75) = 37 of 7x7 cells -> 148/196
     patches). Our `--mask-type grid --mask-block 2` is exactly that, with the block given in patches
@@ -148,6 +147,10 @@ class Args:
     """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
     largest model, ViT-L/16, fits 4 x A100 with DDP + --grad-checkpointing, see benchmarks/mem_estimate.py)"""
     # ---------------------------------------------------------------- ConMIM
+    pos_embed: str = "rel"
+    """rel: BEiT's shared relative position bias, no absolute position embedding (the paper's backbone; blocks
+    Eq. (3)'s positional shortcut, see the docstring); abs: the shared fixed sin-cos ViT (official MAE/timm
+    layout, loads into timm's VisionTransformer)"""
     mask_type: str = "grid"
     """grid: random masking in units of mask_block x mask_block patches (paper Sec. 4 + Table 11 = official
     random_mps32); beit: BEiT block-wise masking (official parser default 'block')"""
@@ -338,6 +341,24 @@ class ConMIMTransform:
 
 
 # ================================================================================================
+# Export: the BEiT-layout encoder for timm
+# ================================================================================================
+def timm_beit_state_dict(sd: dict) -> dict:
+    """Our `--pos-embed rel` encoder state dict -> timm `Beit(use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
+    init_values=None, global_pool="token", num_classes=0)` (strict load). Only the qkv bias changes layout: BEiT
+    has q_bias and v_bias and no key bias; dropping the key bias is exact, because q . b_k is the same for
+    every key of a query and cancels in the softmax. Tested against timm in tests/test_conmim.py."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("attn.qkv.bias"):
+            d = v.shape[0] // 3
+            out[k[:-len("qkv.bias")] + "q_bias"], out[k[:-len("qkv.bias")] + "v_bias"] = v[:d], v[2 * d:]
+        else:
+            out[k] = v
+    return out
+
+
+# ================================================================================================
 # Train step
 # ================================================================================================
 def forward_loss(online, teacher, weak, strong, mask, temperature):
@@ -353,6 +374,8 @@ def main(args: Args):
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
         raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; ConMIM up to ViT-L/16 trains with "
                         "DDP (drop --fsdp, add --grad-checkpointing)")
+    if args.pos_embed not in ("rel", "abs"):
+        raise UserError(f"--pos-embed {args.pos_embed!r} is unknown; choose rel (BEiT relative position bias) or abs")
     if args.mask_type not in ("grid", "beit"):
         raise UserError(f"--mask-type {args.mask_type!r} is unknown; choose grid or beit")
     if not 0.0 < args.mask_ratio < 1.0:
@@ -379,7 +402,7 @@ def main(args: Args):
     # ---------------------------------------------------------------- model
     common.seed_everything(args.seed)  # identical initial weights on every rank
     encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                                drop_path_rate=args.drop_path)
+                                drop_path_rate=args.drop_path, rel_pos_bias=args.pos_embed == "rel")
     grid = encoder.grid
     if args.mask_type == "grid" and grid % args.mask_block:
         raise UserError(f"--mask-block {args.mask_block} does not divide the {grid}x{grid} patch grid; "
@@ -409,6 +432,10 @@ def main(args: Args):
     start_epoch, step = 0, 0
     state = common.load_resume_state(args.output_dir)
     if state is not None:
+        was_rel = state.get("encoder_config", {}).get("rel_pos_bias", False)
+        if was_rel != (args.pos_embed == "rel"):
+            raise UserError(f"{common.checkpoint_path(args.output_dir)} was trained with --pos-embed "
+                            f"{'rel' if was_rel else 'abs'}; resume with that flag or use another --output-dir")
         online.encoder.load_state_dict(state["model"])
         teacher.encoder.load_state_dict(state["model_ema"])
         online.head.load_state_dict(state["head"])

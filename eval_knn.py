@@ -260,7 +260,7 @@ def build_encoder(args: Args):
                                 f"{found['depth']}); pass --model")
             heads = cands.pop()
         enc = create_vit("vit_b16", img_size, patch, dim=found["dim"], depth=found["depth"], num_heads=heads,
-                         post_norm=found["post_norm"])
+                         post_norm=found["post_norm"], rel_pos_bias=found["rel_pos_bias"])
     else:
         if args.model in VIT_CONFIGS:  # name both sides in the error (the presets differ in dim/depth/heads)
             d, L, h, _ = VIT_CONFIGS[args.model]
@@ -271,7 +271,7 @@ def build_encoder(args: Args):
                                 f"{found['dim']}, depth {found['depth']}, heads {saved.get('num_heads', '?')}; pass "
                                 f"{'--model ' + match[0] if match else 'the matching --model'} or drop --model")
         # pre-/post-norm is a property of the weights (data2vec 2.0), not of the preset name
-        enc = create_vit(args.model, img_size, patch, post_norm=found["post_norm"])
+        enc = create_vit(args.model, img_size, patch, post_norm=found["post_norm"], rel_pos_bias=found["rel_pos_bias"])
     desc = load_encoder(enc, ckpt, ema=args.ema, what=f"checkpoint {args.checkpoint}")
     return enc, desc
 

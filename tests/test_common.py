@@ -87,6 +87,56 @@ def test_keep_idx_mask_token_and_return_blocks():
         assert not torch.allclose(blocks[0], blocks[1])
 
 
+def test_rel_pos_bias_vit_offsets_subsets_and_errors(tmp_path):
+    """BEiT position scheme: no pos_embed; the bias of two patches depends only on their offset (dy, dx);
+    keep_idx slices the bias to the kept tokens (= running the blocks by hand); a rel/abs mismatch and a
+    wrong resolution are one-line errors. (Numerical equivalence with timm's Beit: tests/test_conmim.py.)"""
+    torch.manual_seed(0)
+    m = common.create_vit("vit_t16", img_size=32, patch_size=8, rel_pos_bias=True).eval()
+    assert m.pos_embed is None and "pos_embed" not in m.state_dict() and m.config()["rel_pos_bias"]
+    assert set(k for k in m.state_dict() if "rel_pos" in k) == {common.REL_POS_KEY}
+    with torch.no_grad():
+        m.rel_pos_bias.relative_position_bias_table.normal_()
+    bias = m.rel_pos_bias()  # (h, 17, 17)
+    G, table = 4, m.rel_pos_bias.relative_position_bias_table
+    for (y1, x1, y2, x2) in [(0, 0, 1, 2), (2, 1, 3, 3), (1, 1, 1, 1), (3, 0, 0, 3)]:
+        i, j = 1 + y1 * G + x1, 1 + y2 * G + x2
+        assert torch.equal(bias[:, i, j], table[(y1 - y2 + G - 1) * (2 * G - 1) + (x1 - x2 + G - 1)])
+    assert torch.equal(bias[:, 1, 1], bias[:, 6, 6]) and not torch.equal(bias[:, 1, 2], bias[:, 2, 1])
+    assert torch.equal(bias[:, 0, 5], table[-3]) and torch.equal(bias[:, 5, 0], table[-2]) and torch.equal(bias[:, 0, 0], table[-1])
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.stack([torch.tensor([0, 5, 9]), torch.tensor([15, 1, 2])])
+    with torch.no_grad():
+        tok = torch.stack([m.patch_embed(x)[b, keep[b]] for b in range(2)])
+        h = torch.cat([m.cls_token.expand(2, -1, -1), tok], 1)
+        idx = torch.cat([torch.zeros(2, 1, dtype=torch.long), keep + 1], 1)
+        for blk in m.blocks:
+            h = torch.stack([blk(h[b:b + 1], bias[:, idx[b]][:, :, idx[b]])[0] for b in range(2)])
+        assert torch.allclose(m.forward_features(x, keep_idx=keep), m.norm(h), atol=1e-5)
+    with pytest.raises(common.UserError, match="32 px only"):
+        m.forward_features(torch.randn(1, 3, 16, 16))
+    cfg = common.checkpoint_encoder_config(m.state_dict())
+    assert cfg["rel_pos_bias"] and cfg["img_size"] == 32 and cfg["patch_size"] == 8
+    with pytest.raises(common.UserError, match="relative position bias"):
+        common.load_encoder(common.create_vit("vit_t16", img_size=32, patch_size=8), {"model": m.state_dict()})
+    with pytest.raises(common.UserError, match="absolute position embedding"):
+        common.load_encoder(m, {"model": common.create_vit("vit_t16", img_size=32, patch_size=8).state_dict()})
+    with pytest.raises(common.UserError, match="--img-size 32"):
+        common.load_encoder(common.create_vit("vit_t16", img_size=64, patch_size=8, rel_pos_bias=True), {"model": m.state_dict()})
+    m2 = common.create_vit("vit_t16", img_size=32, patch_size=8, rel_pos_bias=True)
+    common.load_encoder(m2, {"model": m.state_dict()})
+    assert torch.equal(m2.rel_pos_bias(), bias)
+    # gradient checkpointing passes the bias through: same gradients
+    m.train()
+    grads = []
+    for gc in (False, True):
+        m.grad_checkpointing = gc
+        m.zero_grad()
+        m.forward_features(x).square().mean().backward()
+        grads.append(table.grad.clone())
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_other_resolution_interpolates_pos_embed():
     m = common.create_vit("vit_t16", img_size=32, patch_size=4).eval()
     out = m.forward_features(torch.randn(1, 3, 16, 16))

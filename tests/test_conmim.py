@@ -190,9 +190,36 @@ def test_end_to_end_knn_and_resume(tmp_path):
         for k in ck[key]:
             assert torch.equal(ck[key][k], ck2[key][k]), (key, k)
     assert torch.equal(ck["mask_token"], ck2["mask_token"])
-    # a finished run relaunched does nothing
+    # a finished run relaunched does nothing; relaunched with the other backbone: a one-line refusal
     p = run_script("conmim.py", *common_args, "--epochs", "2", "--output-dir", resumed, env=ONE)
     assert "nothing to do" in p.stdout
+    p = run_script("conmim.py", *common_args, "--epochs", "2", "--pos-embed", "abs", "--output-dir", resumed, check=False, env=ONE)
+    assert p.returncode == 2 and "--pos-embed rel" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_rel_pos_backbone_matches_timm_beit_and_abs_option(tmp_path):
+    """The default backbone (--pos-embed rel) is BEiT's: after timm_beit_state_dict it loads strictly into timm's
+    Beit and computes the same features; --pos-embed abs trains the plain timm ViT layout."""
+    from timm.models.beit import Beit
+    torch.manual_seed(0)
+    ours = common.create_vit("vit_t16", img_size=32, patch_size=4, depth=2, rel_pos_bias=True).eval()
+    with torch.no_grad():  # non-trivial bias table and qkv biases (the key bias must cancel)
+        ours.rel_pos_bias.relative_position_bias_table.normal_()
+        for blk in ours.blocks:
+            blk.attn.qkv.bias.normal_()
+    ref = Beit(img_size=32, patch_size=4, embed_dim=192, depth=2, num_heads=3, num_classes=0, global_pool="token",
+               use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=None).eval()
+    ref.load_state_dict(conmim.timm_beit_state_dict(ours.state_dict()), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours.forward_features(x), ref.forward_features(x), atol=1e-5)
+        assert torch.allclose(ours(x), ref(x), atol=1e-5)  # CLS after the final norm
+    out = tmp_path / "abs"
+    run_script("conmim.py", *SMALL, "--data", "synthetic:32:16", "--batch-size", "16", "--epochs", "1",
+               "--pos-embed", "abs", "--output-dir", out, env=ONE)
+    ck = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    assert "pos_embed" in ck["model"] and common.REL_POS_KEY not in ck["model"]
+    assert ck["encoder_config"]["rel_pos_bias"] is False
 
 
 def test_torchrun_two_processes_and_frozen_momentum_encoder(tmp_path):
@@ -204,14 +231,14 @@ def test_torchrun_two_processes_and_frozen_momentum_encoder(tmp_path):
     assert "2 process(es)" in p.stdout and "8 per rank" in p.stdout
     ck = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     common.seed_everything(0)
-    init = common.create_vit("vit_t16", img_size=32, patch_size=8).state_dict()
+    init = common.create_vit("vit_t16", img_size=32, patch_size=8, rel_pos_bias=True).state_dict()
     for k, v in init.items():
         assert torch.equal(ck["model_ema"][k], v), k
     assert not torch.equal(ck["model"]["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
     assert ck["step"] == 2
 
 
-@pytest.mark.parametrize("flags,msg", [(["--mask-block", "3"], "--mask-block 3"),
+@pytest.mark.parametrize("flags,msg", [(["--mask-block", "3"], "--mask-block 3"), (["--pos-embed", "sincos"], "--pos-embed"),
                                        (["--batch-size", "64", "--data", "synthetic:32:16"], "fewer than one global batch")])
 def test_bad_flags_one_line_error(tmp_path, flags, msg):
     p = run_script("conmim.py", *SMALL, "--output-dir", tmp_path / "bad", *flags, check=False, env=ONE)
