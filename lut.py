@@ -67,7 +67,8 @@ Deviations (paper default first; official behaviour noted):
     (official ModelEma over the state dict). Our average touches exactly the momentum encoder and head:
     parameters and floating-point buffers (BN running mean/var); integer `num_batches_tracked` is left
     alone (official: averaged and truncated), and the decoder / predictor have no momentum copy
-    (official: averaged although never used).
+    (official: averaged although never used). The paper does not say; `--momentum-bn batch` gives BYOL's
+    target BN (statistics of the current batch of full views), which the paper's heads follow (Sec. 5.1.1).
   * Momentum schedule: half cosine from 0.996 at the first optimizer step to exactly 1.0 at the last one
     (common.momentum_schedule over total_steps - 1); official: DINO's cosine_scheduler indexed by the
     micro-step, which ends just below 1.
@@ -187,6 +188,10 @@ class Args:
     sync_bn: bool = True
     """SyncBatchNorm in the heads under DDP on CUDA (official); CPU runs use per-process BN (torch's SyncBN
     is CUDA-only)"""
+    momentum_bn: str = "running"
+    """BatchNorm of the momentum head h~: running (official: the momentum model stays in eval mode and its BN
+    normalises with running statistics EMA'd from the online head's) or batch (BYOL, which Sec. 5.1.1
+    follows for the heads: the statistics of the current batch of full views); the paper does not say"""
     # ---------------------------------------------------------------- augmentation (Sec. 3.0.4, 5.1.2)
     crop: str = "src"
     """geometric augmentation of both views: src (simple resized crop, DeiT III; paper) or rrc
@@ -418,6 +423,8 @@ def main(args: Args):
         raise UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1)")
     if args.symmetric and args.mask_ratio < 0.5:
         raise UserError(f"--symmetric needs --mask-ratio >= 0.5 (two disjoint visible sets), got {args.mask_ratio}")
+    if args.momentum_bn not in ("running", "batch"):
+        raise UserError(f"--momentum-bn {args.momentum_bn!r} is unknown; choose running (official) or batch (BYOL)")
     if args.crop not in ("src", "rrc"):
         raise UserError(f"--crop {args.crop!r} is unknown; choose src or rrc")
     if args.lr_scaling not in ("linear", "sqrt"):
@@ -521,6 +528,8 @@ def main(args: Args):
                                      num_workers=args.num_workers, seed=args.seed, epoch=epoch)
         model.train()
         momentum.eval()  # official: the momentum model is never in train mode (BN uses its running statistics)
+        if args.momentum_bn == "batch":
+            momentum.head.train()  # BYOL: target BN with this batch's statistics (no dropout/drop-path anywhere in it)
         t0, sums, n_micro, it_acc = time.time(), [0.0, 0.0, 0.0], 0, 0
         bar = common.progress(range(steps_per_epoch * args.accum_steps), dist_info, desc=f"epoch {epoch}")
         it = iter(loader)

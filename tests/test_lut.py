@@ -237,10 +237,25 @@ def test_resume_is_bit_identical(straight_run, tmp_path):
 
 def test_torchrun_two_processes_symmetric(tmp_path):
     out = tmp_path / "ddp"
-    p = run_script("lut.py", *FAST, *SMALL, *DATA, "--epochs", "1", "--symmetric", "--output-dir", out, nproc=2)
+    p = run_script("lut.py", *FAST, *SMALL, *DATA, "--epochs", "1", "--symmetric", "--momentum-bn", "batch",
+                   "--output-dir", out, nproc=2)
     assert "2 process(es)" in p.stdout and "symmetric (official)" in p.stdout
     ck = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 1 and ck["step"] == 2 and ck["args"]["symmetric"] is True
+    assert ck["args"]["momentum_bn"] == "batch"
+
+
+def test_momentum_bn_running_vs_batch():
+    """--momentum-bn running (official): the momentum head normalises with its (EMA'd) running statistics, so
+    a target does not depend on the rest of the batch; batch (BYOL): with the statistics of the batch."""
+    torch.manual_seed(0)
+    momentum = lut.MomentumBranch(_tiny_online())
+    x = torch.randn(4, 3, 16, 16)
+    other = torch.cat([x[:2], 5 * torch.randn(2, 3, 16, 16)])  # same first two images, different rest
+    momentum.eval()  # running
+    assert torch.allclose(momentum(x)[:2], momentum(other)[:2], atol=1e-6)
+    momentum.head.train()  # batch
+    assert not torch.allclose(momentum(x)[:2], momentum(other)[:2], atol=1e-3)
 
 
 def test_bad_flags_one_line_error(tmp_path):
@@ -248,6 +263,6 @@ def test_bad_flags_one_line_error(tmp_path):
                    check=False)
     assert p.returncode == 2 and p.stderr.startswith("error:") and "--symmetric needs --mask-ratio >= 0.5" in p.stderr
     assert "Traceback" not in p.stderr
-    for bad in (dict(crop="bogus"), dict(lr_scaling="cube"), dict(decoder_dim=30), dict(context_weight=-1.0)):
+    for bad in (dict(crop="bogus"), dict(momentum_bn="sync"), dict(lr_scaling="cube"), dict(decoder_dim=30), dict(context_weight=-1.0)):
         with pytest.raises(common.UserError):  # validated before anything is built
             lut.main(lut.Args(output_dir=str(tmp_path / "y"), device="cpu", **bad))
