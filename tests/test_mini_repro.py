@@ -24,3 +24,24 @@ def test_mini_repro_smoke_table_plot_and_numbers(tmp_path):
     assert re.search(r"\| mae \| [\d.]+ \| [\d.]+ \(block \d+\) \|", table)
     assert (out / "per_block_knn.png").stat().st_size > 1000
     assert (out / "runs" / "mae" / "checkpoint-last.pth").exists()
+
+
+def test_feature_stats_spectrum_and_cli(tmp_path):
+    """benchmarks/feature_stats.py: one dominant direction -> effective rank ~1, top share ~1; isotropic
+    features -> effective rank near the dimension; the CLI reads eval_knn.py feature files."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import feature_stats
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(16, generator=g)
+    one = torch.randn(500, 1, generator=g) * direction + 0.01 * torch.randn(500, 16, generator=g) + 3 * direction
+    iso = torch.randn(500, 16, generator=g)
+    r1, ri = feature_stats.spectrum(one), feature_stats.spectrum(iso)
+    assert r1["top_share"] > 0.95 and r1["eff_rank"] < 1.5
+    assert ri["top_share"] < 0.2 and ri["eff_rank"] > 12
+    torch.save({"train_features": one}, tmp_path / "one.pth")
+    p = run_script("benchmarks/feature_stats.py", tmp_path / "one.pth", env=ONE_THREAD)
+    assert "| one.pth |" in p.stdout
