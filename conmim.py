@@ -53,7 +53,9 @@ Deviations (paper default first; official TencentARC/ConMIM @4263955 behaviour n
     is about its loss on the right image (1.78), and keys of a blank image give 0.38, i.e. the loss is solved
     by position alone. Relative positions leave a masked token no way to name its own position except
     through the content around it. Embedding the keys without the position table instead collapses (loss
-    stays at log N).
+    stays at log N). The price: all mask tokens enter identical, and only the zero-initialised bias can
+    tell them apart. In the 300-step CPU miniature (README) that does not happen: the loss stays at
+    log 16 and the encoder ends at random-init kNN level.
   * Masking. Paper: 75% random masking (Sec. 4) in units of 32 px cells for ViT-B/L and 16 px for ViT-S
     (Table 11) = official `--mask_type random_mps32` (ceil(49*0.75) = 37 of 7x7 cells -> 148/196
     patches). Our `--mask-type grid --mask-block 2` is exactly that, with the block given in patches

@@ -109,7 +109,15 @@ def train(method, preset, out: Path, mae_ckpt):
     cmd = [py, f"{method}.py", *common_flags, "--output-dir", run_dir, *flags]
     if method in ("mae_ct", "mim_refiner"):
         cmd += ["--init", mae_ckpt]
+    # Re-running resumes finished runs at once; report the time the training took when it ran (stored beside
+    # its checkpoint), not the seconds of the no-op. A run killed half-way and resumed counts its remainder only.
+    stamp = run_dir / "mini_repro_train_seconds.txt"
+    done_before = stamp.exists() and (run_dir / "checkpoint-last.pth").exists()
     secs = run(cmd, out / "logs" / f"train_{method}.log")
+    if done_before:
+        secs = float(stamp.read_text())
+    else:
+        stamp.write_text(f"{secs:.1f}\n")
     return run_dir / "checkpoint-last.pth", secs, cmd
 
 
@@ -224,9 +232,12 @@ def main(argv=None):
     mae_ckpt = None
     if any(m in methods for m in ("mae_ct", "mim_refiner")) and "mae" not in methods:
         methods = ["mae"] + methods
+    reused = 0.0  # training seconds of runs that finished in an earlier invocation
     for m in methods:
         print(f"== {m}: training", flush=True)
+        t_train = time.time()
         ckpt, secs, cmd = train(m, preset, out, mae_ckpt)
+        reused += max(secs - (time.time() - t_train), 0.0)
         if m == "mae":
             mae_ckpt = ckpt
         print(f"== {m}: evaluating ({secs:.0f} s of training)", flush=True)
@@ -235,7 +246,7 @@ def main(argv=None):
                       "eval": res}
         k = "20" if "20" in res["top1"] else next(iter(res["top1"]))
         print(f"   kNN top-1 @k={k}: {res['top1'][k]:.1f}   linear probe: {res['linear_probe']:.1f}", flush=True)
-    total = time.time() - t_start
+    total = time.time() - t_start + reused  # as if everything had run in this invocation
 
     k = "20" if 20 in preset["k"] else str(preset["k"][0])
     lines = [f"| method | kNN top-1 (k={k}), last block | best block: kNN top-1 | linear probe top-1 | train time |",
