@@ -451,17 +451,16 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)  # (B, N, D)
         if mask is not None:
             x = torch.where(mask[..., None], mask_token.to(x.dtype).expand_as(x), x)
+        cls = self.cls_token
         if self.rel_pos_bias is None:
             pos = self.pos_embed if (gh, gw) == (self.grid, self.grid) else resize_pos_embed(self.pos_embed, gh, gw)
-        elif (gh, gw) == (self.grid, self.grid):
-            pos = x.new_zeros(1, 1 + gh * gw, x.shape[-1])  # positions enter through the attention bias
-        else:
+            x, cls = x + pos[:, 1:], cls + pos[:, :1]
+        elif (gh, gw) != (self.grid, self.grid):  # positions enter through the attention bias only
             raise UserError(f"a relative-position-bias ViT runs at its {self.img_size} px only, got {gh * self.patch_size}x"
                             f"{gw * self.patch_size} px; pass --img-size {self.img_size}")
-        x = x + pos[:, 1:]
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
-        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+        cls = cls.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         return self.embed_norm(x) if self.post_norm else x
 
