@@ -364,7 +364,6 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, grid: int, num_heads: int):
         super().__init__()
-        self.grid = grid
         num_rel = (2 * grid - 1) ** 2 + 3
         self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))  # ((2G-1)^2+3, h)
         coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)  # (2, N)

@@ -140,7 +140,7 @@ def setup_lut(model, img, patch, gc, device):
 def setup_conmim(model, img, patch, gc, device):
     import conmim
     a = conmim.Args(model=model, img_size=img, patch_size=patch)
-    enc = _encoder(model, img, patch, gc, drop_path_rate=a.drop_path)
+    enc = _encoder(model, img, patch, gc, drop_path_rate=a.drop_path, rel_pos_bias=a.pos_embed == "rel")  # the script's default backbone
     if enc.grid % a.mask_block:
         a.mask_block = 1
     online = conmim.ConMIMBranch(enc, conmim.Projector(enc.dim, a.head_hidden_dim, a.head_out_dim)).to(device)
