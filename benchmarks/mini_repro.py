@@ -11,7 +11,9 @@ probe on the same frozen features. Writes into --output-dir:
   results.json       every number, the commands that produced them and the machine
 
 Presets: `demo` (make demo: MAE -> MIM-Refiner, < 10 min on 2 cores), `full` (make repro: all
-methods and baselines, < 30 min on 2 cores), `smoke` (the test: 2 methods, a few steps).
+methods and baselines, < 30 min on 2 cores), `smoke` (the test: the baselines and MAE, a few steps).
+Baselines: `raw-pixels`, `random-init` (the absolute-position ViT every script but ConMIM starts from) and
+`random-init-rel` (ConMIM's relative-position-bias ViT at its seed-0 initialisation, ConMIM's fair baseline).
 Re-running is cheap: every script resumes from its finished checkpoint and returns at once.
 
     python benchmarks/mini_repro.py --preset full --output-dir results
@@ -40,13 +42,15 @@ def tiny(patch: int) -> list:
 # Patch 8 (16 tokens per 32 px image) rather than the tests' patch 4 (64 tokens): a step costs ~4x less,
 # and at patch 4 no method left chance level within the CPU budget (README "Miniature reproduction").
 PRESETS = {
-    "smoke": dict(data="synthetic:64:40", batch=16, patch=4, methods=["raw-pixels", "random-init", "mae"],
+    "smoke": dict(data="synthetic:64:40", batch=16, patch=4,
+                  methods=["raw-pixels", "random-init", "random-init-rel", "mae"],
                   mae=["--epochs", "1", "--warmup-epochs", "0", "--decoder-dim", "32", "--decoder-depth", "1",
                        "--decoder-heads", "2"], k=[20]),
     "demo": dict(data="synthetic:2000:500", batch=128, patch=8,
                  methods=["raw-pixels", "random-init", "mae", "mim_refiner"], k=[10, 20]),  # refiner: 4 epochs (below)
     "full": dict(data="synthetic:2000:500", batch=128, patch=8,
-                 methods=["raw-pixels", "random-init", "mae", "mae_ct", "mim_refiner", "lut", "conmim"], k=[10, 20]),
+                 methods=["raw-pixels", "random-init", "mae", "mae_ct", "mim_refiner", "lut", "random-init-rel", "conmim"],
+                 k=[10, 20]),
 }
 
 # Tiny-run flags per method (paper defaults scaled down: heads, queues, decoders, crops), found by the
@@ -104,6 +108,14 @@ def train(method, preset, out: Path, mae_ckpt):
                            "--device", "cpu", "--seed", "0"]
     if method in ("raw-pixels", "random-init"):
         return None, 0.0, []
+    if method == "random-init-rel":  # ConMIM's own starting point (same seed, same call): its fair baseline
+        import common
+        path = out / "runs" / method / "checkpoint-last.pth"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        common.seed_everything(0)
+        enc = common.create_vit("vit_t16", img_size=32, patch_size=preset["patch"], rel_pos_bias=True)
+        common.save_checkpoint(str(path), {"model": enc.state_dict()})
+        return path, 0.0, []
     flags = preset.get(method) or METHOD_FLAGS[method]
     run_dir = out / "runs" / method
     cmd = [py, f"{method}.py", *common_flags, "--output-dir", run_dir, *flags]

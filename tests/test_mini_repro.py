@@ -2,6 +2,9 @@
 import json
 import re
 
+import torch
+
+import common
 from conftest import ONE_THREAD, run_script
 
 
@@ -10,7 +13,13 @@ def test_mini_repro_smoke_table_plot_and_numbers(tmp_path):
     run_script("benchmarks/mini_repro.py", "--preset", "smoke", "--output-dir", out, timeout=900,
                env=ONE_THREAD)
     res = json.loads((out / "results.json").read_text())
-    assert list(res["results"]) == ["raw-pixels", "random-init", "mae"]
+    assert list(res["results"]) == ["raw-pixels", "random-init", "random-init-rel", "mae"]
+    # ConMIM's baseline is the relative-position-bias ViT at ConMIM's own initialisation (seed 0)
+    rel = torch.load(out / "runs" / "random-init-rel" / "checkpoint-last.pth")["model"]
+    common.seed_everything(0)
+    ref = common.create_vit("vit_t16", img_size=32, patch_size=4, rel_pos_bias=True).state_dict()
+    assert "pos_embed" not in rel and rel.keys() == ref.keys()
+    assert all(torch.equal(rel[k], ref[k]) for k in ref)
     table = (out / "table.md").read_text()
     for m, r in res["results"].items():
         # the table row holds exactly the kNN number that eval_knn.py wrote for that method
