@@ -56,7 +56,7 @@ Deviations (paper default first; official TencentARC/ConMIM @4263955 behaviour n
     stays at log N). The price: all mask tokens enter identical, and only the zero-initialised bias can
     tell them apart. In the 300-step CPU miniature (README) that does not happen: the loss stays at
     log 16 and the encoder ends below its own random initialisation in kNN (32.0 vs 35.4); more steps
-    (620 at batch 32), lr 3e-3 (300 steps) or patch 4 (64 tokens, 3 epochs) did not get below log N either.
+    (744 at batch 32), lr 3e-3 (300 steps) or patch 4 (64 tokens, 3 epochs) did not get below log N either.
   * Masking. Paper: 75% random masking (Sec. 4) in units of 32 px cells for ViT-B/L and 16 px for ViT-S
     (Table 11) = official `--mask_type random_mps32` (ceil(49*0.75) = 37 of 7x7 cells -> 148/196
     patches). Our `--mask-type grid --mask-block 2` is exactly that, with the block given in patches
