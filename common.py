@@ -537,8 +537,12 @@ class SyntheticShapes(torch.utils.data.Dataset):
     appear twice, so neither cue alone suffices for every class. Grey rather than random colours: with
     random RGB colours the colour dominated every tiny encoder's features (random-init, MAE, MAE-CT and
     MIM-Refiner all at chance kNN in a few CPU minutes), which hid every method effect the miniature is
-    meant to show (README "Miniature reproduction"). Deterministic: image i of split s is a pure function
-    of (seed, s, i). Any image size.
+    meant to show (README "Miniature reproduction"). For the same reason the brightness nuisance is
+    bounded: background levels in [0.4, 0.6] and the first fill level in [0.2, 0.8] (the second is
+    0.35-0.65 away, wrapped). With backgrounds and fills anywhere in [0, 1] (the previous version) the
+    image's mean grey level was the top direction of every encoder's features: MAE ended below a random
+    ViT in kNN and the BYOL-type losses (LUT) and ConMIM's patch contrast collapsed onto it.
+    Deterministic: image i of split s is a pure function of (seed, s, i). Any image size.
     """
 
     def __init__(self, size: int, img_size: int = 32, split: str = "train", seed: int = 0, num_classes: int = 10,
@@ -558,8 +562,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
         label = index % self.num_classes
         S = self.img_size
         yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S  # [0, 1)
-        # background: a linear gradient between two random grey levels, plus pixel noise
-        b0, b1 = rng.uniform(0, 1, 2)
+        # background: a linear gradient between two grey levels in [0.4, 0.6], plus pixel noise (see the
+        # docstring for why the range is narrow)
+        b0, b1 = rng.uniform(0.4, 0.6, 2)
         a = rng.uniform(0, 2 * np.pi)
         t = np.cos(a) * xx + np.sin(a) * yy
         img = b0 * (1 - t) + b1 * t + rng.normal(0, 0.02, (S, S))
@@ -567,7 +572,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         r = rng.uniform(0.3, 0.45)
         cx, cy = rng.uniform(r * 0.7, 1 - r * 0.7, 2)
         rot = rng.uniform(-0.25, 0.25)
-        fill = rng.uniform(0, 1)
+        fill = rng.uniform(0.2, 0.8)
         fill2 = (fill + rng.uniform(0.35, 0.65)) % 1.0
         u0, v0 = (xx - cx) / r, (yy - cy) / r
         u = np.cos(rot) * u0 + np.sin(rot) * v0
