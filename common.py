@@ -540,8 +540,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
     meant to show (README "Miniature reproduction"). For the same reason the brightness nuisance is
     bounded: background levels in [0.4, 0.6] and the first fill level in [0.2, 0.8] (the second is
     0.35-0.65 away, wrapped). With backgrounds and fills anywhere in [0, 1] (the previous version) the
-    image's mean grey level was the top direction of every encoder's features: MAE ended below a random
-    ViT in kNN and the BYOL-type losses (LUT) and ConMIM's patch contrast collapsed onto it.
+    image's mean grey level was the top direction of every encoder's features and MAE ended below a random
+    ViT in kNN (29.0 vs 33.8; on the bounded data 54.6 vs 35.2, README "Miniature reproduction").
     Deterministic: image i of split s is a pure function of (seed, s, i). Any image size.
     """
 
