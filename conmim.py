@@ -189,6 +189,11 @@ class Args:
     """projector output width (MoCo v3 / official code: 256)"""
     drop_path: float = 0.0
     """stochastic depth of the online encoder; paper 0.1 (S), none (B, L) (Table 11)"""
+    rel_pos_lr_mult: float = 1.0
+    """lr multiplier of the shared relative position bias table (--pos-embed rel); paper 1 (one lr for all,
+    Table 11). The table is the only thing that can tell the identical mask tokens apart (docstring), and
+    Adam moves it by about lr per step: the paper's ~1M steps grow it to O(1), a 300-step miniature needs
+    a larger multiplier"""
     clip_grad: Optional[float] = 3.0
     """max gradient norm; paper 3 (S, B), 1 (L) (Table 11); none disables (official default)"""
     sync_bn: bool = True
@@ -364,6 +369,13 @@ def timm_beit_state_dict(sd: dict) -> dict:
 # ================================================================================================
 # Train step
 # ================================================================================================
+def rel_pos_absmax(encoder) -> float:
+    """Largest |entry| of the shared relative position bias table (0 with --pos-embed abs): how far the only
+    symmetry breaker between mask tokens has grown (logged)."""
+    rpb = encoder.rel_pos_bias
+    return 0.0 if rpb is None else float(rpb.relative_position_bias_table.detach().abs().max())
+
+
 def forward_loss(online, teacher, weak, strong, mask, temperature):
     """Returns (loss_sum over this rank's masked tokens, masked count). Algorithm 1."""
     with torch.no_grad():
@@ -379,6 +391,10 @@ def main(args: Args):
                         "DDP (drop --fsdp, add --grad-checkpointing)")
     if args.pos_embed not in ("rel", "abs"):
         raise UserError(f"--pos-embed {args.pos_embed!r} is unknown; choose rel (BEiT relative position bias) or abs")
+    if args.rel_pos_lr_mult <= 0:
+        raise UserError("--rel-pos-lr-mult must be > 0")
+    if args.pos_embed == "abs" and args.rel_pos_lr_mult != 1.0:
+        raise UserError("--rel-pos-lr-mult applies to the relative position bias; drop it or use --pos-embed rel")
     if args.mask_type not in ("grid", "beit"):
         raise UserError(f"--mask-type {args.mask_type!r} is unknown; choose grid or beit")
     if not 0.0 < args.mask_ratio < 1.0:
@@ -428,7 +444,10 @@ def main(args: Args):
     teacher.to(device)
     online.encoder.grad_checkpointing = args.grad_checkpointing
 
-    groups = common.param_groups(online.named_parameters(), args.weight_decay)
+    is_table = lambda n: n.endswith("relative_position_bias_table")  # noqa: E731
+    groups = common.param_groups([(n, p) for n, p in online.named_parameters() if not is_table(n)], args.weight_decay)
+    groups += common.param_groups([(n, p) for n, p in online.named_parameters() if is_table(n)], args.weight_decay,
+                                  lr_scale=args.rel_pos_lr_mult, tag="rel_pos_")  # empty list with --pos-embed abs
     opt = common.make_adamw(groups, lr, betas=(0.9, 0.98), device=device)  # Table 11 betas, eps 1e-8
 
     # ---------------------------------------------------------------- resume
@@ -528,6 +547,7 @@ def main(args: Args):
             if step % args.log_every == 0 or step == total_steps:
                 log.log({"train/loss": ep_loss / ep_n, "train/lr": cur_lr, "train/momentum": m,
                          "train/grad_norm": float(grad_norm), "train/masked_frac": float(mask.float().mean()),
+                         "train/rel_pos_bias_absmax": rel_pos_absmax(online.encoder),
                          "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
 
         log.log({"train/epoch_loss": ep_loss / max(ep_n, 1), "train/epoch_time_s": time.time() - t0,

@@ -222,6 +222,39 @@ def test_rel_pos_backbone_matches_timm_beit_and_abs_option(tmp_path):
     assert ck["encoder_config"]["rel_pos_bias"] is False
 
 
+def test_mask_tokens_identical_until_the_rel_pos_bias_breaks_symmetry():
+    """The docstring's mechanism: with --pos-embed rel and a zero bias table (BEiT's init) every masked position
+    leaves the encoder with the same output, so Eq. (3) cannot rank its keys (loss >= log N on average); any
+    non-zero table makes the masked outputs position-dependent."""
+    torch.manual_seed(0)
+    enc = common.create_vit("vit_t16", img_size=32, patch_size=8, depth=2, rel_pos_bias=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, [0, 5, 6, 15]] = True
+    tok = torch.randn(1, 1, 192)
+    with torch.no_grad():
+        z = enc.forward_features(x, mask=mask, mask_token=tok)[:, 1:][mask].view(2, 4, 192)  # masked outputs
+        assert torch.allclose(z, z[:, :1].expand_as(z), atol=1e-5)  # identical within each image
+        enc.rel_pos_bias.relative_position_bias_table.normal_()
+        z = enc.forward_features(x, mask=mask, mask_token=tok)[:, 1:][mask].view(2, 4, 192)
+        assert (z - z[:, :1]).abs().amax() > 1e-2
+
+
+def test_rel_pos_lr_mult_scales_only_the_bias_table(tmp_path):
+    """--rel-pos-lr-mult: Adam moves each table entry by about lr x mult per step, so after the same steps the
+    logged max |bias| grows about mult-fold."""
+    absmax, weights = {}, {}
+    for mult in (1, 10):
+        out = tmp_path / f"m{mult}"
+        run_script("conmim.py", *SMALL, "--data", "synthetic:32:16", "--batch-size", "16", "--epochs", "1",
+                   "--warmup-epochs", "0", "--rel-pos-lr-mult", mult, "--output-dir", out, env=ONE)
+        logs = [r for r in map(__import__("json").loads, open(out / "log.jsonl")) if "train/rel_pos_bias_absmax" in r]
+        absmax[mult] = logs[0]["train/rel_pos_bias_absmax"]  # after step 1 (--log-every 1)
+        weights[mult] = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)["model"]
+    assert 0 < absmax[1] and 7 < absmax[10] / absmax[1] < 13
+    assert not torch.equal(weights[1][common.REL_POS_KEY], weights[10][common.REL_POS_KEY])
+
+
 def test_torchrun_two_processes_and_frozen_momentum_encoder(tmp_path):
     """2 processes under torchrun (gloo). With alpha = 1 throughout, the momentum encoder must stay exactly
     the initial weights while the online encoder trains."""
@@ -239,7 +272,9 @@ def test_torchrun_two_processes_and_frozen_momentum_encoder(tmp_path):
 
 
 @pytest.mark.parametrize("flags,msg", [(["--mask-block", "3"], "--mask-block 3"), (["--pos-embed", "sincos"], "--pos-embed"),
-                                       (["--batch-size", "64", "--data", "synthetic:32:16"], "fewer than one global batch")])
+                                       (["--batch-size", "64", "--data", "synthetic:32:16"], "fewer than one global batch"),
+                                       (["--pos-embed", "abs", "--rel-pos-lr-mult", "10"], "--pos-embed rel"),
+                                       (["--rel-pos-lr-mult", "0"], "--rel-pos-lr-mult must be > 0")])
 def test_bad_flags_one_line_error(tmp_path, flags, msg):
     p = run_script("conmim.py", *SMALL, "--output-dir", tmp_path / "bad", *flags, check=False, env=ONE)
     assert p.returncode == 2 and p.stderr.startswith("error:") and msg in p.stderr
