@@ -17,11 +17,11 @@ venv: .venv/stamp
 demo: .venv/stamp
 	$(PY) benchmarks/mini_repro.py --preset demo --output-dir $(DEMO_DIR)
 
-# The test suite (CPU, about 5 minutes on 2 cores).
+# The test suite (CPU, about 8 minutes on 2 cores).
 test: .venv/stamp
 	$(PY) -m pytest -q tests
 
-# The papers' claims in miniature (all methods); not yet timed, aimed at under 30 minutes on 2 cores.
+# The papers' claims in miniature (all methods; 22 minutes on 2 cores).
 repro: .venv/stamp
 	$(PY) benchmarks/mini_repro.py --preset full --output-dir results
 
