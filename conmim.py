@@ -61,10 +61,11 @@ Deviations (paper default first; official TencentARC/ConMIM @4263955 behaviour n
     hundred it does not. `--rel-pos-lr-mult` (default 1, the paper's single lr) scales the table's lr. Measured
     in the 300-step CPU miniature (README; vit_t16, 32 px, patch 8, lr 5e-4): with multiplier 1 the table ends
     at max |b| 0.06, the loss at 2.769 (log 16 = 2.773) and the encoder below its own random initialisation (kNN
-    32.4 vs 41.8, linear probe 50.4 vs 57.8). With 50 (the miniature's setting) the table reaches about 2.4 and
-    the loss 2.58-2.65 in every run, but the features gain little and not reliably: last-block kNN / linear
-    probe vs the same seed's initialisation 42.0 / 66.4 vs 41.8 / 57.8 (seed 0, 2 threads), 46.6 / 68.0 vs 41.8
-    / 57.8 (seed 0, 1 thread), 44.8 / 66.2 vs 40.8 / 60.0 (seed 1) and 37.0 / 48.6 vs 41.6 / 62.0 (seed 2).
+    32.4 vs 41.8, linear probe 50.4 vs 57.8). With 200 (the miniature's setting) the table reaches 4.5-5 and the
+    loss 2.48-2.58, and the features gain a few points but not in every seed: last-block kNN / linear probe 44.6
+    / 67.2 vs 41.8 / 57.8 for its seed-0 start (2 threads); on 1 thread 47.2 / 64.8 vs 41.8 / 57.8 (seed 0),
+    51.2 / 69.4 vs 40.8 / 60.0 (seed 1), 38.2 / 59.8 vs 41.6 / 62.0 (seed 2). Multiplier 50 was lower in kNN on
+    every seed.
   * Masking. Paper: 75% random masking (Sec. 4) in units of 32 px cells for ViT-B/L and 16 px for ViT-S
     (Table 11) = official `--mask_type random_mps32` (ceil(49*0.75) = 37 of 7x7 cells -> 148/196
     patches). Our `--mask-type grid --mask-block 2` is exactly that, with the block given in patches

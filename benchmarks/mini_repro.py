@@ -70,10 +70,10 @@ METHOD_FLAGS = {
     "lut": ["--epochs", "20", "--warmup-epochs", "1", "--blr", "1.5e-3", "--decoder-dim", "128", "--decoder-depth", "2",
             "--decoder-heads", "4", "--head-hidden-dim", "512", "--pred-hidden-dim", "512", "--momentum", "0.99"],
     # mask block 1: at a 4x4 patch grid the paper's 2x2-patch masking cells would leave 4 cells per image.
-    # --rel-pos-lr-mult 50: the relative position bias is the only thing that tells the mask tokens apart and
+    # --rel-pos-lr-mult 200: the relative position bias is the only thing that tells the mask tokens apart and
     # must reach O(1) within 300 steps (conmim.py docstring); at the paper's lr it ends at 0.06, loss at log 16
     "conmim": ["--epochs", "20", "--warmup-epochs", "1", "--lr", "5e-4", "--head-hidden-dim", "256", "--head-out-dim", "64",
-               "--mask-block", "1", "--rel-pos-lr-mult", "50"],
+               "--mask-block", "1", "--rel-pos-lr-mult", "200"],
 }
 
 
