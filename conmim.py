@@ -62,8 +62,8 @@ Deviations (paper default first; official TencentARC/ConMIM @4263955 behaviour n
     in the 300-step CPU miniature (README; vit_t16, 32 px, patch 8, lr 5e-4): with multiplier 1 the table ends
     at max |b| 0.06, the loss at 2.769 (log 16 = 2.773) and the encoder below its own random initialisation (kNN
     32.4 vs 41.8, linear probe 50.4 vs 57.8). With 200 (the miniature's setting) the table reaches 4.5-5 and the
-    loss 2.48-2.58, and the features gain a few points but not in every seed: last-block kNN / linear probe 44.6
-    / 67.2 vs 41.8 / 57.8 for its seed-0 start (2 threads); on 1 thread 47.2 / 64.8 vs 41.8 / 57.8 (seed 0),
+    loss 2.48-2.58, and the features gain a few points but not in every seed: last-block kNN / linear probe
+    44.6 / 67.2 vs 41.8 / 57.8 for its seed-0 start (2 threads); on 1 thread 47.2 / 64.8 vs 41.8 / 57.8 (seed 0),
     51.2 / 69.4 vs 40.8 / 60.0 (seed 1), 38.2 / 59.8 vs 41.6 / 62.0 (seed 2). Multiplier 50 was lower in kNN on
     every seed.
   * Masking. Paper: 75% random masking (Sec. 4) in units of 32 px cells for ViT-B/L and 16 px for ViT-S

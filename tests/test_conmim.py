@@ -240,7 +240,7 @@ def test_mask_tokens_identical_until_the_rel_pos_bias_breaks_symmetry():
         assert (z - z[:, :1]).abs().amax() > 1e-2
 
 
-def test_rel_pos_lr_mult_scales_only_the_bias_table(tmp_path):
+def test_rel_pos_lr_mult_scales_the_bias_table_steps(tmp_path):
     """--rel-pos-lr-mult: Adam moves each table entry by about lr x mult per step, so after the same steps the
     logged max |bias| grows about mult-fold."""
     absmax, weights = {}, {}
