@@ -1,14 +1,11 @@
 # Two commands: `make demo` and `make test`. Both create .venv from the repo's files if missing.
 PY := .venv/bin/python
-PIP := .venv/bin/pip
 DEMO_DIR ?= runs/demo
 
 .PHONY: demo test repro bench clean
 
-.venv/stamp: requirements.txt requirements-dev.txt
-	python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements-dev.txt
+.venv/stamp: requirements.txt requirements-dev.txt .ci/make_venv.sh .ci/torchvision_cpu_compat.py
+	bash .ci/make_venv.sh
 	touch $@
 
 venv: .venv/stamp
@@ -17,7 +14,7 @@ venv: .venv/stamp
 demo: .venv/stamp
 	$(PY) benchmarks/mini_repro.py --preset demo --output-dir $(DEMO_DIR)
 
-# The test suite (CPU, about 8 minutes on 2 cores).
+# The test suite (CPU, about 4 minutes on 2 cores).
 test: .venv/stamp
 	$(PY) -m pytest -q tests
 
