@@ -394,6 +394,17 @@ def momentum_update(momentum: MomentumBranch, online: LUTOnline, m: float):
                 t.mul_(m).add_(src[name].to(t.dtype), alpha=1.0 - m)
 
 
+def load_lut_state(online: LUTOnline, momentum: MomentumBranch, state: dict):
+    """A checkpoint's model entries (written at the end of each epoch in main) into the online model and
+    the momentum branch."""
+    online.encoder.load_state_dict(state["model"])
+    online.decoder.load_state_dict(state["decoder"])
+    online.head.load_state_dict(state["head"])
+    online.predictor.load_state_dict(state["predictor"])
+    momentum.encoder.load_state_dict(state["model_ema"])
+    momentum.head.load_state_dict(state["head_ema"])
+
+
 def default_context_weight(dim: int) -> float:
     """lambda of Eq. (3): 1.0 for ViT-S (D 384) and smaller, 0.25 for ViT-B (D 768) and larger (Sec. 5.1.2)."""
     return 1.0 if dim <= 384 else 0.25
@@ -503,12 +514,7 @@ def main(args: Args):
     start_epoch, step = 0, 0
     state = common.load_resume_state(args.output_dir)
     if state is not None:
-        online.encoder.load_state_dict(state["model"])
-        online.decoder.load_state_dict(state["decoder"])
-        online.head.load_state_dict(state["head"])
-        online.predictor.load_state_dict(state["predictor"])
-        momentum.encoder.load_state_dict(state["model_ema"])
-        momentum.head.load_state_dict(state["head_ema"])
+        load_lut_state(online, momentum, state)
         opt.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"], state["step"]
 

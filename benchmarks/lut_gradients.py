@@ -35,12 +35,7 @@ def build(args: lut.Args, state=None):
     online = lut.LUTOnline(encoder, args)
     momentum = lut.MomentumBranch(online)
     if state is not None:
-        online.encoder.load_state_dict(state["model"])
-        online.decoder.load_state_dict(state["decoder"])
-        online.head.load_state_dict(state["head"])
-        online.predictor.load_state_dict(state["predictor"])
-        momentum.encoder.load_state_dict(state["model_ema"])
-        momentum.head.load_state_dict(state["head_ema"])
+        lut.load_lut_state(online, momentum, state)
     return online, momentum
 
 
