@@ -83,7 +83,7 @@ Miniature (README "Miniature reproduction": vit_t16, 32 px, patch 8, 300 steps o
 NOT reproduce its paper's gain there. Same budget as mae.py: kNN 27.6 / linear probe 29.8 vs MAE 54.6 / 71.6, below
 the random initialisation (35.2 / 60.0), in every block and every variant tried. What was measured (2026-11-26,
 benchmarks/lut_gradients.py, each variant a full 20-epoch run, kNN / linear probe):
-  * The reconstruction gradient vanishes first. L_mim reaches a plateau within ~20 steps (1.7 -> 0.78), and its
+  * The reconstruction gradient vanishes first. L_mim reaches a plateau within ~20 steps (1.9 -> 0.78), and its
     gradient on the encoder falls from 1.45 to 1.6e-3 by step 30 (1.1e-3 at step 45 when L_mim alone trains the
     encoder), while lambda L_bc's is 2.2 then: 1376x larger (17x at the end). AdamW scales each parameter's step
     by its gradient's RMS, so from then on L_bc alone sets the direction of the encoder's updates, for any lambda:
@@ -92,7 +92,7 @@ benchmarks/lut_gradients.py, each variant a full 20-epoch run, kNN / linear prob
   * That gradient carries no usable signal at this scale. With the target frozen at its initialisation
     (--momentum 1), training the encoder on L_bc ends at the same L_bc as training only the heads on a frozen
     pooled feature (0.390 vs 0.395) and destroys the features (23.0 / 32.6 vs 52.8 / 65.6); with the moving target
-    (0.99) heads alone reach L_bc 0.17, encoder and heads 0.87. The damage is immediate: after 30 steps the linear
+    (0.99) heads alone reach L_bc 0.17, encoder and heads 0.86. The damage is immediate: after 30 steps the linear
     probe is 40.6 (MAE at the same step 65.2) and 93% of the CLS features' variance lies in one direction; after
     45 steps 65 of the 2000 train images, darker than average, have very large values along it.
   * No variant rescued it: --symmetric (official; measured 2026-11-23 on 1 thread) 32.2/51.2; --momentum 0.9
