@@ -86,25 +86,24 @@ def main(argv=None):
     src = a.args_from or (files[0] if files else None)
     if src is None:
         raise SystemExit("error: `init` alone needs --args-from CHECKPOINT (the run whose flags build the model)")
-    torch.set_grad_enabled(True)
     base = torch.load(src, map_location="cpu", weights_only=True).get("args")
     if base is None or "context_weight" not in base:
         raise SystemExit(f"error: {src} is not a lut.py checkpoint (no LUT args); pass one with --args-from")
+    # one batch of the two views (shaped by the run's flags) for every checkpoint
+    base_args = lut.Args(**base)
+    ds = common.build_dataset(a.data, "train", lut.lut_transform(base_args), img_size=base_args.img_size,
+                              seed=base_args.seed)
+    common.seed_everything(a.seed)  # torch, numpy and random: the views' augmentations use all three
+    pairs = [ds[i][0] for i in torch.randperm(len(ds))[:a.batch].tolist()]
+    views = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     print("checkpoint | L_mim | L_bc | lambda | |grad L_mim| | |grad lambda L_bc| | ratio | cos(q) | cos(k)")
     print("---|---|---|---|---|---|---|---|---")
-    views = None
     for c in a.checkpoints:
         state = None if c == "init" else torch.load(c, map_location="cpu", weights_only=True)
         if state is not None and "predictor" not in state:
             raise SystemExit(f"error: {c} is not a lut.py checkpoint (no predictor); pass lut.py checkpoints or `init`")
-        args = lut.Args(**(base if state is None else state["args"]))
+        args = base_args if state is None else lut.Args(**state["args"])
         online, momentum = build(args, state)
-        if views is None:  # one batch for all checkpoints (the flags that shape the views are the run's)
-            ds = common.build_dataset(a.data, "train", lut.lut_transform(args), img_size=args.img_size, seed=args.seed)
-            torch.manual_seed(a.seed)
-            idx = torch.randperm(len(ds))[:a.batch].tolist()
-            pairs = [ds[i][0] for i in idx]
-            views = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         r = measure(args, online, momentum, *views, seed=a.seed)
         print(f"{c} | {r['loss_mim']:.3f} | {r['loss_bc']:.3f} | {r['context_weight']:g} | {r['grad_mim']:.2e} | "
               f"{r['grad_bc']:.2e} | {r['ratio']:.2f} | {r['cos_q']:.2f} | {r['cos_k']:.2f}")
