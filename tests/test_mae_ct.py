@@ -2,6 +2,7 @@
 equivalence (2 gloo processes with half the batch each == 1 process on the whole batch, in-process via
 torch.multiprocessing.spawn), queue FIFO + topk-NN lookup with self-exclusion, the frozen-block split
 and optimizer groups, the lr formula and schedule, end to end under torchrun into eval_knn.py, resume."""
+import gc
 import json
 import math
 import os
@@ -198,6 +199,8 @@ def _ddp_worker(rank, world, port, out_dir, views, ids, labels):
     torch.save({"loss": loss.detach(), "grads": {k: p.grad for k, p in model.named_parameters() if p.grad is not None},
                 "buffers": dict(model.named_buffers()), "target_buffers": dict(target.named_buffers()),
                 "queue": queue.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    del ddp  # a DDP wrapper outliving its gloo group aborts the process at exit (~1 run in 10, torch 2.13)
+    gc.collect()
     torch.distributed.destroy_process_group()
 
 
