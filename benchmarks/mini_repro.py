@@ -13,7 +13,9 @@ probe on the same frozen features. Writes into --output-dir:
 Presets: `demo` (make demo: MAE -> MIM-Refiner, < 10 min on 2 cores), `full` (make repro: all
 methods and baselines, < 30 min on 2 cores), `smoke` (the test: the baselines and MAE, a few steps).
 Baselines: `raw-pixels`, `random-init` (the absolute-position ViT every script but ConMIM starts from) and
-`random-init-rel` (ConMIM's relative-position-bias ViT at its seed-0 initialisation, ConMIM's fair baseline).
+`random-init-rel` (ConMIM's relative-position-bias ViT at its initialisation, ConMIM's fair baseline); both
+baselines use the runs' --seed (default 0), so `--seed 1 --methods random-init-rel conmim` repeats ConMIM's
+comparison on another seed.
 Re-running is cheap: every script resumes from its finished checkpoint and returns at once.
 
     python benchmarks/mini_repro.py --preset full --output-dir results
@@ -103,18 +105,18 @@ def run(cmd, log_path, env=None):
     return time.time() - t0
 
 
-def train(method, preset, out: Path, mae_ckpt):
+def train(method, preset, out: Path, mae_ckpt, seed: int = 0):
     """Train `method` with its script; returns (checkpoint path or None, seconds, command)."""
     py = sys.executable
     common_flags = tiny(preset["patch"]) + ["--data", preset["data"], "--batch-size", str(preset["batch"]), "--num-workers", "0",
-                           "--device", "cpu", "--seed", "0"]
+                           "--device", "cpu", "--seed", str(seed)]
     if method in ("raw-pixels", "random-init"):
         return None, 0.0, []
     if method == "random-init-rel":  # ConMIM's own starting point (same seed, same call): its fair baseline
         import common
         path = out / "runs" / method / "checkpoint-last.pth"
         path.parent.mkdir(parents=True, exist_ok=True)
-        common.seed_everything(0)
+        common.seed_everything(seed)
         enc = common.create_vit("vit_t16", img_size=32, patch_size=preset["patch"], rel_pos_bias=True)
         common.save_checkpoint(str(path), {"model": enc.state_dict()})
         return path, 0.0, []
@@ -135,7 +137,7 @@ def train(method, preset, out: Path, mae_ckpt):
     return run_dir / "checkpoint-last.pth", secs, cmd
 
 
-def evaluate(method, ckpt, preset, out: Path):
+def evaluate(method, ckpt, preset, out: Path, seed: int = 0):
     """kNN per block (CLS, k from the preset, T 0.07) and features for the linear probe."""
     js = out / "evals" / f"{method}.json"
     feats = out / "evals" / f"{method}_features.pth"
@@ -145,7 +147,7 @@ def evaluate(method, ckpt, preset, out: Path):
         return raw_pixel_knn(preset, js, feats), cmd[:1]
     cmd += ["--checkpoint", "none" if ckpt is None else ckpt, "--blocks", "all"]
     if method == "random-init":
-        cmd += ["--seed", "0"]
+        cmd += ["--seed", str(seed)]
     run(cmd, out / "logs" / f"eval_{method}.log")
     res = json.loads(js.read_text())
     res["linear_probe"] = linear_probe(torch.load(feats, weights_only=True))
@@ -233,6 +235,8 @@ def main(argv=None):
     ap.add_argument("--output-dir", default="results")
     ap.add_argument("--data", default=None, help="override the preset's data (synthetic[:N[:M]] or an ImageFolder root)")
     ap.add_argument("--methods", nargs="+", default=None, help="subset of the preset's methods")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every training run and of both random-init baselines "
+                    "(the data stays the same); use a new --output-dir per seed")
     a = ap.parse_args(argv)
     preset = dict(PRESETS[a.preset])
     if a.data:
@@ -250,12 +254,12 @@ def main(argv=None):
     for m in methods:
         print(f"== {m}: training", flush=True)
         t_train = time.time()
-        ckpt, secs, cmd = train(m, preset, out, mae_ckpt)
+        ckpt, secs, cmd = train(m, preset, out, mae_ckpt, a.seed)
         reused += max(secs - (time.time() - t_train), 0.0)
         if m == "mae":
             mae_ckpt = ckpt
         print(f"== {m}: evaluating ({secs:.0f} s of training)", flush=True)
-        res, ecmd = evaluate(m, ckpt, preset, out)
+        res, ecmd = evaluate(m, ckpt, preset, out, a.seed)
         results[m] = {"train_seconds": secs, "train_cmd": " ".join(map(str, cmd)), "eval_cmd": " ".join(map(str, ecmd)),
                       "eval": res}
         k = "20" if "20" in res["top1"] else next(iter(res["top1"]))
@@ -271,11 +275,11 @@ def main(argv=None):
         lines.append(f"| {m} | {r['eval']['top1'][k]:.1f} | {best} | {r['eval']['linear_probe']:.1f} | "
                      f"{r['train_seconds']:.0f} s |")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    lines += ["", f"Data `{preset['data']}`, vit_t16 at 32 px / patch {preset['patch']}, seed 0; {total / 60:.1f} min in all on {machine}."]
+    lines += ["", f"Data `{preset['data']}`, vit_t16 at 32 px / patch {preset['patch']}, seed {a.seed}; {total / 60:.1f} min in all on {machine}."]
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     plotted = plot(results, out / "per_block_knn.png")
-    (out / "results.json").write_text(json.dumps({"preset": a.preset, "data": preset["data"], "machine": machine,
+    (out / "results.json").write_text(json.dumps({"preset": a.preset, "data": preset["data"], "seed": a.seed, "machine": machine,
                                                   "total_seconds": total, "results": results}, indent=2, default=str))
     print("\n" + table)
     print(f"\nwritten: {out / 'table.md'}, {out / 'results.json'}" + (f", {out / 'per_block_knn.png'}" if plotted else ""))
