@@ -59,13 +59,14 @@ Deviations (paper default first; official TencentARC/ConMIM @4263955 behaviour n
     keys and the loss cannot go below about log N. Only the table breaks that symmetry, and Adam moves it by
     about lr per step: over the paper's ~1M steps that presumably adds up to O(1) (not measured), over a few
     hundred it does not. `--rel-pos-lr-mult` (default 1, the paper's single lr) scales the table's lr. Measured
-    in the 300-step CPU miniature (README; vit_t16, 32 px, patch 8, lr 5e-4): with multiplier 1 the table ends
-    at max |b| 0.06, the loss at 2.769 (log 16 = 2.773) and the encoder below its own random initialisation (kNN
-    32.4 vs 41.8, linear probe 50.4 vs 57.8). With 200 (the miniature's setting) the table reaches 4.6-5.3 and the
-    loss 2.47-2.56, and the features gain a few points over the random start of the same seed. Measured
-    2026-11-26 (torch 2.13.0+cpu, 2 threads), last-block kNN / linear probe vs the start: seed 0 46.2 / 66.4 vs
-    41.8 / 57.8, seed 1 48.2 / 68.2 vs 40.8 / 60.0, seed 2 43.6 / 61.0 vs 41.6 / 62.0 (kNN above the start in all
-    three, the linear probe in two). The runs are sensitive to floating-point order: on 2026-11-23 (torch
+    in the 300-step CPU miniature (README; vit_t16, 32 px, patch 8, lr 5e-4; 2026-11-29, torch 2.13.0+cpu, 2
+    threads, `benchmarks/mini_repro.py --seed S`): with multiplier 1 the table ends at max |b| 0.06, the loss at
+    2.774 (log 16 = 2.773) and the encoder no better than its own random initialisation (last-block kNN 41.6 vs
+    41.8, best block 41.6 vs 44.6, linear probe 53.0 vs 57.8). With 200 (the miniature's setting) the table
+    reaches 4.6-5.3 and the loss 2.47-2.56, and the features gain a few points over the random start of the same
+    seed, last-block kNN / linear probe vs the start: seed 0 46.2 / 66.4 vs 41.8 / 57.8, seed 1 48.2 / 68.2 vs
+    40.8 / 60.0, seed 2 43.6 / 61.0 vs 41.6 / 62.0 (kNN above the start in all three, the linear probe in two;
+    the same numbers as on 2026-11-26). The runs are sensitive to floating-point order: on 2026-11-23 (torch
     2.14.1, 1 thread) seed 2 gave 38.2 / 59.8. Multiplier 50 was lower in kNN on every seed. A faster momentum
     does not help here (seed 0, kNN / linear): 0.99 -> 1 gives 44.0 / 65.2, 0.95 -> 1 39.8 / 62.4, vs 46.2 / 66.4
     with the paper's 0.996 -> 1.
