@@ -105,7 +105,7 @@ def run(cmd, log_path, env=None):
     return time.time() - t0
 
 
-def train(method, preset, out: Path, mae_ckpt, seed: int = 0):
+def train(method, preset, out: Path, mae_ckpt, seed: int):
     """Train `method` with its script; returns (checkpoint path or None, seconds, command)."""
     py = sys.executable
     common_flags = tiny(preset["patch"]) + ["--data", preset["data"], "--batch-size", str(preset["batch"]), "--num-workers", "0",
@@ -137,7 +137,7 @@ def train(method, preset, out: Path, mae_ckpt, seed: int = 0):
     return run_dir / "checkpoint-last.pth", secs, cmd
 
 
-def evaluate(method, ckpt, preset, out: Path, seed: int = 0):
+def evaluate(method, ckpt, preset, out: Path, seed: int):
     """kNN per block (CLS, k from the preset, T 0.07) and features for the linear probe."""
     js = out / "evals" / f"{method}.json"
     feats = out / "evals" / f"{method}_features.pth"
