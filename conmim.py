@@ -48,28 +48,15 @@ Deviations (paper default first; official TencentARC/ConMIM @4263955 behaviour n
     the function class is the same; `timm_beit_state_dict` exports to timm's Beit exactly) and BEiT's init
     (MAE's is used). `--pos-embed abs` keeps the fixed sin-cos absolute positions of the other scripts (loads
     into timm's plain ViT) and is NOT recommended: with absolute positions in BOTH branches Eq. (3) has a
-    positional shortcut, since the positive is "the key at the same position". Measured (--data synthetic,
-    vit_t16/32 px/patch 8, 90 steps, abs): the trained model's loss with keys from a *different* image (1.83)
-    is about its loss on the right image (1.78), and keys of a blank image give 0.38, i.e. the loss is solved
-    by position alone. Relative positions leave a masked token no way to name its own position except
-    through the content around it. Embedding the keys without the position table instead collapses (loss
-    stays at log N).
+    positional shortcut, since the positive is "the key at the same position" (docs/findings.md measures it).
+    Relative positions leave a masked token no way to name its own position except through the content
+    around it.
     The price: all mask tokens enter identical, and while the bias table is zero (BEiT's initialisation) every
     masked position leaves the encoder with the same output (tested), so Eq. (3) cannot rank a masked token's
     keys and the loss cannot go below about log N. Only the table breaks that symmetry, and Adam moves it by
-    about lr per step: over the paper's ~1M steps that presumably adds up to O(1) (not measured), over a few
-    hundred it does not. `--rel-pos-lr-mult` (default 1, the paper's single lr) scales the table's lr. Measured
-    in the 300-step CPU miniature (README; vit_t16, 32 px, patch 8, lr 5e-4; 2026-11-29, torch 2.13.0+cpu, 2
-    threads, `benchmarks/mini_repro.py --seed S`): with multiplier 1 the table ends at max |b| 0.06, the loss at
-    2.774 (log 16 = 2.773) and the encoder no better than its own random initialisation (last-block kNN 41.6 vs
-    41.8, best block 41.6 vs 44.6, linear probe 53.0 vs 57.8). With 200 (the miniature's setting) the table
-    reaches 4.6-5.3 and the loss 2.47-2.56, and the features gain a few points over the random start of the same
-    seed, last-block kNN / linear probe vs the start: seed 0 46.2 / 66.4 vs 41.8 / 57.8, seed 1 48.2 / 68.2 vs
-    40.8 / 60.0, seed 2 43.6 / 61.0 vs 41.6 / 62.0 (kNN above the start in all three, the linear probe in two;
-    the same numbers as on 2026-11-26). The runs are sensitive to floating-point order: on 2026-11-23 (torch
-    2.14.1, 1 thread) seed 2 gave 38.2 / 59.8. Multiplier 50 was lower in kNN on every seed. A faster momentum
-    does not help here (seed 0, kNN / linear): 0.99 -> 1 gives 44.0 / 65.2, 0.95 -> 1 39.8 / 62.4, vs 46.2 / 66.4
-    with the paper's 0.996 -> 1.
+    about lr per step: over the paper's ~1M steps that presumably adds up to O(1), over a few hundred it does
+    not. `--rel-pos-lr-mult` (default 1, the paper's single lr) scales the table's lr; the CPU miniature uses
+    200 (docs/findings.md).
   * Masking. Paper: 75% random masking (Sec. 4) in units of 32 px cells for ViT-B/L and 16 px for ViT-S
     (Table 11) = official `--mask_type random_mps32` (ceil(49*0.75) = 37 of 7x7 cells -> 148/196
     patches). Our `--mask-type grid --mask-block 2` is exactly that, with the block given in patches

@@ -79,31 +79,9 @@ Deviations (paper default first; official behaviour noted):
   * SRC padding 4 px is absolute (DeiT III at 224 px); at 32 px it is CIFAR's standard shift.
   * `--crop rrc` swaps SRC for RandomResizedCrop (scale 0.2-1, MAE) in both views (paper Table 4 ablation).
 
-Miniature (README "Miniature reproduction": vit_t16, 32 px, patch 8, 300 steps on the synthetic data): LUT does
-NOT reproduce its paper's gain there. Same budget as mae.py: kNN 27.6 / linear probe 29.8 vs MAE 54.6 / 71.6, below
-the random initialisation (35.2 / 60.0), in every block and every variant tried. What was measured (2026-11-26,
-benchmarks/lut_gradients.py, each variant a full 20-epoch run, kNN / linear probe):
-  * The reconstruction gradient vanishes first. L_mim reaches a plateau within ~20 steps (1.9 -> 0.78), and its
-    gradient on the encoder falls from 1.45 to 1.6e-3 by step 30 (1.1e-3 at step 45 when L_mim alone trains the
-    encoder), while lambda L_bc's is 2.2 then: 1376x larger (17x at the end). AdamW scales each parameter's step
-    by its gradient's RMS, so from then on L_bc alone sets the direction of the encoder's updates, for any lambda:
-    0.01 gives 49.6 / 66.2, 0.05 33.2 / 58.0, 0 (MAE with SRC crops) 52.8 / 65.6. (When L_mim alone trains the
-    encoder its gradient is back at 4.6e-2 at the end, while the features form.)
-  * That gradient carries no usable signal at this scale. With the target frozen at its initialisation
-    (--momentum 1), training the encoder on L_bc ends at the same L_bc as training only the heads on a frozen
-    pooled feature (0.390 vs 0.395) and destroys the features (23.0 / 32.6 vs 52.8 / 65.6); with the moving target
-    (0.99) heads alone reach L_bc 0.17, encoder and heads 0.86. The damage is immediate: after 30 steps the linear
-    probe is 40.6 (MAE at the same step 65.2) and 93% of the CLS features' variance lies in one direction; after
-    45 steps 65 of the 2000 train images, darker than average, have very large values along it.
-  * No variant rescued it: --symmetric (official; measured 2026-11-23 on 1 thread) 32.2/51.2; --momentum 0.9
-    23.6/33.4; --symmetric --momentum-bn batch 28.6/51.8; a third of the lr 30.4/34.8; --beta2 0.999 32.0/45.4;
-    patch 4 (16 visible of 64 tokens) 25.4/41.6 (MAE at patch 4: 52.8/73.4); InfoNCE with in-batch negatives instead
-    of the cosine (Sec. 3.0.5 says LUT works with it; a patched copy, not a flag) 31.0/59.8, symmetric 33.0/64.6; a
-    target view without colour augmentation (2026-11-23) 27.8/19.4 (L_bc falls to 0.08: collapse). Continuing the
-    MAE checkpoint for 20 more epochs: LUT (lambda 0.25) 49.6/57.0 vs the same continuation with lambda 0 36.2/62.6
-    (both below the MAE start; more MAE training lowers kNN on this data: 45.6 after 40 epochs in one run).
-  Not measured: whether the reconstruction gradient stays large enough at the paper's scale for L_bc to remain a
-  small correction, which is what the mechanism above suggests the method relies on.
+In the CPU miniature (vit_t16, 32 px, 300 steps) LUT ends below MAE and below its random start: MAE's
+reconstruction gradient vanishes within a few dozen steps and AdamW then lets L_bc alone steer the encoder
+(docs/findings.md; benchmarks/lut_gradients.py measures it).
 
 Known bugs of the official code, not copied:
   * `models_lut.py` imports `util.utils_dino.trunc_normal_`, a file missing from the repo (import fails).

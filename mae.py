@@ -3,7 +3,7 @@
 Paper: He, Chen, Xie, Li, Dollar, Girshick, "Masked Autoencoders Are Scalable Vision Learners",
 CVPR 2022, arXiv:2111.06377 (Sec. 3 "Approach", Sec. 4 + Appendix A.1 "pre-training setting",
 Table 1 ablations). Official code: github.com/facebookresearch/mae (models_mae.py,
-engine_pretrain.py, main_pretrain.py; notes/official_mae_and_mae_ct.md, Sec. 1).
+engine_pretrain.py, main_pretrain.py, util/lr_sched.py).
 
 Method (Sec. 3), for an image x cut into N patches of p x p pixels:
   masking      noise ~ U[0,1)^N per sample; ids_shuffle = argsort(noise); keep the len_keep =
@@ -29,9 +29,8 @@ Launch (paper setting, ViT-L/16, ImageNet-1K, 8 GPUs x 64 images x 8 accumulatio
   add --fsdp, which shards parameters, gradients and AdamW states over the processes with PyTorch FSDP2
   and still writes the plain checkpoint below; benchmarks/mem_estimate.py gives the memory per GPU.)
   Rerun the same command to resume from OUTPUT_DIR/checkpoint-last.pth.
-Tiny CPU run (the `make demo` / `make repro` configuration, benchmarks/mini_repro.py: 20 x 15 steps, about
-2.5 min on 2 cores, norm-pix loss 1.29 -> 0.75; kNN top-1 36% at block 1 falling to 29% at block 12, the
-shape of MIM-Refiner's Fig. 1; linear probe 55% vs 50% for a random-init ViT; README "Miniature reproduction"):
+Tiny CPU run (the `make demo` / `make repro` configuration of benchmarks/mini_repro.py; its numbers are in
+results/README.md):
   python mae.py --model vit_t16 --img-size 32 --patch-size 8 --data synthetic:2000:500 \
       --device cpu --num-workers 0 --epochs 20 --warmup-epochs 1 --batch-size 128 --blr 1.5e-3 \
       --decoder-dim 128 --decoder-depth 2 --decoder-heads 4 --vis-images 0 --output-dir runs/mae

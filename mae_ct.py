@@ -2,7 +2,7 @@
 
 Paper: Lehner, Alkin, Fürst, Rumetshofer, Miklautz, Hochreiter, "Contrastive Tuning: A Little Help
 to Make Masked Autoencoders Forget", AAAI 2024, arXiv:2304.10520 (Sec. 3, Algorithm 1, App. A.2,
-Tables 7-8). Official code: github.com/ml-jku/MAE-CT (notes/official_mae_and_mae_ct.md, Sec. 2).
+Tables 7-8). Official code: github.com/ml-jku/MAE-CT.
 
 What this file does (one run, two stages, resumable inside either):
   Stage 1 "NNCLR initialisation" (Sec. 3, App. A.2): encoder fully frozen; train projector g and
@@ -216,7 +216,7 @@ def resolve_args(args: Args) -> Args:
 
 
 def scaled_lr(base_lr: float, global_batch: int, views: int = NUM_VIEWS) -> float:
-    """lr = base * global_batch * views / 256 (official LinearLrScaler, notes Sec. 2.7; Table 7 'Learning rate')."""
+    """lr = base * global_batch * views / 256 (official LinearLrScaler; Table 7 'Learning rate')."""
     return base_lr * global_batch * views / 256
 
 

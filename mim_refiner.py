@@ -2,7 +2,7 @@
 
 Paper: Alkin, Miklautz, Hochreiter, Brandstetter, "MIM-Refiner: A Contrastive Learning Boost from
 Intermediate Pre-Trained Representations", ICLR 2025, arXiv:2402.10093 (Sec. 3, Eq. 1-2, App. A.1,
-B.1-B.3, Table 1, Table 10). Official code: github.com/ml-jku/MIM-Refiner (notes/official_mim_refiner.md).
+B.1-B.3, Table 1, Table 10). Official code: github.com/ml-jku/MIM-Refiner.
 
 What this file does (one run, two stages, resumable inside either):
   Stage "heads" (App. B.3, following MAE-CT): encoder frozen (eval, no graph); one ID head per chosen
@@ -53,7 +53,7 @@ Tiny CPU smoke run (about 5 min on 2 busy cores; --ema-momentum 0.9 because 0.99
     --ema-momentum 0.9 --num-workers 0 --device cpu
 
 Paper vs official code (paper is the default, official behaviour behind a flag):
-  * Local-view indexing (notes trap #1): the official loss uses predicted[:, l] instead of [:, 2+l] for
+  * Local-view indexing (official src/losses/ssl/nnclr_loss.py): the official loss uses predicted[:, l] instead of [:, 2+l] for
     the local targets, i.e. targets g0, g1, l0..l(L-3) (incl. a same-view pair) and no loss on the last
     two locals -> `--official-local-indexing`. Default: the paper's intent, every local view a target.
   * Augmentation order: BYOL (the paper's reference) applies grayscale before blur/solarize (common.byol_view);
@@ -197,7 +197,7 @@ class Args:
     ema_momentum: float = 0.9999
     """encoder EMA momentum per update during refinement (Table 10: 0.9999); the EMA is saved as "model\""""
     official_local_indexing: bool = False
-    """official loss indexing: local targets predicted[:, l] instead of [:, 2+l] (notes trap #1)"""
+    """official loss indexing (official nnclr_loss.py): local targets predicted[:, l] instead of [:, 2+l]"""
     exclude_self: bool = False
     """official lookup: never return the sample's own (older) queue entry as its NN (Eq. 2: the whole queue;
     identical while the queue is shorter than an epoch, ImageNet: 65,536 < 1.28M; matters on tiny data)"""
@@ -205,7 +205,7 @@ class Args:
     """testing: stop after this many completed epochs (both stages counted), as if the run was killed"""
 
 
-# Table 10 and App. A.1 per model; init file names from the official pretrained_initializer (notes Sec. 1.3).
+# Table 10 and App. A.1 per model; init file names from the official src/initializers/pretrained_initializer.py.
 PRESETS = {
     "vit_l16": dict(head_blocks=list(range(16, 24)), temperature=0.2, batch_size=1024, freeze_blocks=0,
                     init="checkpoints/mae_pretrain_vit_large.pth"),
@@ -419,7 +419,7 @@ class NNQueue(nn.Module):
 # ==============================================================================================
 def view_pairs(num_views: int, official_local_indexing: bool = False) -> list[tuple[int, int]]:
     """(anchor global view i, target view j) terms: the 2 global pairs, then each global vs each local.
-    Official code: local target index l instead of 2+l (notes trap #1)."""
+    Official code: local target index l instead of 2+l (nnclr_loss.py)."""
     locals_ = range(num_views - 2)
     return [(0, 1), (1, 0)] + [(i, l if official_local_indexing else 2 + l) for i in (0, 1) for l in locals_]
 
@@ -486,7 +486,7 @@ def set_trainable(encoder: common.VisionTransformer, stage: str, freeze_blocks: 
 
 def build_optimizer(model: Refiner, stage: str, args: Args, peak_lr: float, device) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95) (Table 10). Each group's lr_scale is its PEAK lr: encoder peak_lr x 0.65^(depth+1-layer)
-    (stem 0.65^(depth+1), block k 0.65^(depth-k), final norm 1; notes Sec. 4.2), wd 0.05; heads peak_lr, wd 1e-5.
+    (stem 0.65^(depth+1), block k 0.65^(depth-k), final norm 1; official layerwise_lr_decay_modifier.py), wd 0.05; heads peak_lr, wd 1e-5.
     set_lr multiplies in the schedule factor."""
     groups = []
     if stage == "refine":
