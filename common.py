@@ -539,14 +539,10 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     Brightness carries no class information: a method must become invariant to it and to the background
     and pick up texture (local) and shape (global). Two classes share each shape and most textures
-    appear twice, so neither cue alone suffices for every class. Grey rather than random colours: with
-    random RGB colours the colour dominated every tiny encoder's features (random-init, MAE, MAE-CT and
-    MIM-Refiner all at chance kNN in a few CPU minutes), which hid every method effect the miniature is
-    meant to show (README "Miniature reproduction"). For the same reason the brightness nuisance is
-    bounded: background levels in [0.4, 0.6] and the first fill level in [0.2, 0.8] (the second is
-    0.35-0.65 away, wrapped). With backgrounds and fills anywhere in [0, 1] (the previous version) the
-    image's mean grey level was the top direction of every encoder's features and MAE ended below a random
-    ViT in kNN (29.0 vs 33.8; on the bounded data 54.6 vs 35.2, README "Miniature reproduction").
+    appear twice, so neither cue alone suffices for every class. Grey levels rather than colours, and a
+    bounded brightness nuisance (background levels in [0.4, 0.6], first fill level in [0.2, 0.8], the second
+    0.35-0.65 away, wrapped): with free colours or brightness those dominate a tiny encoder's features and
+    hide every method effect the miniature is meant to show (docs/findings.md).
     Deterministic: image i of split s is a pure function of (seed, s, i). Any image size.
     """
 
