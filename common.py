@@ -1267,7 +1267,7 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
         q = F.normalize(test_f[start:start + chunk].float(), dim=1)  # (C, D)
         top_sim, top_idx = (q @ tr.T).topk(kk, dim=1)  # (C, k), descending
         weight = ((top_sim - top_sim[:, :1]) / T).exp()  # (C, k)
-        votes = torch.zeros(q.shape[0], num_classes).scatter_add_(1, train_y[top_idx], weight)  # (C, classes)
+        votes = torch.zeros(q.shape[0], num_classes, device=tr.device).scatter_add_(1, train_y[top_idx], weight)  # (C, classes)
         pred = votes.topk(min(5, num_classes), dim=1).indices[:, 0]  # the same call as eval_knn.py (same tie-break)
         correct += (pred == test_y[start:start + chunk]).sum().item()
     return 100.0 * correct / max(test_f.shape[0], 1)
@@ -1357,10 +1357,16 @@ class KnnMonitor:
         bank, bank_y = knn_features(enc, self.bank, blocks, self.dist_info, self.batch, self.num_workers, self.pool)
         val, val_y = knn_features(enc, self.val, blocks, self.dist_info, self.batch, self.num_workers, self.pool)
         enc.train(was_training)
+        if is_sharded(enc):  # FSDP2 leaves the root unit gathered after a forward without backward
+            for m in enc.modules():
+                if callable(getattr(m, "reshard", None)):
+                    m.reshard()
         if not self.dist_info.is_main:
             return None
         num_classes = int(max(bank_y.max(), val_y.max())) + 1
-        top1 = {b: knn_top1(bank[b], bank_y, val[b], val_y, KNN_MONITOR_K, KNN_TEMPERATURE, num_classes) for b in blocks}
+        dev = self.dist_info.device  # the vote on the accelerator: ImageNet is 50k x 128k similarities per block
+        top1 = {b: knn_top1(bank[b].to(dev), bank_y.to(dev), val[b].to(dev), val_y.to(dev), KNN_MONITOR_K,
+                            KNN_TEMPERATURE, num_classes) for b in blocks}
         secs = (datetime.datetime.now() - t0).total_seconds()
         self.log.log({**{f"knn/top1_block{b}": v for b, v in top1.items()}, "knn/seconds": secs}, step=step)
         self.log.print(f"epoch {epochs_done - 1} k-NN top-1 (k={KNN_MONITOR_K}, {self.pool}, {self.desc}): "
