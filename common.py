@@ -16,6 +16,7 @@ Contents, top to bottom:
   7. Checkpoints: atomic save, auto-resume, loading of ours / official MAE / MAE-CT / MIM-Refiner /
      data2vec 2.0 files with pos_embed interpolation and clear architecture-mismatch errors.
   8. Logging: rank-0 tqdm, TensorBoard, log.jsonl, args.json.
+  9. During training: k-NN monitor (weighted vote of DINO), kept epoch checkpoints, eval command.
 """
 from __future__ import annotations
 
@@ -713,10 +714,18 @@ def mae_train_transform(img_size: int, scale=(0.2, 1.0)):
                       T.RandomHorizontalFlip(), normalize_transform()])
 
 
+def eval_resize(img_size: int) -> int:
+    """Short side before the center crop: floor(img_size * 256 / 224) in exact integer arithmetic, as
+    facebookresearch/mae util/datasets.py (`int(input_size / crop_pct)`, crop_pct 224/256), DINO
+    (Resize(256) at 224) and timm transforms_imagenet_eval (floor(img_size / crop_pct), crop_pct 0.875):
+    256 at 224, 36 at 32, 109 at 96."""
+    return img_size * 256 // 224
+
+
 def eval_transform(img_size: int):
-    """Standard evaluation: resize the short side to img_size*256/224 (bicubic), center crop img_size."""
+    """Standard evaluation: resize the short side to eval_resize(img_size) (bicubic), center crop img_size."""
     T = _tv()
-    return T.Compose([T.Resize(int(round(img_size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC),
+    return T.Compose([T.Resize(eval_resize(img_size), interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(img_size), normalize_transform()])
 
 
@@ -1214,3 +1223,171 @@ def progress(iterable, dist_info: DistInfo, **kw):
     from tqdm import tqdm
     # delay: a bar appears only after 1 s, so an error raised at once stays a one-line message
     return tqdm(iterable, disable=not dist_info.is_main, dynamic_ncols=True, delay=kw.pop("delay", 1.0), **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. During training: kNN monitor, kept checkpoints, the paper's evaluation command
+# ----------------------------------------------------------------------------------------------
+# The monitor is a cheap collapse / too-high-lr alarm (MIM-Refiner App. E; the official MIM-Refiner and
+# MAE-CT code run a k-NN on a 10% ImageNet subset after every epoch). Its feature and vote are eval_knn.py's
+# default protocol restricted to one k, so `eval_knn.py --k 20 --block B --train-subset F --seed S` on the
+# same checkpoint gives the same top-1 (tests/test_knn_monitor.py).
+KNN_MONITOR_K = 20  # DINO eval_knn.py: "20 is usually working the best"
+KNN_TEMPERATURE = 0.07  # DINO eval_knn.py; Wu et al. 2018 Sec. 3.4
+
+
+def knn_bank_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of the round(fraction * n) (at least 1) train images used as the k-NN bank, drawn
+    without replacement by a generator seeded with `seed` (a function of (n, fraction, seed) only)."""
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"bank fraction {fraction}: must be in (0, 1] (1 = the whole train split)")
+    if fraction == 1.0:
+        return torch.arange(n)
+    m = max(1, int(round(fraction * n)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].sort().values
+
+
+@torch.no_grad()
+def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+             k: int = KNN_MONITOR_K, T: float = KNN_TEMPERATURE, num_classes: int | None = None,
+             chunk: int = 256) -> float:
+    """Top-1 (%) of DINO's weighted k-NN vote on cosine similarity (DINO eval_knn.knn_classifier; Wu et al.
+    2018 Eq. 7-8): score_c = sum over the k most similar train features of exp(s_i / T) [y_i = c].
+    Computed as exp((s_i - s_max) / T): the per-image factor exp(-s_max / T) leaves the vote unchanged and
+    avoids overflow. train_f (N, D), test_f (M, D), any scale (L2-normalised here); k is clipped to N."""
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    tr = F.normalize(train_f.float(), dim=1)  # (N, D)
+    kk = min(k, tr.shape[0])
+    correct = 0
+    for start in range(0, test_f.shape[0], chunk):
+        q = F.normalize(test_f[start:start + chunk].float(), dim=1)  # (C, D)
+        top_sim, top_idx = (q @ tr.T).topk(kk, dim=1)  # (C, k), descending
+        weight = ((top_sim - top_sim[:, :1]) / T).exp()  # (C, k)
+        votes = torch.zeros(q.shape[0], num_classes, device=tr.device).scatter_add_(1, train_y[top_idx], weight)  # (C, classes)
+        pred = votes.topk(min(5, num_classes), dim=1).indices[:, 0]  # the same call as eval_knn.py (same tie-break)
+        correct += (pred == test_y[start:start + chunk]).sum().item()
+    return 100.0 * correct / max(test_f.shape[0], 1)
+
+
+@torch.no_grad()
+def knn_features(encoder: VisionTransformer, dataset, blocks: list[int], dist_info: DistInfo, batch_size: int,
+                 num_workers: int, pool: str = "cls") -> tuple[dict | None, torch.Tensor | None]:
+    """Features of `blocks` (0-based) from one pass: the last block after the final LayerNorm (the encoder
+    output), the others raw (residual stream), pooled as CLS or mean of the patch tokens (eval_knn.py's
+    default feature). Each rank extracts its DistributedSampler shard; features, labels and dataset indices
+    are gathered and written with index_copy_, so the padded duplicates land on their own rows. A
+    collective under DDP/FSDP (every rank calls it). Returns ({block: (N, D) fp32}, labels (N,)) on rank 0,
+    (None, None) elsewhere."""
+    depth, device = encoder.depth, dist_info.device
+    raw = [b for b in blocks if b != depth - 1]
+    loader = build_loader(WithIndex(dataset), batch_size, dist_info, shuffle=False, drop_last=False,
+                          num_workers=num_workers)
+    n = len(dataset)
+    banks = {b: torch.zeros(n, encoder.dim) for b in blocks} if dist_info.is_main else None
+    labels = torch.zeros(n, dtype=torch.long) if dist_info.is_main else None
+    for img, y, idx in loader:
+        with autocast(device):
+            out = encoder.forward_features(img.to(device, non_blocking=True), return_blocks=raw or None)
+        final, outs = (out, []) if not raw else out
+        toks = [final if b == depth - 1 else outs[raw.index(b)] for b in blocks]  # each (B, 1+N, D)
+        f = torch.cat([(t[:, 0] if pool == "cls" else t[:, 1:].mean(dim=1)).float() for t in toks], dim=1)
+        f = all_gather_nograd(f)  # (W*B, len(blocks)*D)
+        meta = all_gather_nograd(torch.stack([idx, y], dim=1).to(device))  # (W*B, 2): dataset index, label
+        if dist_info.is_main:
+            f, meta = f.cpu(), meta.cpu()
+            for i, b in enumerate(blocks):
+                banks[b].index_copy_(0, meta[:, 0], f[:, i * encoder.dim:(i + 1) * encoder.dim])
+            labels.index_copy_(0, meta[:, 0], meta[:, 1])
+    return banks, labels
+
+
+def _labelled_splits(data: str) -> bool:
+    """True when `data` is synthetic with val images or a folder with labelled train/ and val/."""
+    syn = parse_synthetic(data)
+    if syn is not None:
+        return syn[0] > 0 and syn[1] > 0
+    root = Path(data)
+    return all((root / s).is_dir() and any(d.is_dir() for d in (root / s).iterdir()) for s in ("train", "val"))
+
+
+class KnnMonitor:
+    """k-NN top-1 at k = 20 (T = 0.07) after every `args.knn_every` epochs: bank = a seeded
+    `args.knn_subset` fraction of the train split, queries = the whole val split, both through
+    eval_transform (no augmentation). Reads args.knn_every / knn_data / knn_subset / data / img_size /
+    batch_size / accum_steps / num_workers / seed. `blocks`: the blocks the method trains (negatives count
+    from the end); `pool`: cls or avg. Build it on every rank before the loop (data errors surface at
+    once), call it on every rank after the epoch's checkpoint with the encoder that checkpoint's "model"
+    holds. Logs `knn/top1_block{B}` to log.jsonl / TensorBoard and prints one line."""
+
+    def __init__(self, args, dist_info: DistInfo, log: "Logger", blocks=(-1,), pool: str = "cls"):
+        self.every, self.dist_info, self.log, self.blocks, self.pool = args.knn_every, dist_info, log, list(blocks), pool
+        if self.every < 0:
+            raise UserError(f"--knn-every {self.every}: must be >= 0 (0 = no k-NN monitor)")
+        knn_bank_indices(1, args.knn_subset, 0)  # validates the fraction
+        data = args.knn_data
+        if self.every and data is None:
+            if not _labelled_splits(args.data):
+                log.print(f"k-NN monitor off: {args.data} has no labelled train/ and val/ splits "
+                          f"(pass --knn-data ROOT with ROOT/train/<class>/ and ROOT/val/<class>/)")
+                self.every = 0
+            data = args.data
+        if not self.every:
+            return
+        tf = eval_transform(args.img_size)
+        train = build_dataset(data, "train", tf, img_size=args.img_size, seed=args.seed, require_labels=True)
+        self.bank = torch.utils.data.Subset(train, knn_bank_indices(len(train), args.knn_subset, args.seed).tolist())
+        self.val = build_dataset(data, "val", tf, img_size=args.img_size, seed=args.seed, require_labels=True)
+        self.batch = max(1, math.ceil(args.batch_size / (getattr(args, "accum_steps", 1) * dist_info.world_size)))
+        self.num_workers = args.num_workers
+        self.desc = f"{len(self.bank)} train images ({args.knn_subset:g} of {data} train) as bank, {len(self.val)} val"
+
+    def __call__(self, epochs_done: int, encoder: nn.Module, step: int) -> dict | None:
+        """Evaluate when epochs_done is a multiple of --knn-every; returns {block: top-1 %} on rank 0."""
+        if not self.every or epochs_done % self.every:
+            return None
+        enc = unwrap(encoder)
+        blocks = sorted({b % enc.depth for b in self.blocks})
+        was_training = enc.training
+        enc.eval()
+        t0 = datetime.datetime.now()
+        bank, bank_y = knn_features(enc, self.bank, blocks, self.dist_info, self.batch, self.num_workers, self.pool)
+        val, val_y = knn_features(enc, self.val, blocks, self.dist_info, self.batch, self.num_workers, self.pool)
+        enc.train(was_training)
+        if is_sharded(enc):  # FSDP2 leaves the root unit gathered after a forward without backward
+            for m in enc.modules():
+                if callable(getattr(m, "reshard", None)):
+                    m.reshard()
+        if not self.dist_info.is_main:
+            return None
+        num_classes = int(max(bank_y.max(), val_y.max())) + 1
+        dev = self.dist_info.device  # the vote on the accelerator: ImageNet is 50k x 128k similarities per block
+        top1 = {b: knn_top1(bank[b].to(dev), bank_y.to(dev), val[b].to(dev), val_y.to(dev), KNN_MONITOR_K,
+                            KNN_TEMPERATURE, num_classes) for b in blocks}
+        secs = (datetime.datetime.now() - t0).total_seconds()
+        self.log.log({**{f"knn/top1_block{b}": v for b, v in top1.items()}, "knn/seconds": secs}, step=step)
+        self.log.print(f"epoch {epochs_done - 1} k-NN top-1 (k={KNN_MONITOR_K}, {self.pool}, {self.desc}): "
+                       + ", ".join(f"block {b} {v:.2f}" for b, v in top1.items()) + f" ({secs:.1f} s)")
+        return top1
+
+
+def save_kept(args, dist_info: DistInfo, epochs_done: int, model_sd: dict, encoder_config: dict,
+              model_is_ema: bool) -> str | None:
+    """Every `args.save_every` epochs (0: never) keep OUTPUT_DIR/checkpoint-epochNNN.pth (NNN = epochs
+    done) with the evaluated encoder only ("model", "encoder_config", "model_is_ema"): loadable by
+    eval_knn.py and strictly into timm, not resumable (checkpoint-last.pth is). Rank 0 writes, atomically."""
+    if args.save_every < 0:
+        raise UserError(f"--save-every {args.save_every}: must be >= 0 (0 = keep no epoch checkpoints)")
+    if not args.save_every or epochs_done % args.save_every or not dist_info.is_main:
+        return None
+    path = os.path.join(args.output_dir, f"checkpoint-epoch{epochs_done:03d}.pth")
+    save_checkpoint(path, {"model": model_sd, "encoder_config": encoder_config, "model_is_ema": model_is_ema,
+                           "epoch": epochs_done})
+    return path
+
+
+def paper_eval_command(args, flags: str = "") -> str:
+    """The eval_knn.py command line for OUTPUT_DIR/checkpoint-last.pth on the run's data, with `flags`."""
+    data = args.knn_data or args.data
+    seed = f" --seed {args.seed}" if parse_synthetic(data) is not None and args.seed else ""  # renders the same images
+    return (f"python eval_knn.py --checkpoint {checkpoint_path(args.output_dir)} --data {data}{seed} "
+            f"--img-size {args.img_size} {flags}").strip()

@@ -3,7 +3,8 @@
 Protocol papers
   - DINO, Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", arXiv:2104.14294,
     Sec. 4.1 + official eval_knn.py: k in {10, 20, 100, 200}, T = 0.07, CLS token after the final
-    LayerNorm, L2-normalised, resize 256 / center-crop 224 (bicubic), no augmentation.
+    LayerNorm, L2-normalised, resize 256 / center-crop 224 (bicubic; floor(S * 256 / 224) at other sizes S,
+    as facebookresearch/mae and timm), no augmentation.
   - Weighted k-NN vote from Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
     Discrimination", arXiv:1805.01978, Sec. 3.4 (T = 0.07).
   - MIM-Refiner, Alkin et al., arXiv:2402.10093: App. C.4 (k-NN with k = 10 "following DINO"), Fig. 3b
@@ -36,6 +37,8 @@ Launch (ImageNet-1K, ROOT/train and ROOT/val ImageFolders, 8 GPUs):
   Per-block sweep (MIM-Refiner Fig. 3b; every block in one pass, PNG next to the JSON):
     torchrun --nproc_per_node=8 eval_knn.py --checkpoint CKPT --data /imagenet --blocks all \
         --half-features --output-json blocks.json
+  The training scripts' k-NN monitor (k = 20 on a seeded fraction F of train, --knn-subset F --seed S):
+    python eval_knn.py --checkpoint CKPT --data ROOT --k 20 --block B --train-subset F --seed S
   Tiny CPU run:
     python eval_knn.py --checkpoint runs/mae/checkpoint-last.pth --data synthetic:2000:500 \
         --num-workers 0 --device cpu
@@ -75,7 +78,7 @@ import torch.nn.functional as F
 from common import (VIT_CONFIGS, UserError, WithIndex, autocast, build_dataset, build_loader,
                     checkpoint_encoder_config, convert_to_ours, create_vit, describe_vit, eval_transform,
                     init_distributed, load_encoder, load_file, progress, run_main, seed_everything,
-                    select_weights, all_gather_nograd)
+                    select_weights, all_gather_nograd, eval_resize, knn_bank_indices)
 
 
 @dataclass
@@ -142,7 +145,10 @@ class Args:
     device: str = "auto"
     """auto (CUDA if visible), cpu or cuda."""
     seed: int = 0
-    """Seed of the random init (--checkpoint none), the synthetic data and the low-shot subsets."""
+    """Seed of the random init (--checkpoint none), the synthetic data, the low-shot subsets and --train-subset."""
+    train_subset: float = 1.0
+    """Fraction of the train split used as the k-NN bank, drawn with --seed (common.knn_bank_indices); the
+    training scripts' monitor uses --knn-subset with their --seed, so the same values reproduce its number."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,6 +451,9 @@ def main(args: Args):
                         f"k-NN needs the same classes in ROOT/train and ROOT/val")
     class_names = list(train_ds.classes)
     train_targets = dataset_labels(train_ds)
+    if args.train_subset != 1.0:  # the bank: a seeded subset of train (k-NN monitor of the training scripts)
+        keep = knn_bank_indices(len(train_ds), args.train_subset, args.seed)
+        train_ds, train_targets = torch.utils.data.Subset(train_ds, keep.tolist()), train_targets[keep]
     num_classes = max(len(class_names), int(train_targets.max()) + 1, int(dataset_labels(val_ds).max()) + 1)
     for n in args.shots:  # fail now, not after extraction
         low_shot_indices(train_targets, n, args.seed, num_classes, class_names)
@@ -457,7 +466,7 @@ def main(args: Args):
             ln = " (post-norm model: already normalised, no final LayerNorm exists)"
         return f"block {b} of {depth}{ln}"
     dtype = torch.float16 if args.half_features else torch.float32
-    resize = int(round(img_size * 256 / 224))
+    resize = eval_resize(img_size)
     protocol = {
         "checkpoint": args.checkpoint,
         "weights": weights + ("; EMA/momentum weights (--ema)" if args.ema else
@@ -469,7 +478,7 @@ def main(args: Args):
         "normalization": "L2, cosine similarity",
         "k": args.k, "k_effective": [min(k, len(train_ds)) for k in args.k], "temperature": args.temperature,
         "vote": "sum over top-k of exp(sim/T) per class (DINO)",
-        "n_train": len(train_ds), "n_val": len(val_ds), "num_classes": num_classes,
+        "n_train": len(train_ds), "train_subset": args.train_subset, "n_val": len(val_ds), "num_classes": num_classes,
         "data": args.data, "img_size": img_size, "patch_size": encoder.patch_size,
         "transform": f"Resize({resize}, bicubic) + CenterCrop({img_size}) + ImageNet mean/std",
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",

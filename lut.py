@@ -217,6 +217,18 @@ class Args:
     """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
     exit_after_epochs: Optional[int] = None
     """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
+    knn_every: int = 0
+    """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    "model"); 0 = off. The LUT paper reports no k-NN."""
+    knn_data: Optional[str] = None
+    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
+    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
+    knn_subset: float = 0.1
+    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
+    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
+    save_every: int = 100
+    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
+    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: every 100 epochs (ModelSaver every_100_epochs)."""
 
 
 # ================================================================================================
@@ -532,6 +544,7 @@ def main(args: Args):
     warmup_steps = steps_per_epoch * args.warmup_epochs
 
     # ---------------------------------------------------------------- train
+    knn = common.KnnMonitor(args, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
         common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
         loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True,
@@ -600,9 +613,15 @@ def main(args: Args):
                 "step": step,
                 "args": dataclasses.asdict(args),
             })
+        common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(online.encoder), online.encoder.config(),
+                         model_is_ema=False)
+        knn(epoch + 1, online.encoder, step)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
             break
+    else:  # the LUT paper evaluates by fine-tuning and linear probing (Sec. 4), not k-NN
+        log.print("to evaluate as the paper: fine-tune or linear-probe (not in this repository); k-NN with DINO's "
+                  "protocol: " + common.paper_eval_command(args))
     log.print(f"done: {common.checkpoint_path(args.output_dir)}")
     log.close()
 

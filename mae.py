@@ -153,6 +153,18 @@ class Args:
     """train images (fixed, center-cropped) shown in recon_epochEEE.png each epoch; 0 disables"""
     exit_after_epochs: Optional[int] = None
     """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
+    knn_every: int = 0
+    """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    "model"); 0 = off. The MAE paper reports no k-NN."""
+    knn_data: Optional[str] = None
+    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
+    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
+    knn_subset: float = 0.1
+    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
+    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
+    save_every: int = 20
+    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
+    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: a checkpoint every 20 epochs (main_pretrain.py)."""
 
 
 # ==============================================================================================
@@ -444,6 +456,7 @@ def main(args: Args):
         vis_imgs = torch.stack([vis_ds[i][0] for i in picks])  # (V, 3, H, W)
         vis_noise = torch.rand(n_vis, N, generator=torch.Generator().manual_seed(args.seed))  # (V, N)
 
+    knn = common.KnnMonitor(args, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
         common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))  # CRUCIAL for exact resume
         loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
@@ -498,9 +511,14 @@ def main(args: Args):
                 log.image("train/reconstruction", grid, (epoch + 1) * steps_per_epoch)
                 msg += f" and {png}"
             log.print(msg)
+        common.save_kept(args, dist_info, epoch + 1, enc_sd, encoder.config(), model_is_ema=False)
+        knn(epoch + 1, encoder, (epoch + 1) * steps_per_epoch)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
             break
+    else:  # the MAE paper evaluates by fine-tuning and linear probing (Sec. 4), not k-NN
+        log.print("to evaluate as the paper: fine-tune or linear-probe (not in this repository); k-NN with DINO's "
+                  "protocol: " + common.paper_eval_command(args))
     log.close()
 
 

@@ -23,7 +23,7 @@ third: L/16 and 2B/14 blocks 16-23, H/14 blocks 20-31, App. A.1):
 NNA loss, Eq. 1-2, as the authors implement it (official nnclr_loss.py). Per head, n images per rank,
 N = n * world, views [g0, g1, l0..l(L-1)], all vectors L2-normalised:
   pre_i  = SG(z of global view i)                                    i in {0, 1}   (n, 256)
-  post_i = NN(pre_i, Q) = argmax_q pre_i . q  (Eq. 2; refine: uniform pick among the top-20; --exclude-self:
+  post_i = NN(pre_i, Q) = argmax_q pre_i . q  (Eq. 2; refine: uniform pick among the top-20; by default
            entries holding the same dataset index are skipped, official)            (n, 256)
   P_j    = all_gather_with_grad(p of view j)                                        (N, 256)
   logit_ij[b, c] = post_i[b] . P_j[c] / tau   if c == rank*n + b   (positive: the image's NN vs its other view)
@@ -33,8 +33,9 @@ N = n * world, views [g0, g1, l0..l(L-1)], all vectors L2-normalised:
   L_head = mean over those 2 + 2L terms;  L = sum over heads (Table 1c: summing suffices).
   Gradient flows only through the predictions p (gathered with gradient, so every sample's prediction
   gets the gradient of every rank's rows; DDP's average makes it the single-process gradient).
-  Eq. 1 writes the same objective for one anchor z_i with the NN as positive and stop-gradient features
-  of the other samples as negatives; like NNCLR, the code puts the gradient on the predictor side.
+  This is the transpose of Eq. 1, as in the official code: Eq. 1 puts the softmax over the other samples'
+  stop-gradient features for one prediction, the code over the gathered predictions (with gradient) for
+  one detached NN/query, which gives another value on the same inputs.
   Queue Q per head (65,536 x 256, FIFO, initialised randn with ids -1): after the lookup, the raw projections
   of global view 0 of ALL ranks (all-gathered, no grad) are enqueued with their dataset ids and labels.
   lr = blr * global_batch / 256; 4 warmup epochs (per update, starting just above 0) then cosine to 1e-6.
@@ -45,22 +46,26 @@ Launch (the user's command; paper setting for MAE ViT-H/14: batch 512, tau 0.3, 
   ViT-L/16: --model vit_l16 (checkpoints/mae_pretrain_vit_large.pth, batch 1024, tau 0.2)
   ViT-2B/14: --model vit_2b14 (checkpoints/mae_in1k/vit_2b14.pt from MAWS, batch 512, tau 0.35, blocks 0-5 frozen)
   data2vec 2.0: --init checkpoints/huge_imagenet.pt (fairseq file; selects the post-norm ViT, 20 epochs)
-  kNN of the result: eval_knn.py --checkpoint runs/mim_refiner/checkpoint-last.pth --data data/imagenet --model vit_h14
+  kNN of the result as the paper (App. C.4 k = 10, official knn.py: EMA encoder = "model", last-block CLS
+  without the final LayerNorm, train-standardised; printed at the end of the run):
+    eval_knn.py --checkpoint runs/mim_refiner/checkpoint-last.pth --data data/imagenet --no-final-norm --standardize --k 10
 Tiny CPU smoke run (about 5 min on 2 busy cores; --ema-momentum 0.9 because 0.9999 barely moves in 32 updates):
   python mim_refiner.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic:512 --init MAE.pth \
     --batch-size 64 --head-epochs 1 --epochs 4 --warmup-epochs 0.5 --blr 4e-3 --head-blr 4e-3 --queue-size 1024 \
     --local-crops 2 --head-blocks 10 11 --freeze-blocks 8 --head-hidden 256 --pred-hidden 512 --topk 1 \
     --ema-momentum 0.9 --num-workers 0 --device cpu
 
-Paper vs official code (paper is the default, official behaviour behind a flag):
+Paper vs official code (paper is the default, official behaviour behind a flag; one exception, below):
   * Local-view indexing (official src/losses/ssl/nnclr_loss.py): the official loss uses predicted[:, l] instead of [:, 2+l] for
     the local targets, i.e. targets g0, g1, l0..l(L-3) (incl. a same-view pair) and no loss on the last
     two locals -> `--official-local-indexing`. Default: the paper's intent, every local view a target.
   * Augmentation order: BYOL (the paper's reference) applies grayscale before blur/solarize (common.byol_view);
     kappadata applies them after. Blur radius U[0.1, 2.0] px at 224 px for every view (locals not shrunk).
-  * Self-match in the NN lookup: Eq. 2 searches the whole queue; the official queue gives entries with the
-    sample's own dataset index similarity -1 -> `--exclude-self`. Identical whenever the queue is shorter
-    than an epoch (ImageNet), so it only matters for tiny datasets.
+  * Self-match in the NN lookup (the one official default): Eq. 2 searches the whole queue; the official
+    queue gives entries with the sample's own dataset index similarity -1, the default here;
+    `--no-exclude-self` gives Eq. 2's literal lookup. They differ even with a queue shorter than an epoch:
+    a sample drawn late in one epoch can meet its own entry early in the next, about (Q/N)^2/2 = 0.13% of
+    lookups on ImageNet (Q = 65,536, N = 1.28M), and far more on a data set smaller than the queue.
 Other differences to the official code (no effect on the maths unless noted):
   * The official encoder EMA lives on rank 0 only; here every rank keeps it (identical values).
   * One run holds both stages; stage "refine" starts a fresh AdamW (official: a separate run).
@@ -198,11 +203,23 @@ class Args:
     """encoder EMA momentum per update during refinement (Table 10: 0.9999); the EMA is saved as "model\""""
     official_local_indexing: bool = False
     """official loss indexing (official nnclr_loss.py): local targets predicted[:, l] instead of [:, 2+l]"""
-    exclude_self: bool = False
-    """official lookup: never return the sample's own (older) queue entry as its NN (Eq. 2: the whole queue;
-    identical while the queue is shorter than an epoch, ImageNet: 65,536 < 1.28M; matters on tiny data)"""
+    exclude_self: bool = True
+    """official lookup: never return the sample's own (older) queue entry as its NN; --no-exclude-self: Eq. 2's
+    literal lookup of the whole queue (differs on ~0.13% of ImageNet lookups, far more on small data)"""
     exit_after_epochs: Optional[int] = None
     """testing: stop after this many completed epochs (both stages counted), as if the run was killed"""
+    knn_every: int = 1
+    """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    "model"); 0 = off. Official: k-NN on a 10% ImageNet subset after every epoch, both stages (App. E)."""
+    knn_data: Optional[str] = None
+    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
+    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
+    knn_subset: float = 0.1
+    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
+    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
+    save_every: int = 10
+    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
+    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: one kept every 10 epochs."""
 
 
 # Table 10 and App. A.1 per model; init file names from the official src/initializers/pretrained_initializer.py.
@@ -618,6 +635,7 @@ def main(args: Args):
     if args.compile:
         model.features_fn = torch.compile(model.features)
 
+    knn = common.KnnMonitor(args, dist_info, log, blocks=[*args.head_blocks, -1])  # the refined blocks
     stages = (("heads", 0, args.head_epochs), ("refine", args.head_epochs, total_epochs))
     for stage, first, last in stages:
         if start_epoch >= last:
@@ -701,10 +719,15 @@ def main(args: Args):
                     "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "stage": stage,
                     "args": dataclasses.asdict(args)})
                 log.print(f"epoch {epoch} ({stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
+            common.save_kept(args, dist_info, epoch + 1, ema_sd, encoder.config(), model_is_ema=True)
+            knn(epoch + 1, ema, (epoch + 1) * steps_per_epoch)
             if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:
                 log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
                 log.close()
                 return
+    # App. C.4 (k = 10, DINO's vote) with the official knn.py feature: EMA ("model"), last-block CLS without
+    # the final LayerNorm, standardised with the train statistics
+    log.print("to evaluate as the paper: " + common.paper_eval_command(args, "--no-final-norm --standardize --k 10"))
     log.close()
 
 

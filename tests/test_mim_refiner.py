@@ -1,5 +1,6 @@
 """mim_refiner.py: NNA loss vs explicit loops, 2 ranks == 1 rank (loss, gradients, SyncBN, queue), queue FIFO and
 self-exclusion, head placement, LLRD, local crop sizes, end to end (+ eval_knn.py), torchrun x2, exact resume."""
+import json
 import math
 import os
 import socket
@@ -286,8 +287,10 @@ def test_end_to_end_from_official_mae_file_then_eval_knn(refined, tmp_path):
     assert torch.equal(ck["model_online"]["pos_embed"], init["pos_embed"])
     assert ck["queues"]["0.ptr"].item() == (6 * 16) % 48  # 6 updates x 16 images of view g0
     assert 0.0 <= knn_top1(out / "checkpoint-last.pth", tmp_path, "synthetic:32:20", 8) <= 100.0
-    log = [l for l in (out / "log.jsonl").read_text().splitlines()]
+    log = [l for l in (out / "log.jsonl").read_text().splitlines() if "train/loss" in l]  # the k-NN monitor logs too
     assert len(log) == 6 and "train/nn_acc_block11" in log[-1]
+    knn = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if "knn/" in l]
+    assert len(knn) == 3 and all({"knn/top1_block10", "knn/top1_block11"} <= set(r) for r in knn)  # every epoch (official)
     p = run_script("mim_refiner.py", *args, "--output-dir", out)
     assert "nothing to do" in p.stdout
 

@@ -107,12 +107,19 @@ def test_fsdp_mim_refiner_resume_and_eval_knn(tmp_path):
     moved_online = (ck["model_online"][w] - enc0.state_dict()[w]).abs().max()
     moved_ema = (ck["model"][w] - enc0.state_dict()[w]).abs().max()
     assert moved_online > 0 and 0 < moved_ema < moved_online  # refined, EMA updated on the shards
-    losses = [json.loads(line)["train/loss"] for line in open(out / "log.jsonl")]
+    lines = [json.loads(line) for line in open(out / "log.jsonl")]
+    losses = [r["train/loss"] for r in lines if "train/loss" in r]
     assert len(losses) == 6 and all(0 < v < 20 for v in losses)
+    assert sum("knn/top1_block11" in r for r in lines) == 3  # the k-NN monitor ran on the sharded EMA every epoch
     knn = tmp_path / "knn.json"
     run_script("eval_knn.py", "--checkpoint", out / "checkpoint-last.pth", "--data", "synthetic:32:20", "--img-size", 32,
                "--patch-size", 8, "--k", 10, "--num-workers", 0, "--device", "cpu", "--output-json", knn)
     assert 0.0 <= read_json(knn)["top1"]["10"] <= 100.0
+    # the monitor's last number (sharded extraction) = eval_knn.py on its bank (default 10% of train, seed 0)
+    run_script("eval_knn.py", "--checkpoint", out / "checkpoint-last.pth", "--data", "synthetic:32:20", "--k", 20,
+               "--train-subset", 0.1, "--blocks", 10, 11, "--num-workers", 0, "--device", "cpu", "--output-json", knn)
+    ref = read_json(knn)["per_block"]
+    assert {b: lines[-1][f"knn/top1_block{b}"] for b in (10, 11)} == {b: ref[str(b)]["top1"]["20"] for b in (10, 11)}
 
 
 MAE = [*TINY, "--patch-size", 8, "--decoder-dim", 32, "--decoder-depth", 1, "--decoder-heads", 2, "--batch-size", 8,
