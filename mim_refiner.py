@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -140,8 +141,12 @@ class Args:
     """DataLoader worker processes per rank (12 views per image: augmentation is CPU-heavy)"""
     seed: int = 0
     """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
-    grad_checkpointing: bool = False
-    """activation checkpointing in the encoder blocks; needed for H/14 and 2B/14 (see the memory estimate)"""
+    grad_checkpointing: str = "auto"
+    """activation checkpointing of the encoder blocks: auto (on CUDA: as many blocks as the measured memory plan
+    needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data and no --init: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoder's forward_features"""
     device: str = "auto"
@@ -533,9 +538,70 @@ def is_post_norm_checkpoint(ckpt: dict) -> bool:
 
 
 # ==============================================================================================
+# One training step, and the memory plan that runs it on fake tensors
+# ==============================================================================================
+def train_step(ddp, optimizer, queues: nn.ModuleList, ema, encoder, x_global, x_local, ids, labels, *, n: int,
+               topk: int, train_encoder: bool, sync: bool, rank: int, step: int, args: Args, autocast):
+    """One micro-batch of the multi-crop NNA step (Sec. 3): forward of all views, loss with queue lookup and
+    enqueue (Eq. 1-2), backward; on the last micro-batch of an update (`sync`) the AdamW step and, while the
+    encoder trains (stage "refine"), its EMA (Table 10; official EmaCallback, constant momentum per update).
+    x_global (2n, 3, S, S) = [g0; g1]; x_local (L*n, 3, s, s) or None; ids, labels (n,).
+    Returns (loss, per-head losses, per-head NN accuracies)."""
+    with common.grad_sync(ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
+        with autocast():
+            outputs = ddp(x_global, x_local, train_encoder=train_encoder)  # per head (z, p), each (V*n, 256)
+        loss, head_losses, nn_accs = refiner_loss(outputs, queues, ids, labels, n, topk, args.temperature, rank,
+                                                  args.official_local_indexing, args.exclude_self)
+        common.check_finite(loss, step, args.output_dir)
+        (loss / args.accum_steps).backward()
+    if sync:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if train_encoder:
+            common.ema_update(ema, encoder, args.ema_momentum)
+    return loss, head_losses, nn_accs
+
+
+def build_modules(args: Args, post_norm: bool, grad_checkpointing):
+    """Encoder, Refiner (encoder + ID heads) and queues of the configured run (weights not yet loaded)."""
+    encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, post_norm=post_norm,
+                                grad_checkpointing=grad_checkpointing)
+    model = Refiner(encoder, args.head_blocks, args.head_hidden, args.head_dim, args.pred_hidden)
+    queues = nn.ModuleList([NNQueue(args.queue_size, args.head_dim) for _ in args.head_blocks])
+    return encoder, model, queues
+
+
+def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str) -> common.MemPlan:
+    """common.plan_memory for the refinement stage (the heavier one: the encoder trains) at the per-GPU batch."""
+    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
+
+    def build(k):
+        encoder, model, queues = build_modules(args, post_norm, k)
+        ema = copy.deepcopy(encoder).requires_grad_(False)
+        set_trainable(encoder, "refine", args.freeze_blocks)
+        optimizer = build_optimizer(model, "refine", args, 1.0, torch.device("cpu"))
+        S, s = args.img_size, args.local_size
+        xg, xl = torch.randn(2 * n, 3, S, S), torch.randn(args.local_crops * n, 3, s, s) if args.local_crops else None
+        ids, labels = torch.arange(n), torch.zeros(n, dtype=torch.long)
+        step = lambda autocast: train_step(model, optimizer, queues, ema, encoder, xg, xl, ids, labels, n=n,  # noqa: E731
+                                           topk=args.topk, train_encoder=True, sync=True, rank=0, step=0, args=args,
+                                           autocast=autocast)
+        return [model, queues, ema], [optimizer], step, list(encoder.blocks)
+
+    depth = common.VIT_CONFIGS[args.model][1]
+    what = f"MIM-Refiner {args.model}, {n} images x (2 + {args.local_crops}) views per GPU"
+    return common.plan_memory(build, what, depth - args.freeze_blocks, gpus, capacity, mode, args.fsdp, True,
+                              "BN statistics, the negatives of Eq. 1 and the queue update become per micro-batch")
+
+
+# ==============================================================================================
 # main
 # ==============================================================================================
 def main(args: Args):
+    if args.plan is not None:  # no data, no checkpoint: the step on fake tensors
+        args = resolve_args(args, args.post_norm)
+        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args, args.post_norm))
+        return
     dist_info = common.init_distributed(args.device)
     device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
     state = common.load_resume_state(args.output_dir)
@@ -563,6 +629,8 @@ def main(args: Args):
     if args.accum_steps > 1:
         warnings.warn("--accum-steps > 1: BatchNorm statistics, the negatives of Eq. 1 and the queue updates become "
                       "per micro-batch (not the paper's setting)")
+    checkpointed, fsdp_plan = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args, post_norm))
+    args = dataclasses.replace(args, fsdp=fsdp_plan)
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     peak_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     head_stage_lr = args.head_blr * args.batch_size / 256
@@ -587,10 +655,7 @@ def main(args: Args):
 
     # ---- model: the same seed on every rank, so heads and random queues start identical ----
     common.seed_everything(args.seed)
-    encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, post_norm=post_norm,
-                                grad_checkpointing=args.grad_checkpointing)
-    model = Refiner(encoder, args.head_blocks, args.head_hidden, args.head_dim, args.pred_hidden)
-    queues = nn.ModuleList([NNQueue(args.queue_size, args.head_dim) for _ in args.head_blocks])
+    encoder, model, queues = build_modules(args, post_norm, checkpointed)
     if state is not None:
         common.load_encoder(encoder, state["model_online"], what="the resume checkpoint")
         model.heads.load_state_dict(state["heads"])
@@ -665,20 +730,12 @@ def main(args: Args):
                 x_local = torch.cat(views[2:]).to(device, non_blocking=True) if args.local_crops else None  # (L*n, 3, s, s)
                 labels, ids = labels.to(device), ids.to(device)
                 sync = micro_step == args.accum_steps - 1
-                with common.grad_sync(ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
-                    with common.autocast(device):
-                        outputs = ddp(x_global, x_local, train_encoder=train_encoder)
-                    loss, head_losses, nn_accs = refiner_loss(outputs, queues, ids, labels, micro, topk,
-                                                              args.temperature, rank, args.official_local_indexing,
-                                                              args.exclude_self)
-                    common.check_finite(loss, global_step, args.output_dir)
-                    (loss / args.accum_steps).backward()
+                loss, head_losses, nn_accs = train_step(
+                    ddp, optimizer, queues, ema, encoder, x_global, x_local, ids, labels, n=micro, topk=topk,
+                    train_encoder=train_encoder, sync=sync, rank=rank, step=global_step, args=args,
+                    autocast=functools.partial(common.autocast, device))
                 if not sync:
                     continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if stage == "refine":  # encoder EMA, constant momentum per update (Table 10; official EmaCallback)
-                    common.ema_update(ema, encoder, args.ema_momentum)
                 loss_v = common.all_reduce_mean(loss.detach()).item()
                 if dist_info.is_main:
                     ips = (it + 1) * micro * world / max(time.time() - t0, 1e-9)
