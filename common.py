@@ -1281,15 +1281,30 @@ def checkpointing_mode(value: str) -> str:
     return value
 
 
-def fake_step_memory(build, k: int) -> dict:
-    """Run `build(k)`'s step(autocast) once on fake CPU tensors, bf16 CPU autocast where CUDA autocasts; bytes per GPU by kind. The peak is
-    for the steady state: optimizer states exist from the second update on, so the first step's peak gets the
-    states it had not yet allocated added (an upper bound wherever the peak falls)."""
+def step_memory(build, k: int, fake: bool = True, bf16: bool = True) -> dict:
+    """Run `build(k)`'s step(autocast) once, on fake CPU tensors (real ones with fake=False: tests), with bf16 CPU
+    autocast where the script autocasts on CUDA (fp32 with bf16=False); bytes per GPU by kind. The peak is for
+    the steady state: optimizer states exist from the second update on, so the first step's peak gets the states
+    it had not yet allocated added (an upper bound wherever the peak falls)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    amp = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         modules, optimizers, step, blocks = build(k)
-        tracker = MemTracker()
+        class PeakTracker(MemTracker):
+            """MemTracker with the global peak only (its per-module peaks loop over every module at every op:
+            minutes for ViT-H), plus the peak of the non-static kinds (activations and temporaries)."""
+            act_peak = None
+
+            def _update_peak_stats(self, peak_state):
+                for dev, snap in self._curr_mem_snap.items():
+                    snap = {str(kind).split(".")[-1]: v for kind, v in snap.items()}
+                    if snap["Total"] > self._peak_mem.get(dev, 0):
+                        self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], snap
+                    act = snap["Total"] - snap["PARAM"] - snap["BUFFER"] - snap["GRAD"] - snap["OPT"]
+                    self.act_peak = max(self.act_peak or 0, act)
+
+        tracker = PeakTracker()
         # MemTracker hooks every parameter's gradient and fails on frozen ones: give those an inert handle
         inert = (types.SimpleNamespace(remove=lambda: None),) * 2
         for m in modules:
@@ -1298,8 +1313,8 @@ def fake_step_memory(build, k: int) -> dict:
                     tracker._param_to_grad_hook_handles[p] = inert
         tracker.track_external(*modules, *optimizers)
         with tracker:
-            step(functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16))  # where the script autocasts on CUDA
-        at_peak = {str(kind).split(".")[-1]: v for kind, v in tracker.get_tracker_snapshot("peak")[torch.device("cpu")].items()}
+            step(amp)
+        at_peak = tracker._peak_mem_snap[torch.device("cpu")]  # bytes by kind when the total peaked
         params = {id(p): p for m in modules for p in m.parameters()}.values()
         buffers = {id(b): b for m in modules for b in m.buffers()}.values()
         trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -1308,7 +1323,7 @@ def fake_step_memory(build, k: int) -> dict:
         trainable_in_blocks = sum(p.numel() for b in blocks for p in b.parameters() if p.requires_grad)
         return dict(peak=at_peak["Total"] - at_peak["OPT"] + opt, weights=sum(p.nbytes for p in params),
                     buffers=sum(b.nbytes for b in buffers), grads=4 * trainable, opt=opt, trainable=trainable,
-                    act=at_peak["Total"] - at_peak["PARAM"] - at_peak["BUFFER"] - at_peak["GRAD"] - at_peak["OPT"],
+                    act=tracker.act_peak,  # at its own peak: under FSDP it can be the overall one
                     working=2 * max(block_params, default=0) * 8 + (trainable - trainable_in_blocks) * 10)
 
 
@@ -1353,7 +1368,7 @@ def plan_memory(build, what: str, n_blocks: int, gpus: int, capacity: float | No
 
     def need(k, sharded):
         if k not in cache:
-            cache[k] = fake_step_memory(build, k)
+            cache[k] = step_memory(build, k)
         return plan_need(cache[k], gpus, sharded)
 
     def make(k, sharded, fits, fix=""):
@@ -1377,6 +1392,11 @@ def plan_memory(build, what: str, n_blocks: int, gpus: int, capacity: float | No
     return make(n_blocks, fsdp or (fsdp_supported and gpus > 1), False, "; ".join(fix))
 
 
+def device_free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device (torch.cuda.mem_get_info); None on CPU (no limit known: auto = off)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 def apply_memory_plan(args, device: torch.device, world: int, plan_fn, log_print=print):
     """The start-up step of every training script. `--plan GPUSxGB`: print the plan line and return None (the
     caller exits 0). Otherwise returns (checkpointed blocks k, fsdp): auto on CUDA measures against the smallest
@@ -1388,9 +1408,10 @@ def apply_memory_plan(args, device: torch.device, world: int, plan_fn, log_print
         plan = plan_fn(gpus, cap, mode)
         print(plan.line() + (f"; would fit: {plan.fix}" if not plan.fits else ""), flush=True)
         return None
-    if device.type != "cuda" or mode != "auto":
+    free = device_free_memory(device) if mode == "auto" else None
+    if free is None:
         return (0 if mode != "on" else True), args.fsdp
-    free = torch.tensor(float(torch.cuda.mem_get_info(device)[0]), device=device)
+    free = torch.tensor(float(free), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(free, op=dist.ReduceOp.MIN)
     plan = plan_fn(world, free.item(), mode)

@@ -571,10 +571,9 @@ def build_modules(args: Args, post_norm: bool, grad_checkpointing):
     return encoder, model, queues
 
 
-def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str) -> common.MemPlan:
-    """common.plan_memory for the refinement stage (the heavier one: the encoder trains) at the per-GPU batch."""
-    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
-
+def plan_builder(args: Args, post_norm: bool, n: int):
+    """build(k) of common.plan_memory: the refinement stage (the heavier one: the encoder trains) with k
+    checkpointed blocks, random views of n images, and its train_step."""
     def build(k):
         encoder, model, queues = build_modules(args, post_norm, k)
         ema = copy.deepcopy(encoder).requires_grad_(False)
@@ -587,7 +586,13 @@ def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str) -> 
                                            topk=args.topk, train_encoder=True, sync=True, rank=0, step=0, args=args,
                                            autocast=autocast)
         return [model, queues, ema], [optimizer], step, list(encoder.blocks)
+    return build
 
+
+def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str) -> common.MemPlan:
+    """common.plan_memory of this run at the per-GPU batch that `gpus` processes give."""
+    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
+    build = plan_builder(args, post_norm, n)
     depth = common.VIT_CONFIGS[args.model][1]
     what = f"MIM-Refiner {args.model}, {n} images x (2 + {args.local_crops}) views per GPU"
     return common.plan_memory(build, what, depth - args.freeze_blocks, gpus, capacity, mode, args.fsdp, True,

@@ -1,0 +1,125 @@
+"""Memory plan (common section 9): the fake-tensor measurement against a real CPU step, the automatic choice of
+checkpointed blocks against a faked free memory, and `--plan` / `benchmarks/gpu_check.py` from the command line."""
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+import common
+import mim_refiner as mr
+from conftest import run_inprocess, run_script, write_mae_release_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# a tiny MIM-Refiner run: 16 patches, 2 heads, 2 local views
+TINY_MR = dict(model="vit_t16", img_size=32, patch_size=8, batch_size=8, local_crops=2, head_blocks=[10, 11],
+               head_hidden=64, pred_hidden=64, head_dim=32, queue_size=64, topk=1)
+TINY_MR_FLAGS = ["--model", "vit_t16", "--img-size", "32", "--patch-size", "8", "--batch-size", "8", "--local-crops", "2",
+                 "--head-blocks", "10", "11", "--head-hidden", "64", "--pred-hidden", "64", "--head-dim", "32",
+                 "--queue-size", "64", "--topk", "1"]
+
+
+def tiny_args(**kw):
+    return mr.resolve_args(mr.Args(**{**TINY_MR, **kw}), post_norm=False)
+
+
+@pytest.mark.parametrize("k", [0, 12])
+def test_fake_measurement_equals_real_cpu_step(k):
+    """The same train_step measured on fake tensors and on real CPU tensors (fp32 both: a CPU build has no bf16
+    reference of the CUDA kernels): every kind agrees to 1 %, and the static part is exactly the parameter and
+    AdamW-state bytes counted by hand. The real run also confirms the activation term by counting the bytes of
+    the tensors autograd saves (saved_tensors_hooks): they are what checkpointing trades away."""
+    build = mr.plan_builder(tiny_args(), False, n=8)
+    fake = common.step_memory(build, k, fake=True, bf16=False)
+    real = common.step_memory(build, k, fake=False, bf16=False)
+    for key in ("peak", "act", "weights", "opt", "buffers"):
+        assert fake[key] == pytest.approx(real[key], rel=0.01), (key, fake[key], real[key])
+    modules, optimizers, _, _ = build(k)
+    params = {id(p): p for m in modules for p in m.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    assert real["weights"] == 4 * sum(p.numel() for p in params)
+    assert real["opt"] == pytest.approx(8 * trainable, abs=64 * len(optimizers[0].param_groups) + 4096)  # m, v (+ steps)
+    # the bytes autograd saves for backward (real tensors, unique storages, parameters excluded) lie within the
+    # measured activation peak: MemTracker's ACT/TEMP kinds are the saved tensors plus transient buffers
+    modules, optimizers, step, _ = build(k)
+    param_ptrs = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(contextlib.nullcontext)
+    assert 0.3 * real["act"] < sum(saved.values()) <= real["act"] * 1.01, (sum(saved.values()), real["act"])
+
+
+def test_checkpointing_halves_activations_of_the_tiny_run():
+    """k = 12 of 12 blocks stores a block input instead of the block's internals: the measured activations fall
+    by a factor > 2 and the need is monotone in k (what the interpolation of plan_memory relies on)."""
+    build = mr.plan_builder(tiny_args(), False, n=8)
+    acts = [common.step_memory(build, k)["act"] for k in (0, 6, 12)]
+    assert acts[0] > acts[1] > acts[2] and acts[0] > 2 * acts[2], acts
+
+
+def plan_needs(args, gpus=1):
+    off = mr.memory_plan(args, False, gpus, None, "off").need
+    on = mr.memory_plan(args, False, gpus, None, "on").need
+    return off, on
+
+
+def test_auto_plan_turns_checkpointing_on_exactly_when_needed(monkeypatch):
+    args = tiny_args()
+    off, on = plan_needs(args)
+    assert on < off
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "device_free_memory", lambda device: off + 1)
+    a = dataclasses.replace(args, grad_checkpointing="auto")
+    assert common.apply_memory_plan(a, cpu, 1, lambda g, c, m: mr.memory_plan(a, False, g, c, m)) == (0, False)
+    monkeypatch.setattr(common, "device_free_memory", lambda device: (off + on) / 2)
+    k, fsdp = common.apply_memory_plan(a, cpu, 1, lambda g, c, m: mr.memory_plan(a, False, g, c, m))
+    assert 0 < k < 12 and not fsdp
+    assert mr.memory_plan(a, False, 1, (off + on) / 2, "auto").need <= (off + on) / 2
+    # one block fewer would not fit: k is the smallest
+    fewer = common.plan_need(common.step_memory(mr.plan_builder(a, False, 8), k - 1), 1, False)
+    assert fewer > (off + on) / 2
+    monkeypatch.setattr(common, "device_free_memory", lambda device: on - 1)
+    with pytest.raises(common.UserError, match="accum-steps"):
+        common.apply_memory_plan(a, cpu, 1, lambda g, c, m: mr.memory_plan(a, False, g, c, m))
+    # no free-memory figure (CPU): auto = off, nothing measured
+    monkeypatch.setattr(common, "device_free_memory", lambda device: None)
+    assert common.apply_memory_plan(a, cpu, 1, None) == (0, False)
+
+
+def test_training_run_uses_the_planned_blocks(tmp_path, capsys, monkeypatch):
+    """With a faked free memory between the needs at k = 0 and k = 12, the run prints the plan line and its
+    encoder runs exactly k blocks under torch.utils.checkpoint per encoder call (global and local views)."""
+    args = tiny_args()
+    off, on = plan_needs(args)
+    monkeypatch.setattr(common, "device_free_memory", lambda device: (off + on) / 2)
+    k = mr.memory_plan(args, False, 1, (off + on) / 2, "auto").checkpointed
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))
+    write_mae_release_checkpoint(tmp_path / "mae.pth", img_size=32, patch_size=8)
+    init = tmp_path / "mae.pth"
+    code, out, err = run_inprocess(capsys, mr, *TINY_MR_FLAGS, "--num-workers", 0, "--device", "cpu",
+                                   "--data", "synthetic:8:8", "--init", init, "--head-epochs", 0, "--epochs", 1,
+                                   "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    assert f"checkpointing {k} of 12 blocks" in out
+    assert len(calls) == 2 * k  # one step: the encoder runs on the global and on the local views
+
+
+def test_plan_flag_prints_the_line_and_exits_0():
+    p = run_script("mim_refiner.py", *TINY_MR_FLAGS, "--plan", "4x80")
+    lines = [x for x in p.stdout.splitlines() if x.startswith("plan:")]
+    assert len(lines) == 1 and "checkpointing 0 of 12 blocks" in lines[0] and "DDP" in lines[0], p.stdout
+    assert "2 images x (2 + 2) views per GPU" in lines[0]  # batch 8 over 4 GPUs
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    p = run_script("benchmarks/gpu_check.py")
+    assert p.stdout.strip().splitlines() == ["gpu_check: no CUDA device visible; nothing measured"], p.stdout
