@@ -571,17 +571,19 @@ def build_modules(args: Args, post_norm: bool, grad_checkpointing):
     return encoder, model, queues
 
 
-def plan_builder(args: Args, post_norm: bool, n: int):
+def plan_builder(args: Args, post_norm: bool, n: int, device=torch.device("cpu")):
     """build(k) of common.plan_memory: the refinement stage (the heavier one: the encoder trains) with k
-    checkpointed blocks, random views of n images, and its train_step."""
+    checkpointed blocks, random views of n images, and its train_step (on `device`: benchmarks/gpu_check.py)."""
     def build(k):
         encoder, model, queues = build_modules(args, post_norm, k)
         ema = copy.deepcopy(encoder).requires_grad_(False)
         set_trainable(encoder, "refine", args.freeze_blocks)
-        optimizer = build_optimizer(model, "refine", args, 1.0, torch.device("cpu"))
-        S, s = args.img_size, args.local_size
-        xg, xl = torch.randn(2 * n, 3, S, S), torch.randn(args.local_crops * n, 3, s, s) if args.local_crops else None
-        ids, labels = torch.arange(n), torch.zeros(n, dtype=torch.long)
+        model.to(device), queues.to(device), ema.to(device)
+        optimizer = build_optimizer(model, "refine", args, 1.0, device)
+        S, s, kw = args.img_size, args.local_size, dict(device=device)
+        xg = torch.randn(2 * n, 3, S, S, **kw)
+        xl = torch.randn(args.local_crops * n, 3, s, s, **kw) if args.local_crops else None
+        ids, labels = torch.arange(n, **kw), torch.zeros(n, dtype=torch.long, **kw)
         step = lambda autocast: train_step(model, optimizer, queues, ema, encoder, xg, xl, ids, labels, n=n,  # noqa: E731
                                            topk=args.topk, train_encoder=True, sync=True, rank=0, step=0, args=args,
                                            autocast=autocast)
