@@ -157,7 +157,7 @@ def fit_flags(method: str, s: dict, cap_gb: float) -> str:
             continue
         e = estimate(s, n, gc, f)
         if e["total"] <= cap_gb * GB:
-            flags = [x for x, on in (("--grad-checkpointing", gc), ("--fsdp", f), (f"--accum-steps {k}", k > 1)) if on]
+            flags = [x for x, on in (("--grad-checkpointing on", gc), ("--fsdp", f), (f"--accum-steps {k}", k > 1)) if on]
             return f"{' '.join(flags) or '(none)'}: {e['total'] / GB:.0f} GB"
     return "does not fit: 8 GPUs" + ("" if method in FSDP_METHODS else " (no --fsdp here)")
 
