@@ -37,6 +37,7 @@ import sys
 import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1289,7 +1290,8 @@ def step_memory(build, k: int, fake: bool = True, bf16: bool = True) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     amp = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor")  # deepcopy of a fake module (EMA)
         modules, optimizers, step, blocks = build(k)
         class PeakTracker(MemTracker):
             """MemTracker with the global peak only (its per-module peaks loop over every module at every op:

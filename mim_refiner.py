@@ -40,7 +40,7 @@ N = n * world, views [g0, g1, l0..l(L-1)], all vectors L2-normalised:
   lr = blr * global_batch / 256; 4 warmup epochs (per update, starting just above 0) then cosine to 1e-6.
 
 Launch (the user's command; paper setting for MAE ViT-H/14: batch 512, tau 0.3, 30+20 epochs):
-  torchrun --standalone --nproc_per_node=4 mim_refiner.py --model vit_h14 --grad-checkpointing
+  torchrun --nproc_per_node=4 mim_refiner.py --model vit_h14
     (expects checkpoints/mae_pretrain_vit_huge.pth and data/imagenet/train/<class>/*.JPEG)
   ViT-L/16: --model vit_l16 (checkpoints/mae_pretrain_vit_large.pth, batch 1024, tau 0.2)
   ViT-2B/14: --model vit_2b14 (checkpoints/mae_in1k/vit_2b14.pt from MAWS, batch 512, tau 0.35, blocks 0-5 frozen)
@@ -69,26 +69,7 @@ Other differences to the official code (no effect on the maths unless noted):
   * Gradient accumulation (--accum-steps > 1) is allowed with a warning: BN statistics, negatives and the
     queue update become per micro-batch (the official automatic accumulation has the same semantics).
 
-Memory per GPU, user's command on 4 x A100 at the paper batch (bf16 autocast, --grad-checkpointing),
-estimated, not measured (no GPU was available); per rank n = 512/4 = 128 images:
-  tokens per rank T = 2n*(1+(224/14)^2) + 10n*(1+(98/14)^2) = 256*257 + 1280*50 = 129,792
-  static = trainable params x 16 B (fp32 weight, grad, AdamW m, v) + frozen params x 4 B + EMA x 4 B
-           + bf16 weight copies cached by autocast x 2 B + queues (heads x 65,536 x (256 x 4 B + 16 B))
-  activations = checkpointed block inputs T x D x 4 B (fp32 residual stream) per trainable block
-           + one block recomputed in backward, ~38 B x D per token (LN inputs fp32, qkv/attn/MLP bf16)
-           + heads (heads x 12n rows x ~20k activations x 4 B); +10% allocator slack on the total
-  ViT-H/14 (630M encoder, 12 heads x 9.5M): static 16.5 GB + activations 21.3 (32 x 0.66) + 6.3 + 1.6 GB
-           = 46 GB, ~50 GB with slack: fits 4 x A100-80GB, NOT 40 GB. On 40 GB: 8 GPUs (n=64) or
-           --accum-steps 2 (changes BN/negatives): ~34 GB.
-  ViT-2B/14 (1.89B encoder, blocks 0-5 frozen -> 1.42B trainable, 8 heads x 12.1M): static 38 GB +
-           activations 23.9 (18 x 1.33) + 12.6 + 1.1 GB = 76 GB, ~83 GB with slack: does NOT fit 4 x 80 GB
-           at batch 512 (nor 40 GB). 8 x 80 GB (n=64) or --accum-steps 2 on 4 x 80 GB: ~62 GB.
-           With --fsdp (parameters, gradients, AdamW states and the EMA sharded over the 4 GPUs): ~54 GB with
-           slack, fits 4 x 80 GB at batch 512; 4 x 40 GB with --fsdp --accum-steps 2 (~33 GB).
-  (ViT-L/16 at batch 1024 on 4 GPUs, n=256: ~41 GB with slack.) Without --grad-checkpointing the
-  activations grow ~10x (H: ~200 GB per GPU), so it is required for H and 2B.
-  All methods and models: benchmarks/mem_estimate.py (the same formula, exact parameter counts).
-  ViT-2B/14 launch: torchrun --nproc_per_node=4 mim_refiner.py --model vit_2b14 --fsdp --grad-checkpointing
+Memory per GPU, measured: docs/memory.md; `--plan 4x40` prints this run's plan (no data, no GPU needed).
 """
 from __future__ import annotations
 
