@@ -1282,6 +1282,22 @@ def checkpointing_mode(value: str) -> str:
     return value
 
 
+@contextlib.contextmanager
+def _deepcopy_by_clone(cls):
+    """Within the block, deepcopy of a `cls` tensor is a clone: copying the EMA/momentum modules of a fake run
+    otherwise fails on BatchNorm's num_batches_tracked (a fake tensor that holds a real constant)."""
+    def clone(self, memo):
+        if id(self) not in memo:
+            t = self.detach().clone()
+            memo[id(self)] = nn.Parameter(t, self.requires_grad) if isinstance(self, nn.Parameter) else t
+        return memo[id(self)]
+    cls.__deepcopy__ = clone
+    try:
+        yield
+    finally:
+        del cls.__deepcopy__
+
+
 def step_memory(build, k: int, fake: bool = True, bf16: bool = True) -> dict:
     """Run `build(k)`'s step(autocast) once, on fake CPU tensors (real ones with fake=False: tests), with bf16 CPU
     autocast where the script autocasts on CUDA (fp32 with bf16=False); bytes per GPU by kind. The peak is for
@@ -1290,13 +1306,21 @@ def step_memory(build, k: int, fake: bool = True, bf16: bool = True) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     amp = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), warnings.catch_warnings():
+    from torch._subclasses.fake_tensor import FakeTensor
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), warnings.catch_warnings(), \
+            _deepcopy_by_clone(FakeTensor):
         warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor")  # deepcopy of a fake module (EMA)
         modules, optimizers, step, blocks = build(k)
         class PeakTracker(MemTracker):
             """MemTracker with the global peak only (its per-module peaks loop over every module at every op:
             minutes for ViT-H), plus the peak of the non-static kinds (activations and temporaries)."""
             act_peak = None
+
+            def _pre_fw_hook(self, module, inputs):
+                try:
+                    super()._pre_fw_hook(module, inputs)
+                except NotImplementedError:  # a top-level module called again (MAE-CT's g_m once per view): it
+                    pass  # is tracked already, and only its per-module statistics (unused here) would differ
 
             def _update_peak_stats(self, peak_state):
                 for dev, snap in self._curr_mem_snap.items():

@@ -488,7 +488,8 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
         queue = NNQueue(args.queue_size, args.proj_dim)
         ema_encoder = copy.deepcopy(encoder).requires_grad_(False)
         set_trainable(model, 2, args.frozen_blocks)
-        target_projector = copy.deepcopy(model.projector).requires_grad_(False)
+        # g_m: the same module as the projector (values do not matter here; deepcopy of a fake BN fails)
+        target_projector = build_projector(encoder.dim, args.proj_hidden, args.proj_dim).requires_grad_(False)
         optimizer = build_optimizer(model, 2, args, 1.0, 1.0, torch.device("cpu"))
         views = [torch.randn(n, 3, args.img_size, args.img_size) for _ in range(NUM_VIEWS)]
         ids, labels = torch.arange(n), torch.zeros(n, dtype=torch.long)

@@ -70,8 +70,9 @@ def test_auto_plan_checkpoints_exactly_the_blocks_needed_and_the_run_uses_them(t
     and k = 12: the run prints the plan line, checkpoints the smallest k that fits (k - 1 would not) and its encoder
     runs exactly k blocks under torch.utils.checkpoint. More free memory than the need at k = 0: no checkpointing;
     less than at k = 12: one error line naming --accum-steps. No free-memory figure (CPU): off, nothing measured."""
-    flags = [*TINY_MR_FLAGS, "--local-crops", "0", "--head-blocks", "11"]
-    args = tiny_args(local_crops=0, head_blocks=[11])
+    # 128 images: activations (not the optimizer update) make the peak, as in the paper runs
+    flags = [*TINY_MR_FLAGS, "--local-crops", "0", "--head-blocks", "11", "--batch-size", "128"]
+    args = tiny_args(local_crops=0, head_blocks=[11], batch_size=128)
     off = mr.memory_plan(args, False, 1, None, "off").need
     on = mr.memory_plan(args, False, 1, None, "on").need
     assert on < off
@@ -79,9 +80,13 @@ def test_auto_plan_checkpoints_exactly_the_blocks_needed_and_the_run_uses_them(t
     monkeypatch.setattr(common, "device_free_memory", lambda device: free)
     calls = []
     real_checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))
+
+    def counting_checkpoint(fn, x, *a, **kw):  # the training run's calls (the plan's fake steps checkpoint too)
+        calls.extend([] if common.is_fake(x) else [1])
+        return real_checkpoint(fn, x, *a, **kw)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     write_mae_release_checkpoint(tmp_path / "mae.pth", img_size=32, patch_size=8)
-    code, out, err = run_inprocess(capsys, mr, *flags, "--num-workers", 0, "--device", "cpu", "--data", "synthetic:8:8",
+    code, out, err = run_inprocess(capsys, mr, *flags, "--num-workers", 0, "--device", "cpu", "--data", "synthetic:128:8",
                                    "--init", tmp_path / "mae.pth", "--head-epochs", 0, "--epochs", 1,
                                    "--output-dir", tmp_path / "run")
     assert code == 0, err
@@ -89,7 +94,7 @@ def test_auto_plan_checkpoints_exactly_the_blocks_needed_and_the_run_uses_them(t
     k = int(line.split("checkpointing ")[1].split(" of 12")[0])
     assert 0 < k < 12 and "single process" in line
     assert len(calls) == k  # one update, one encoder call (global views; no local views)
-    build = mr.plan_builder(args, False, 8)
+    build = mr.plan_builder(args, False, 128)
     assert common.plan_need(common.step_memory(build, k), 1, False) <= free
     assert common.plan_need(common.step_memory(build, k - 1), 1, False) > free
     cpu, plan = torch.device("cpu"), lambda g, c, m: mr.memory_plan(args, False, g, c, m)
