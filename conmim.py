@@ -427,29 +427,10 @@ def train_step(model, teacher, online, opt, weak: torch.Tensor, strong: torch.Te
 
 
 def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
-    """common.plan_memory for ConMIM (online branch, momentum teacher) at the per-GPU batch. Not measurable yet:
-    the loss's logits[mask] has a data-dependent shape, which FakeTensorMode refuses (it needs a ShapeEnv)."""
+    """`--plan` for ConMIM: refused. The step (train_step) is extracted, but its loss indexes logits[mask]:
+    a data-dependent shape, which FakeTensorMode refuses (it would need a ShapeEnv with unbacked sizes)."""
     raise UserError("ConMIM's loss selects the masked tokens (a data-dependent shape) and cannot run on fake tensors; "
                     "--plan is not available for conmim.py (docs/memory.md gives the formula estimate)")
-    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
-
-    def build(k):
-        encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                                    drop_path_rate=args.drop_path, rel_pos_bias=args.pos_embed == "rel")
-        online = ConMIMBranch(encoder, Projector(encoder.dim, args.head_hidden_dim, args.head_out_dim))
-        teacher = copy.deepcopy(online).requires_grad_(False)
-        online.encoder.grad_checkpointing = k
-        opt = common.make_adamw(common.param_groups(online.named_parameters(), args.weight_decay), 1.0, betas=(0.9, 0.98))
-        S = args.img_size
-        weak, strong = torch.randn(n, 3, S, S), torch.randn(n, 3, S, S)
-        mask = torch.rand(n, encoder.num_patches) < args.mask_ratio
-        step = lambda autocast: train_step(online, teacher, online, opt, weak, strong, mask, world=1, sync=True,  # noqa: E731
-                                           m=args.momentum, step=0, args=args, autocast=autocast)
-        return [online, teacher], [opt], step, list(encoder.blocks)
-
-    what = f"ConMIM {args.model}, {n} images x 2 views per GPU"
-    return common.plan_memory(build, what, common.VIT_CONFIGS[args.model][1], gpus, capacity, mode, False, False,
-                              "the projector BatchNorm normalises per micro-batch")
 
 
 def main(args: Args):

@@ -134,7 +134,7 @@ class Args:
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
     fsdp: bool = False
     """shard encoder, EMA encoder, heads, gradients and AdamW states over the processes with PyTorch FSDP2
-    (fully_shard) instead of DDP; for ViT-2B/14 (benchmarks/mem_estimate.py). Checkpoints keep the plain format"""
+    (fully_shard) instead of DDP; selected by --grad-checkpointing auto when DDP cannot fit (docs/memory.md). Checkpoints keep the plain format"""
     # ---- MIM-Refiner flags ----
     init: Optional[str] = None
     """pre-trained MIM encoder: our mae.py checkpoint, an official MAE / MAWS / data2vec 2.0 file; None ->
