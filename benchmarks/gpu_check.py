@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py            # prints one table; without CUDA one line, exit 0
 
-1. Every training script (mae, mae_ct, mim_refiner, lut, conmim) runs 3 updates of a small model (ViT-S/16 at 64 px,
+1. Every training script (mae, mae_ct, mim_refiner, lut, conmim) runs 4 updates of a small model (ViT-S/16 at 64 px,
    synthetic data, paper heads/decoders shrunk as in the tiny tests) on CUDA with bf16 autocast, SDPA, fused AdamW
    and --compile, and the same command on the CPU in fp32. Compared: the first logged loss (step 0, the same
    initial weights and the same CPU-side augmentations). Tolerance: 2 % relative for MAE-CT and MIM-Refiner (views
@@ -42,8 +42,8 @@ SCRIPTS = {  # script: (extra flags, tolerance)
                    "--init", "INIT"], 0.02),
     "mim_refiner.py": (["--batch-size", "64", "--head-epochs", "0", "--epochs", "1", "--queue-size", "512", "--topk", "1",
                         "--local-crops", "2", "--init", "INIT"], 0.02),
-    "lut.py": (["--batch-size", "64", "--epochs", "1"], 0.10),
-    "conmim.py": (["--batch-size", "64", "--epochs", "1"], 0.10),
+    "lut.py": (["--batch-size", "64", "--epochs", "1", "--log-every", "1"], 0.10),
+    "conmim.py": (["--batch-size", "64", "--epochs", "1", "--log-every", "1"], 0.10),
 }
 
 
