@@ -17,6 +17,7 @@ Contents, top to bottom:
      data2vec 2.0 files with pos_embed interpolation and clear architecture-mismatch errors.
   8. Logging: rank-0 tqdm, TensorBoard, log.jsonl, args.json.
   9. During training: k-NN monitor (weighted vote of DINO), kept epoch checkpoints, eval command.
+  10. Memory plan: one training step on fake tensors, measured peak, `--plan` and `--grad-checkpointing auto`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import ast
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import inspect
 import json
@@ -34,7 +36,9 @@ import random
 import subprocess
 import sys
 import textwrap
+import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,7 +201,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (B, ...) of every rank in rank order -> (W*B, ...), keeping the gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or is_fake(x):
         return x
     return _GatherWithGrad.apply(x)
 
@@ -206,7 +210,7 @@ def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` of every rank in rank order, no gradient (queues, features, labels).
     Every rank must pass the same shape."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or is_fake(x):
         return x
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
@@ -214,11 +218,17 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or is_fake(x):
         return x
     x = x.detach().clone()
     dist.all_reduce(x)
     return x / dist.get_world_size()
+
+
+def is_fake(x: torch.Tensor) -> bool:
+    """A FakeTensor of the memory planner (section 10): it never communicates (a plan is one process's view)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(x, FakeTensor)
 
 
 def seed_everything(seed: int):
@@ -477,8 +487,9 @@ class VisionTransformer(nn.Module):
         bias = None if self.rel_pos_bias is None else self.rel_pos_bias(keep_idx)  # shared by all blocks (BEiT)
         want = {} if return_blocks is None else {b % self.depth: i for i, b in enumerate(return_blocks)}
         outs = [None] * len(want)
+        ckpt = self.checkpointed_blocks() if torch.is_grad_enabled() else ()
         for i, blk in enumerate(self.blocks):
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if i in ckpt:
                 x = torch.utils.checkpoint.checkpoint(blk, x, bias, use_reentrant=False)
             else:
                 x = blk(x, bias)
@@ -487,6 +498,17 @@ class VisionTransformer(nn.Module):
         if not self.post_norm:
             x = self.norm(x)
         return x if return_blocks is None else (x, outs)
+
+    def checkpointed_blocks(self) -> list[int]:
+        """Blocks run under activation checkpointing. `grad_checkpointing`: True -> every block with trainable
+        parameters; an int k -> the first k of those (the memory plan checkpoints only as many as it must, the
+        others keep their faster stored-activation backward); False/0 -> none. A frozen leading block (MIM-Refiner
+        ViT-2B/14) stores nothing for backward, so checkpointing it would only cost a recompute."""
+        gc = self.grad_checkpointing
+        if gc is False or gc is None or gc == 0:
+            return []
+        trainable = [i for i, b in enumerate(self.blocks) if any(p.requires_grad for p in b.parameters())]
+        return trainable if gc is True else trainable[:int(gc)]
 
     def forward(self, x):  # CLS token after the final norm, (B, D), as timm with num_classes=0
         return self.forward_features(x)[:, 0]
@@ -883,6 +905,8 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float, copy_buffers:
 
 def check_finite(loss: torch.Tensor, step: int, output_dir: str):
     """Stop cleanly on a NaN/inf loss (MAE exits the same way) and say how to go on."""
+    if is_fake(loss):  # the memory planner's step has no values
+        return
     if not torch.isfinite(loss).all():
         raise UserError(f"loss is {loss.item()} at step {step}; the last good checkpoint is "
                         f"{os.path.join(output_dir, 'checkpoint-last.pth')}: lower --blr/--lr or disable --compile, "
@@ -1391,3 +1415,206 @@ def paper_eval_command(args, flags: str = "") -> str:
     seed = f" --seed {args.seed}" if parse_synthetic(data) is not None and args.seed else ""  # renders the same images
     return (f"python eval_knn.py --checkpoint {checkpoint_path(args.output_dir)} --data {data}{seed} "
             f"--img-size {args.img_size} {flags}").strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Memory plan (--plan GPUSxGB, --grad-checkpointing auto|on|off)
+# ----------------------------------------------------------------------------------------------
+# Each script hands `plan_memory` a `build(k)` that constructs the configured run with k checkpointed blocks
+# (models, heads, decoder, queues, EMA copies, optimizer, random inputs of the per-GPU batch) and returns its
+# one-update `train_step`. It is built and run once per k on FakeTensorMode CPU tensors (no memory, no data, no
+# init checkpoint) under bf16 CPU autocast (the CUDA run's dtypes); MemTracker gives the peak per kind.
+# What the fake run cannot see, covered by PLAN_MARGIN x peak + PLAN_FIXED:
+#   allocator fragmentation and rounding (the caching allocator's reserved/allocated ratio is typically 1.05-1.1
+#   with fixed shapes), transient kernel workspaces (cuBLAS 32 MiB, SDPA flash/efficient: O(B h N) logsumexp,
+#   included; cuDNN conv of the patch embedding), NCCL communicator buffers and streams (~0.5-1 GiB for a few
+#   ranks) and, when --plan runs off-GPU, the CUDA context (~0.5 GiB, outside torch.cuda.mem_get_info's free
+#   figure when measured on the GPU). benchmarks/gpu_check.py measures max_memory_allocated against the plan.
+# Sharding (FSDP) cannot run on fake tensors in one process; it is modelled: (weights + gradients + optimizer
+# states + EMA) / GPUS + the measured activations + the gathered working set (2 blocks in bf16 with bf16 and fp32
+# gradients, 8 B/param, and the root unit unsharded in fp32 with its gradient and autocast copy, 10 B/param).
+PLAN_MARGIN = 1.10
+PLAN_FIXED = 2 * 2**30
+GiB = 2**30
+
+
+def parse_plan(spec: str) -> tuple[int, float]:
+    """`--plan GPUSxGB` -> (gpus, bytes per GPU); GB as the card is named (A100-40GB has 40 GiB)."""
+    try:
+        g, gb = spec.lower().split("x")
+        gpus, cap = int(g), float(gb)
+        assert gpus >= 1 and cap > 0
+    except (ValueError, AssertionError):
+        raise UserError(f"--plan {spec!r}: expected GPUSxGB, e.g. --plan 4x80 (4 GPUs of 80 GB)") from None
+    return gpus, cap * GiB
+
+
+def checkpointing_mode(value: str) -> str:
+    if value not in ("auto", "on", "off"):
+        raise UserError(f"--grad-checkpointing {value!r}: choose auto, on or off")
+    return value
+
+
+@contextlib.contextmanager
+def _deepcopy_by_clone(cls):
+    """Within the block, deepcopy of a `cls` tensor is a clone: copying the EMA/momentum modules of a fake run
+    otherwise fails on BatchNorm's num_batches_tracked (a fake tensor that holds a real constant)."""
+    def clone(self, memo):
+        if id(self) not in memo:
+            t = self.detach().clone()
+            memo[id(self)] = nn.Parameter(t, self.requires_grad) if isinstance(self, nn.Parameter) else t
+        return memo[id(self)]
+    cls.__deepcopy__ = clone
+    try:
+        yield
+    finally:
+        del cls.__deepcopy__
+
+
+def step_memory(build, k: int, fake: bool = True, bf16: bool = True) -> dict:
+    """Run `build(k)`'s step(autocast) once, on fake CPU tensors (real ones with fake=False: tests), with bf16 CPU
+    autocast where the script autocasts on CUDA (fp32 with bf16=False); bytes per GPU by kind. The peak is for
+    the steady state: optimizer states exist from the second update on, so the first step's peak gets the states
+    it had not yet allocated added (an upper bound wherever the peak falls)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    amp = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
+    from torch._subclasses.fake_tensor import FakeTensor
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), warnings.catch_warnings(), \
+            _deepcopy_by_clone(FakeTensor):
+        warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor")  # deepcopy of a fake module (EMA)
+        modules, optimizers, step, blocks = build(k)
+        class PeakTracker(MemTracker):
+            """MemTracker with the global peak only (its per-module peaks loop over every module at every op:
+            minutes for ViT-H), plus the peak of the non-static kinds (activations and temporaries)."""
+            act_peak = None
+
+            def _pre_fw_hook(self, module, inputs):
+                try:
+                    super()._pre_fw_hook(module, inputs)
+                except NotImplementedError:  # a top-level module called again (MAE-CT's g_m once per view): it
+                    pass  # is tracked already, and only its per-module statistics (unused here) would differ
+
+            def _update_peak_stats(self, peak_state):
+                for dev, snap in self._curr_mem_snap.items():
+                    snap = {str(kind).split(".")[-1]: v for kind, v in snap.items()}
+                    if snap["Total"] > self._peak_mem.get(dev, 0):
+                        self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], snap
+                    act = snap["Total"] - snap["PARAM"] - snap["BUFFER"] - snap["GRAD"] - snap["OPT"]
+                    self.act_peak = max(self.act_peak or 0, act)
+
+        tracker = PeakTracker()
+        # MemTracker hooks every parameter's gradient and fails on frozen ones: give those an inert handle
+        inert = (types.SimpleNamespace(remove=lambda: None),) * 2
+        for m in modules:
+            for p in m.parameters():
+                if not p.requires_grad:
+                    tracker._param_to_grad_hook_handles[p] = inert
+        tracker.track_external(*modules, *optimizers)
+        with tracker:
+            step(amp)
+        at_peak = tracker._peak_mem_snap[torch.device("cpu")]  # bytes by kind when the total peaked
+        params = {id(p): p for m in modules for p in m.parameters()}.values()
+        buffers = {id(b): b for m in modules for b in m.buffers()}.values()
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        opt = sum(t.nbytes for o in optimizers for st in o.state.values() for t in st.values() if torch.is_tensor(t))
+        block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
+        trainable_in_blocks = sum(p.numel() for b in blocks for p in b.parameters() if p.requires_grad)
+        return dict(peak=at_peak["Total"] - at_peak["OPT"] + opt, weights=sum(p.nbytes for p in params),
+                    buffers=sum(b.nbytes for b in buffers), grads=4 * trainable, opt=opt, trainable=trainable,
+                    act=tracker.act_peak,  # at its own peak: under FSDP it can be the overall one
+                    working=2 * max(block_params, default=0) * 8 + (trainable - trainable_in_blocks) * 10)
+
+
+def plan_need(m: dict, gpus: int, fsdp: bool) -> float:
+    """Bytes per GPU with margin: measured (DDP: + one fp32 gradient bucket copy per trainable parameter for
+    gpus > 1) or the FSDP model above."""
+    if fsdp:
+        raw = (m["weights"] + m["grads"] + m["opt"]) / gpus + m["buffers"] + m["act"] + m["working"]
+    else:
+        raw = m["peak"] + (4 * m["trainable"] if gpus > 1 else 0)
+    return PLAN_MARGIN * raw + PLAN_FIXED
+
+
+@dataclass
+class MemPlan:
+    what: str  # model and per-GPU batch/views
+    gpus: int
+    capacity: float | None  # bytes per GPU, None: no limit known (CPU)
+    checkpointed: int  # k of n trainable blocks under activation checkpointing
+    n_blocks: int
+    fsdp: bool
+    need: float  # bytes per GPU, margin included
+    fits: bool
+    fix: str = ""  # what would fit, when it does not
+
+    def line(self) -> str:
+        cap = f" of {self.capacity / GiB:.0f} GiB" if self.capacity else ""
+        return (f"plan: {self.what} on {self.gpus} GPU(s); checkpointing {self.checkpointed} of {self.n_blocks} blocks; "
+                f"{'FSDP' if self.fsdp else 'DDP' if self.gpus > 1 else 'single process'}; measured peak "
+                f"{self.need / GiB:.1f} GiB{cap} per GPU (x{PLAN_MARGIN} + {PLAN_FIXED // GiB} GiB margin)"
+                + ("" if self.fits else " -- does NOT fit"))
+
+
+def plan_memory(build, what: str, n_blocks: int, gpus: int, capacity: float | None, mode: str = "auto",
+                fsdp: bool = False, fsdp_supported: bool = False, accum_note: str = "") -> MemPlan:
+    """Choose the number k of checkpointed blocks (and DDP or FSDP) so that the measured need fits `capacity`.
+    mode on/off fixes k = n / 0 (measured once); auto: k = 0 if that fits, else the smallest k that fits (the
+    need falls linearly in k: every block stores the same activations; interpolated from k = 0 and k = n, then
+    confirmed by a measurement at k). DDP first; if even k = n does not fit, FSDP where the script supports it.
+    capacity None (CPU): auto = off."""
+    cache = {}
+
+    def need(k, sharded):
+        if k not in cache:
+            cache[k] = step_memory(build, k)
+        return plan_need(cache[k], gpus, sharded)
+
+    def make(k, sharded, fits, fix=""):
+        return MemPlan(what, gpus, capacity, k, n_blocks, sharded, need(k, sharded), fits, fix)
+
+    if mode != "auto" or capacity is None:
+        k = n_blocks if mode == "on" else 0
+        return make(k, fsdp, capacity is None or need(k, fsdp) <= capacity)
+    for sharded in ([fsdp] if fsdp or not (fsdp_supported and gpus > 1) else [False, True]):
+        if need(0, sharded) <= capacity:
+            return make(0, sharded, True)
+        hi, lo = need(n_blocks, sharded), need(0, sharded)
+        if hi > capacity:
+            continue
+        k = min(n_blocks, max(1, math.ceil(n_blocks * (lo - capacity) / max(lo - hi, 1.0))))
+        while need(k, sharded) > capacity and k < n_blocks:
+            k += 1
+        return make(k, sharded, True)
+    fix = ["more GPUs (a smaller per-GPU batch, the same maths)" + ("" if fsdp_supported else "; this script has no --fsdp"),
+           f"--accum-steps 2 or more ({accum_note or 'the same maths'})"]
+    return make(n_blocks, fsdp or (fsdp_supported and gpus > 1), False, "; ".join(fix))
+
+
+def device_free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device (torch.cuda.mem_get_info); None on CPU (no limit known: auto = off)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def apply_memory_plan(args, device: torch.device, world: int, plan_fn, log_print=print):
+    """The start-up step of every training script. `--plan GPUSxGB`: print the plan line and return None (the
+    caller exits 0). Otherwise returns (checkpointed blocks k, fsdp): auto on CUDA measures against the smallest
+    free memory over the ranks (torch.cuda.mem_get_info), so every rank takes the same decision; on CPU auto is off.
+    A run that cannot fit stops here with one line naming what would. `plan_fn(gpus, capacity, mode)` -> MemPlan."""
+    mode = checkpointing_mode(args.grad_checkpointing)
+    if getattr(args, "plan", None):
+        gpus, cap = parse_plan(args.plan)
+        plan = plan_fn(gpus, cap, mode)
+        print(plan.line() + (f"; would fit: {plan.fix}" if not plan.fits else ""), flush=True)
+        return None
+    free = device_free_memory(device) if mode == "auto" else None
+    if free is None:
+        return (0 if mode != "on" else True), args.fsdp
+    free = torch.tensor(float(free), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    plan = plan_fn(world, free.item(), mode)
+    if not plan.fits:
+        raise UserError(f"{plan.line()}; the paper batch needs one of: {plan.fix}")
+    log_print(plan.line())
+    return plan.checkpointed, plan.fsdp

@@ -92,6 +92,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -140,8 +141,12 @@ class Args:
     """data-loader worker processes per rank"""
     seed: int = 0
     """random seed; paper 0 (App. A)"""
-    grad_checkpointing: bool = False
-    """activation checkpointing in the online encoder (saves memory, ~30% slower)"""
+    grad_checkpointing: str = "auto"
+    """activation checkpointing of the online encoder: auto (on CUDA: as many blocks as the measured memory plan
+    needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoders' forward_features"""
     device: str = "auto"
@@ -395,6 +400,38 @@ def forward_loss(online, teacher, weak, strong, mask, temperature):
     return conmim_loss(q, k, mask, temperature)
 
 
+def train_step(model, teacher, online, opt, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor, *,
+               world: int, sync: bool, m: float, step: int, args: Args, autocast):
+    """One micro-batch of ConMIM (Algorithm 1): dense contrastive loss of the corrupted strong view against the
+    momentum model's weak view, backward of loss / accum_steps; on the last micro-batch of an update (`sync`)
+    gradient clipping, the AdamW step and the momentum update with coefficient m (Sec. 4, parameters only).
+    weak, strong (n, 3, S, S); mask (n, N) bool. Returns (loss, grad norm or None)."""
+    no_sync = not sync and isinstance(model, nn.parallel.DistributedDataParallel)
+    with model.no_sync() if no_sync else contextlib.nullcontext():
+        with autocast():
+            loss_sum, n_masked = forward_loss(model, teacher, weak, strong, mask, args.temperature)
+        # mean over the masked tokens of the GLOBAL micro-batch: sum / (global count / world), so that
+        # DDP's gradient averaging gives the single-process gradient (module docstring)
+        n_global = common.all_reduce_mean(n_masked.float()) * world if world > 1 else n_masked.float()
+        loss = loss_sum * world / n_global.clamp(min=1)
+        common.check_finite(loss, step, args.output_dir)
+        (loss / args.accum_steps).backward()
+    if not sync:
+        return loss, None
+    grad_norm = torch.nn.utils.clip_grad_norm_(online.parameters(), args.clip_grad if args.clip_grad else float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    common.ema_update(teacher, online, m, copy_buffers=False)  # official: parameters only
+    return loss, grad_norm
+
+
+def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
+    """`--plan` for ConMIM: refused. The step (train_step) is extracted, but its loss indexes logits[mask]:
+    a data-dependent shape, which FakeTensorMode refuses (it would need a ShapeEnv with unbacked sizes)."""
+    raise UserError("ConMIM's loss selects the masked tokens (a data-dependent shape) and cannot run on fake tensors; "
+                    "--plan is not available for conmim.py (docs/memory.md gives the formula estimate)")
+
+
 def main(args: Args):
     # ---------------------------------------------------------------- flags
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
@@ -423,8 +460,13 @@ def main(args: Args):
     if not 0.0 < args.crop_min_scale <= 1.0:
         raise UserError("--crop-min-scale must be in (0, 1]")
 
+    if args.plan is not None:  # no data: the step on fake tensors
+        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
+        return
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
+    # the loss indexes the masked tokens (a data-dependent shape that fake tensors cannot run): auto = off here
+    checkpointed = True if common.checkpointing_mode(args.grad_checkpointing) == "on" else 0
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256  # linear scaling (see docstring)
     min_lr = min(args.min_lr, lr)
@@ -453,7 +495,7 @@ def main(args: Args):
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     online.to(device)
     teacher.to(device)
-    online.encoder.grad_checkpointing = args.grad_checkpointing
+    online.encoder.grad_checkpointing = checkpointed
 
     is_table = lambda n: n.endswith("relative_position_bias_table")  # noqa: E731
     groups = common.param_groups([(n, p) for n, p in online.named_parameters() if not is_table(n)], args.weight_decay)
@@ -530,28 +572,16 @@ def main(args: Args):
             if it_acc == 0:
                 cur_lr = common.cosine_schedule(step, total_steps, lr, min_lr, warmup_steps)
                 common.set_lr(opt, cur_lr)
-            sync = contextlib.nullcontext() if (last or not dist_info.enabled) else model.no_sync()
-            with sync:
-                with common.autocast(device):
-                    loss_sum, n_masked = forward_loss(model, teacher, weak, strong, mask, args.temperature)
-                # mean over the masked tokens of the GLOBAL micro-batch: sum / (global count / world), so that
-                # DDP's gradient averaging gives the single-process gradient (module docstring)
-                n_global = common.all_reduce_mean(n_masked.float()) * world if dist_info.enabled else n_masked.float()
-                loss = loss_sum * world / n_global.clamp(min=1)
-                common.check_finite(loss, step, args.output_dir)
-                (loss / args.accum_steps).backward()
+            # momentum coefficient (Sec. 4): theta~ <- m theta~ + (1 - m) theta, m: cosine 0.996 -> 1 over all steps
+            m = common.momentum_schedule(step, total_steps, args.momentum, args.momentum_final)
+            loss, grad_norm = train_step(model, teacher, online, opt, weak, strong, mask, world=world, sync=last, m=m,
+                                         step=step, args=args, autocast=functools.partial(common.autocast, device))
             ep_loss += float(common.all_reduce_mean(loss.detach()))
             ep_n += 1
             it_acc += 1
             if not last:
                 continue
             it_acc = 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(online.parameters(), args.clip_grad if args.clip_grad else float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            # momentum update (Sec. 4): theta~ <- m theta~ + (1 - m) theta, m: cosine 0.996 -> 1 over all steps
-            m = common.momentum_schedule(step, total_steps, args.momentum, args.momentum_final)
-            common.ema_update(teacher, online, m, copy_buffers=False)  # official: parameters only
             step += 1
             if dist_info.is_main:
                 ips = (micro_step + 1) * micro * world / max(time.time() - t0, 1e-9)

@@ -100,6 +100,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -150,8 +151,12 @@ class Args:
     """data-loader worker processes per rank (official 10)"""
     seed: int = 0
     """random seed (official 0)"""
-    grad_checkpointing: bool = False
-    """activation checkpointing in the online encoder (saves memory, ~30% slower)"""
+    grad_checkpointing: str = "auto"
+    """activation checkpointing of the online encoder: auto (on CUDA: as many blocks as the measured memory plan
+    needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoders' forward_features"""
     device: str = "auto"
@@ -441,6 +446,49 @@ def forward_losses(model, momentum: MomentumBranch, weak, strong, num_patches: i
     return loss_mim, loss_bc
 
 
+def train_step(model, momentum, online, opt, weak: torch.Tensor, strong: torch.Tensor, *, weight: float,
+               num_patches: int, sync: bool, m: float, step: int, args: Args, autocast):
+    """One micro-batch of LUT: MIM and context (momentum-branch) losses of Eq. (3), backward of loss / accum_steps;
+    on the last micro-batch of an update (`sync`) the AdamW step and the momentum update with coefficient m
+    (Sec. 5.1.2). weak, strong (n, 3, S, S). Returns (loss, loss_mim, loss_bc)."""
+    no_sync = not sync and isinstance(model, nn.parallel.DistributedDataParallel)
+    with model.no_sync() if no_sync else contextlib.nullcontext():
+        with autocast():
+            loss_mim, loss_bc = forward_losses(model, momentum, weak, strong, num_patches, args.mask_ratio,
+                                               args.symmetric)
+        loss = args.mae_weight * loss_mim + weight * loss_bc  # Eq. (3)
+        common.check_finite(loss, step, args.output_dir)
+        (loss / args.accum_steps).backward()
+    if sync:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        momentum_update(momentum, online, m)
+    return loss, loss_mim, loss_bc
+
+
+def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
+    """common.plan_memory for LUT (online branch with decoder and head, momentum branch) at the per-GPU batch."""
+    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
+
+    def build(k):
+        encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size)
+        weight = args.context_weight if args.context_weight is not None else default_context_weight(encoder.dim)
+        online = LUTOnline(encoder, args)
+        momentum = MomentumBranch(online).eval()
+        online.encoder.grad_checkpointing = k
+        opt = common.make_adamw(common.param_groups(online.named_parameters(), args.weight_decay), 1.0,
+                                betas=(0.9, args.beta2))
+        weak, strong = torch.randn(n, 3, args.img_size, args.img_size), torch.randn(n, 3, args.img_size, args.img_size)
+        step = lambda autocast: train_step(online, momentum, online, opt, weak, strong, weight=weight,  # noqa: E731
+                                           num_patches=encoder.num_patches, sync=True, m=args.momentum, step=0,
+                                           args=args, autocast=autocast)
+        return [online, momentum], [opt], step, list(encoder.blocks)
+
+    what = f"LUT {args.model}, {n} images x 2 views per GPU"
+    return common.plan_memory(build, what, common.VIT_CONFIGS[args.model][1], gpus, capacity, mode, False, False,
+                              "the head BatchNorm normalises per micro-batch")
+
+
 def main(args: Args):
     # ---------------------------------------------------------------- flags
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
@@ -471,8 +519,12 @@ def main(args: Args):
     if not 0.0 < args.rrc_min_scale <= 1.0 or args.src_padding < 0:
         raise UserError("--rrc-min-scale must be in (0, 1] and --src-padding >= 0")
 
+    if args.plan is not None:  # no data: the step on fake tensors
+        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
+        return
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
+    checkpointed, _ = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     if args.lr is not None:
         lr = args.lr
@@ -495,7 +547,7 @@ def main(args: Args):
     momentum = MomentumBranch(online)  # f~, h~ start as exact copies (official deepcopy)
     online.to(device)
     momentum.to(device)
-    online.encoder.grad_checkpointing = args.grad_checkpointing
+    online.encoder.grad_checkpointing = checkpointed
 
     groups = common.param_groups(online.named_parameters(), args.weight_decay)
     opt = common.make_adamw(groups, lr, betas=(0.9, args.beta2), device=device)
@@ -563,14 +615,11 @@ def main(args: Args):
             if it_acc == 0:
                 cur_lr = common.cosine_schedule(step, total_steps, lr, min_lr, warmup_steps)
                 common.set_lr(opt, cur_lr)
-            sync = contextlib.nullcontext() if (last or not dist_info.enabled) else model.no_sync()
-            with sync:
-                with common.autocast(device):
-                    loss_mim, loss_bc = forward_losses(model, momentum, weak, strong, encoder.num_patches,
-                                                       args.mask_ratio, args.symmetric)
-                loss = args.mae_weight * loss_mim + weight * loss_bc  # Eq. (3)
-                common.check_finite(loss, step, args.output_dir)
-                (loss / args.accum_steps).backward()
+            # momentum coefficient (Sec. 5.1.2): 0.996 at the first optimizer step -> exactly 1 at the last one
+            m = common.momentum_schedule(step, max(total_steps - 1, 1), args.momentum, args.momentum_final)
+            loss, loss_mim, loss_bc = train_step(model, momentum, online, opt, weak, strong, weight=weight,
+                                                 num_patches=encoder.num_patches, sync=last, m=m, step=step, args=args,
+                                                 autocast=functools.partial(common.autocast, device))
             for i, v in enumerate((loss, loss_mim, loss_bc)):
                 sums[i] += float(common.all_reduce_mean(v.detach()))
             n_micro += 1
@@ -578,11 +627,6 @@ def main(args: Args):
             if not last:
                 continue
             it_acc = 0
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            # momentum update (Sec. 5.1.2): 0.996 at the first optimizer step -> exactly 1 at the last one
-            m = common.momentum_schedule(step, max(total_steps - 1, 1), args.momentum, args.momentum_final)
-            momentum_update(momentum, online, m)
             step += 1
             if dist_info.is_main:
                 ips = (micro_step + 1) * micro * world / max(time.time() - t0, 1e-9)

@@ -71,6 +71,7 @@ Differences to the official code (none changes the method):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -119,8 +120,12 @@ class Args:
     """DataLoader worker processes per rank"""
     seed: int = 0
     """random seed (per epoch and rank via common.epoch_seed, so resume is exact and ranks mask differently)"""
-    grad_checkpointing: bool = False
-    """activation checkpointing in encoder and decoder blocks (saves memory for L/H, costs ~30% speed)"""
+    grad_checkpointing: str = "auto"
+    """activation checkpointing: auto (on CUDA: the first k encoder, then decoder, blocks the measured memory plan
+    needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoder's forward_features and the decoder's forward"""
     device: str = "auto"
@@ -228,7 +233,7 @@ class MaeDecoder(nn.Module):
     loads into it and ours merges into an official state dict."""
 
     def __init__(self, enc_dim: int, grid: int, patch_size: int, dim: int = 512, depth: int = 8, num_heads: int = 16,
-                 in_chans: int = 3, mlp_ratio: float = 4.0, grad_checkpointing: bool = False):
+                 in_chans: int = 3, mlp_ratio: float = 4.0, grad_checkpointing: bool | int = False):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
         self.decoder_embed = nn.Linear(enc_dim, dim)  # encoder width -> decoder width
@@ -261,8 +266,9 @@ class MaeDecoder(nn.Module):
         x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # un-shuffle, (B, N, d)
         x = torch.cat([x[:, :1], x_], dim=1)  # prepend [CLS], (B, 1+N, d)
         x = x + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        ckpt = len(self.decoder_blocks) if self.grad_checkpointing is True else int(self.grad_checkpointing or 0)
+        for i, blk in enumerate(self.decoder_blocks):
+            if i < ckpt and torch.is_grad_enabled():  # the first `ckpt` blocks (True: all)
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
@@ -367,27 +373,71 @@ def validate(args: Args):
         raise UserError(common.FSDP_UNSUPPORTED_WITH_COMPILE)
 
 
-def main(args: Args):
-    validate(args)
-    dist_info = common.init_distributed(args.device)
-    device, world = dist_info.device, dist_info.world_size
-    micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
-    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256  # linear scaling (App. A.1)
+def train_step(ddp, optimizer, imgs: torch.Tensor, *, sync: bool, step: int, args: Args, autocast) -> torch.Tensor:
+    """One micro-batch of MAE (Sec. 3): random masking, encoder on the visible patches, decoder, per-patch pixel
+    MSE on the masked patches (Eq. in Sec. 3, norm_pix_loss App. A.1), backward of loss / accum_steps; on the last
+    micro-batch of an update (`sync`) the AdamW step. imgs (n, 3, H, W). Returns the loss (scalar)."""
+    with common.grad_sync(ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
+        with autocast():
+            loss, _, _ = ddp(imgs)
+        common.check_finite(loss, step, args.output_dir)
+        (loss / args.accum_steps).backward()  # gradients of the mean over the accumulated micro-batches
+    if sync:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
 
+
+def build_modules(args: Args, checkpointed):
+    """Encoder, decoder and MaskedAutoencoder; `checkpointed` k: the first k encoder blocks, then decoder blocks."""
+    enc_depth = common.VIT_CONFIGS.get(args.model, (0, 0))[1]
+    enc_k = checkpointed if isinstance(checkpointed, bool) else min(checkpointed, enc_depth)
+    dec_k = checkpointed if isinstance(checkpointed, bool) else max(0, checkpointed - enc_depth)
     try:
         common.seed_everything(args.seed)  # same initial weights on every rank
         encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                                    grad_checkpointing=args.grad_checkpointing)
+                                    grad_checkpointing=enc_k)
     except AssertionError as e:  # sin-cos table needs dim % 4 == 0
         raise UserError(f"cannot build --model {args.model}: {e}") from None
+    decoder = MaeDecoder(encoder.dim, encoder.grid, encoder.patch_size, args.decoder_dim, args.decoder_depth,
+                         args.decoder_heads, grad_checkpointing=dec_k)
+    return encoder, decoder, MaskedAutoencoder(encoder, decoder, args.mask_ratio, args.norm_pix_loss)
+
+
+def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
+    """common.plan_memory for MAE at the per-GPU batch; k counts encoder blocks first, then decoder blocks."""
+    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
+
+    def build(k):
+        encoder, decoder, model = build_modules(args, k)
+        optimizer = common.make_adamw(build_param_groups(model, args.weight_decay, args.token_weight_decay), lr=1.0)
+        imgs = torch.randn(n, 3, args.img_size, args.img_size)
+        step = lambda autocast: train_step(model, optimizer, imgs, sync=True, step=0, args=args, autocast=autocast)  # noqa: E731
+        return [model], [optimizer], step, list(encoder.blocks) + list(decoder.decoder_blocks)
+
+    what = f"MAE {args.model} + {args.decoder_depth}-block decoder, {n} images per GPU"
+    return common.plan_memory(build, what, common.VIT_CONFIGS[args.model][1] + args.decoder_depth, gpus, capacity,
+                              mode, args.fsdp, True, "the same maths: the loss is a per-image mean")
+
+
+def main(args: Args):
+    validate(args)
+    if args.plan is not None:  # no data: the step on fake tensors
+        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
+        return
+    dist_info = common.init_distributed(args.device)
+    device, world = dist_info.device, dist_info.world_size
+    checkpointed, fsdp_plan = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
+    args = dataclasses.replace(args, fsdp=fsdp_plan)
+    micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256  # linear scaling (App. A.1)
+
+    encoder, decoder, model = build_modules(args, checkpointed)
     N = encoder.num_patches
     len_keep = int(N * (1 - args.mask_ratio))
     if not 1 <= len_keep < N:
         raise UserError(f"--mask-ratio {args.mask_ratio} keeps {len_keep} of {N} patches; it must keep at least one "
                         f"and remove at least one")
-    decoder = MaeDecoder(encoder.dim, encoder.grid, encoder.patch_size, args.decoder_dim, args.decoder_depth,
-                         args.decoder_heads, grad_checkpointing=args.grad_checkpointing)
-    model = MaskedAutoencoder(encoder, decoder, args.mask_ratio, args.norm_pix_loss)
 
     dataset = common.build_dataset(args.data, "train", common.mae_train_transform(args.img_size, (args.crop_min_scale, 1.0)),
                                    img_size=args.img_size, seed=args.seed)
@@ -472,17 +522,12 @@ def main(args: Args):
             if it % args.accum_steps == 0:  # per-iteration warmup + cosine (official lr_sched, fractional epoch)
                 cur_lr = common.cosine_schedule(step, total_steps, base=lr, final=args.min_lr, warmup_steps=warmup_steps)
                 common.set_lr(optimizer, cur_lr)
-            imgs = imgs.to(device, non_blocking=True)
-            with common.grad_sync(ddp, last_micro):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
-                with common.autocast(device):
-                    loss, _, _ = ddp(imgs)
-                common.check_finite(loss, step, args.output_dir)
-                (loss / args.accum_steps).backward()  # gradients of the mean over the accumulated micro-batches
+            imgs = imgs.to(device, non_blocking=True)  # (n, 3, H, W)
+            loss = train_step(ddp, optimizer, imgs, sync=last_micro, step=step, args=args,
+                              autocast=functools.partial(common.autocast, device))
             accum_loss += loss.detach() / args.accum_steps
             if not last_micro:
                 continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             loss_v = common.all_reduce_mean(accum_loss).item()  # mean over ranks, for logging only
             accum_loss, loss_sum = 0.0, loss_sum + loss_v
             if dist_info.is_main:

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -110,8 +111,12 @@ class Args:
     """DataLoader worker processes per rank"""
     seed: int = 0
     """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
-    grad_checkpointing: bool = False
-    """activation checkpointing in the encoder blocks (saves memory for L/H, costs ~30 percent speed)"""
+    grad_checkpointing: str = "auto"
+    """activation checkpointing of the encoder blocks: auto (on CUDA: as many trainable blocks as the measured
+    memory plan needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data and no --init: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoder's forward_features"""
     device: str = "auto"
@@ -390,15 +395,16 @@ def nnclr_loss(nn_anchor: torch.Tensor, pred: torch.Tensor, temperature: float) 
 
 def mae_ct_forward_loss(model: nn.Module, target_projector: Optional[nn.Module], queue: NNQueue,
                         views: list[torch.Tensor], ids: torch.Tensor, labels: torch.Tensor,
-                        temperature: float, topk: int, exclude_self: bool, device: torch.device):
+                        temperature: float, topk: int, exclude_self: bool, device: torch.device, autocast=None):
     """One step's forward: both views, NN lookups, symmetric loss, then enqueue view 0 (official order:
     before backward). Stage 1 passes target_projector=None (NN path = online projector, App. A.2).
-    Returns (loss, metrics)."""
-    with common.autocast(device):
+    autocast: context factory, default common.autocast(device). Returns (loss, metrics)."""
+    autocast = autocast or functools.partial(common.autocast, device)
+    with autocast():
         ys, projected, predicted = model(views)
     with torch.no_grad():  # NN path: z = normalize(g_m(y)) (Alg. 1); detached, batch-stat BN (train mode)
         if target_projector is not None:
-            with common.autocast(device):
+            with autocast():
                 zs = [target_projector(y.detach()) for y in ys]
         else:
             zs = [z.detach() for z in projected]
@@ -466,13 +472,64 @@ def build_views(args: Args):
 # ==============================================================================================
 # main
 # ==============================================================================================
+def train_step(ddp, optimizer, target_projector, ema_encoder, queue: NNQueue, views: list[torch.Tensor], ids, labels,
+               *, stage: int, temperature: float, topk: int, step: int, args: Args, device, autocast=None):
+    """One update of Algorithm 1: forward of both views, NN lookup in the queue, symmetric NNCLR loss, enqueue of
+    view 0, backward, AdamW step; in stage 2 the projector EMA g_m and the encoder EMA f_m (BN buffers copied).
+    views 2 x (n, 3, S, S); ids, labels (n,). Returns (loss, metrics)."""
+    loss, metrics = mae_ct_forward_loss(ddp, target_projector, queue, views, ids, labels, temperature, topk,
+                                        args.exclude_self, device, autocast)
+    common.check_finite(loss, step, args.output_dir)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if stage == 2:
+        common.ema_update(target_projector, unwrap_model(ddp).projector, args.projector_ema)
+        common.ema_update(ema_encoder, unwrap_model(ddp).encoder, args.encoder_ema)
+    return loss, metrics
+
+
+def unwrap_model(ddp):
+    return ddp.module if isinstance(ddp, nn.parallel.DistributedDataParallel) else ddp
+
+
+def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
+    """common.plan_memory for stage 2 (encoder, heads, both EMAs and the queue) at the per-GPU batch."""
+    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
+
+    def build(k):
+        encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, grad_checkpointing=k)
+        model = MaeCt(encoder, args.pool, args.proj_hidden, args.proj_dim, args.pred_hidden)
+        queue = NNQueue(args.queue_size, args.proj_dim)
+        ema_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        set_trainable(model, 2, args.frozen_blocks)
+        # g_m: the same module as the projector (values do not matter here; deepcopy of a fake BN fails)
+        target_projector = build_projector(encoder.dim, args.proj_hidden, args.proj_dim).requires_grad_(False)
+        optimizer = build_optimizer(model, 2, args, 1.0, 1.0, torch.device("cpu"))
+        views = [torch.randn(n, 3, args.img_size, args.img_size) for _ in range(NUM_VIEWS)]
+        ids, labels = torch.arange(n), torch.zeros(n, dtype=torch.long)
+        step = lambda autocast: train_step(model, optimizer, target_projector, ema_encoder, queue, views, ids, labels,  # noqa: E731
+                                           stage=2, temperature=args.temperature, topk=args.topk, step=0, args=args,
+                                           device=torch.device("cpu"), autocast=autocast)
+        return [model, queue, ema_encoder, target_projector], [optimizer], step, list(encoder.blocks)
+
+    depth = common.VIT_CONFIGS[args.model][1]
+    what = f"MAE-CT {args.model}, {n} images x {NUM_VIEWS} views per GPU"
+    return common.plan_memory(build, what, depth - args.frozen_blocks, gpus, capacity, mode, False, False,
+                              "this script refuses it: BN statistics, negatives and the queue would change")
+
+
 def main(args: Args):
     args = resolve_args(args)
+    if args.plan is not None:  # no data, no checkpoint: the step on fake tensors
+        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
+        return
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
         raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; MAE-CT up to ViT-H/14 trains with "
                         "DDP (drop --fsdp, add --grad-checkpointing)")
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
+    checkpointed, _ = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     enc_lr = args.lr if args.lr is not None else scaled_lr(args.blr, args.batch_size)
     head_lr = scaled_lr(args.head_blr, args.batch_size)
@@ -503,7 +560,7 @@ def main(args: Args):
 
     common.seed_everything(args.seed)
     encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                                grad_checkpointing=args.grad_checkpointing)
+                                grad_checkpointing=checkpointed)
     model = MaeCt(encoder, args.pool, args.proj_hidden, args.proj_dim, args.pred_hidden)
     queue = NNQueue(args.queue_size, args.proj_dim)
     target_projector = None
@@ -567,16 +624,9 @@ def main(args: Args):
                 common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
                 views = [v.to(device, non_blocking=True) for v in views]
                 labels, ids = labels.to(device), ids.to(device)
-                loss, metrics = mae_ct_forward_loss(ddp, target_projector, queue, views, ids, labels, temperature,
-                                                    topk, args.exclude_self, device)
-                common.check_finite(loss, epoch * steps_per_epoch + it, args.output_dir)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if stage == 2:
-                    # EMA updates (Alg. 1): fast projector EMA g_m, slow encoder EMA f_m; BN buffers copied
-                    common.ema_update(target_projector, model.projector, args.projector_ema)
-                    common.ema_update(ema_encoder, model.encoder, args.encoder_ema)
+                loss, metrics = train_step(ddp, optimizer, target_projector, ema_encoder, queue, views, ids, labels,
+                                           stage=stage, temperature=temperature, topk=topk,
+                                           step=epoch * steps_per_epoch + it, args=args, device=device)
                 loss_v = common.all_reduce_mean(loss.detach()).item()  # collective: every rank
                 if dist_info.is_main:
                     ips = (it + 1) * args.batch_size / max(time.time() - t0, 1e-9)

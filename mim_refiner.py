@@ -41,7 +41,7 @@ N = n * world, views [g0, g1, l0..l(L-1)], all vectors L2-normalised:
   lr = blr * global_batch / 256; 4 warmup epochs (per update, starting just above 0) then cosine to 1e-6.
 
 Launch (the user's command; paper setting for MAE ViT-H/14: batch 512, tau 0.3, 30+20 epochs):
-  torchrun --standalone --nproc_per_node=4 mim_refiner.py --model vit_h14 --grad-checkpointing
+  torchrun --nproc_per_node=4 mim_refiner.py --model vit_h14
     (expects checkpoints/mae_pretrain_vit_huge.pth and data/imagenet/train/<class>/*.JPEG)
   ViT-L/16: --model vit_l16 (checkpoints/mae_pretrain_vit_large.pth, batch 1024, tau 0.2)
   ViT-2B/14: --model vit_2b14 (checkpoints/mae_in1k/vit_2b14.pt from MAWS, batch 512, tau 0.35, blocks 0-5 frozen)
@@ -74,31 +74,13 @@ Other differences to the official code (no effect on the maths unless noted):
   * Gradient accumulation (--accum-steps > 1) is allowed with a warning: BN statistics, negatives and the
     queue update become per micro-batch (the official automatic accumulation has the same semantics).
 
-Memory per GPU, user's command on 4 x A100 at the paper batch (bf16 autocast, --grad-checkpointing),
-estimated, not measured (no GPU was available); per rank n = 512/4 = 128 images:
-  tokens per rank T = 2n*(1+(224/14)^2) + 10n*(1+(98/14)^2) = 256*257 + 1280*50 = 129,792
-  static = trainable params x 16 B (fp32 weight, grad, AdamW m, v) + frozen params x 4 B + EMA x 4 B
-           + bf16 weight copies cached by autocast x 2 B + queues (heads x 65,536 x (256 x 4 B + 16 B))
-  activations = checkpointed block inputs T x D x 4 B (fp32 residual stream) per trainable block
-           + one block recomputed in backward, ~38 B x D per token (LN inputs fp32, qkv/attn/MLP bf16)
-           + heads (heads x 12n rows x ~20k activations x 4 B); +10% allocator slack on the total
-  ViT-H/14 (630M encoder, 12 heads x 9.5M): static 16.5 GB + activations 21.3 (32 x 0.66) + 6.3 + 1.6 GB
-           = 46 GB, ~50 GB with slack: fits 4 x A100-80GB, NOT 40 GB. On 40 GB: 8 GPUs (n=64) or
-           --accum-steps 2 (changes BN/negatives): ~34 GB.
-  ViT-2B/14 (1.89B encoder, blocks 0-5 frozen -> 1.42B trainable, 8 heads x 12.1M): static 38 GB +
-           activations 23.9 (18 x 1.33) + 12.6 + 1.1 GB = 76 GB, ~83 GB with slack: does NOT fit 4 x 80 GB
-           at batch 512 (nor 40 GB). 8 x 80 GB (n=64) or --accum-steps 2 on 4 x 80 GB: ~62 GB.
-           With --fsdp (parameters, gradients, AdamW states and the EMA sharded over the 4 GPUs): ~54 GB with
-           slack, fits 4 x 80 GB at batch 512; 4 x 40 GB with --fsdp --accum-steps 2 (~33 GB).
-  (ViT-L/16 at batch 1024 on 4 GPUs, n=256: ~41 GB with slack.) Without --grad-checkpointing the
-  activations grow ~10x (H: ~200 GB per GPU), so it is required for H and 2B.
-  All methods and models: benchmarks/mem_estimate.py (the same formula, exact parameter counts).
-  ViT-2B/14 launch: torchrun --nproc_per_node=4 mim_refiner.py --model vit_2b14 --fsdp --grad-checkpointing
+Memory per GPU, measured: docs/memory.md; `--plan 4x40` prints this run's plan (no data, no GPU needed).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -145,15 +127,19 @@ class Args:
     """DataLoader worker processes per rank (12 views per image: augmentation is CPU-heavy)"""
     seed: int = 0
     """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
-    grad_checkpointing: bool = False
-    """activation checkpointing in the encoder blocks; needed for H/14 and 2B/14 (see the memory estimate)"""
+    grad_checkpointing: str = "auto"
+    """activation checkpointing of the encoder blocks: auto (on CUDA: as many blocks as the measured memory plan
+    needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data and no --init: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoder's forward_features"""
     device: str = "auto"
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
     fsdp: bool = False
     """shard encoder, EMA encoder, heads, gradients and AdamW states over the processes with PyTorch FSDP2
-    (fully_shard) instead of DDP; for ViT-2B/14 (benchmarks/mem_estimate.py). Checkpoints keep the plain format"""
+    (fully_shard) instead of DDP; selected by --grad-checkpointing auto when DDP cannot fit (docs/memory.md). Checkpoints keep the plain format"""
     # ---- MIM-Refiner flags ----
     init: Optional[str] = None
     """pre-trained MIM encoder: our mae.py checkpoint, an official MAE / MAWS / data2vec 2.0 file; None ->
@@ -550,9 +536,78 @@ def is_post_norm_checkpoint(ckpt: dict) -> bool:
 
 
 # ==============================================================================================
+# One training step, and the memory plan that runs it on fake tensors
+# ==============================================================================================
+def train_step(ddp, optimizer, queues: nn.ModuleList, ema, encoder, x_global, x_local, ids, labels, *, n: int,
+               topk: int, train_encoder: bool, sync: bool, rank: int, step: int, args: Args, autocast):
+    """One micro-batch of the multi-crop NNA step (Sec. 3): forward of all views, loss with queue lookup and
+    enqueue (Eq. 1-2), backward; on the last micro-batch of an update (`sync`) the AdamW step and, while the
+    encoder trains (stage "refine"), its EMA (Table 10; official EmaCallback, constant momentum per update).
+    x_global (2n, 3, S, S) = [g0; g1]; x_local (L*n, 3, s, s) or None; ids, labels (n,).
+    Returns (loss, per-head losses, per-head NN accuracies)."""
+    with common.grad_sync(ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
+        with autocast():
+            outputs = ddp(x_global, x_local, train_encoder=train_encoder)  # per head (z, p), each (V*n, 256)
+        loss, head_losses, nn_accs = refiner_loss(outputs, queues, ids, labels, n, topk, args.temperature, rank,
+                                                  args.official_local_indexing, args.exclude_self)
+        common.check_finite(loss, step, args.output_dir)
+        (loss / args.accum_steps).backward()
+    if sync:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if train_encoder:
+            common.ema_update(ema, encoder, args.ema_momentum)
+    return loss, head_losses, nn_accs
+
+
+def build_modules(args: Args, post_norm: bool, grad_checkpointing):
+    """Encoder, Refiner (encoder + ID heads) and queues of the configured run (weights not yet loaded)."""
+    encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, post_norm=post_norm,
+                                grad_checkpointing=grad_checkpointing)
+    model = Refiner(encoder, args.head_blocks, args.head_hidden, args.head_dim, args.pred_hidden)
+    queues = nn.ModuleList([NNQueue(args.queue_size, args.head_dim) for _ in args.head_blocks])
+    return encoder, model, queues
+
+
+def plan_builder(args: Args, post_norm: bool, n: int, device=torch.device("cpu")):
+    """build(k) of common.plan_memory: the refinement stage (the heavier one: the encoder trains) with k
+    checkpointed blocks, random views of n images, and its train_step (on `device`: benchmarks/gpu_check.py)."""
+    def build(k):
+        encoder, model, queues = build_modules(args, post_norm, k)
+        ema = copy.deepcopy(encoder).requires_grad_(False)
+        set_trainable(encoder, "refine", args.freeze_blocks)
+        if device.type != "cpu":  # (a fake module cannot be moved; it is on the CPU already)
+            model.to(device), queues.to(device), ema.to(device)
+        optimizer = build_optimizer(model, "refine", args, 1.0, device)
+        S, s, kw = args.img_size, args.local_size, dict(device=device)
+        xg = torch.randn(2 * n, 3, S, S, **kw)
+        xl = torch.randn(args.local_crops * n, 3, s, s, **kw) if args.local_crops else None
+        ids, labels = torch.arange(n, **kw), torch.zeros(n, dtype=torch.long, **kw)
+        step = lambda autocast: train_step(model, optimizer, queues, ema, encoder, xg, xl, ids, labels, n=n,  # noqa: E731
+                                           topk=args.topk, train_encoder=True, sync=True, rank=0, step=0, args=args,
+                                           autocast=autocast)
+        return [model, queues, ema], [optimizer], step, list(encoder.blocks)
+    return build
+
+
+def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str) -> common.MemPlan:
+    """common.plan_memory of this run at the per-GPU batch that `gpus` processes give."""
+    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
+    build = plan_builder(args, post_norm, n)
+    depth = common.VIT_CONFIGS[args.model][1]
+    what = f"MIM-Refiner {args.model}, {n} images x (2 + {args.local_crops}) views per GPU"
+    return common.plan_memory(build, what, depth - args.freeze_blocks, gpus, capacity, mode, args.fsdp, True,
+                              "BN statistics, the negatives of Eq. 1 and the queue update become per micro-batch")
+
+
+# ==============================================================================================
 # main
 # ==============================================================================================
 def main(args: Args):
+    if args.plan is not None:  # no data, no checkpoint: the step on fake tensors
+        args = resolve_args(args, args.post_norm)
+        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args, args.post_norm))
+        return
     dist_info = common.init_distributed(args.device)
     device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
     state = common.load_resume_state(args.output_dir)
@@ -580,6 +635,8 @@ def main(args: Args):
     if args.accum_steps > 1:
         warnings.warn("--accum-steps > 1: BatchNorm statistics, the negatives of Eq. 1 and the queue updates become "
                       "per micro-batch (not the paper's setting)")
+    checkpointed, fsdp_plan = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args, post_norm))
+    args = dataclasses.replace(args, fsdp=fsdp_plan)
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     peak_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     head_stage_lr = args.head_blr * args.batch_size / 256
@@ -604,10 +661,7 @@ def main(args: Args):
 
     # ---- model: the same seed on every rank, so heads and random queues start identical ----
     common.seed_everything(args.seed)
-    encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, post_norm=post_norm,
-                                grad_checkpointing=args.grad_checkpointing)
-    model = Refiner(encoder, args.head_blocks, args.head_hidden, args.head_dim, args.pred_hidden)
-    queues = nn.ModuleList([NNQueue(args.queue_size, args.head_dim) for _ in args.head_blocks])
+    encoder, model, queues = build_modules(args, post_norm, checkpointed)
     if state is not None:
         common.load_encoder(encoder, state["model_online"], what="the resume checkpoint")
         model.heads.load_state_dict(state["heads"])
@@ -683,20 +737,12 @@ def main(args: Args):
                 x_local = torch.cat(views[2:]).to(device, non_blocking=True) if args.local_crops else None  # (L*n, 3, s, s)
                 labels, ids = labels.to(device), ids.to(device)
                 sync = micro_step == args.accum_steps - 1
-                with common.grad_sync(ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
-                    with common.autocast(device):
-                        outputs = ddp(x_global, x_local, train_encoder=train_encoder)
-                    loss, head_losses, nn_accs = refiner_loss(outputs, queues, ids, labels, micro, topk,
-                                                              args.temperature, rank, args.official_local_indexing,
-                                                              args.exclude_self)
-                    common.check_finite(loss, global_step, args.output_dir)
-                    (loss / args.accum_steps).backward()
+                loss, head_losses, nn_accs = train_step(
+                    ddp, optimizer, queues, ema, encoder, x_global, x_local, ids, labels, n=micro, topk=topk,
+                    train_encoder=train_encoder, sync=sync, rank=rank, step=global_step, args=args,
+                    autocast=functools.partial(common.autocast, device))
                 if not sync:
                     continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if stage == "refine":  # encoder EMA, constant momentum per update (Table 10; official EmaCallback)
-                    common.ema_update(ema, encoder, args.ema_momentum)
                 loss_v = common.all_reduce_mean(loss.detach()).item()
                 if dist_info.is_main:
                     ips = (it + 1) * micro * world / max(time.time() - t0, 1e-9)

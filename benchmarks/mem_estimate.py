@@ -1,5 +1,6 @@
 """Per-GPU memory of every method at its paper batch on 4 GPUs (ViT-L/16, ViT-H/14, ViT-2B/14), from a formula,
-and the flags that make it fit a 40 GB or 80 GB A100. Calculated, not measured on a GPU.
+and the flags that make it fit a 40 GB or 80 GB A100. Calculated: a cross-check only; the measured figures are
+each script's `--plan GPUSxGB` (benchmarks/mem_plan.py, docs/memory.md, which states the differences).
 
 Parameter counts are exact: each method's own modules (encoder, decoder, heads, EMA/momentum copies, queues,
 frozen blocks) are built on the meta device. Per GPU, with micro-batch n = batch / 4 / accum images:
@@ -157,7 +158,7 @@ def fit_flags(method: str, s: dict, cap_gb: float) -> str:
             continue
         e = estimate(s, n, gc, f)
         if e["total"] <= cap_gb * GB:
-            flags = [x for x, on in (("--grad-checkpointing", gc), ("--fsdp", f), (f"--accum-steps {k}", k > 1)) if on]
+            flags = [x for x, on in (("--grad-checkpointing on", gc), ("--fsdp", f), (f"--accum-steps {k}", k > 1)) if on]
             return f"{' '.join(flags) or '(none)'}: {e['total'] / GB:.0f} GB"
     return "does not fit: 8 GPUs" + ("" if method in FSDP_METHODS else " (no --fsdp here)")
 

@@ -212,6 +212,28 @@ def test_grad_checkpointing_same_gradients_refiner_intermediate_blocks():
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
 
 
+def test_grad_checkpointing_k_blocks_same_gradients_and_only_trainable_blocks(monkeypatch):
+    """grad_checkpointing = k checkpoints the first k blocks that have trainable parameters (the memory plan's
+    choice): same gradients as none or all, k calls of torch.utils.checkpoint, frozen leading blocks skipped."""
+    grads, calls = [], []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for gc in (False, 2, True):
+        torch.manual_seed(0)
+        enc = common.create_vit("vit_t16", img_size=32, patch_size=8, depth=4, grad_checkpointing=gc)
+        for p in enc.blocks[0].parameters():
+            p.requires_grad_(False)
+        calls.clear()
+        enc.forward_features(torch.randn(2, 3, 32, 32)).square().sum().backward()
+        assert len(calls) == {False: 0, 2: 2, True: 3}[gc]
+        assert enc.checkpointed_blocks() == {False: [], 2: [1, 2], True: [1, 2, 3]}[gc]
+        grads.append({n: p.grad for n, p in enc.named_parameters() if p.grad is not None})
+    for g in grads[1:]:
+        assert g.keys() == grads[0].keys()
+        for n in g:
+            assert torch.allclose(g[n], grads[0][n], atol=1e-6), n
+
+
 # ---------------------------------------------------------------------------------------------
 # benchmarks: smoke runs (no timing assertions) and the activation formula against measured bytes
 # ---------------------------------------------------------------------------------------------
