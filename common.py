@@ -217,18 +217,27 @@ def run_main(main, args_cls):
     one line from the rank that met them and exit with status 2. Under torchrun the other ranks, blocked
     in a collective with the failed one, stop with status 2 and no traceback."""
     args = parse_args(args_cls)
+    out = getattr(args, "output_dir", None)
+    new_out = out is not None and not os.path.exists(out)
     try:
         main(args)
     except UserError as e:  # from a DataLoader worker it arrives with the worker's traceback in it
+        _remove_failed_output_dir(out, new_out)
         _fail(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
     except OSError as e:
         if e.errno not in _USER_OS_ERRORS:
             raise
+        _remove_failed_output_dir(out, new_out)
         where = f" {e.filename}" if e.filename else ""
         _fail(f"cannot write{where} ({e.strerror or e}); free space or pass a writable --output-dir / path")
     except RuntimeError as e:  # a peer died (its own error line is printed by it): stop without a traceback
+        if "DataLoader worker" in str(e):
+            _remove_failed_output_dir(out, new_out)
+            _fail(f"a data-loading worker died ({str(e).splitlines()[0][:160]}); usually out of memory: lower "
+                  f"--num-workers or --batch-size")
         if not (_in_process_group() and _is_peer_failure(e)):
             raise
+        _remove_failed_output_dir(out, new_out)
         print(f"[rank {dist.get_rank()}] stopped: another process failed (its error line says why)",
               file=sys.stderr, flush=True)
         os._exit(2)  # the group is broken: tearing it down (and interpreter exit with live gloo threads) can hang
@@ -239,6 +248,15 @@ def run_main(main, args_cls):
             # exception" (seen with torch 2.13, ~1 run in 10).
             gc.collect()
             dist.destroy_process_group()
+
+
+def _remove_failed_output_dir(output_dir: str | None, created_by_this_run: bool):
+    """A failed run that created its output folder and wrote no checkpoint leaves nothing behind (rank 0): its
+    args.json / log.jsonl / TensorBoard files would otherwise be appended to by the rerun."""
+    if (created_by_this_run and int(os.environ.get("RANK", 0)) == 0 and os.path.isdir(output_dir)
+            and not os.path.exists(checkpoint_path(output_dir))):
+        import shutil
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def _in_process_group() -> bool:

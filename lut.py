@@ -125,7 +125,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -233,7 +233,7 @@ class Args:
     # ---------------------------------------------------------------- optimiser details
     lr_scaling: Literal["linear", "sqrt"] = "linear"
     """linear: lr = blr * batch / 256 (MAE protocol, paper); sqrt: lr = blr * sqrt(batch) / 4 (official)"""
-    beta2: float = 0.95
+    beta2: Annotated[float, common.Range(0, 1, hi_open=True)] = 0.95
     """AdamW beta2; MAE/official 0.95 (the paper's text lists 0.999, the fine-tuning value)"""
     log_every: common.PosInt = 20
     """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
