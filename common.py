@@ -280,7 +280,7 @@ def _fail(msg):
     if world > 1:
         if not _first_to_report(msg):
             sys.exit(2)
-        msg = f"[rank {rank}] error: {msg}"
+        msg = f"\n[rank {rank}] error: {msg}"  # own line: rank 0's progress bar may hold the cursor mid-line
     else:
         msg = f"error: {msg}"
     print(msg, file=sys.stderr, flush=True)
