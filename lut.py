@@ -465,6 +465,9 @@ def main(args: Args):
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
+    if micro < 2 and not (dist_info.enabled and args.sync_bn and device.type == "cuda"):
+        raise UserError(f"--batch-size {args.batch_size} gives {micro} image per process and step; the heads' "
+                        f"BatchNorm needs at least 2: raise --batch-size")
     if args.lr is not None:
         lr = args.lr
     elif args.lr_scaling == "linear":

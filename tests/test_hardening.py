@@ -150,6 +150,8 @@ def test_out_of_range_flags_give_one_line_at_parse_time(capsys):
     ("mim_refiner", ["--batch-size", "1"], "exactly 0"),
     ("mim_refiner", ["--batch-size", "8", "--accum-steps", "8"], "1 image per step"),
     ("mae_ct", ["--batch-size", "1"], "BatchNorm"),
+    ("lut", ["--batch-size", "1"], "BatchNorm needs at least 2"),
+    ("conmim", ["--batch-size", "0"], "--batch-size 0"),
     ("mae", ["--device", "gpu"], "choose one of auto, cpu, cuda"),
     ("mae_ct", ["--aug", "randaug"], "--aug"),
     ("lut", ["--crop", "center"], "--crop"),
