@@ -4,8 +4,9 @@ Only what at least three scripts need lives here; every loss, head, masking rule
 stays in its method file so that each file reads on its own.
 
 Contents, top to bottom:
-  1. Command line: a dataclass -> argparse helper (field docstrings become --help).
-  2. Errors: `UserError` and `run_main`, which turn user mistakes into one-line messages.
+  1. Command line: a dataclass -> argparse helper (field docstrings become --help); each field's valid range
+     (`Range`) or choices (`Literal`) are declared in its type and checked at start-up (`check_args`).
+  2. Errors: `UserError` and `run_main`, which turn user mistakes into one line from the rank that met them.
   3. Distributed: torchrun env init (nccl on CUDA, gloo on CPU), gather with gradient, seeds.
   4. ViT: timm / official-MAE parameter names, fixed 2-D sin-cos pos_embed, SDPA attention,
      token subsets (MAE), mask-token replacement (ConMIM), per-block outputs, activation
@@ -13,7 +14,7 @@ Contents, top to bottom:
   5. Data: ImageFolder / flat folder / `synthetic` procedural dataset, transforms, loaders.
   6. Optimisation: warmup+cosine schedules (pure functions of the step), AdamW parameter groups with
      layer-wise lr decay, EMA update.
-  7. Checkpoints: atomic save, auto-resume, loading of ours / official MAE / MAE-CT / MIM-Refiner /
+  7. Checkpoints: atomic, fsynced, finite-only save, auto-resume with a check of the stored flags, loading of ours / official MAE / MAE-CT / MIM-Refiner /
      data2vec 2.0 files with pos_embed interpolation and clear architecture-mismatch errors.
   8. Logging: rank-0 tqdm, TensorBoard, log.jsonl, args.json.
 """
