@@ -14,8 +14,9 @@ Contents, top to bottom:
   5. Data: ImageFolder / flat folder / `synthetic` procedural dataset, transforms, loaders.
   6. Optimisation: warmup+cosine schedules (pure functions of the step), AdamW parameter groups with
      layer-wise lr decay, EMA update.
-  7. Checkpoints: atomic, fsynced, finite-only save, auto-resume with a check of the stored flags, loading of ours / official MAE / MAE-CT / MIM-Refiner /
-     data2vec 2.0 files with pos_embed interpolation and clear architecture-mismatch errors.
+  7. Checkpoints: atomic, fsynced, finite-only save, auto-resume with a check of the stored flags, loading
+     of ours / official MAE / MAE-CT / MIM-Refiner / data2vec 2.0 files with pos_embed interpolation and
+     clear architecture-mismatch errors.
   8. Logging: rank-0 tqdm, TensorBoard, log.jsonl, args.json.
 """
 from __future__ import annotations
