@@ -543,11 +543,8 @@ def main(args: Args):
 
     # ---- initial weights (or resume) and the data must exist: one line that says what to put where ----
     init_ckpt, post_norm = None, args.post_norm
-    if state is not None:
-        common.check_resume_args(state, args, args.output_dir, shape=(
-            "head_blocks", "head_hidden", "head_dim", "pred_hidden", "queue_size", "post_norm", "freeze_blocks"),
-            state_keys=("model", "model_online", "heads", "queues", "stage", "optimizer", "epoch", "encoder_config"))
-        post_norm = state["encoder_config"]["post_norm"]
+    if state is not None:  # (a foreign file has no encoder_config: check_resume_args below names it)
+        post_norm = state.get("encoder_config", {}).get("post_norm", post_norm)
     else:
         init = args.init or PRESETS.get(args.model, {}).get("init")
         if init is None:
@@ -564,6 +561,10 @@ def main(args: Args):
         init_ckpt = common.load_file(init)
         post_norm = post_norm or is_post_norm_checkpoint(init_ckpt)
     args = resolve_args(args, post_norm)
+    if state is not None:  # after resolve_args: compares the filled-in values, as stored
+        common.check_resume_args(state, args, args.output_dir, shape=(
+            "head_blocks", "head_hidden", "head_dim", "pred_hidden", "queue_size", "post_norm", "freeze_blocks"),
+            state_keys=("model", "model_online", "heads", "queues", "stage", "optimizer", "epoch", "encoder_config"))
     if args.accum_steps > 1:
         warnings.warn("--accum-steps > 1: BatchNorm statistics, the negatives of Eq. 1 and the queue updates become "
                       "per micro-batch (not the paper's setting)")

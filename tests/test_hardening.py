@@ -264,6 +264,7 @@ RESUME_CASES = [
     ("mae_ct", ["--batch-size", "4"], "--batch-size 8"),
     ("mim_refiner", ["--head-hidden", "64"], "--head-hidden 32"),
     ("mim_refiner", ["--patch-size", "4"], "--patch-size 8"),
+    ("mim_refiner", ["--head-blocks", "-1"], "--head-blocks [10, 11] but this run asks for --head-blocks [11]"),
     ("lut", ["--head-out-dim", "8"], "--head-out-dim 16"),
     ("lut", ["--decoder-depth", "2"], "--decoder-depth 1"),
     ("conmim", ["--head-out-dim", "32"], "--head-out-dim 16"),
