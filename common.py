@@ -4,8 +4,9 @@ Only what at least three scripts need lives here; every loss, head, masking rule
 stays in its method file so that each file reads on its own.
 
 Contents, top to bottom:
-  1. Command line: a dataclass -> argparse helper (field docstrings become --help).
-  2. Errors: `UserError` and `run_main`, which turn user mistakes into one-line messages.
+  1. Command line: a dataclass -> argparse helper (field docstrings become --help); each field's valid range
+     (`Range`) or choices (`Literal`) are declared in its type and checked at start-up (`check_args`).
+  2. Errors: `UserError` and `run_main`, which turn user mistakes into one line from the rank that met them.
   3. Distributed: torchrun env init (nccl on CUDA, gloo on CPU), gather with gradient, seeds.
   4. ViT: timm / official-MAE parameter names, fixed 2-D sin-cos pos_embed, SDPA attention,
      token subsets (MAE), mask-token replacement (ConMIM), per-block outputs, activation
@@ -13,8 +14,9 @@ Contents, top to bottom:
   5. Data: ImageFolder / flat folder / `synthetic` procedural dataset, transforms, loaders.
   6. Optimisation: warmup+cosine schedules (pure functions of the step), AdamW parameter groups with
      layer-wise lr decay, EMA update.
-  7. Checkpoints: atomic save, auto-resume, loading of ours / official MAE / MAE-CT / MIM-Refiner /
-     data2vec 2.0 files with pos_embed interpolation and clear architecture-mismatch errors.
+  7. Checkpoints: atomic, fsynced, finite-only save, auto-resume with a check of the stored flags, loading
+     of ours / official MAE / MAE-CT / MIM-Refiner / data2vec 2.0 files with pos_embed interpolation and
+     clear architecture-mismatch errors.
   8. Logging: rank-0 tqdm, TensorBoard, log.jsonl, args.json.
   9. During training: k-NN monitor (weighted vote of DINO), kept epoch checkpoints, eval command.
   10. Memory plan: one training step on fake tensors, measured peak, `--plan` and `--grad-checkpointing auto`.
@@ -26,6 +28,7 @@ import ast
 import contextlib
 import dataclasses
 import datetime
+import errno
 import functools
 import gc
 import inspect
@@ -41,6 +44,7 @@ import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -57,6 +61,39 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ----------------------------------------------------------------------------------------------
 # 1. Command line
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """Valid interval of a numeric flag, declared in its type: `lr: Annotated[float, Range(0, lo_open=True)]`
+    (or one of the aliases below). Checked by `check_args` at start-up, which also rejects nan/inf for every
+    float flag and a value outside `Literal[...]` for every choice flag."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+    """the reason for a bound that is not obvious, shown in the error"""
+
+    def contains(self, v) -> bool:
+        return ((v > self.lo if self.lo_open else v >= self.lo) and (v < self.hi if self.hi_open else v <= self.hi))
+
+    def __str__(self):
+        lo, hi = f"{self.lo:g}", f"{self.hi:g}"
+        if self.hi == math.inf:
+            return f"be {'>' if self.lo_open else '>='} {lo}"
+        if self.lo == -math.inf:
+            return f"be {'<' if self.hi_open else '<='} {hi}"
+        return f"lie in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+PosInt = Annotated[int, Range(1)]
+NonNegInt = Annotated[int, Range(0)]
+PosFloat = Annotated[float, Range(0, lo_open=True)]
+NonNegFloat = Annotated[float, Range(0)]
+Prob = Annotated[float, Range(0, 1)]  # probabilities, EMA momenta, [0, 1]
+OpenUnit = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]  # mask ratios, (0, 1)
+PosUnit = Annotated[float, Range(0, 1, lo_open=True)]  # crop area scales, layer decay, (0, 1]
+
+
 def _field_docs(cls) -> dict[str, str]:
     """Docstrings written under dataclass fields (cleanrl/tyro style), read from the source."""
     docs: dict[str, str] = {}
@@ -76,35 +113,92 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
+def _field_spec(tp) -> tuple[object, bool, bool, list]:
+    """Type hint -> (base type, optional, is_list, [Range / Literal choices ...]). Annotated and Literal may sit
+    inside Optional and list."""
+    meta: list = []
+    optional = False
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp, *extra = typing.get_args(tp)
+            meta += extra
+        elif origin is typing.Union and type(None) in typing.get_args(tp):
+            optional = True
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        else:
+            break
+    is_list = typing.get_origin(tp) in (list, tuple)
+    if is_list:
+        tp = typing.get_args(tp)[0]
+        while typing.get_origin(tp) is typing.Annotated:
+            tp, *extra = typing.get_args(tp)
+            meta += extra
+    if typing.get_origin(tp) is typing.Literal:
+        meta.append(tuple(typing.get_args(tp)))
+        tp = type(typing.get_args(tp)[0])
+    return tp, optional, is_list, meta
+
+
+def check_args(args) -> None:
+    """Check every field of the dataclass instance `args` against its declared type: Range, Literal choices,
+    finite floats. One UserError `--flag VALUE: must ...` for the first violation."""
+    hints = typing.get_type_hints(type(args), include_extras=True)
+    for f in dataclasses.fields(args):
+        tp, optional, is_list, meta = _field_spec(hints[f.name])
+        value = getattr(args, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if value is None and optional:
+            continue
+        for v in (value if is_list else [value]):
+            shown = " ".join(map(str, value)) if is_list else v
+            if tp is float and isinstance(v, (int, float)) and not math.isfinite(v):
+                raise UserError(f"{flag} {shown}: must be a finite number")
+            for m in meta:
+                if isinstance(m, Range) and isinstance(v, (int, float)) and not m.contains(v):
+                    raise UserError(f"{flag} {shown}: must {m}" + (" (or none)" if optional else "")
+                                    + (f" ({m.why})" if m.why else ""))
+                if isinstance(m, tuple) and v not in m:
+                    raise UserError(f"{flag} {shown!r}: choose one of {', '.join(map(str, m))}")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        _fail(f"{message}; see {self.prog} --help")
+
+
 def parse_args(cls, argv=None):
-    """Parse `--field-name value` flags into the dataclass `cls`.
+    """Parse `--field-name value` flags into the dataclass `cls`, then `check_args` (ranges, choices, finite).
 
     bool fields become `--flag/--no-flag`; list fields take several values; Optional fields accept
-    `none`. Help text is the docstring under each field plus its default.
+    `none`; Literal fields list their choices. Help text is the docstring under each field plus its default
+    and valid range.
     """
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     docs = _field_docs(cls)
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        tp = hints[f.name]
-        optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
-        if optional:
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        tp, optional, is_list, meta = _field_spec(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
-        kw = dict(default=default, help=docs.get(f.name, "").replace("%", "%%"), dest=f.name)  # argparse %-formats help
+        doc = docs.get(f.name, "") + "".join(f" [must {m}]" for m in meta if isinstance(m, Range))
+        kw = dict(default=default, help=doc.replace("%", "%%"), dest=f.name)  # argparse %-formats help
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(tp) in (list, tuple):
-            elem = typing.get_args(tp)[0]
-            parser.add_argument(flag, nargs="+", type=_none_or(elem) if optional else elem, **kw)
+        elif is_list:
+            parser.add_argument(flag, nargs="+", type=_none_or(tp) if optional else tp, **kw)
         else:
             parser.add_argument(flag, type=_none_or(tp) if optional else tp, **kw)
     ns = parser.parse_args(argv)
-    return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(ns).items()})
+    args = cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(ns).items()})
+    try:
+        check_args(args)
+    except UserError as e:
+        _fail(str(e))
+    return args
 
 
 def _none_or(tp):
@@ -121,16 +215,41 @@ class UserError(Exception):
     """An error caused by input or flags; printed as one line, no traceback."""
 
 
+# errno values of a filesystem the user must fix (full, read-only, no permission, quota): one line, no traceback
+_USER_OS_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR)
+
+
 def run_main(main, args_cls):
     """Parse args, run `main(args)`, print UserErrors (also those raised in data-loader workers) as
-    one line and exit with status 2."""
+    one line from the rank that met them and exit with status 2. Under torchrun the other ranks, blocked
+    in a collective with the failed one, stop with status 2 and no traceback."""
     args = parse_args(args_cls)
+    out = getattr(args, "output_dir", None)
+    new_out = out is not None and not os.path.exists(out)
     try:
         main(args)
     except UserError as e:  # from a DataLoader worker it arrives with the worker's traceback in it
+        _remove_failed_output_dir(out, new_out)
         _fail(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        _remove_failed_output_dir(out, new_out)
+        where = f" {e.filename}" if e.filename else ""
+        _fail(f"cannot write{where} ({e.strerror or e}); free space or pass a writable --output-dir / path")
+    except RuntimeError as e:  # a peer died (its own error line is printed by it): stop without a traceback
+        if "DataLoader worker" in str(e):
+            _remove_failed_output_dir(out, new_out)
+            _fail(f"a data-loading worker died ({str(e).splitlines()[0][:160]}); usually out of memory: lower "
+                  f"--num-workers or --batch-size")
+        if not (_in_process_group() and _is_peer_failure(e)):
+            raise
+        _remove_failed_output_dir(out, new_out)
+        print(f"[rank {dist.get_rank()}] stopped: another process failed (its error line says why)",
+              file=sys.stderr, flush=True)
+        os._exit(2)  # the group is broken: tearing it down (and interpreter exit with live gloo threads) can hang
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if _in_process_group():
             # Free DDP wrappers (often kept alive by reference cycles) while their process group exists:
             # a gloo group torn down at interpreter exit aborts with "terminate called without an active
             # exception" (seen with torch 2.13, ~1 run in 10).
@@ -138,10 +257,53 @@ def run_main(main, args_cls):
             dist.destroy_process_group()
 
 
+def _remove_failed_output_dir(output_dir: str | None, created_by_this_run: bool):
+    """A failed run that created its output folder and wrote no checkpoint leaves nothing behind (rank 0): its
+    args.json / log.jsonl / TensorBoard files would otherwise be appended to by the rerun."""
+    if (created_by_this_run and int(os.environ.get("RANK", 0)) == 0 and os.path.isdir(output_dir)
+            and not os.path.exists(checkpoint_path(output_dir))):
+        import shutil
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_peer_failure(e: RuntimeError) -> bool:
+    """A collective that failed because another rank exited (gloo: connection closed/reset; nccl: a
+    DistBackendError / watchdog abort)."""
+    if type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistError"):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",
+                                    "gloo", "nccl", "socket"))
+
+
 def _fail(msg):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+    """Print `error: msg` (prefixed `[rank R]` under torchrun) and exit with status 2. When several ranks
+    meet the same error (a bad flag, a too small dataset) only the first to report it prints."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        if not _first_to_report(msg):
+            sys.exit(2)
+        msg = f"\n[rank {rank}] error: {msg}"  # own line: rank 0's progress bar may hold the cursor mid-line
+    else:
+        msg = f"error: {msg}"
+    print(msg, file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _first_to_report(msg: str) -> bool:
+    """Count `msg` in torchrun's rendezvous store (MASTER_ADDR:MASTER_PORT, held by the launcher, so it
+    outlives any worker): True for the first rank. Without a reachable store every rank reports."""
+    try:
+        import hashlib
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=5))
+        return store.add("mimref_error/" + hashlib.sha1(msg.encode()).hexdigest(), 1) == 1
+    except Exception:
+        return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,12 +789,31 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), label
 
 
+# modes that convert("RGB") maps faithfully (palette lookup, alpha dropped, CMYK/YCbCr/HSV colour transforms)
+_RGB_CONVERTIBLE = ("RGB", "L", "1", "P", "RGBA", "RGBX", "RGBa", "LA", "PA", "CMYK", "YCbCr", "HSV")
+
+
+def _to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """8-bit RGB. 16-bit grey (PNG/TIFF `I;16*`, PNG `I`) is scaled 65535 -> 255; a plain convert("RGB")
+    would clip every value above 255 to white. Modes that cannot be mapped faithfully are refused."""
+    if img.mode in _RGB_CONVERTIBLE:
+        return img.convert("RGB")
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):  # PNG stores 16-bit grey as I
+        arr = np.asarray(img).astype(np.float64)
+        grey = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)  # 65535 / 255 = 257
+        return Image.fromarray(grey, "L").convert("RGB")
+    raise UserError(f"cannot convert image {path} (mode {img.mode}) to 8-bit RGB faithfully; convert it to an "
+                    f"8-bit RGB or grey PNG/JPEG, or remove it")
+
+
 def _pil_loader(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as e:  # corrupt or non-image file
+            img = Image.open(f)
+            img.load()
+    except Exception as e:  # corrupt, truncated or non-image file
         raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); delete or replace the file") from None
+    return _to_rgb(img, path)
 
 
 class FlatImageFolder(torch.utils.data.Dataset):
@@ -653,15 +834,19 @@ class FlatImageFolder(torch.utils.data.Dataset):
 
 
 def parse_synthetic(spec: str) -> tuple[int, int] | None:
-    """`synthetic[:N_TRAIN[:N_VAL]]` -> (n_train, n_val); defaults 2000 / 500. None for a path."""
-    if not spec.startswith("synthetic"):
+    """`synthetic[:N_TRAIN[:N_VAL]]` -> (n_train, n_val); defaults 2000 / 500. None for anything else (a path,
+    also one that merely starts with "synthetic", e.g. synthetic_photos/)."""
+    if spec != "synthetic" and not spec.startswith("synthetic:"):
         return None
     parts = spec.split(":")
     try:
         n_train = int(parts[1]) if len(parts) > 1 else 2000
         n_val = int(parts[2]) if len(parts) > 2 else 500
+        if len(parts) > 3 or n_train < 1 or n_val < 1:
+            raise ValueError
     except ValueError:
-        raise UserError(f"--data {spec!r}: expected synthetic[:N_TRAIN[:N_VAL]], e.g. synthetic:2000:500") from None
+        raise UserError(f"--data {spec!r}: expected synthetic[:N_TRAIN[:N_VAL]] with positive counts, e.g. "
+                        f"synthetic:2000:500 (a folder whose name starts with synthetic: pass it as ./{spec})") from None
     return n_train, n_val
 
 
@@ -908,32 +1093,102 @@ def check_finite(loss: torch.Tensor, step: int, output_dir: str):
     if is_fake(loss):  # the memory planner's step has no values
         return
     if not torch.isfinite(loss).all():
-        raise UserError(f"loss is {loss.item()} at step {step}; the last good checkpoint is "
-                        f"{os.path.join(output_dir, 'checkpoint-last.pth')}: lower --blr/--lr or disable --compile, "
-                        f"then rerun the same command to resume from it")
+        raise UserError(f"loss is {loss.item()} at step {step}; {_last_good(output_dir)}: lower --blr/--lr or "
+                        f"disable --compile, then rerun the same command")
+
+
+def _last_good(output_dir: str) -> str:
+    path = checkpoint_path(output_dir)
+    if os.path.isfile(path):
+        return f"the last good checkpoint is {path} (the rerun resumes from it)"
+    return f"no checkpoint was written yet ({path} does not exist; the rerun starts from scratch)"
 
 
 # ----------------------------------------------------------------------------------------------
 # 7. Checkpoints
 # ----------------------------------------------------------------------------------------------
+def first_non_finite(obj, name: str = "") -> str | None:
+    """Key path of the first floating tensor (or float) holding nan/inf in a nested dict/list, else None."""
+    if isinstance(obj, torch.Tensor):
+        bad = (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all())
+        return name if bad else None
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else name
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = first_non_finite(v, f"{name}.{k}" if name else str(k))
+        if found is not None:
+            return found
+    return None
+
+
 def save_checkpoint(path: str, state: dict):
-    """Atomic write: a killed run never leaves a half-written checkpoint (temp file + rename)."""
+    """Atomic, durable write: temp file + fsync + rename + fsync of the folder, so a killed run or a crash
+    leaves either the previous file or the new one, never a half-written one. A state with nan/inf in any
+    floating tensor (weights, optimizer moments) is refused, so the previous file stays the last good one.
+    Temp files of dead writers are removed first (each is a full-size copy); a failed write removes its own."""
     path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    bad = first_non_finite(state)
+    if bad is not None:
+        prev = (f"{path} still holds the last good state" if os.path.isfile(path)
+                else f"no checkpoint was written yet ({path})")
+        raise UserError(f"the training diverged: '{bad}' holds nan/inf, so it is not saved and {prev}; lower "
+                        f"--blr/--lr, then rerun the same command")
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temp_files(path)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            prev = f"the previous {path} is intact" if os.path.isfile(path) else "no checkpoint was written"
+            raise UserError(f"cannot write checkpoint {path} ({e.strerror or e}); {prev}: free space or pass "
+                            f"another --output-dir, then rerun") from None
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every filesystem)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temp_files(path: str):
+    """Delete `PATH.tmp.<pid>` files whose writer process is gone (killed during a save)."""
+    for tmp in Path(path).parent.glob(Path(path).name + ".tmp.*"):
+        pid = tmp.name.rsplit(".", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # writer is dead
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def load_file(path: str) -> dict:
     """torch.load with weights_only=True (our checkpoints hold plain types only)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; check the path")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes: an interrupted copy or a full disk); delete it or "
+                        f"replace it with a complete copy")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot load {path} as a weights-only torch checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); is it a PyTorch .pth/.th/.pt file?") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"cannot load {path} ({size} bytes) as a weights-only torch checkpoint ({type(e).__name__}: "
+                        f"{first}); is it a complete PyTorch .pth/.th/.pt file? Replace or delete it") from None
 
 
 def clean_state_dict(sd: dict) -> dict:
@@ -1077,10 +1332,103 @@ def checkpoint_path(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoint-last.pth")
 
 
+def check_output_dir(output_dir: str):
+    """Fail fast (before any heavy work, creating nothing) when `output_dir` cannot be written: a file in its
+    place or above it, a read-only or unwritable folder."""
+    check_writable(output_dir, "--output-dir", folder=True)
+
+
+def check_writable(path: str, flag: str, folder: bool = False):
+    """One-line UserError unless `path` (a folder if `folder`, else a file) can be created or overwritten.
+    Probes the nearest existing folder with a temporary file that is removed again."""
+    import tempfile
+    p = Path(path).absolute()
+    if p.exists() and p.is_dir() != folder:
+        raise UserError(f"{flag} {path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}; "
+                        f"pass another path or move it away")
+    probe = p if folder else p.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag} {path}: {probe} is a file, not a folder; pass another path or move the file away")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".write_test_")
+        os.close(fd)
+        os.remove(name)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {probe} ({e.strerror or e}); pass a writable path") from None
+
+
 def load_resume_state(output_dir: str) -> dict | None:
-    """The state of `OUTPUT_DIR/checkpoint-last.pth` if it exists (automatic resume), else None."""
+    """The state of `OUTPUT_DIR/checkpoint-last.pth` if it exists (automatic resume), else None. Checks first
+    that OUTPUT_DIR is writable and removes temp files of killed saves."""
+    check_output_dir(output_dir)
     path = checkpoint_path(output_dir)
-    return load_file(path) if os.path.isfile(path) else None
+    if os.path.isdir(output_dir):
+        remove_stale_temp_files(path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = load_file(path)
+    except UserError as e:
+        raise UserError(f"{e} (it is the resume checkpoint: delete it to start {output_dir} from scratch)") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a training checkpoint; pass another --output-dir")
+    return state
+
+
+# Flags compared by check_resume_args. Not compared: those that change neither the maths nor the data order.
+RESUME_IGNORED = ("output_dir", "device", "num_workers", "compile", "grad_checkpointing", "exit_after_epochs",
+                  "init", "log_every", "vis_images", "fsdp", "plan", "knn_every", "knn_data", "knn_subset",
+                  "save_every")
+RESUME_SHAPE = ("model", "img_size", "patch_size")  # change parameter shapes / position tables
+RESUME_REFUSED = {  # not shapes, but the saved state no longer fits
+    "batch_size": "it sets the steps per epoch and the lr (linear scaling rule), so the saved step and lr schedule "
+                  "no longer line up",
+}
+RESUME_WARN = {
+    "epochs": "the lr/momentum schedules are re-stretched to the new length from the resumed step on",
+    "warmup_epochs": "the warmup ends at another step than in the run so far",
+    "seed": "the remaining epochs draw other crops/masks than the uninterrupted run would",
+    "data": "the remaining epochs train on other data",
+}
+
+
+def check_resume_args(state: dict, args, output_dir: str, state_keys=(), shape=(), refuse: dict | None = None):
+    """Compare the flags stored in a resume checkpoint with the current ones, before any weights are loaded.
+
+    A checkpoint written by another script (its flags or `state_keys` do not match) and a changed flag in
+    RESUME_SHAPE + `shape` (parameter shapes, optimizer parameter groups) or in RESUME_REFUSED + `refuse` give
+    one-line UserErrors naming the flag and both values; other changed flags (except RESUME_IGNORED) are
+    printed as warnings with the reason (RESUME_WARN) and the run resumes."""
+    path = checkpoint_path(output_dir)
+    script = os.path.basename(sys.argv[0]) or "this script"
+    stored = state.get("args")
+    current = dataclasses.asdict(args)
+    missing = [k for k in state_keys if k not in state]
+    foreign = sorted(set(stored) - set(current)) if isinstance(stored, dict) else []
+    if not isinstance(stored, dict) or missing or foreign:
+        why = (f"its flags --{', --'.join(f.replace('_', '-') for f in foreign[:4])} are not flags of {script}"
+               if foreign else f"it has no {', '.join(repr(k) for k in (missing or ['args'])[:4])}")
+        raise UserError(f"{path} was not written by {script} ({why}); pass another --output-dir (or move the file "
+                        f"away to start from scratch)")
+    refused = {**{k: "it changes parameter shapes or the optimizer's parameter groups" for k in (*RESUME_SHAPE, *shape)},
+               **RESUME_REFUSED, **(refuse or {})}
+    for k, now in current.items():
+        if k in RESUME_IGNORED or k not in stored or now is None:  # None: resolved later from the same defaults
+            continue
+        was = stored[k]
+        if isinstance(was, tuple):
+            was = list(was)
+        if was == now or (isinstance(now, tuple) and list(now) == was):
+            continue
+        flag = "--" + k.replace("_", "-")
+        if k in refused:
+            raise UserError(f"{path} was trained with {flag} {was} but this run asks for {flag} {now}; {refused[k]}: "
+                            f"rerun with {flag} {was}, or pass another --output-dir to start a new run")
+        if int(os.environ.get("RANK", 0)) == 0:
+            why = RESUME_WARN.get(k, "the resumed run differs from the one the checkpoint started")
+            print(f"warning: resuming {path} with {flag} {now} (it was trained with {was}): {why}", flush=True)
 
 
 def rng_state() -> dict:

@@ -96,7 +96,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -113,31 +113,31 @@ class Args:
     # ---------------------------------------------------------------- common flags
     model: str = "vit_b16"
     """encoder architecture (common.VIT_CONFIGS); paper: vit_s16 / vit_b16 / vit_l16 (Table 11)"""
-    img_size: int = 224
+    img_size: common.PosInt = 224
     """training crop size in pixels; paper 224 (Table 11)"""
-    patch_size: Optional[int] = None
+    patch_size: Optional[common.PosInt] = None
     """patch size in pixels; none = the model's own (16, Table 11)"""
     data: str = "synthetic"
     """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]]; paper ImageNet-1K"""
     output_dir: str = "runs/conmim"
     """checkpoints, log.jsonl, TensorBoard; an existing checkpoint-last.pth is resumed automatically"""
-    epochs: int = 800
+    epochs: common.PosInt = 800
     """pre-training epochs; paper 300 (S) / 800 (B, L) (Table 11)"""
-    warmup_epochs: int = 10
+    warmup_epochs: common.NonNegInt = 10
     """linear lr warmup epochs; paper 10 (Table 11; official parser default 5)"""
-    batch_size: int = 2048
+    batch_size: common.PosInt = 2048
     """GLOBAL batch size (all processes and accumulation steps); paper 2048 (Table 11)"""
-    accum_steps: int = 1
+    accum_steps: common.PosInt = 1
     """gradient accumulation steps (projector BN then sees only the micro-batch; a warning is printed)"""
-    blr: float = 6.25e-5
+    blr: common.PosFloat = 6.25e-5
     """base lr per 256 images: lr = blr * batch_size / 256 = 5e-4 at the paper's batch 2048 (Table 11)"""
-    lr: Optional[float] = None
+    lr: Optional[common.PosFloat] = None
     """absolute peak lr; none -> blr * batch_size / 256. The official code uses --lr 5e-4 unscaled"""
-    min_lr: float = 1e-5
+    min_lr: common.NonNegFloat = 1e-5
     """final lr of the cosine schedule; paper 1e-5 (Table 11); clipped to the peak lr"""
-    weight_decay: float = 0.05
+    weight_decay: common.NonNegFloat = 0.05
     """AdamW weight decay; paper 0.05 (Table 11)"""
-    num_workers: int = 8
+    num_workers: common.NonNegInt = 8
     """data-loader worker processes per rank"""
     seed: int = 0
     """random seed; paper 0 (App. A)"""
@@ -149,63 +149,63 @@ class Args:
     data: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoders' forward_features"""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto | cpu | cuda"""
     fsdp: bool = False
     """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
     largest model, ViT-L/16, fits 4 x A100 with DDP + --grad-checkpointing, see benchmarks/mem_estimate.py)"""
     # ---------------------------------------------------------------- ConMIM
-    pos_embed: str = "rel"
+    pos_embed: Literal["rel", "abs"] = "rel"
     """rel: BEiT's shared relative position bias, no absolute position embedding (the paper's backbone; blocks
     Eq. (3)'s positional shortcut, see the docstring); abs: the shared fixed sin-cos ViT (official MAE/timm
     layout, loads into timm's VisionTransformer)"""
-    mask_type: str = "grid"
+    mask_type: Literal["grid", "beit"] = "grid"
     """grid: random masking in units of mask_block x mask_block patches (paper Sec. 4 + Table 11 = official
     random_mps32); beit: BEiT block-wise masking (official parser default 'block')"""
-    mask_ratio: float = 0.75
+    mask_ratio: common.OpenUnit = 0.75
     """fraction of patches (grid: of mask_block cells, rounded up) replaced by the mask token; paper 0.75
     (Sec. 4, Table 15)"""
-    mask_block: int = 2
+    mask_block: common.PosInt = 2
     """grid masking cell size in patches: Table 11 masking patch size 32 px / patch 16 px = 2 for ViT-B/L,
     16/16 = 1 for ViT-S"""
-    beit_min_patches: int = 16
+    beit_min_patches: common.PosInt = 16
     """beit masking: minimum patches per block (BEiT: 16 at a 14x14 grid)"""
-    beit_min_aspect: float = 0.3
+    beit_min_aspect: common.PosUnit = 0.3
     """beit masking: block aspect ratio in [a, 1/a] (BEiT: 0.3)"""
-    crop_min_scale: float = 0.08
+    crop_min_scale: common.PosUnit = 0.08
     """RandomResizedCrop minimum area fraction, shared by both inputs; official/BEiT (0.08, 1)"""
-    jitter_p: float = 0.8
+    jitter_p: common.Prob = 0.8
     """strong (full-image) view: probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (Table 11; official p 0.8)"""
-    gray_p: float = 0.2
+    gray_p: common.Prob = 0.2
     """strong view: grayscale probability (official code; SimCLR colour distortion cited in Sec. 4)"""
-    blur_p: float = 0.1
+    blur_p: common.Prob = 0.1
     """strong view: Gaussian blur probability (Table 11 'GaussianBlur(0.1)')"""
-    solarize_p: float = 0.2
+    solarize_p: common.Prob = 0.2
     """strong view: solarization probability (Table 11 'Solarization(0.2)')"""
-    temperature: float = 0.1
+    temperature: common.PosFloat = 0.1
     """tau of Eq. (3); paper 0.1 (Table 11, Table 16)"""
-    momentum: float = 0.996
+    momentum: common.Prob = 0.996
     """initial momentum coefficient alpha; paper 0.996 (Table 11, Table 17)"""
-    momentum_final: float = 1.0
+    momentum_final: common.Prob = 1.0
     """final momentum coefficient (cosine schedule); paper 1 (Table 11)"""
-    head_hidden_dim: int = 4096
+    head_hidden_dim: common.PosInt = 4096
     """projector hidden width (MoCo v3 head: D-4096-4096-256; official code)"""
-    head_out_dim: int = 256
+    head_out_dim: common.PosInt = 256
     """projector output width (MoCo v3 / official code: 256)"""
-    drop_path: float = 0.0
+    drop_path: Annotated[float, common.Range(0, 1, hi_open=True)] = 0.0
     """stochastic depth of the online encoder; paper 0.1 (S), none (B, L) (Table 11)"""
-    rel_pos_lr_mult: float = 1.0
+    rel_pos_lr_mult: common.PosFloat = 1.0
     """lr multiplier of the shared relative position bias table (--pos-embed rel); paper 1 (one lr for all,
     Table 11). The table is the only thing that can tell the identical mask tokens apart (docstring), and
     Adam moves it by about lr per step: a 300-step miniature needs a larger multiplier"""
-    clip_grad: Optional[float] = 3.0
+    clip_grad: Optional[common.PosFloat] = 3.0
     """max gradient norm; paper 3 (S, B), 1 (L) (Table 11); none disables (official default)"""
     sync_bn: bool = True
     """SyncBatchNorm in the projectors under DDP on CUDA (MoCo v3); --no-sync-bn = official per-GPU BN.
     On CPU (gloo) BN is always per process (torch's SyncBN is CUDA-only)"""
-    log_every: int = 20
+    log_every: common.PosInt = 20
     """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
-    exit_after_epochs: Optional[int] = None
+    exit_after_epochs: Optional[common.PosInt] = None
     """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
     knn_every: int = 0
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
@@ -437,28 +437,9 @@ def main(args: Args):
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
         raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; ConMIM up to ViT-L/16 trains with "
                         "DDP (drop --fsdp, add --grad-checkpointing)")
-    if args.pos_embed not in ("rel", "abs"):
-        raise UserError(f"--pos-embed {args.pos_embed!r} is unknown; choose rel (BEiT relative position bias) or abs")
-    if args.rel_pos_lr_mult <= 0:
-        raise UserError("--rel-pos-lr-mult must be > 0")
+    common.check_args(args)  # each flag's range is declared on its Args field
     if args.pos_embed == "abs" and args.rel_pos_lr_mult != 1.0:
         raise UserError("--rel-pos-lr-mult applies to the relative position bias; drop it or use --pos-embed rel")
-    if args.mask_type not in ("grid", "beit"):
-        raise UserError(f"--mask-type {args.mask_type!r} is unknown; choose grid or beit")
-    if not 0.0 < args.mask_ratio < 1.0:
-        raise UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1)")
-    if args.mask_block < 1:
-        raise UserError("--mask-block must be >= 1 (patches per side of a masking cell)")
-    if args.temperature <= 0:
-        raise UserError("--temperature must be > 0")
-    if not (0.0 <= args.momentum <= 1.0 and 0.0 <= args.momentum_final <= 1.0):
-        raise UserError("--momentum and --momentum-final must be in [0, 1]")
-    if args.accum_steps < 1 or args.epochs < 1 or args.warmup_epochs < 0:
-        raise UserError("--accum-steps and --epochs must be >= 1 and --warmup-epochs >= 0")
-    if args.log_every < 1:
-        raise UserError("--log-every must be >= 1")
-    if not 0.0 < args.crop_min_scale <= 1.0:
-        raise UserError("--crop-min-scale must be in (0, 1]")
 
     if args.plan is not None:  # no data: the step on fake tensors
         common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
@@ -507,6 +488,8 @@ def main(args: Args):
     start_epoch, step = 0, 0
     state = common.load_resume_state(args.output_dir)
     if state is not None:
+        common.check_resume_args(state, args, args.output_dir, shape=("pos_embed", "head_hidden_dim", "head_out_dim"),
+                                 state_keys=("model", "model_ema", "head", "head_ema", "optimizer", "epoch", "step"))
         was_rel = state.get("encoder_config", {}).get("rel_pos_bias", False)
         if was_rel != (args.pos_embed == "rel"):
             raise UserError(f"{common.checkpoint_path(args.output_dir)} was trained with --pos-embed "

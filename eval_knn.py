@@ -70,11 +70,12 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
+import common
 from common import (VIT_CONFIGS, UserError, WithIndex, autocast, build_dataset, build_loader,
                     checkpoint_encoder_config, convert_to_ours, create_vit, describe_vit, eval_transform,
                     init_distributed, load_encoder, load_file, progress, run_main, seed_everything,
@@ -89,20 +90,20 @@ class Args:
     model: Optional[str] = None
     """ViT preset (vit_t16, vit_s16, vit_b16, vit_l16, vit_h14, vit_h16, vit_2b14). Default: inferred from
     the checkpoint ("encoder_config", else the weights' shapes)."""
-    img_size: Optional[int] = None
+    img_size: Optional[common.PosInt] = None
     """Evaluation crop size. Default: the checkpoint's training resolution, else 224 (DINO eval_knn).
     Another size interpolates pos_embed bicubically (MAE interpolate_pos_embed)."""
-    patch_size: Optional[int] = None
+    patch_size: Optional[common.PosInt] = None
     """Patch size. Default: the checkpoint's, else the preset's."""
     data: str = "synthetic"
     """ROOT with ROOT/train and ROOT/val ImageFolders (one subfolder per class), or
     synthetic[:N_TRAIN[:N_VAL]] (common.SyntheticShapes, rendered at --img-size)."""
-    k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    k: list[common.PosInt] = field(default_factory=lambda: [10, 20, 100, 200])
     """Numbers of neighbours (DINO eval_knn --nb_knn 10 20 100 200; MIM-Refiner App. C.4 reports k=10).
     k larger than the train set is clipped to it."""
-    temperature: float = 0.07
+    temperature: common.PosFloat = 0.07
     """T in the vote weight exp(s/T) (DINO eval_knn; Wu et al. 2018 Sec. 3.4; MIM-Refiner knn.py)."""
-    pool: str = "cls"
+    pool: Literal["cls", "avg"] = "cls"
     """cls: the CLS token (DINO, MIM-Refiner); avg: mean over patch tokens, CLS excluded (MIM-Refiner
     mean_patch, CrossMAE heads)."""
     block: Optional[int] = None
@@ -120,11 +121,11 @@ class Args:
     ema: bool = False
     """Use the EMA/momentum encoder ("model_ema", or "model" when the checkpoint marks it as EMA).
     MIM-Refiner and MAE-CT evaluate their EMA encoder; DINO the teacher."""
-    batch_size: int = 256
+    batch_size: common.PosInt = 256
     """GLOBAL extraction batch, split over processes (DINO: 128 per GPU). No effect on results."""
-    num_workers: int = 8
+    num_workers: common.NonNegInt = 8
     """DataLoader workers per process (DINO eval_knn: 10)."""
-    chunk_size: int = 256
+    chunk_size: common.PosInt = 256
     """Val rows per similarity chunk: memory is chunk_size x N_train floats (DINO: N_val/100 rows)."""
     save_features: Optional[str] = None
     """Write {train_features, train_labels, val_features, val_labels} (pooled features of the evaluated
@@ -132,17 +133,17 @@ class Args:
     half_features: bool = False
     """Keep the feature banks in fp16 (halves memory; ImageNet-1K ViT-H: 3.3 GB instead of 6.6 GB per
     block). Standardisation statistics and vote weights stay fp32."""
-    shots: list[int] = field(default_factory=list)
+    shots: list[common.PosInt] = field(default_factory=list)
     """Low-shot: for each n, k-NN with only n labelled train images per class (MIM-Refiner Table 2 uses
     1 2 5). Default: off."""
-    shot_seeds: int = 3
+    shot_seeds: common.PosInt = 3
     """Random subsets per n (MIM-Refiner/MSN: 3 splits); mean and std are reported. Seed s in
     [seed, seed+shot_seeds) gives nested subsets across n."""
     output_json: Optional[str] = None
     """Write {protocol, top1, top5, per_block, low_shot} (accuracies in percent) to this file."""
     plot: Optional[str] = None
     """PNG for the per-block sweep. Default: OUTPUT_JSON with .png suffix, else knn_per_block.png."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (CUDA if visible), cpu or cuda."""
     seed: int = 0
     """Seed of the random init (--checkpoint none), the synthetic data, the low-shot subsets and --train-subset."""
@@ -417,18 +418,13 @@ def main(args: Args):
     # ---- flags
     if not args.checkpoint:
         raise UserError("pass --checkpoint PATH (or --checkpoint none for a randomly initialised baseline)")
-    if not args.k or min(args.k) < 1:
-        raise UserError(f"--k {args.k}: every k must be >= 1")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature {args.temperature}: must be > 0 (DINO: 0.07)")
-    if args.pool not in ("cls", "avg"):
-        raise UserError(f"--pool {args.pool!r}: choose cls or avg")
-    if args.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {args.device!r}: choose auto, cpu or cuda")
-    if args.shots and min(args.shots) < 1:
-        raise UserError(f"--shots {args.shots}: every value must be >= 1")
-    if args.shot_seeds < 1 or args.batch_size < 1 or args.chunk_size < 1 or args.num_workers < 0:
-        raise UserError("--shot-seeds, --batch-size and --chunk-size must be >= 1, --num-workers >= 0")
+    common.check_args(args)  # each flag's range is declared on its Args field
+    if not args.k:
+        raise UserError("--k: give at least one k, e.g. --k 10 20")
+    for flag, path in (("--save-features", args.save_features), ("--output-json", args.output_json),
+                       ("--plot", args.plot)):
+        if path:  # before the feature extraction, not after it
+            common.check_writable(path, flag)
     args.k = sorted(set(args.k))
 
     dist_info = init_distributed(args.device)

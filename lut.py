@@ -104,7 +104,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -121,33 +121,33 @@ class Args:
     # ---------------------------------------------------------------- common flags
     model: str = "vit_b16"
     """encoder architecture (common.VIT_CONFIGS); paper: vit_s16 / vit_b16 / vit_l16 (Table 1)"""
-    img_size: int = 224
+    img_size: common.PosInt = 224
     """training crop size in pixels; paper 224 (Sec. 5.1.2)"""
-    patch_size: Optional[int] = None
+    patch_size: Optional[common.PosInt] = None
     """patch size in pixels; none = the model's own (16, Sec. 5.1.1)"""
     data: str = "synthetic"
     """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]]; paper ImageNet-1K"""
     output_dir: str = "runs/lut"
     """checkpoints, log.jsonl, TensorBoard; an existing checkpoint-last.pth is resumed automatically"""
-    epochs: int = 1600
+    epochs: common.PosInt = 1600
     """pre-training epochs; paper 1600 (Sec. 5.1.2; ablations 400, Sec. 6.1)"""
-    warmup_epochs: int = 40
+    warmup_epochs: common.NonNegInt = 40
     """linear lr warmup epochs; paper 40 (Sec. 5.1.2)"""
-    batch_size: int = 4096
+    batch_size: common.PosInt = 4096
     """GLOBAL batch size (all processes and accumulation steps); paper 4096 (Sec. 5.1.2)"""
-    accum_steps: int = 1
+    accum_steps: common.PosInt = 1
     """gradient accumulation steps (head BN then sees only the micro-batch; a warning is printed);
     official ViT-B command: 4"""
-    blr: float = 1.5e-4
+    blr: common.PosFloat = 1.5e-4
     """base lr: lr = blr * batch_size / 256 (MAE protocol, Sec. 5.1.2) or blr * sqrt(batch_size) / 4
     (--lr-scaling sqrt, official); 1.5e-4 (official PRETRAIN.md, MAE)"""
-    lr: Optional[float] = None
+    lr: Optional[common.PosFloat] = None
     """absolute peak lr; none -> from --blr and --lr-scaling"""
-    min_lr: float = 0.0
+    min_lr: common.NonNegFloat = 0.0
     """final lr of the cosine schedule; MAE/official 0"""
-    weight_decay: float = 0.05
+    weight_decay: common.NonNegFloat = 0.05
     """AdamW weight decay; paper 0.05 (MAE protocol, official)"""
-    num_workers: int = 10
+    num_workers: common.NonNegInt = 10
     """data-loader worker processes per rank (official 10)"""
     seed: int = 0
     """random seed (official 0)"""
@@ -159,37 +159,37 @@ class Args:
     data: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoders' forward_features"""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto | cpu | cuda"""
     fsdp: bool = False
     """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
     largest model, ViT-L/16, fits 4 x A100 with DDP + --grad-checkpointing, see benchmarks/mem_estimate.py)"""
     # ---------------------------------------------------------------- MAE branch (Eq. 1)
-    mask_ratio: float = 0.75
+    mask_ratio: common.OpenUnit = 0.75
     """fraction of patches removed from the online encoder's input; paper 0.75 (Sec. 5.1.2)"""
     norm_pix_loss: bool = True
     """reconstruct per-patch normalised pixels (MAE; official PRETRAIN.md --norm_pix_loss)"""
-    decoder_dim: int = 512
+    decoder_dim: common.PosInt = 512
     """decoder width; paper 512 (MAE 8-block decoder, Sec. 5.1.1; official dec512d8b)"""
-    decoder_depth: int = 8
+    decoder_depth: common.PosInt = 8
     """decoder blocks; paper 8 (Sec. 5.1.1)"""
-    decoder_heads: int = 16
+    decoder_heads: common.PosInt = 16
     """decoder attention heads; official 16"""
-    mae_weight: float = 1.0
+    mae_weight: common.NonNegFloat = 1.0
     """weight of L_mim in Eq. (3); official --w_mae 1.0"""
     # ---------------------------------------------------------------- context branch (Eq. 2)
-    context_weight: Optional[float] = None
+    context_weight: Optional[common.NonNegFloat] = None
     """lambda of Eq. (3); none -> 1.0 for ViT-S and smaller, 0.25 for ViT-B and larger (Sec. 5.1.2;
     0.25 also for L, as the official ViT-B command)"""
-    head_hidden_dim: int = 4096
+    head_hidden_dim: common.PosInt = 4096
     """hidden width of the projector h / h~; paper 4096 (Sec. 5.1.1)"""
-    head_out_dim: Optional[int] = None
+    head_out_dim: Optional[common.PosInt] = None
     """output width of h / h~ and the predictor; none = the encoder width D (official)"""
-    pred_hidden_dim: int = 4096
+    pred_hidden_dim: common.PosInt = 4096
     """hidden width of the online-only predictor; paper 4096 (Sec. 5.1.1)"""
-    momentum: float = 0.996
+    momentum: common.Prob = 0.996
     """initial momentum of f~ / h~; paper 0.996 (Sec. 5.1.2)"""
-    momentum_final: float = 1.0
+    momentum_final: common.Prob = 1.0
     """final momentum (half-cosine schedule); official 1.0"""
     symmetric: bool = False
     """official two-sided formulation (both views masked with disjoint visible sets, loss both ways,
@@ -197,30 +197,30 @@ class Args:
     sync_bn: bool = True
     """SyncBatchNorm in the heads under DDP on CUDA (official); CPU runs use per-process BN (torch's SyncBN
     is CUDA-only)"""
-    momentum_bn: str = "running"
+    momentum_bn: Literal["running", "batch"] = "running"
     """BatchNorm of the momentum head h~: running (official: the momentum model stays in eval mode and its BN
     normalises with running statistics EMA'd from the online head's) or batch (BYOL, which Sec. 5.1.1
     follows for the heads: the statistics of the current batch of full views); the paper does not say"""
     # ---------------------------------------------------------------- augmentation (Sec. 3.0.4, 5.1.2)
-    crop: str = "src"
+    crop: Literal["src", "rrc"] = "src"
     """geometric augmentation of both views: src (simple resized crop, DeiT III; paper) or rrc
     (RandomResizedCrop, MAE; paper Table 4 ablation)"""
-    src_padding: int = 4
+    src_padding: common.NonNegInt = 4
     """SRC: reflect padding of the random crop in pixels (DeiT III / official 4)"""
-    rrc_min_scale: float = 0.2
+    rrc_min_scale: common.PosUnit = 0.2
     """--crop rrc: minimum crop area fraction (MAE 0.2)"""
-    jitter_p: float = 0.8
+    jitter_p: common.Prob = 0.8
     """strong view: probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (official 0.8)"""
     three_augment: bool = True
     """strong view: apply exactly one of grayscale / solarize / blur (DeiT III 3-augment, Sec. 5.1.2)"""
     # ---------------------------------------------------------------- optimiser details
-    lr_scaling: str = "linear"
+    lr_scaling: Literal["linear", "sqrt"] = "linear"
     """linear: lr = blr * batch / 256 (MAE protocol, paper); sqrt: lr = blr * sqrt(batch) / 4 (official)"""
-    beta2: float = 0.95
+    beta2: Annotated[float, common.Range(0, 1, hi_open=True)] = 0.95
     """AdamW beta2; MAE/official 0.95 (the paper's text lists 0.999, the fine-tuning value)"""
-    log_every: int = 20
+    log_every: common.PosInt = 20
     """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
-    exit_after_epochs: Optional[int] = None
+    exit_after_epochs: Optional[common.PosInt] = None
     """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
     knn_every: int = 0
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
@@ -494,30 +494,11 @@ def main(args: Args):
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
         raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; LUT up to ViT-L/16 trains with "
                         "DDP (drop --fsdp, add --grad-checkpointing)")
-    if not 0.0 < args.mask_ratio < 1.0:
-        raise UserError(f"--mask-ratio {args.mask_ratio} must be in (0, 1)")
+    common.check_args(args)  # each flag's range is declared on its Args field
     if args.symmetric and args.mask_ratio < 0.5:
         raise UserError(f"--symmetric needs --mask-ratio >= 0.5 (two disjoint visible sets), got {args.mask_ratio}")
-    if args.momentum_bn not in ("running", "batch"):
-        raise UserError(f"--momentum-bn {args.momentum_bn!r} is unknown; choose running (official) or batch (BYOL)")
-    if args.crop not in ("src", "rrc"):
-        raise UserError(f"--crop {args.crop!r} is unknown; choose src or rrc")
-    if args.lr_scaling not in ("linear", "sqrt"):
-        raise UserError(f"--lr-scaling {args.lr_scaling!r} is unknown; choose linear or sqrt")
-    if args.context_weight is not None and args.context_weight < 0:
-        raise UserError("--context-weight must be >= 0")
-    if not (0.0 <= args.momentum <= 1.0 and 0.0 <= args.momentum_final <= 1.0):
-        raise UserError("--momentum and --momentum-final must be in [0, 1]")
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         raise UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 and of --decoder-heads {args.decoder_heads}")
-    if min(args.decoder_depth, args.head_hidden_dim, args.pred_hidden_dim) < 1 or (args.head_out_dim or 1) < 1:
-        raise UserError("--decoder-depth, --head-hidden-dim, --pred-hidden-dim and --head-out-dim must be >= 1")
-    if args.accum_steps < 1 or args.epochs < 1 or args.warmup_epochs < 0:
-        raise UserError("--accum-steps and --epochs must be >= 1 and --warmup-epochs >= 0")
-    if args.log_every < 1:
-        raise UserError("--log-every must be >= 1")
-    if not 0.0 < args.rrc_min_scale <= 1.0 or args.src_padding < 0:
-        raise UserError("--rrc-min-scale must be in (0, 1] and --src-padding >= 0")
 
     if args.plan is not None:  # no data: the step on fake tensors
         common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
@@ -526,6 +507,9 @@ def main(args: Args):
     device, world = dist_info.device, dist_info.world_size
     checkpointed, _ = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
+    if micro < 2 and not (dist_info.enabled and args.sync_bn and device.type == "cuda"):
+        raise UserError(f"--batch-size {args.batch_size} gives {micro} image per process and step; the heads' "
+                        f"BatchNorm needs at least 2: raise --batch-size")
     if args.lr is not None:
         lr = args.lr
     elif args.lr_scaling == "linear":
@@ -556,6 +540,9 @@ def main(args: Args):
     start_epoch, step = 0, 0
     state = common.load_resume_state(args.output_dir)
     if state is not None:
+        common.check_resume_args(state, args, args.output_dir, shape=(
+            "decoder_dim", "decoder_depth", "decoder_heads", "head_hidden_dim", "head_out_dim", "pred_hidden_dim"),
+            state_keys=("model", "decoder", "head", "predictor", "model_ema", "head_ema", "optimizer", "epoch", "step"))
         load_lut_state(online, momentum, state)
         opt.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"], state["step"]

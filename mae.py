@@ -76,7 +76,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -93,30 +93,30 @@ class Args:
     # ---- common flags ----
     model: str = "vit_l16"
     """encoder architecture (common.VIT_CONFIGS); the paper pre-trains vit_b16, vit_l16 (main ablations), vit_h14"""
-    img_size: int = 224
+    img_size: common.PosInt = 224
     """training crop size (paper: 224, App. A.1)"""
-    patch_size: Optional[int] = None
+    patch_size: Optional[common.PosInt] = None
     """patch size p; None -> the model's own (16, or 14 for H/14)"""
     data: str = "synthetic"
     """ImageFolder root (ROOT/train), a flat folder of images (no labels needed), or synthetic[:N_TRAIN[:N_VAL]];
     paper: ImageNet-1K train"""
     output_dir: str = "runs/mae"
     """where checkpoint-last.pth, recon_epoch*.png, log.jsonl, args.json and TensorBoard logs go; rerunning resumes"""
-    epochs: int = 800
+    epochs: common.NonNegInt = 800
     """pre-training epochs (paper: 800 for the Table 1 ablations, 1600 for the released models; official default 400)"""
-    warmup_epochs: float = 40
+    warmup_epochs: common.NonNegFloat = 40
     """linear lr warmup epochs, starting from lr 0 (App. A.1 Table 8: 40)"""
-    batch_size: int = 4096
+    batch_size: common.PosInt = 4096
     """GLOBAL batch = per-rank micro-batch x accum_steps x processes (App. A.1 Table 8: 4096)"""
-    accum_steps: int = 1
+    accum_steps: common.PosInt = 1
     """gradient accumulation micro-steps per optimizer step (official --accum_iter; safe for MAE: no BN, no negatives)"""
-    blr: float = 1.5e-4
+    blr: common.PosFloat = 1.5e-4
     """base learning rate; lr = blr * global_batch / 256 (App. A.1 Table 8: 1.5e-4; official argparse default 1e-3)"""
-    lr: Optional[float] = None
+    lr: Optional[common.PosFloat] = None
     """absolute peak lr; None -> blr * batch_size / 256 (linear scaling rule, App. A.1)"""
-    weight_decay: float = 0.05
+    weight_decay: common.NonNegFloat = 0.05
     """AdamW weight decay (App. A.1 Table 8: 0.05); tokens, biases and norms get 0 (see --token-weight-decay)"""
-    num_workers: int = 10
+    num_workers: common.NonNegInt = 10
     """DataLoader worker processes per rank"""
     seed: int = 0
     """random seed (per epoch and rank via common.epoch_seed, so resume is exact and ranks mask differently)"""
@@ -128,35 +128,35 @@ class Args:
     data: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoder's forward_features and the decoder's forward"""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
     fsdp: bool = False
     """shard encoder, decoder, gradients and AdamW states over the processes with PyTorch FSDP2 (fully_shard)
     instead of DDP (ViT-2B/14 and larger; benchmarks/mem_estimate.py). Checkpoints keep the plain format"""
     # ---- MAE flags ----
-    mask_ratio: float = 0.75
+    mask_ratio: common.OpenUnit = 0.75
     """fraction r of patches removed per image (Sec. 3 'Masking'; Sec. 4.1 / Fig. 5: 0.75)"""
     norm_pix_loss: bool = True
     """per-patch normalised pixel targets (Sec. 3 'Reconstruction target', Table 1d; official --norm_pix_loss,
     used for the released encoders); --no-norm-pix-loss regresses raw (ImageNet-normalised) pixels"""
-    decoder_dim: int = 512
+    decoder_dim: common.PosInt = 512
     """decoder width (Table 1b: 512; official mae_vit_*_dec512d8b)"""
-    decoder_depth: int = 8
+    decoder_depth: common.NonNegInt = 8
     """decoder blocks (Table 1a: 8)"""
-    decoder_heads: int = 16
+    decoder_heads: common.PosInt = 16
     """decoder attention heads (not in the paper; official: 16)"""
-    min_lr: float = 0.0
+    min_lr: common.NonNegFloat = 0.0
     """lr at the end of the cosine schedule (official --min_lr default 0)"""
-    crop_min_scale: float = 0.2
+    crop_min_scale: common.PosUnit = 0.2
     """lower bound of RandomResizedCrop's area scale (Table 8 / Table 1e: RandomResizedCrop; 0.2 from the official code)"""
     token_weight_decay: bool = False
     """official-code behaviour: apply weight decay to cls_token and mask_token too (timm 0.3.2 rule)"""
     init: Optional[str] = None
     """optional encoder to start from (our checkpoint or an official mae_pretrain_*/_full file); a decoder in the
     file with the same shape is loaded too. Ignored when OUTPUT_DIR already holds a checkpoint (resume)"""
-    vis_images: int = 8
+    vis_images: common.NonNegInt = 8
     """train images (fixed, center-cropped) shown in recon_epochEEE.png each epoch; 0 disables"""
-    exit_after_epochs: Optional[int] = None
+    exit_after_epochs: Optional[common.PosInt] = None
     """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
     knn_every: int = 0
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
@@ -350,25 +350,13 @@ def reconstruction_grid(model: MaskedAutoencoder, imgs: torch.Tensor, noise: tor
 # main
 # ==============================================================================================
 def validate(args: Args):
-    """Flag combinations that cannot work, as one-line errors (before any heavy work)."""
-    if not 0.0 < args.mask_ratio < 1.0:
-        raise UserError(f"--mask-ratio {args.mask_ratio} must lie strictly between 0 and 1 (paper: 0.75)")
-    if args.epochs < 0 or args.warmup_epochs < 0:
-        raise UserError("--epochs and --warmup-epochs must be >= 0")
-    if args.batch_size < 1 or args.accum_steps < 1:
-        raise UserError("--batch-size and --accum-steps must be >= 1")
+    """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
+    is declared on its Args field (common.check_args)."""
+    common.check_args(args)
     if args.decoder_dim % args.decoder_heads:
         raise UserError(f"--decoder-dim {args.decoder_dim} is not divisible by --decoder-heads {args.decoder_heads}")
     if args.decoder_dim % 4:
         raise UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 (2-D sin-cos positions)")
-    if args.decoder_depth < 0:
-        raise UserError("--decoder-depth must be >= 0")
-    if not 0.0 < args.crop_min_scale <= 1.0:
-        raise UserError(f"--crop-min-scale {args.crop_min_scale} must lie in (0, 1]")
-    if args.blr <= 0 and args.lr is None:
-        raise UserError("--blr must be > 0")
-    if args.min_lr < 0 or args.weight_decay < 0:
-        raise UserError("--min-lr and --weight-decay must be >= 0")
     if args.fsdp and args.compile:
         raise UserError(common.FSDP_UNSUPPORTED_WITH_COMPILE)
 
@@ -450,6 +438,9 @@ def main(args: Args):
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
     state = common.load_resume_state(args.output_dir)
+    if state is not None:
+        common.check_resume_args(state, args, args.output_dir, state_keys=("model", "decoder", "optimizer", "epoch"),
+                                 shape=("decoder_dim", "decoder_depth", "decoder_heads", "token_weight_decay"))
     start_epoch = state["epoch"] if state is not None else 0
     log = common.Logger(args.output_dir, args, dist_info, extra=dict(
         effective_batch=args.batch_size, per_rank_batch=micro, lr=lr, steps_per_epoch=steps_per_epoch,

@@ -70,7 +70,7 @@ import dataclasses
 import functools
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -85,29 +85,29 @@ class Args:
     # ---- common flags ----
     model: str = "vit_l16"
     """encoder architecture (common.VIT_CONFIGS); the paper tunes vit_b16, vit_l16, vit_h16, vit_h14"""
-    img_size: int = 224
+    img_size: common.PosInt = 224
     """training resolution (paper 224); the MAE pos_embed is interpolated if --init differs"""
-    patch_size: Optional[int] = None
+    patch_size: Optional[common.PosInt] = None
     """patch size; None -> the model's own (16, or 14 for H/14). Must match the --init checkpoint"""
     data: str = "synthetic"
     """ImageFolder root (ROOT/train), a flat folder of images, or synthetic[:N_TRAIN[:N_VAL]]; paper: ImageNet-1K train"""
     output_dir: str = "runs/mae_ct"
     """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning resumes"""
-    epochs: Optional[int] = None
+    epochs: Optional[common.NonNegInt] = None
     """contrastive-tuning (stage 2) epochs; None -> Table 7 (min aug: B 20, L 20, H 30) or Table 8 (aug: 80, 40, 40)"""
-    warmup_epochs: Optional[float] = None
+    warmup_epochs: Optional[common.NonNegFloat] = None
     """stage-2 warmup epochs; None -> --warmup-fraction of the stage-2 updates (Table 7: 20 percent)"""
-    batch_size: Optional[int] = None
+    batch_size: Optional[Annotated[int, common.Range(2, why="BatchNorm in the heads needs 2 samples per view")]] = None
     """GLOBAL batch (images, each gives 2 views); None -> Table 7/8: 1024 (B/L), 512 (H)"""
-    accum_steps: int = 1
+    accum_steps: common.PosInt = 1
     """gradient accumulation; must stay 1: accumulating shrinks the BatchNorm batch and the negatives of Eq. 2"""
-    blr: float = 1e-4
+    blr: common.PosFloat = 1e-4
     """encoder base lr, scaled by global_batch*2 views/256 (Table 7/8: 1e-4; official LinearLrScaler)"""
-    lr: Optional[float] = None
+    lr: Optional[common.PosFloat] = None
     """absolute peak encoder lr; None -> blr * batch_size * 2 / 256"""
-    weight_decay: float = 0.05
+    weight_decay: common.NonNegFloat = 0.05
     """encoder AdamW weight decay (Table 7/8: 0.05); biases and 1-D params get 0"""
-    num_workers: int = 10
+    num_workers: common.NonNegInt = 10
     """DataLoader worker processes per rank"""
     seed: int = 0
     """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
@@ -119,7 +119,7 @@ class Args:
     data and no --init: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoder's forward_features"""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
     fsdp: bool = False
     """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
@@ -127,50 +127,50 @@ class Args:
     # ---- MAE-CT flags ----
     init: Optional[str] = None
     """MAE encoder to tune (required): our mae.py checkpoint or an official MAE release file (mae_pretrain_vit_*.pth)"""
-    aug: str = "min"
+    aug: Literal["min", "byol"] = "min"
     """'min': MAE-CT_min, 2 views of RandomResizedCrop(0.08-1)+flip (Table 7); 'byol': MAE-CT_aug, BYOL's
     asymmetric colour/blur/solarize views (Table 8). Also selects the per-model defaults"""
-    min_scale: float = 0.08
+    min_scale: common.PosUnit = 0.08
     """lower bound of the RandomResizedCrop area scale for both views (official: 0.08)"""
-    pool: Optional[str] = None
+    pool: Optional[Literal["cls", "avg"]] = None
     """head input: 'cls' (CLS token) or 'avg' (mean of the patch tokens), after the final LayerNorm;
     None -> 'avg' for ViT-B (and T/S), 'cls' for L/H (App. A.2)"""
-    head_epochs: int = 20
+    head_epochs: common.NonNegInt = 20
     """stage-1 NNCLR head initialisation epochs on the frozen encoder (App. A.2: 20); 0 skips stage 1"""
-    head_init_blr: float = 1e-4
+    head_init_blr: common.PosFloat = 1e-4
     """stage-1 head base lr, scaled like --blr (App. A.2: 1e-4)"""
-    head_init_temperature: float = 0.15
+    head_init_temperature: common.PosFloat = 0.15
     """stage-1 temperature tau (App. A.2: 0.15)"""
-    head_blr: Optional[float] = None
+    head_blr: Optional[common.PosFloat] = None
     """stage-2 head base lr, scaled like --blr; None -> Table 7: 1e-4 (min), Table 8: 5e-4 (aug)"""
-    head_weight_decay: float = 1e-5
+    head_weight_decay: common.NonNegFloat = 1e-5
     """AdamW weight decay of projector/predictor in both stages (Table 7/8: 1e-5)"""
-    warmup_fraction: float = 0.2
+    warmup_fraction: common.Prob = 0.2
     """warmup length as a fraction of each stage's updates (Table 7/8 and App. A.2: 20 percent)"""
-    layer_decay: float = 0.65
+    layer_decay: common.PosUnit = 0.65
     """layer-wise lr decay of the encoder in stage 2 (Table 7/8: 0.65; MAE util/lr_decay rule)"""
-    frozen_blocks: Optional[int] = None
+    frozen_blocks: Optional[common.NonNegInt] = None
     """stage-2 frozen lower blocks (plus patch_embed and cls_token); None -> depth/2 (Table 7: 6/12/16)"""
-    temperature: Optional[float] = None
+    temperature: Optional[common.PosFloat] = None
     """stage-2 tau of Eq. 2; None -> Table 7 (0.15/0.2/0.3 for B/L/H) or Table 8 (0.15/0.15/0.35)"""
-    topk: Optional[int] = None
+    topk: Optional[common.PosInt] = None
     """stage-2 k of the topk-NN lookup (Eq. 1); None -> Table 7 (20/20/20) or Table 8 (10/10/30; official H: 20)"""
-    projector_ema: Optional[float] = None
+    projector_ema: Optional[common.Prob] = None
     """stage-2 momentum t2 of the projector EMA g_m (Alg. 1); None -> Table 7/8: 0.99 (B/L), 0.995 (H)"""
-    encoder_ema: float = 0.9999
+    encoder_ema: common.Prob = 0.9999
     """momentum t1 of the encoder EMA f_m, the encoder released/evaluated (Alg. 1, Table 7/8: 0.9999)"""
-    queue_size: int = 65536
+    queue_size: common.PosInt = 65536
     """length of the NN queue Q (Sec. 4 / Alg. 1: 65,536); initialised with random unit vectors (official)"""
     exclude_self: bool = True
     """official-code behaviour: never return the sample's own (older) queue entry as its NN; --no-exclude-self:
     Alg. 1's literal lookup of the whole queue (differs on ~0.13% of ImageNet lookups, more on small data)"""
-    proj_hidden: int = 2048
+    proj_hidden: common.PosInt = 2048
     """projector hidden width (Alg. 1: 2048)"""
-    proj_dim: int = 256
+    proj_dim: common.PosInt = 256
     """projector / predictor output width (Alg. 1: 256)"""
-    pred_hidden: int = 4096
+    pred_hidden: common.PosInt = 4096
     """predictor hidden width (Alg. 1: 4096)"""
-    exit_after_epochs: Optional[int] = None
+    exit_after_epochs: Optional[common.PosInt] = None
     """testing: stop after this many completed epochs (stage 1 + stage 2), as if the run was killed"""
     knn_every: int = 1
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
@@ -200,9 +200,9 @@ NUM_VIEWS = 2  # Algorithm 1: two augmented views per image
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill the None defaults from Tables 7/8 (per model size and --aug) and validate the flags."""
-    if args.aug not in ("min", "byol"):
-        raise UserError(f"--aug {args.aug!r}: choose 'min' (MAE-CT_min, Table 7) or 'byol' (MAE-CT_aug, Table 8)")
+    """Fill the None defaults from Tables 7/8 (per model size and --aug) and validate the flags (each flag's
+    range is declared on its Args field, common.check_args)."""
+    common.check_args(args)
     if args.model not in MODEL_SIZE:
         raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(MODEL_SIZE)}")
     size = MODEL_SIZE[args.model]
@@ -216,22 +216,10 @@ def resolve_args(args: Args) -> Args:
     if args.accum_steps != 1:
         raise UserError("--accum-steps must be 1 for MAE-CT: accumulation shrinks the BatchNorm batch and the "
                         "negatives of the NNCLR loss; lower --batch-size or use more GPUs instead")
-    if args.pool not in ("cls", "avg"):
-        raise UserError(f"--pool {args.pool!r}: choose 'cls' or 'avg'")
-    if args.batch_size < 2:
-        raise UserError("--batch-size must be at least 2 (BatchNorm in the heads needs 2 samples per view)")
     if not 0 <= args.frozen_blocks <= depth:
         raise UserError(f"--frozen-blocks {args.frozen_blocks} is outside [0, {depth}] for {args.model}")
-    if args.topk < 1 or args.queue_size < 1:
-        raise UserError("--topk and --queue-size must be >= 1")
     if args.topk > args.queue_size:
         raise UserError(f"--topk {args.topk} exceeds --queue-size {args.queue_size}; lower --topk")
-    if min(args.temperature, args.head_init_temperature) <= 0:
-        raise UserError("--temperature and --head-init-temperature must be > 0")
-    if not (0 <= args.projector_ema <= 1 and 0 <= args.encoder_ema <= 1):
-        raise UserError("--projector-ema and --encoder-ema must lie in [0, 1]")
-    if args.epochs < 0 or args.head_epochs < 0:
-        raise UserError("--epochs and --head-epochs must be >= 0")
     return args
 
 
@@ -536,6 +524,10 @@ def main(args: Args):
     head_init_lr = scaled_lr(args.head_init_blr, args.batch_size)
 
     state = common.load_resume_state(args.output_dir)
+    if state is not None:
+        common.check_resume_args(state, args, args.output_dir, shape=(
+            "pool", "proj_hidden", "proj_dim", "pred_hidden", "queue_size", "frozen_blocks"),
+            state_keys=("model", "model_online", "projector", "predictor", "queue", "stage", "optimizer", "epoch"))
     if state is None and args.init is None:
         raise UserError("MAE-CT tunes a pre-trained MAE encoder: pass --init PATH (mae.py checkpoint or "
                         "official mae_pretrain_vit_*.pth)")

@@ -85,7 +85,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -96,34 +96,38 @@ import common
 from common import UserError
 
 
+BATCH_WHY = ("the NNA loss contrasts each image with the other images of the step's batch over all ranks "
+             "(Eq. 1): with one image it is exactly 0; --batch-size / --accum-steps must be >= 2")
+
+
 @dataclass
 class Args:
     # ---- common flags ----
     model: str = "vit_l16"
     """encoder architecture (common.VIT_CONFIGS); the paper refines vit_l16, vit_h14, vit_2b14"""
-    img_size: int = 224
+    img_size: common.PosInt = 224
     """global-view resolution (Table 10: 224); the --init pos_embed is interpolated if it differs"""
-    patch_size: Optional[int] = None
+    patch_size: Optional[common.PosInt] = None
     """patch size; None -> the model's own (16, or 14 for H/14 and 2B/14). Must match --init"""
     data: str = "data/imagenet"
     """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]]; paper: ImageNet-1K train"""
     output_dir: str = "runs/mim_refiner"
     """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning resumes"""
-    epochs: Optional[int] = None
+    epochs: Optional[common.NonNegInt] = None
     """refinement epochs; None -> Table 10: 30 (MAE L/H), 20 (MAE 2B, data2vec 2.0)"""
-    warmup_epochs: float = 4
+    warmup_epochs: common.NonNegFloat = 4
     """linear lr warmup epochs at the start of each stage (Table 10: 4)"""
-    batch_size: Optional[int] = None
+    batch_size: Optional[Annotated[int, common.Range(2, why=BATCH_WHY)]] = None
     """GLOBAL batch of images (each gives 2 global + --local-crops views); None -> Table 10: 1024 (L), 512 (H, 2B)"""
-    accum_steps: int = 1
+    accum_steps: common.PosInt = 1
     """gradient accumulation; >1 makes BN statistics, negatives and queue updates per micro-batch (warned)"""
-    blr: float = 4e-4
+    blr: common.PosFloat = 4e-4
     """refinement base lr for encoder and heads, scaled by global_batch/256 (Table 10: 4e-4; LinearLrScaler)"""
-    lr: Optional[float] = None
+    lr: Optional[common.PosFloat] = None
     """absolute peak refinement lr; None -> blr * batch_size / 256"""
-    weight_decay: float = 0.05
+    weight_decay: common.NonNegFloat = 0.05
     """encoder AdamW weight decay (Table 10: 0.05); biases, 1-D params and cls_token get 0"""
-    num_workers: int = 10
+    num_workers: common.NonNegInt = 10
     """DataLoader worker processes per rank (12 views per image: augmentation is CPU-heavy)"""
     seed: int = 0
     """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
@@ -135,7 +139,7 @@ class Args:
     data and no --init: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoder's forward_features"""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
     fsdp: bool = False
     """shard encoder, EMA encoder, heads, gradients and AdamW states over the processes with PyTorch FSDP2
@@ -149,50 +153,50 @@ class Args:
     head_blocks: Optional[list[int]] = None
     """0-based blocks with an ID head (negatives count from the end); None -> App. A.1: last 8 blocks for
     L/16 and 2B/14, last 12 for H/14, last depth//3 otherwise. The last block's head reads the final-norm output"""
-    head_hidden: int = 2048
+    head_hidden: common.PosInt = 2048
     """projector hidden width (App. B.2: 2048)"""
-    head_dim: int = 256
+    head_dim: common.PosInt = 256
     """projector/predictor output width = queue width (official: 256)"""
-    pred_hidden: int = 4096
+    pred_hidden: common.PosInt = 4096
     """predictor hidden width (App. B.2: 4096)"""
-    queue_size: int = 65536
+    queue_size: common.PosInt = 65536
     """FIFO queue length per head (official: 65,536); initialised with randn"""
-    topk: int = 20
+    topk: common.PosInt = 20
     """refinement NN lookup: uniform pick among the top-k (Table 10: 20)"""
-    head_topk: int = 1
+    head_topk: common.PosInt = 1
     """head-stage NN lookup k (App. B.3: top-1)"""
-    temperature: Optional[float] = None
+    temperature: Optional[common.PosFloat] = None
     """tau of Eq. 1; None -> Table 10: 0.2 (L), 0.3 (H), 0.35 (2B); 0.2 for smaller models"""
-    local_crops: int = 10
+    local_crops: common.NonNegInt = 10
     """number of local views (Table 10: 10)"""
-    local_size: Optional[int] = None
+    local_size: Optional[common.PosInt] = None
     """local view resolution; None -> Table 10: 96 for /16, 98 for /14 at 224, i.e. patch*round(3/7*img/patch)"""
-    global_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    global_scale: list[common.PosUnit] = field(default_factory=lambda: [0.25, 1.0])
     """RandomResizedCrop area scale of the 2 global views (Table 10: [0.25, 1.0])"""
-    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.25])
+    local_scale: list[common.PosUnit] = field(default_factory=lambda: [0.05, 0.25])
     """RandomResizedCrop area scale of the local views (Table 10: [0.05, 0.25])"""
     color_aug: bool = True
     """BYOL colour jitter, grayscale, blur, solarize (Table 10); --no-color-aug: crop+flip only (App. A.2)"""
-    head_epochs: int = 20
+    head_epochs: common.NonNegInt = 20
     """head-stage epochs on the frozen encoder (App. B.3: 20); 0 skips the stage"""
-    head_blr: float = 2e-4
+    head_blr: common.PosFloat = 2e-4
     """head-stage base lr, scaled by global_batch/256 (App. B.3: 2e-4)"""
-    head_weight_decay: float = 1e-5
+    head_weight_decay: common.NonNegFloat = 1e-5
     """AdamW weight decay of the ID heads in both stages (Table 10: 1e-5)"""
-    min_lr: float = 1e-6
+    min_lr: common.NonNegFloat = 1e-6
     """lr at the end of the cosine of each stage (official wupcos schedule: absolute 1e-6)"""
-    layer_decay: float = 0.65
+    layer_decay: common.PosUnit = 0.65
     """layer-wise lr decay of the encoder (Table 10: 0.65): block k gets 0.65^(depth-k), the final norm 1"""
-    freeze_blocks: Optional[int] = None
+    freeze_blocks: Optional[common.NonNegInt] = None
     """refinement: freeze patch_embed, cls_token and blocks [0, k) (Table 10: 6 for 2B/14, else 0)"""
-    ema_momentum: float = 0.9999
+    ema_momentum: common.Prob = 0.9999
     """encoder EMA momentum per update during refinement (Table 10: 0.9999); the EMA is saved as "model\""""
     official_local_indexing: bool = False
     """official loss indexing (official nnclr_loss.py): local targets predicted[:, l] instead of [:, 2+l]"""
     exclude_self: bool = True
     """official lookup: never return the sample's own (older) queue entry as its NN; --no-exclude-self: Eq. 2's
     literal lookup of the whole queue (differs on ~0.13% of ImageNet lookups, far more on small data)"""
-    exit_after_epochs: Optional[int] = None
+    exit_after_epochs: Optional[common.PosInt] = None
     """testing: stop after this many completed epochs (both stages counted), as if the run was killed"""
     knn_every: int = 1
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
@@ -235,7 +239,9 @@ def default_local_size(img_size: int, patch_size: int) -> int:
 
 
 def resolve_args(args: Args, post_norm: bool) -> Args:
-    """Fill the None defaults (Table 10 per model; 20 epochs for data2vec 2.0) and validate flags."""
+    """Fill the None defaults (Table 10 per model; 20 epochs for data2vec 2.0) and validate flags (each flag's
+    range is declared on its Args field, common.check_args)."""
+    common.check_args(args)
     if args.model not in common.VIT_CONFIGS:
         raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(common.VIT_CONFIGS)}")
     _, depth, _, own_patch = common.VIT_CONFIGS[args.model]
@@ -259,8 +265,6 @@ def resolve_args(args: Args, post_norm: bool) -> Args:
         raise UserError(f"--img-size {args.img_size} is not a multiple of the patch size {patch}")
     if args.local_crops > 0 and (args.local_size < patch or args.local_size % patch):
         raise UserError(f"--local-size {args.local_size} must be a positive multiple of the patch size {patch}")
-    if args.local_crops < 0:
-        raise UserError("--local-crops must be >= 0")
     bad = [b for b in args.head_blocks if not -depth <= b < depth]
     if bad or not args.head_blocks:
         raise UserError(f"--head-blocks {bad or '(none)'}: {args.model} has blocks 0..{depth - 1}")
@@ -270,21 +274,18 @@ def resolve_args(args: Args, post_norm: bool) -> Args:
     args = dataclasses.replace(args, head_blocks=blocks)
     if not 0 <= args.freeze_blocks <= depth:
         raise UserError(f"--freeze-blocks {args.freeze_blocks} is outside [0, {depth}] for {args.model}")
-    if min(args.topk, args.head_topk, args.queue_size) < 1 or max(args.topk, args.head_topk) > args.queue_size:
+    if max(args.topk, args.head_topk) > args.queue_size:
         raise UserError(f"need 1 <= --topk/--head-topk <= --queue-size (got {args.topk}/{args.head_topk}, "
                         f"{args.queue_size})")
-    if args.temperature <= 0:
-        raise UserError("--temperature must be > 0")
-    if not 0 <= args.ema_momentum <= 1:
-        raise UserError("--ema-momentum must lie in [0, 1]")
-    if args.epochs < 0 or args.head_epochs < 0 or args.epochs + args.head_epochs == 0:
-        raise UserError("--epochs and --head-epochs must be >= 0 and not both 0")
+    if args.epochs + args.head_epochs == 0:
+        raise UserError("--epochs and --head-epochs are both 0; nothing to train")
     for name in ("global_scale", "local_scale"):
         lo_hi = getattr(args, name)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise UserError(f"--{name.replace('_', '-')} needs two numbers 0 < lo <= hi <= 1")
-    if args.accum_steps < 1:
-        raise UserError("--accum-steps must be >= 1")
+    if args.batch_size // args.accum_steps < 2:
+        raise UserError(f"--batch-size {args.batch_size} / --accum-steps {args.accum_steps} leaves "
+                        f"{args.batch_size // args.accum_steps} image per step; {BATCH_WHY}")
     if args.fsdp and args.compile:
         raise UserError(common.FSDP_UNSUPPORTED_WITH_COMPILE)
     return args
@@ -614,8 +615,8 @@ def main(args: Args):
 
     # ---- initial weights (or resume) and the data must exist: one line that says what to put where ----
     init_ckpt, post_norm = None, args.post_norm
-    if state is not None:
-        post_norm = state["encoder_config"]["post_norm"]
+    if state is not None:  # (a foreign file has no encoder_config: check_resume_args below names it)
+        post_norm = state.get("encoder_config", {}).get("post_norm", post_norm)
     else:
         init = args.init or PRESETS.get(args.model, {}).get("init")
         if init is None:
@@ -632,6 +633,10 @@ def main(args: Args):
         init_ckpt = common.load_file(init)
         post_norm = post_norm or is_post_norm_checkpoint(init_ckpt)
     args = resolve_args(args, post_norm)
+    if state is not None:  # after resolve_args: compares the filled-in values, as stored
+        common.check_resume_args(state, args, args.output_dir, shape=(
+            "head_blocks", "head_hidden", "head_dim", "pred_hidden", "queue_size", "post_norm", "freeze_blocks"),
+            state_keys=("model", "model_online", "heads", "queues", "stage", "optimizer", "epoch", "encoder_config"))
     if args.accum_steps > 1:
         warnings.warn("--accum-steps > 1: BatchNorm statistics, the negatives of Eq. 1 and the queue updates become "
                       "per micro-batch (not the paper's setting)")

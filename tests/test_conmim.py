@@ -274,7 +274,7 @@ def test_torchrun_two_processes_and_frozen_momentum_encoder(tmp_path):
 @pytest.mark.parametrize("flags,msg", [(["--mask-block", "3"], "--mask-block 3"), (["--pos-embed", "sincos"], "--pos-embed"),
                                        (["--batch-size", "64", "--data", "synthetic:32:16"], "fewer than one global batch"),
                                        (["--pos-embed", "abs", "--rel-pos-lr-mult", "10"], "--pos-embed rel"),
-                                       (["--rel-pos-lr-mult", "0"], "--rel-pos-lr-mult must be > 0")])
+                                       (["--rel-pos-lr-mult", "0"], "--rel-pos-lr-mult 0.0: must be > 0")])
 def test_bad_flags_one_line_error(tmp_path, flags, msg):
     p = run_script("conmim.py", *SMALL, "--output-dir", tmp_path / "bad", *flags, check=False, env=ONE)
     assert p.returncode == 2 and p.stderr.startswith("error:") and msg in p.stderr
