@@ -147,7 +147,7 @@ class Args:
     """auto (CUDA if visible), cpu or cuda."""
     seed: int = 0
     """Seed of the random init (--checkpoint none), the synthetic data, the low-shot subsets and --train-subset."""
-    train_subset: float = 1.0
+    train_subset: common.PosUnit = 1.0
     """Fraction of the train split used as the k-NN bank, drawn with --seed (common.knn_bank_indices); the
     training scripts' monitor uses --knn-subset with their --seed, so the same values reproduce its number."""
 

@@ -151,7 +151,7 @@ class Args:
     """data-loader worker processes per rank (official 10)"""
     seed: int = 0
     """random seed (official 0)"""
-    grad_checkpointing: str = "auto"
+    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
     """activation checkpointing of the online encoder: auto (on CUDA: as many blocks as the measured memory plan
     needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
     plan: Optional[str] = None
@@ -222,16 +222,16 @@ class Args:
     """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
     exit_after_epochs: Optional[common.PosInt] = None
     """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
-    knn_every: int = 0
+    knn_every: common.NonNegInt = 0
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. The LUT paper reports no k-NN."""
     knn_data: Optional[str] = None
     """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
     None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
-    knn_subset: float = 0.1
+    knn_subset: common.PosUnit = 0.1
     """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
     / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
-    save_every: int = 100
+    save_every: common.NonNegInt = 100
     """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
     epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: every 100 epochs (ModelSaver every_100_epochs)."""
 

@@ -120,7 +120,7 @@ class Args:
     """DataLoader worker processes per rank"""
     seed: int = 0
     """random seed (per epoch and rank via common.epoch_seed, so resume is exact and ranks mask differently)"""
-    grad_checkpointing: str = "auto"
+    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
     """activation checkpointing: auto (on CUDA: the first k encoder, then decoder, blocks the measured memory plan
     needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
     plan: Optional[str] = None
@@ -158,16 +158,16 @@ class Args:
     """train images (fixed, center-cropped) shown in recon_epochEEE.png each epoch; 0 disables"""
     exit_after_epochs: Optional[common.PosInt] = None
     """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
-    knn_every: int = 0
+    knn_every: common.NonNegInt = 0
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. The MAE paper reports no k-NN."""
     knn_data: Optional[str] = None
     """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
     None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
-    knn_subset: float = 0.1
+    knn_subset: common.PosUnit = 0.1
     """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
     / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
-    save_every: int = 20
+    save_every: common.NonNegInt = 20
     """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
     epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: a checkpoint every 20 epochs (main_pretrain.py)."""
 

@@ -111,7 +111,7 @@ class Args:
     """DataLoader worker processes per rank"""
     seed: int = 0
     """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
-    grad_checkpointing: str = "auto"
+    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
     """activation checkpointing of the encoder blocks: auto (on CUDA: as many trainable blocks as the measured
     memory plan needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
     plan: Optional[str] = None
@@ -172,16 +172,16 @@ class Args:
     """predictor hidden width (Alg. 1: 4096)"""
     exit_after_epochs: Optional[common.PosInt] = None
     """testing: stop after this many completed epochs (stage 1 + stage 2), as if the run was killed"""
-    knn_every: int = 1
+    knn_every: common.NonNegInt = 1
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. Official: k-NN after every epoch, both stages."""
     knn_data: Optional[str] = None
     """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
     None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
-    knn_subset: float = 0.1
+    knn_subset: common.PosUnit = 0.1
     """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
     / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
-    save_every: int = 0
+    save_every: common.NonNegInt = 0
     """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
     epochs; 0 = none. checkpoint-last.pth stays the full resumable state."""
 

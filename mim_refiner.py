@@ -131,7 +131,7 @@ class Args:
     """DataLoader worker processes per rank (12 views per image: augmentation is CPU-heavy)"""
     seed: int = 0
     """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
-    grad_checkpointing: str = "auto"
+    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
     """activation checkpointing of the encoder blocks: auto (on CUDA: as many blocks as the measured memory plan
     needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
     plan: Optional[str] = None
@@ -198,16 +198,16 @@ class Args:
     literal lookup of the whole queue (differs on ~0.13% of ImageNet lookups, far more on small data)"""
     exit_after_epochs: Optional[common.PosInt] = None
     """testing: stop after this many completed epochs (both stages counted), as if the run was killed"""
-    knn_every: int = 1
+    knn_every: common.NonNegInt = 1
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. Official: k-NN on a 10% ImageNet subset after every epoch, both stages (App. E)."""
     knn_data: Optional[str] = None
     """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
     None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
-    knn_subset: float = 0.1
+    knn_subset: common.PosUnit = 0.1
     """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
     / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
-    save_every: int = 10
+    save_every: common.NonNegInt = 10
     """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
     epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: one kept every 10 epochs."""
 
