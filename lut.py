@@ -128,7 +128,8 @@ class Args:
     data: str = "synthetic"
     """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]]; paper ImageNet-1K"""
     output_dir: str = "runs/lut"
-    """checkpoints, log.jsonl, TensorBoard; an existing checkpoint-last.pth is resumed automatically"""
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
+    resumes"""
     epochs: common.PosInt = 1600
     """pre-training epochs; paper 1600 (Sec. 5.1.2; ablations 400, Sec. 6.1)"""
     warmup_epochs: common.NonNegInt = 40
@@ -148,19 +149,19 @@ class Args:
     weight_decay: common.NonNegFloat = 0.05
     """AdamW weight decay; paper 0.05 (MAE protocol, official)"""
     num_workers: common.NonNegInt = 10
-    """data-loader worker processes per rank (official 10)"""
+    """DataLoader worker processes per rank"""
     seed: int = 0
-    """random seed (official 0)"""
+    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
     grad_checkpointing: Literal["auto", "on", "off"] = "auto"
     """activation checkpointing of the online encoder: auto (on CUDA: as many blocks as the measured memory plan
     needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
     plan: Optional[str] = None
     """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
-    data: one training step on fake tensors)"""
+    data and no initial checkpoint: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoders' forward_features"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto | cpu | cuda"""
+    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
     fsdp: bool = False
     """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
     largest model, ViT-L/16, fits 4 x A100 with DDP + --grad-checkpointing, see benchmarks/mem_estimate.py)"""
@@ -221,7 +222,8 @@ class Args:
     log_every: common.PosInt = 20
     """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
     exit_after_epochs: Optional[common.PosInt] = None
-    """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
+    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
+    resume"""
     knn_every: common.NonNegInt = 0
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. The LUT paper reports no k-NN."""

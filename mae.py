@@ -101,7 +101,8 @@ class Args:
     """ImageFolder root (ROOT/train), a flat folder of images (no labels needed), or synthetic[:N_TRAIN[:N_VAL]];
     paper: ImageNet-1K train"""
     output_dir: str = "runs/mae"
-    """where checkpoint-last.pth, recon_epoch*.png, log.jsonl, args.json and TensorBoard logs go; rerunning resumes"""
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
+    resumes"""
     epochs: common.NonNegInt = 800
     """pre-training epochs (paper: 800 for the Table 1 ablations, 1600 for the released models; official default 400)"""
     warmup_epochs: common.NonNegFloat = 40
@@ -119,13 +120,13 @@ class Args:
     num_workers: common.NonNegInt = 10
     """DataLoader worker processes per rank"""
     seed: int = 0
-    """random seed (per epoch and rank via common.epoch_seed, so resume is exact and ranks mask differently)"""
+    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
     grad_checkpointing: Literal["auto", "on", "off"] = "auto"
     """activation checkpointing: auto (on CUDA: the first k encoder, then decoder, blocks the measured memory plan
     needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
     plan: Optional[str] = None
     """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
-    data: one training step on fake tensors)"""
+    data and no initial checkpoint: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoder's forward_features and the decoder's forward"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -157,7 +158,8 @@ class Args:
     vis_images: common.NonNegInt = 8
     """train images (fixed, center-cropped) shown in recon_epochEEE.png each epoch; 0 disables"""
     exit_after_epochs: Optional[common.PosInt] = None
-    """testing: stop after this many completed epochs, as if the run was killed (rerun to resume)"""
+    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
+    resume"""
     knn_every: common.NonNegInt = 0
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. The MAE paper reports no k-NN."""

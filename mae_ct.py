@@ -92,7 +92,8 @@ class Args:
     data: str = "synthetic"
     """ImageFolder root (ROOT/train), a flat folder of images, or synthetic[:N_TRAIN[:N_VAL]]; paper: ImageNet-1K train"""
     output_dir: str = "runs/mae_ct"
-    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning resumes"""
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
+    resumes"""
     epochs: Optional[common.NonNegInt] = None
     """contrastive-tuning (stage 2) epochs; None -> Table 7 (min aug: B 20, L 20, H 30) or Table 8 (aug: 80, 40, 40)"""
     warmup_epochs: Optional[common.NonNegFloat] = None
@@ -110,13 +111,13 @@ class Args:
     num_workers: common.NonNegInt = 10
     """DataLoader worker processes per rank"""
     seed: int = 0
-    """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
+    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
     grad_checkpointing: Literal["auto", "on", "off"] = "auto"
     """activation checkpointing of the encoder blocks: auto (on CUDA: as many trainable blocks as the measured
     memory plan needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
     plan: Optional[str] = None
     """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
-    data and no --init: one training step on fake tensors)"""
+    data and no initial checkpoint: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoder's forward_features"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -171,7 +172,8 @@ class Args:
     pred_hidden: common.PosInt = 4096
     """predictor hidden width (Alg. 1: 4096)"""
     exit_after_epochs: Optional[common.PosInt] = None
-    """testing: stop after this many completed epochs (stage 1 + stage 2), as if the run was killed"""
+    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
+    resume"""
     knn_every: common.NonNegInt = 1
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. Official: k-NN after every epoch, both stages."""

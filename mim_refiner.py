@@ -112,7 +112,8 @@ class Args:
     data: str = "data/imagenet"
     """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]]; paper: ImageNet-1K train"""
     output_dir: str = "runs/mim_refiner"
-    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning resumes"""
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
+    resumes"""
     epochs: Optional[common.NonNegInt] = None
     """refinement epochs; None -> Table 10: 30 (MAE L/H), 20 (MAE 2B, data2vec 2.0)"""
     warmup_epochs: common.NonNegFloat = 4
@@ -128,15 +129,15 @@ class Args:
     weight_decay: common.NonNegFloat = 0.05
     """encoder AdamW weight decay (Table 10: 0.05); biases, 1-D params and cls_token get 0"""
     num_workers: common.NonNegInt = 10
-    """DataLoader worker processes per rank (12 views per image: augmentation is CPU-heavy)"""
+    """DataLoader worker processes per rank"""
     seed: int = 0
-    """random seed (per epoch and rank via common.epoch_seed, so resume is exact)"""
+    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
     grad_checkpointing: Literal["auto", "on", "off"] = "auto"
     """activation checkpointing of the encoder blocks: auto (on CUDA: as many blocks as the measured memory plan
     needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
     plan: Optional[str] = None
     """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
-    data and no --init: one training step on fake tensors)"""
+    data and no initial checkpoint: one training step on fake tensors)"""
     compile: bool = False
     """torch.compile the encoder's forward_features"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -197,7 +198,8 @@ class Args:
     """official lookup: never return the sample's own (older) queue entry as its NN; --no-exclude-self: Eq. 2's
     literal lookup of the whole queue (differs on ~0.13% of ImageNet lookups, far more on small data)"""
     exit_after_epochs: Optional[common.PosInt] = None
-    """testing: stop after this many completed epochs (both stages counted), as if the run was killed"""
+    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
+    resume"""
     knn_every: common.NonNegInt = 1
     """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. Official: k-NN on a 10% ImageNet subset after every epoch, both stages (App. E)."""
