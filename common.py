@@ -1,7 +1,7 @@
 """Method-agnostic plumbing shared by mae.py, mae_ct.py, mim_refiner.py, lut.py, conmim.py and eval_knn.py.
 
-Only what at least three scripts need lives here; every loss, head, masking rule and training step
-stays in its method file so that each file reads on its own.
+Only what at least three scripts need, or the checkpoint format needs, lives here; every loss, head,
+masking rule and training step stays in its method file so that each file reads on its own.
 
 Contents, top to bottom:
   1. Command line: a dataclass -> argparse helper (field docstrings become --help); each field's valid range
@@ -17,6 +17,8 @@ Contents, top to bottom:
   7. Checkpoints: atomic, fsynced, finite-only save, auto-resume with a check of the stored flags, loading
      of ours / official MAE / MAE-CT / MIM-Refiner / data2vec 2.0 files with pos_embed interpolation and
      clear architecture-mismatch errors.
+  7b. FSDP2 sharding (`--fsdp` of mae.py and mim_refiner.py): the checkpoint writer, the k-NN monitor and
+     the memory plan handle sharded modules through it.
   8. Logging: rank-0 tqdm, TensorBoard, log.jsonl, args.json.
   9. During training: k-NN monitor (weighted vote of DINO), kept epoch checkpoints, eval command.
   10. Memory plan: one training step on fake tensors, measured peak, `--plan` and `--grad-checkpointing auto`.
@@ -1429,10 +1431,6 @@ def check_resume_args(state: dict, args, output_dir: str, state_keys=(), shape=(
         if int(os.environ.get("RANK", 0)) == 0:
             why = RESUME_WARN.get(k, "the resumed run differs from the one the checkpoint started")
             print(f"warning: resuming {path} with {flag} {now} (it was trained with {was}): {why}", flush=True)
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 # ----------------------------------------------------------------------------------------------
