@@ -589,7 +589,8 @@ def main(args: Args):
     teacher.to(device)
     online.encoder.grad_checkpointing = checkpointed
 
-    opt = common.make_adamw(build_param_groups(online, args), lr, betas=(0.9, 0.98), device=device)  # Table 11 betas, eps 1e-8
+    opt = common.make_adamw(build_param_groups(online, args), lr, betas=(0.9, 0.98),
+                            device=device)  # Table 11 betas, eps 1e-8
 
     # ---------------------------------------------------------------- resume
     start_epoch, step = 0, 0

@@ -392,7 +392,7 @@ def momentum_update(momentum: MomentumBranch, online: LUTOnline, m: float):
 
 
 def load_lut_state(online: LUTOnline, momentum: MomentumBranch, state: dict):
-    """A checkpoint's model entries (written at the end of each epoch in main) into the online model and
+    """A checkpoint's model entries (written at the end of each epoch by save_state) into the online model and
     the momentum branch."""
     online.encoder.load_state_dict(state["model"])
     online.decoder.load_state_dict(state["decoder"])
@@ -513,7 +513,8 @@ def peak_lr(args: Args) -> tuple[float, str]:
         return args.lr, "--lr"
     if args.lr_scaling == "linear":  # MAE's linear rule (global batch)
         return args.blr * args.batch_size / 256, f"blr {args.blr:.3e} x {args.batch_size}/256"
-    return args.blr * math.sqrt(args.batch_size) / 4, f"blr {args.blr:.3e} x sqrt({args.batch_size})/4"  # official main_lut.py
+    # official main_lut.py
+    return args.blr * math.sqrt(args.batch_size) / 4, f"blr {args.blr:.3e} x sqrt({args.batch_size})/4"
 
 
 def train_one_epoch(model, momentum: MomentumBranch, online: LUTOnline, opt, ds, epoch: int, step: int,
