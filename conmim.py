@@ -325,6 +325,16 @@ class ConMIMBranch(nn.Module):
         return self.head(z)[:, 1:]  # projector on all tokens (official), CLS dropped -> (B, N, C)
 
 
+def momentum_copy(online: ConMIMBranch) -> ConMIMBranch:
+    """f~, g~: an exact copy of f, g and the mask token (Algorithm 1), updated only by common.ema_update."""
+    teacher = copy.deepcopy(online)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for blk in teacher.encoder.blocks:  # the momentum model computes targets: no stochastic depth
+        blk.drop_path = 0.0
+    return teacher
+
+
 def conmim_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, temperature: float):
     """Eq. (3) summed over masked positions. q (B, N, C) online on the corrupted input, k (B, N, C)
     momentum on the full input (no gradient), mask (B, N) bool. Each masked query q_j is classified
@@ -385,7 +395,7 @@ def timm_beit_state_dict(sd: dict) -> dict:
 
 
 # ================================================================================================
-# Train step
+# ALGO LOGIC: one training step (Sec. 4, Algorithm 1)
 # ================================================================================================
 def rel_pos_absmax(encoder) -> float:
     """Largest |entry| of the shared relative position bias table (0 with --pos-embed abs): how far the only
@@ -434,15 +444,118 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
                     "--plan is not available for conmim.py (docs/memory.md gives the formula estimate)")
 
 
-def main(args: Args):
-    # ---------------------------------------------------------------- flags
+# ================================================================================================
+# Training loop: flags, one epoch, the epoch-end checkpoint, main
+# ================================================================================================
+def validate(args: Args):
+    """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
+    is declared on its Args field (common.check_args)."""
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
         raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; ConMIM up to ViT-L/16 trains with "
                         "DDP (drop --fsdp, add --grad-checkpointing)")
-    common.check_args(args)  # each flag's range is declared on its Args field
+    common.check_args(args)
     if args.pos_embed == "abs" and args.rel_pos_lr_mult != 1.0:
         raise UserError("--rel-pos-lr-mult applies to the relative position bias; drop it or use --pos-embed rel")
 
+
+def build_param_groups(online: ConMIMBranch, args: Args) -> list[dict]:
+    """common.param_groups, with the shared relative position bias table in groups of its own that scale the lr
+    by --rel-pos-lr-mult (no such groups with --pos-embed abs)."""
+    is_table = lambda n: n.endswith("relative_position_bias_table")  # noqa: E731
+    groups = common.param_groups([(n, p) for n, p in online.named_parameters() if not is_table(n)], args.weight_decay)
+    groups += common.param_groups([(n, p) for n, p in online.named_parameters() if is_table(n)], args.weight_decay,
+                                  lr_scale=args.rel_pos_lr_mult, tag="rel_pos_")
+    return groups
+
+
+def load_conmim_state(online: ConMIMBranch, teacher: ConMIMBranch, state: dict, args: Args):
+    """Resume: check the checkpoint's flags against args, then load both branches (encoder, projector, mask
+    token) from a checkpoint written by save_state."""
+    common.check_resume_args(state, args, args.output_dir, shape=("pos_embed", "head_hidden_dim", "head_out_dim"),
+                             state_keys=("model", "model_ema", "head", "head_ema", "optimizer", "epoch", "step"))
+    was_rel = state.get("encoder_config", {}).get("rel_pos_bias", False)
+    if was_rel != (args.pos_embed == "rel"):
+        raise UserError(f"{common.checkpoint_path(args.output_dir)} was trained with --pos-embed "
+                        f"{'rel' if was_rel else 'abs'}; resume with that flag or use another --output-dir")
+    online.encoder.load_state_dict(state["model"])
+    teacher.encoder.load_state_dict(state["model_ema"])
+    online.head.load_state_dict(state["head"])
+    teacher.head.load_state_dict(state["head_ema"])
+    with torch.no_grad():
+        online.mask_token.copy_(state["mask_token"])
+        teacher.mask_token.copy_(state["mask_token_ema"])
+
+
+def train_one_epoch(model, teacher: ConMIMBranch, online: ConMIMBranch, opt, ds, epoch: int, step: int,
+                    lr_schedule, momentum_schedule, *, micro: int, steps_per_epoch: int, total_steps: int, device,
+                    dist_info, log, args: Args) -> int:
+    """One epoch of steps_per_epoch updates of accum_steps micro-batches of `micro` (weak, strong, mask)
+    triples each: lr and momentum coefficient from the schedules at the global optimizer step, train_step per
+    micro-batch, the rank-mean loss logged every --log-every updates and for the epoch. `model` is `online` as
+    wrapped (DDP or plain). `step` counts the optimizer steps done before this epoch; returns the count after it."""
+    common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
+    loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True,
+                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+    model.train()
+    teacher.train()  # official: the momentum model's projector BN uses batch statistics
+    t0, ep_loss, ep_n, it_acc = time.time(), 0.0, 0, 0
+    bar = common.progress(range(steps_per_epoch * args.accum_steps), dist_info, desc=f"epoch {epoch}")
+    it = iter(loader)
+    for micro_step in bar:
+        (weak, strong, mask), _ = next(it)
+        weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)  # (n, 3, S, S)
+        mask = mask.to(device, non_blocking=True)  # (n, N) bool
+        last = (micro_step + 1) % args.accum_steps == 0
+        if it_acc == 0:
+            cur_lr = lr_schedule(step)
+            common.set_lr(opt, cur_lr)
+        m = momentum_schedule(step)
+        loss, grad_norm = train_step(model, teacher, online, opt, weak, strong, mask, world=dist_info.world_size,
+                                     sync=last, m=m, step=step, args=args,
+                                     autocast=functools.partial(common.autocast, device))
+        ep_loss += float(common.all_reduce_mean(loss.detach()))
+        ep_n += 1
+        it_acc += 1
+        if not last:
+            continue
+        it_acc = 0
+        step += 1
+        if dist_info.is_main:
+            ips = (micro_step + 1) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{ep_loss / ep_n:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+        if step % args.log_every == 0 or step == total_steps:
+            log.log({"train/loss": ep_loss / ep_n, "train/lr": cur_lr, "train/momentum": m,
+                     "train/grad_norm": float(grad_norm), "train/masked_frac": float(mask.float().mean()),
+                     "train/rel_pos_bias_absmax": rel_pos_absmax(online.encoder),
+                     "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
+
+    log.log({"train/epoch_loss": ep_loss / max(ep_n, 1), "train/epoch_time_s": time.time() - t0,
+             "epoch": epoch + 1}, step)
+    log.print(f"epoch {epoch + 1}/{args.epochs}: loss {ep_loss / max(ep_n, 1):.4f} ({time.time() - t0:.1f}s)")
+    return step
+
+
+def save_state(online: ConMIMBranch, teacher: ConMIMBranch, opt, epoch: int, step: int, *, dist_info, args: Args):
+    """OUTPUT_DIR/checkpoint-last.pth after `epoch` (rank 0 writes): both branches, the optimizer, the counters."""
+    if dist_info.is_main:
+        common.save_checkpoint(common.checkpoint_path(args.output_dir), {
+            "model": common.encoder_state_dict(online.encoder),
+            "encoder_config": online.encoder.config(),
+            "model_is_ema": False,
+            "model_ema": common.encoder_state_dict(teacher.encoder),
+            "head": online.head.state_dict(),
+            "head_ema": teacher.head.state_dict(),
+            "mask_token": online.mask_token.detach().cpu(),
+            "mask_token_ema": teacher.mask_token.detach().cpu(),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch + 1,
+            "step": step,
+            "args": dataclasses.asdict(args),
+        })
+
+
+def main(args: Args):
+    validate(args)
     if args.plan is not None:  # no data: the step on fake tensors
         common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
         return
@@ -466,11 +579,7 @@ def main(args: Args):
         raise UserError(f"--beit-min-patches {args.beit_min_patches} exceeds the {args.mask_ratio} x {grid * grid} "
                         f"patches to mask; lower it")
     online = ConMIMBranch(encoder, Projector(encoder.dim, args.head_hidden_dim, args.head_out_dim))
-    teacher = copy.deepcopy(online)  # f~ starts as an exact copy of f (Algorithm 1)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    for blk in teacher.encoder.blocks:  # the momentum model computes targets: no stochastic depth
-        blk.drop_path = 0.0
+    teacher = momentum_copy(online)
     # SyncBN needs CUDA under DDP; on CPU (gloo) each rank normalises its own batch (= official behaviour)
     use_sync_bn = dist_info.enabled and args.sync_bn and device.type == "cuda"
     if use_sync_bn:
@@ -480,29 +589,14 @@ def main(args: Args):
     teacher.to(device)
     online.encoder.grad_checkpointing = checkpointed
 
-    is_table = lambda n: n.endswith("relative_position_bias_table")  # noqa: E731
-    groups = common.param_groups([(n, p) for n, p in online.named_parameters() if not is_table(n)], args.weight_decay)
-    groups += common.param_groups([(n, p) for n, p in online.named_parameters() if is_table(n)], args.weight_decay,
-                                  lr_scale=args.rel_pos_lr_mult, tag="rel_pos_")  # empty list with --pos-embed abs
-    opt = common.make_adamw(groups, lr, betas=(0.9, 0.98), device=device)  # Table 11 betas, eps 1e-8
+    opt = common.make_adamw(build_param_groups(online, args), lr, betas=(0.9, 0.98),
+                            device=device)  # Table 11 betas, eps 1e-8
 
     # ---------------------------------------------------------------- resume
     start_epoch, step = 0, 0
     state = common.load_resume_state(args.output_dir)
     if state is not None:
-        common.check_resume_args(state, args, args.output_dir, shape=("pos_embed", "head_hidden_dim", "head_out_dim"),
-                                 state_keys=("model", "model_ema", "head", "head_ema", "optimizer", "epoch", "step"))
-        was_rel = state.get("encoder_config", {}).get("rel_pos_bias", False)
-        if was_rel != (args.pos_embed == "rel"):
-            raise UserError(f"{common.checkpoint_path(args.output_dir)} was trained with --pos-embed "
-                            f"{'rel' if was_rel else 'abs'}; resume with that flag or use another --output-dir")
-        online.encoder.load_state_dict(state["model"])
-        teacher.encoder.load_state_dict(state["model_ema"])
-        online.head.load_state_dict(state["head"])
-        teacher.head.load_state_dict(state["head_ema"])
-        with torch.no_grad():
-            online.mask_token.copy_(state["mask_token"])
-            teacher.mask_token.copy_(state["mask_token_ema"])
+        load_conmim_state(online, teacher, state, args)
         opt.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"], state["step"]
 
@@ -530,8 +624,7 @@ def main(args: Args):
 
     # ---------------------------------------------------------------- data
     ds = common.build_dataset(args.data, "train", ConMIMTransform(args, grid), img_size=args.img_size, seed=args.seed)
-    iters_per_epoch = (len(ds) // world) // micro
-    steps_per_epoch = iters_per_epoch // args.accum_steps
+    steps_per_epoch = len(ds) // world // micro // args.accum_steps  # optimizer steps
     if steps_per_epoch == 0:
         raise UserError(f"the dataset has {len(ds)} images, fewer than one global batch of {args.batch_size}; "
                         f"lower --batch-size")
@@ -539,62 +632,17 @@ def main(args: Args):
     warmup_steps = steps_per_epoch * args.warmup_epochs
 
     # ---------------------------------------------------------------- train
+    lr_schedule = functools.partial(common.cosine_schedule, total_steps=total_steps, base=lr, final=min_lr,
+                                    warmup_steps=warmup_steps)
+    # momentum coefficient (Sec. 4): theta~ <- m theta~ + (1 - m) theta, m: cosine 0.996 -> 1 over all steps
+    momentum_schedule = functools.partial(common.momentum_schedule, total_steps=total_steps, base=args.momentum,
+                                          final=args.momentum_final)
     knn = common.KnnMonitor(args, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
-        common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
-        loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True,
-                                     num_workers=args.num_workers, seed=args.seed, epoch=epoch)
-        model.train()
-        teacher.train()  # official: the momentum model's projector BN uses batch statistics
-        t0, ep_loss, ep_n, it_acc = time.time(), 0.0, 0, 0
-        bar = common.progress(range(steps_per_epoch * args.accum_steps), dist_info, desc=f"epoch {epoch}")
-        it = iter(loader)
-        for micro_step in bar:
-            (weak, strong, mask), _ = next(it)
-            weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True)  # (B, N) bool
-            last = (micro_step + 1) % args.accum_steps == 0
-            if it_acc == 0:
-                cur_lr = common.cosine_schedule(step, total_steps, lr, min_lr, warmup_steps)
-                common.set_lr(opt, cur_lr)
-            # momentum coefficient (Sec. 4): theta~ <- m theta~ + (1 - m) theta, m: cosine 0.996 -> 1 over all steps
-            m = common.momentum_schedule(step, total_steps, args.momentum, args.momentum_final)
-            loss, grad_norm = train_step(model, teacher, online, opt, weak, strong, mask, world=world, sync=last, m=m,
-                                         step=step, args=args, autocast=functools.partial(common.autocast, device))
-            ep_loss += float(common.all_reduce_mean(loss.detach()))
-            ep_n += 1
-            it_acc += 1
-            if not last:
-                continue
-            it_acc = 0
-            step += 1
-            if dist_info.is_main:
-                ips = (micro_step + 1) * micro * world / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{ep_loss / ep_n:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
-            if step % args.log_every == 0 or step == total_steps:
-                log.log({"train/loss": ep_loss / ep_n, "train/lr": cur_lr, "train/momentum": m,
-                         "train/grad_norm": float(grad_norm), "train/masked_frac": float(mask.float().mean()),
-                         "train/rel_pos_bias_absmax": rel_pos_absmax(online.encoder),
-                         "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
-
-        log.log({"train/epoch_loss": ep_loss / max(ep_n, 1), "train/epoch_time_s": time.time() - t0,
-                 "epoch": epoch + 1}, step)
-        log.print(f"epoch {epoch + 1}/{args.epochs}: loss {ep_loss / max(ep_n, 1):.4f} ({time.time() - t0:.1f}s)")
-        if dist_info.is_main:
-            common.save_checkpoint(common.checkpoint_path(args.output_dir), {
-                "model": common.encoder_state_dict(online.encoder),
-                "encoder_config": online.encoder.config(),
-                "model_is_ema": False,
-                "model_ema": common.encoder_state_dict(teacher.encoder),
-                "head": online.head.state_dict(),
-                "head_ema": teacher.head.state_dict(),
-                "mask_token": online.mask_token.detach().cpu(),
-                "mask_token_ema": teacher.mask_token.detach().cpu(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "args": dataclasses.asdict(args),
-            })
+        step = train_one_epoch(model, teacher, online, opt, ds, epoch, step, lr_schedule, momentum_schedule,
+                               micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps, device=device,
+                               dist_info=dist_info, log=log, args=args)
+        save_state(online, teacher, opt, epoch, step, dist_info=dist_info, args=args)
         common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(online.encoder), online.encoder.config(),
                          model_is_ema=False)
         knn(epoch + 1, online.encoder, step)

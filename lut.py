@@ -392,7 +392,7 @@ def momentum_update(momentum: MomentumBranch, online: LUTOnline, m: float):
 
 
 def load_lut_state(online: LUTOnline, momentum: MomentumBranch, state: dict):
-    """A checkpoint's model entries (written at the end of each epoch in main) into the online model and
+    """A checkpoint's model entries (written at the end of each epoch by save_state) into the online model and
     the momentum branch."""
     online.encoder.load_state_dict(state["model"])
     online.decoder.load_state_dict(state["decoder"])
@@ -432,7 +432,7 @@ def lut_transform(args: Args) -> common.MultiView:
 
 
 # ================================================================================================
-# Train step
+# ALGO LOGIC: one training step (Sec. 3, Eq. 3)
 # ================================================================================================
 def forward_losses(model, momentum: MomentumBranch, weak, strong, num_patches: int, mask_ratio: float,
                    symmetric: bool):
@@ -491,17 +491,106 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
                               "the head BatchNorm normalises per micro-batch")
 
 
-def main(args: Args):
-    # ---------------------------------------------------------------- flags
+# ================================================================================================
+# Training loop: flags, one epoch, the epoch-end checkpoint, main
+# ================================================================================================
+def validate(args: Args):
+    """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
+    is declared on its Args field (common.check_args)."""
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
         raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; LUT up to ViT-L/16 trains with "
                         "DDP (drop --fsdp, add --grad-checkpointing)")
-    common.check_args(args)  # each flag's range is declared on its Args field
+    common.check_args(args)
     if args.symmetric and args.mask_ratio < 0.5:
         raise UserError(f"--symmetric needs --mask-ratio >= 0.5 (two disjoint visible sets), got {args.mask_ratio}")
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         raise UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 and of --decoder-heads {args.decoder_heads}")
 
+
+def peak_lr(args: Args) -> tuple[float, str]:
+    """The peak learning rate from --lr or --blr and the global batch, and how it was derived (for the log)."""
+    if args.lr is not None:
+        return args.lr, "--lr"
+    if args.lr_scaling == "linear":  # MAE's linear rule (global batch)
+        return args.blr * args.batch_size / 256, f"blr {args.blr:.3e} x {args.batch_size}/256"
+    # official main_lut.py
+    return args.blr * math.sqrt(args.batch_size) / 4, f"blr {args.blr:.3e} x sqrt({args.batch_size})/4"
+
+
+def train_one_epoch(model, momentum: MomentumBranch, online: LUTOnline, opt, ds, epoch: int, step: int,
+                    lr_schedule, momentum_schedule, *, weight: float, micro: int, steps_per_epoch: int,
+                    total_steps: int, device, dist_info, log, args: Args) -> int:
+    """One epoch of steps_per_epoch updates of accum_steps micro-batches of `micro` image pairs each: lr and
+    momentum coefficient from the schedules at the global optimizer step, train_step per micro-batch, the
+    rank-mean losses logged every --log-every updates and for the epoch. `model` is `online` as wrapped (DDP
+    or plain). `step` counts the optimizer steps done before this epoch; returns the count after it."""
+    common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
+    loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True,
+                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+    model.train()
+    momentum.eval()  # official: the momentum model is never in train mode (BN uses its running statistics)
+    if args.momentum_bn == "batch":
+        momentum.head.train()  # BYOL: target BN with this batch's statistics (no dropout/drop-path anywhere in it)
+    t0, sums, n_micro, it_acc = time.time(), [0.0, 0.0, 0.0], 0, 0
+    bar = common.progress(range(steps_per_epoch * args.accum_steps), dist_info, desc=f"epoch {epoch}")
+    it = iter(loader)
+    for micro_step in bar:
+        (weak, strong), _ = next(it)
+        weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)  # (n, 3, S, S)
+        last = (micro_step + 1) % args.accum_steps == 0
+        if it_acc == 0:
+            cur_lr = lr_schedule(step)
+            common.set_lr(opt, cur_lr)
+        m = momentum_schedule(step)
+        loss, loss_mim, loss_bc = train_step(model, momentum, online, opt, weak, strong, weight=weight,
+                                             num_patches=online.encoder.num_patches, sync=last, m=m, step=step,
+                                             args=args, autocast=functools.partial(common.autocast, device))
+        for i, v in enumerate((loss, loss_mim, loss_bc)):
+            sums[i] += float(common.all_reduce_mean(v.detach()))
+        n_micro += 1
+        it_acc += 1
+        if not last:
+            continue
+        it_acc = 0
+        step += 1
+        if dist_info.is_main:
+            ips = (micro_step + 1) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{sums[0] / n_micro:.4f}", mim=f"{sums[1] / n_micro:.4f}",
+                            bc=f"{sums[2] / n_micro:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+        if step % args.log_every == 0 or step == total_steps:
+            log.log({"train/loss": sums[0] / n_micro, "train/loss_mim": sums[1] / n_micro,
+                     "train/loss_context": sums[2] / n_micro, "train/lr": cur_lr, "train/momentum": m,
+                     "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
+
+    ep = [s / max(n_micro, 1) for s in sums]
+    log.log({"train/epoch_loss": ep[0], "train/epoch_loss_mim": ep[1], "train/epoch_loss_context": ep[2],
+             "train/epoch_time_s": time.time() - t0, "epoch": epoch + 1}, step)
+    log.print(f"epoch {epoch + 1}/{args.epochs}: loss {ep[0]:.4f} (mim {ep[1]:.4f}, context {ep[2]:.4f}) "
+              f"({time.time() - t0:.1f}s)")
+    return step
+
+
+def save_state(online: LUTOnline, momentum: MomentumBranch, opt, epoch: int, step: int, *, dist_info, args: Args):
+    """OUTPUT_DIR/checkpoint-last.pth after `epoch` (rank 0 writes): both branches, the optimizer, the counters."""
+    if dist_info.is_main:
+        common.save_checkpoint(common.checkpoint_path(args.output_dir), {
+            "model": common.encoder_state_dict(online.encoder),
+            "encoder_config": online.encoder.config(),
+            "model_is_ema": False,
+            "model_ema": common.encoder_state_dict(momentum.encoder),
+            "decoder": online.decoder.state_dict(),
+            "head": online.head.state_dict(),
+            "predictor": online.predictor.state_dict(),
+            "head_ema": momentum.head.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch + 1,
+            "step": step,
+            "args": dataclasses.asdict(args),
+        })
+
+
+def main(args: Args):
+    validate(args)
     if args.plan is not None:  # no data: the step on fake tensors
         common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
         return
@@ -512,12 +601,7 @@ def main(args: Args):
     if micro < 2 and not (dist_info.enabled and args.sync_bn and device.type == "cuda"):
         raise UserError(f"--batch-size {args.batch_size} gives {micro} image per process and step; the heads' "
                         f"BatchNorm needs at least 2: raise --batch-size")
-    if args.lr is not None:
-        lr = args.lr
-    elif args.lr_scaling == "linear":
-        lr = args.blr * args.batch_size / 256  # MAE's linear rule (global batch)
-    else:
-        lr = args.blr * math.sqrt(args.batch_size) / 4  # official main_lut.py
+    lr, rule = peak_lr(args)
     min_lr = min(args.min_lr, lr)
 
     # ---------------------------------------------------------------- model
@@ -551,8 +635,6 @@ def main(args: Args):
 
     log = common.Logger(args.output_dir, args, dist_info,
                         extra={"effective_lr": lr, "micro_batch": micro, "effective_context_weight": weight})
-    rule = "--lr" if args.lr is not None else (f"blr {args.blr:.3e} x {args.batch_size}/256" if args.lr_scaling == "linear"
-                                               else f"blr {args.blr:.3e} x sqrt({args.batch_size})/4")
     log.print(f"global batch {args.batch_size} = {micro} per rank x {args.accum_steps} accum x {world} processes; "
               f"peak lr {lr:.3e} ({rule}); context weight {weight}; "
               f"{'symmetric (official)' if args.symmetric else 'one-sided (paper)'} LUT, mask ratio {args.mask_ratio}")
@@ -576,8 +658,7 @@ def main(args: Args):
 
     # ---------------------------------------------------------------- data
     ds = common.build_dataset(args.data, "train", lut_transform(args), img_size=args.img_size, seed=args.seed)
-    iters_per_epoch = (len(ds) // world) // micro
-    steps_per_epoch = iters_per_epoch // args.accum_steps
+    steps_per_epoch = len(ds) // world // micro // args.accum_steps  # optimizer steps
     if steps_per_epoch == 0:
         raise UserError(f"the dataset has {len(ds)} images, fewer than one global batch of {args.batch_size}; "
                         f"lower --batch-size")
@@ -585,67 +666,17 @@ def main(args: Args):
     warmup_steps = steps_per_epoch * args.warmup_epochs
 
     # ---------------------------------------------------------------- train
+    lr_schedule = functools.partial(common.cosine_schedule, total_steps=total_steps, base=lr, final=min_lr,
+                                    warmup_steps=warmup_steps)
+    # momentum coefficient (Sec. 5.1.2): 0.996 at the first optimizer step -> exactly 1 at the last one
+    momentum_schedule = functools.partial(common.momentum_schedule, total_steps=max(total_steps - 1, 1),
+                                          base=args.momentum, final=args.momentum_final)
     knn = common.KnnMonitor(args, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
-        common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
-        loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True,
-                                     num_workers=args.num_workers, seed=args.seed, epoch=epoch)
-        model.train()
-        momentum.eval()  # official: the momentum model is never in train mode (BN uses its running statistics)
-        if args.momentum_bn == "batch":
-            momentum.head.train()  # BYOL: target BN with this batch's statistics (no dropout/drop-path anywhere in it)
-        t0, sums, n_micro, it_acc = time.time(), [0.0, 0.0, 0.0], 0, 0
-        bar = common.progress(range(steps_per_epoch * args.accum_steps), dist_info, desc=f"epoch {epoch}")
-        it = iter(loader)
-        for micro_step in bar:
-            (weak, strong), _ = next(it)
-            weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)
-            last = (micro_step + 1) % args.accum_steps == 0
-            if it_acc == 0:
-                cur_lr = common.cosine_schedule(step, total_steps, lr, min_lr, warmup_steps)
-                common.set_lr(opt, cur_lr)
-            # momentum coefficient (Sec. 5.1.2): 0.996 at the first optimizer step -> exactly 1 at the last one
-            m = common.momentum_schedule(step, max(total_steps - 1, 1), args.momentum, args.momentum_final)
-            loss, loss_mim, loss_bc = train_step(model, momentum, online, opt, weak, strong, weight=weight,
-                                                 num_patches=encoder.num_patches, sync=last, m=m, step=step, args=args,
-                                                 autocast=functools.partial(common.autocast, device))
-            for i, v in enumerate((loss, loss_mim, loss_bc)):
-                sums[i] += float(common.all_reduce_mean(v.detach()))
-            n_micro += 1
-            it_acc += 1
-            if not last:
-                continue
-            it_acc = 0
-            step += 1
-            if dist_info.is_main:
-                ips = (micro_step + 1) * micro * world / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{sums[0] / n_micro:.4f}", mim=f"{sums[1] / n_micro:.4f}",
-                                bc=f"{sums[2] / n_micro:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
-            if step % args.log_every == 0 or step == total_steps:
-                log.log({"train/loss": sums[0] / n_micro, "train/loss_mim": sums[1] / n_micro,
-                         "train/loss_context": sums[2] / n_micro, "train/lr": cur_lr, "train/momentum": m,
-                         "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
-
-        ep = [s / max(n_micro, 1) for s in sums]
-        log.log({"train/epoch_loss": ep[0], "train/epoch_loss_mim": ep[1], "train/epoch_loss_context": ep[2],
-                 "train/epoch_time_s": time.time() - t0, "epoch": epoch + 1}, step)
-        log.print(f"epoch {epoch + 1}/{args.epochs}: loss {ep[0]:.4f} (mim {ep[1]:.4f}, context {ep[2]:.4f}) "
-                  f"({time.time() - t0:.1f}s)")
-        if dist_info.is_main:
-            common.save_checkpoint(common.checkpoint_path(args.output_dir), {
-                "model": common.encoder_state_dict(online.encoder),
-                "encoder_config": online.encoder.config(),
-                "model_is_ema": False,
-                "model_ema": common.encoder_state_dict(momentum.encoder),
-                "decoder": online.decoder.state_dict(),
-                "head": online.head.state_dict(),
-                "predictor": online.predictor.state_dict(),
-                "head_ema": momentum.head.state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "args": dataclasses.asdict(args),
-            })
+        step = train_one_epoch(model, momentum, online, opt, ds, epoch, step, lr_schedule, momentum_schedule,
+                               weight=weight, micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                               device=device, dist_info=dist_info, log=log, args=args)
+        save_state(online, momentum, opt, epoch, step, dist_info=dist_info, args=args)
         common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(online.encoder), online.encoder.config(),
                          model_is_ema=False)
         knn(epoch + 1, online.encoder, step)

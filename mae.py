@@ -348,8 +348,20 @@ def reconstruction_grid(model: MaskedAutoencoder, imgs: torch.Tensor, noise: tor
     return torchvision.utils.make_grid(out.cpu(), nrow=imgs.shape[0], padding=2, pad_value=1.0)
 
 
+def reconstruction_batch(args: Args, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The figure's fixed inputs: --vis-images train images spread over the (sorted) dataset, un-augmented,
+    (V, 3, H, W), and their masking noise (V, N) from a generator of its own (the training RNG is untouched)."""
+    vis_ds = common.build_dataset(args.data, "train", common.eval_transform(args.img_size), img_size=args.img_size,
+                                  seed=args.seed)
+    n_vis = min(args.vis_images, len(vis_ds))
+    picks = torch.linspace(0, len(vis_ds) - 1, n_vis).long().tolist()
+    vis_imgs = torch.stack([vis_ds[i][0] for i in picks])  # (V, 3, H, W)
+    vis_noise = torch.rand(n_vis, num_patches, generator=torch.Generator().manual_seed(args.seed))  # (V, N)
+    return vis_imgs, vis_noise
+
+
 # ==============================================================================================
-# main
+# Flags
 # ==============================================================================================
 def validate(args: Args):
     """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
@@ -363,6 +375,9 @@ def validate(args: Args):
         raise UserError(common.FSDP_UNSUPPORTED_WITH_COMPILE)
 
 
+# ==============================================================================================
+# ALGO LOGIC: one training step (Sec. 3)
+# ==============================================================================================
 def train_step(ddp, optimizer, imgs: torch.Tensor, *, sync: bool, step: int, args: Args, autocast) -> torch.Tensor:
     """One micro-batch of MAE (Sec. 3): random masking, encoder on the visible patches, decoder, per-patch pixel
     MSE on the masked patches (Eq. in Sec. 3, norm_pix_loss App. A.1), backward of loss / accum_steps; on the last
@@ -378,6 +393,9 @@ def train_step(ddp, optimizer, imgs: torch.Tensor, *, sync: bool, step: int, arg
     return loss
 
 
+# ==============================================================================================
+# Models and the memory plan (--plan, --grad-checkpointing auto)
+# ==============================================================================================
 def build_modules(args: Args, checkpointed):
     """Encoder, decoder and MaskedAutoencoder; `checkpointed` k: the first k encoder blocks, then decoder blocks."""
     enc_depth = common.VIT_CONFIGS.get(args.model, (0, 0))[1]
@@ -410,6 +428,71 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
                               mode, args.fsdp, True, "the same maths: the loss is a per-image mean")
 
 
+# ==============================================================================================
+# Training loop: one epoch, the epoch-end checkpoint, main
+# ==============================================================================================
+def train_one_epoch(ddp, optimizer, dataset, epoch: int, lr_schedule, *, micro: int, steps_per_epoch: int,
+                    device, dist_info, log, args: Args) -> tuple[float, float]:
+    """One epoch of steps_per_epoch AdamW updates of accum_steps micro-batches of `micro` images each: the lr
+    of every update from lr_schedule(global step), train_step per micro-batch, the rank-mean loss logged per
+    update. `ddp` is the model as wrapped (DDP, FSDP or plain). Returns (mean loss of the epoch, start time)."""
+    common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))  # CRUCIAL for exact resume
+    loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
+                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+    ddp.train()
+    bar = common.progress(loader, dist_info, total=steps_per_epoch * args.accum_steps, desc=f"epoch {epoch}")
+    t0, loss_sum, accum_loss = time.time(), 0.0, 0.0
+    for it, (imgs, _) in enumerate(bar):
+        if it >= steps_per_epoch * args.accum_steps:
+            break  # an incomplete accumulation group at the epoch end is skipped
+        step = epoch * steps_per_epoch + it // args.accum_steps  # global optimizer step
+        last_micro = (it + 1) % args.accum_steps == 0
+        if it % args.accum_steps == 0:  # per iteration (fractional epoch), at the first micro-batch of an update
+            cur_lr = lr_schedule(step)
+            common.set_lr(optimizer, cur_lr)
+        imgs = imgs.to(device, non_blocking=True)  # (n, 3, H, W)
+        loss = train_step(ddp, optimizer, imgs, sync=last_micro, step=step, args=args,
+                          autocast=functools.partial(common.autocast, device))
+        accum_loss += loss.detach() / args.accum_steps
+        if not last_micro:
+            continue
+        loss_v = common.all_reduce_mean(accum_loss).item()  # mean over ranks, for logging only
+        accum_loss, loss_sum = 0.0, loss_sum + loss_v
+        if dist_info.is_main:
+            ips = (it + 1) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+            log.log({"train/loss": loss_v, "train/lr": cur_lr, "train/epoch": epoch + (it + 1) / (steps_per_epoch * args.accum_steps)},
+                    step=step)
+    return loss_sum / steps_per_epoch, t0
+
+
+def save_state(encoder, decoder, model, optimizer, vis_imgs, vis_noise, epoch: int, epoch_loss: float, t0: float, *,
+               steps_per_epoch: int, device, dist_info, log, args: Args) -> dict:
+    """End of an epoch: OUTPUT_DIR/checkpoint-last.pth (the format of the module docstring), the epoch loss and
+    the reconstruction figure (when vis_imgs is given). Every rank calls it: under --fsdp the state dicts and
+    the figure's forward are collectives. Returns the encoder state dict (for common.save_kept)."""
+    enc_sd, dec_sd = common.full_state_dict(encoder), common.full_state_dict(decoder)
+    opt_sd = common.full_optimizer_state_dict(model, optimizer)
+    grid = reconstruction_grid(model, vis_imgs, vis_noise, device) if vis_imgs is not None else None
+    if dist_info.is_main:
+        common.save_checkpoint(common.checkpoint_path(args.output_dir), {
+            "model": enc_sd, "encoder_config": encoder.config(), "model_is_ema": False,
+            "decoder": dec_sd,
+            "decoder_config": dict(dim=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_heads),
+            "norm_pix_loss": args.norm_pix_loss, "mask_ratio": args.mask_ratio,
+            "optimizer": opt_sd, "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+            "args": dataclasses.asdict(args)})
+        log.log({"train/epoch_loss": epoch_loss}, step=(epoch + 1) * steps_per_epoch)
+        msg = f"epoch {epoch} done, mean loss {epoch_loss:.4f}, {time.time() - t0:.0f} s; saved {common.checkpoint_path(args.output_dir)}"
+        if grid is not None:
+            png = os.path.join(args.output_dir, f"recon_epoch{epoch:03d}.png")
+            torchvision.utils.save_image(grid, png)
+            log.image("train/reconstruction", grid, (epoch + 1) * steps_per_epoch)
+            msg += f" and {png}"
+        log.print(msg)
+    return enc_sd
+
+
 def main(args: Args):
     validate(args)
     if args.plan is not None:  # no data: the step on fake tensors
@@ -431,13 +514,14 @@ def main(args: Args):
 
     dataset = common.build_dataset(args.data, "train", common.mae_train_transform(args.img_size, (args.crop_min_scale, 1.0)),
                                    img_size=args.img_size, seed=args.seed)
-    micro_per_epoch = len(dataset) // world // micro
-    steps_per_epoch = micro_per_epoch // args.accum_steps  # optimizer steps
+    steps_per_epoch = len(dataset) // world // micro // args.accum_steps  # optimizer steps
     if steps_per_epoch == 0:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch of {args.batch_size}; "
                         f"lower --batch-size")
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    lr_schedule = functools.partial(common.cosine_schedule, total_steps=total_steps, base=lr, final=args.min_lr,
+                                    warmup_steps=warmup_steps)  # per update: warmup + cosine (official lr_sched)
 
     state = common.load_resume_state(args.output_dir)
     if state is not None:
@@ -492,63 +576,15 @@ def main(args: Args):
     # a fixed set of train images and masks for the per-epoch reconstruction figure (rank 0)
     vis_imgs = vis_noise = None
     if (dist_info.is_main or fsdp) and args.vis_images > 0:  # under --fsdp every rank runs the (collective) forward
-        vis_ds = common.build_dataset(args.data, "train", common.eval_transform(args.img_size), img_size=args.img_size,
-                                      seed=args.seed)
-        n_vis = min(args.vis_images, len(vis_ds))
-        picks = torch.linspace(0, len(vis_ds) - 1, n_vis).long().tolist()  # spread over the (sorted) dataset
-        vis_imgs = torch.stack([vis_ds[i][0] for i in picks])  # (V, 3, H, W)
-        vis_noise = torch.rand(n_vis, N, generator=torch.Generator().manual_seed(args.seed))  # (V, N)
+        vis_imgs, vis_noise = reconstruction_batch(args, N)
 
     knn = common.KnnMonitor(args, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
-        common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))  # CRUCIAL for exact resume
-        loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
-                                     num_workers=args.num_workers, seed=args.seed, epoch=epoch)
-        model.train()
-        bar = common.progress(loader, dist_info, total=steps_per_epoch * args.accum_steps, desc=f"epoch {epoch}")
-        t0, loss_sum, accum_loss = time.time(), 0.0, 0.0
-        for it, (imgs, _) in enumerate(bar):
-            if it >= steps_per_epoch * args.accum_steps:
-                break  # an incomplete accumulation group at the epoch end is skipped
-            step = epoch * steps_per_epoch + it // args.accum_steps  # global optimizer step
-            last_micro = (it + 1) % args.accum_steps == 0
-            if it % args.accum_steps == 0:  # per-iteration warmup + cosine (official lr_sched, fractional epoch)
-                cur_lr = common.cosine_schedule(step, total_steps, base=lr, final=args.min_lr, warmup_steps=warmup_steps)
-                common.set_lr(optimizer, cur_lr)
-            imgs = imgs.to(device, non_blocking=True)  # (n, 3, H, W)
-            loss = train_step(ddp, optimizer, imgs, sync=last_micro, step=step, args=args,
-                              autocast=functools.partial(common.autocast, device))
-            accum_loss += loss.detach() / args.accum_steps
-            if not last_micro:
-                continue
-            loss_v = common.all_reduce_mean(accum_loss).item()  # mean over ranks, for logging only
-            accum_loss, loss_sum = 0.0, loss_sum + loss_v
-            if dist_info.is_main:
-                ips = (it + 1) * micro * world / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
-                log.log({"train/loss": loss_v, "train/lr": cur_lr, "train/epoch": epoch + (it + 1) / (steps_per_epoch * args.accum_steps)},
-                        step=step)
-        epoch_loss = loss_sum / steps_per_epoch
-        # gathered on every rank under --fsdp (collectives), plain state dicts otherwise
-        enc_sd, dec_sd = common.full_state_dict(encoder), common.full_state_dict(decoder)
-        opt_sd = common.full_optimizer_state_dict(model, optimizer)
-        grid = reconstruction_grid(model, vis_imgs, vis_noise, device) if vis_imgs is not None else None
-        if dist_info.is_main:
-            common.save_checkpoint(common.checkpoint_path(args.output_dir), {
-                "model": enc_sd, "encoder_config": encoder.config(), "model_is_ema": False,
-                "decoder": dec_sd,
-                "decoder_config": dict(dim=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_heads),
-                "norm_pix_loss": args.norm_pix_loss, "mask_ratio": args.mask_ratio,
-                "optimizer": opt_sd, "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                "args": dataclasses.asdict(args)})
-            log.log({"train/epoch_loss": epoch_loss}, step=(epoch + 1) * steps_per_epoch)
-            msg = f"epoch {epoch} done, mean loss {epoch_loss:.4f}, {time.time() - t0:.0f} s; saved {common.checkpoint_path(args.output_dir)}"
-            if grid is not None:
-                png = os.path.join(args.output_dir, f"recon_epoch{epoch:03d}.png")
-                torchvision.utils.save_image(grid, png)
-                log.image("train/reconstruction", grid, (epoch + 1) * steps_per_epoch)
-                msg += f" and {png}"
-            log.print(msg)
+        epoch_loss, t0 = train_one_epoch(ddp, optimizer, dataset, epoch, lr_schedule, micro=micro,
+                                         steps_per_epoch=steps_per_epoch, device=device, dist_info=dist_info,
+                                         log=log, args=args)
+        enc_sd = save_state(encoder, decoder, model, optimizer, vis_imgs, vis_noise, epoch, epoch_loss, t0,
+                            steps_per_epoch=steps_per_epoch, device=device, dist_info=dist_info, log=log, args=args)
         common.save_kept(args, dist_info, epoch + 1, enc_sd, encoder.config(), model_is_ema=False)
         knn(epoch + 1, encoder, (epoch + 1) * steps_per_epoch)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
