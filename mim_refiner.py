@@ -605,8 +605,44 @@ def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str) -> 
 
 
 # ==============================================================================================
-# One epoch, the end-of-epoch checkpoint, main
+# The initial weights, one stage's set-up, one epoch, the end-of-epoch checkpoint, main
 # ==============================================================================================
+def resolve_init(args: Args, state):
+    """The pre-trained encoder to start from (none on resume) and whether the ViT is post-norm; with the data
+    root, checked to exist first: one line that says what to put where. Returns (args, init_ckpt, post_norm)."""
+    post_norm = args.post_norm
+    if state is not None:  # (a foreign file has no encoder_config: check_resume_args names it)
+        return args, None, state.get("encoder_config", {}).get("post_norm", post_norm)
+    init = args.init or PRESETS.get(args.model, {}).get("init")
+    if init is None:
+        raise UserError(f"--model {args.model} has no default pre-trained checkpoint; pass --init PATH "
+                        f"(a mae.py checkpoint or an official MAE / data2vec 2.0 file)")
+    missing = []
+    if not os.path.isfile(init):
+        missing.append(f"the pre-trained encoder at {init} (official MAE release file, or pass --init PATH)")
+    if common.parse_synthetic(args.data) is None and not os.path.isdir(args.data):
+        missing.append(f"ImageNet at {args.data}/train/<class>/*.JPEG (or pass --data ROOT)")
+    if missing:
+        raise UserError("missing " + " and ".join(missing))
+    init_ckpt = common.load_file(init)
+    return dataclasses.replace(args, init=init), init_ckpt, post_norm or is_post_norm_checkpoint(init_ckpt)
+
+
+def start_stage(model: Refiner, encoder, state, log, *, stage: str, first: int, last: int, lr: float,
+                start_epoch: int, args: Args, device) -> torch.optim.AdamW:
+    """Stage `stage` (epochs first..last-1): what trains, its AdamW at peak `lr` (with the saved state when
+    resuming inside the stage), one log line of the trainable parameters. Returns the optimizer."""
+    set_trainable(encoder, stage, args.freeze_blocks)
+    optimizer = build_optimizer(model, stage, args, lr, device)
+    if state is not None and state["stage"] == stage and start_epoch > first:  # resuming inside this stage
+        common.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+    n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    n_head = sum(p.numel() for p in model.heads.parameters())
+    log.print(f"stage {stage!r}: epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, "
+              f"head params {n_head:,} ({len(args.head_blocks)} heads)")
+    return optimizer
+
+
 def train_one_epoch(ddp, model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, dataset, dist_info, log, *,
                     stage: str, epoch: int, first: int, lr: float, stage_steps: int, warmup_steps: int,
                     steps_per_epoch: int, micro: int, args: Args) -> float:
@@ -672,42 +708,6 @@ def save_state(model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, d
             "args": dataclasses.asdict(args)})
         log.print(f"epoch {epoch} ({stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
     common.save_kept(args, dist_info, epoch + 1, ema_sd, encoder.config(), model_is_ema=True)
-
-
-def start_stage(model: Refiner, encoder, state, log, *, stage: str, first: int, last: int, lr: float,
-                start_epoch: int, args: Args, device) -> torch.optim.AdamW:
-    """Stage `stage` (epochs first..last-1): what trains, its AdamW at peak `lr` (with the saved state when
-    resuming inside the stage), one log line of the trainable parameters. Returns the optimizer."""
-    set_trainable(encoder, stage, args.freeze_blocks)
-    optimizer = build_optimizer(model, stage, args, lr, device)
-    if state is not None and state["stage"] == stage and start_epoch > first:  # resuming inside this stage
-        common.load_optimizer_state_dict(model, optimizer, state["optimizer"])
-    n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-    n_head = sum(p.numel() for p in model.heads.parameters())
-    log.print(f"stage {stage!r}: epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, "
-              f"head params {n_head:,} ({len(args.head_blocks)} heads)")
-    return optimizer
-
-
-def resolve_init(args: Args, state):
-    """The pre-trained encoder to start from (none on resume) and whether the ViT is post-norm; with the data
-    root, checked to exist first: one line that says what to put where. Returns (args, init_ckpt, post_norm)."""
-    post_norm = args.post_norm
-    if state is not None:  # (a foreign file has no encoder_config: check_resume_args names it)
-        return args, None, state.get("encoder_config", {}).get("post_norm", post_norm)
-    init = args.init or PRESETS.get(args.model, {}).get("init")
-    if init is None:
-        raise UserError(f"--model {args.model} has no default pre-trained checkpoint; pass --init PATH "
-                        f"(a mae.py checkpoint or an official MAE / data2vec 2.0 file)")
-    missing = []
-    if not os.path.isfile(init):
-        missing.append(f"the pre-trained encoder at {init} (official MAE release file, or pass --init PATH)")
-    if common.parse_synthetic(args.data) is None and not os.path.isdir(args.data):
-        missing.append(f"ImageNet at {args.data}/train/<class>/*.JPEG (or pass --data ROOT)")
-    if missing:
-        raise UserError("missing " + " and ".join(missing))
-    init_ckpt = common.load_file(init)
-    return dataclasses.replace(args, init=init), init_ckpt, post_norm or is_post_norm_checkpoint(init_ckpt)
 
 
 def main(args: Args):
