@@ -460,9 +460,8 @@ def build_views(args: Args):
 
 
 # ==============================================================================================
-# One training step, and the memory plan that runs it on fake tensors
+# ALGO LOGIC: one training step (Algorithm 1, Eq. 1-2)
 # ==============================================================================================
-# ==== ALGO LOGIC: one training step (Algorithm 1, Eq. 1-2) ====
 def train_step(ddp, optimizer, target_projector, ema_encoder, queue: NNQueue, views: list[torch.Tensor], ids, labels,
                *, stage: int, temperature: float, topk: int, step: int, args: Args, device, autocast=None):
     """One update of Algorithm 1: forward of both views, NN lookup in the queue, symmetric NNCLR loss, enqueue of
@@ -484,6 +483,9 @@ def unwrap_model(ddp):
     return ddp.module if isinstance(ddp, nn.parallel.DistributedDataParallel) else ddp
 
 
+# ==============================================================================================
+# The memory plan (--plan, --grad-checkpointing auto)
+# ==============================================================================================
 def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
     """common.plan_memory for stage 2 (encoder, heads, both EMAs and the queue) at the per-GPU batch."""
     n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
@@ -511,7 +513,7 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
 
 
 # ==============================================================================================
-# One stage's set-up, one epoch, the end-of-epoch checkpoint, main
+# Training loop: one stage's set-up, one epoch, the epoch-end checkpoint, main
 # ==============================================================================================
 def start_stage(model: MaeCt, state, log, *, stage: int, first: int, last: int, start_epoch: int, enc_lr: float,
                 head_lr: float, args: Args, device):

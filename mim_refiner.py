@@ -539,9 +539,8 @@ def is_post_norm_checkpoint(ckpt: dict) -> bool:
 
 
 # ==============================================================================================
-# One training step, and the memory plan that runs it on fake tensors
+# ALGO LOGIC: one training step (Sec. 3, Eq. 1-2)
 # ==============================================================================================
-# ==== ALGO LOGIC: one training step (Sec. 3, Eq. 1-2) ====
 def train_step(ddp, optimizer, queues: nn.ModuleList, ema, encoder, x_global, x_local, ids, labels, *, n: int,
                topk: int, train_encoder: bool, sync: bool, rank: int, step: int, args: Args, autocast):
     """One micro-batch of the multi-crop NNA step (Sec. 3): forward of all views, loss with queue lookup and
@@ -564,6 +563,9 @@ def train_step(ddp, optimizer, queues: nn.ModuleList, ema, encoder, x_global, x_
     return loss, head_losses, nn_accs
 
 
+# ==============================================================================================
+# Models and the memory plan (--plan, --grad-checkpointing auto)
+# ==============================================================================================
 def build_modules(args: Args, post_norm: bool, grad_checkpointing):
     """Encoder, Refiner (encoder + ID heads) and queues of the configured run (weights not yet loaded)."""
     encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, post_norm=post_norm,
@@ -605,7 +607,7 @@ def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str) -> 
 
 
 # ==============================================================================================
-# The initial weights, one stage's set-up, one epoch, the end-of-epoch checkpoint, main
+# Training loop: the initial weights, one stage's set-up, one epoch, the epoch-end checkpoint, main
 # ==============================================================================================
 def resolve_init(args: Args, state):
     """The pre-trained encoder to start from (none on resume) and whether the ViT is post-norm; with the data
