@@ -460,7 +460,7 @@ def build_views(args: Args):
 
 
 # ==============================================================================================
-# main
+# ALGO LOGIC: one training step (Algorithm 1, Eq. 1-2)
 # ==============================================================================================
 def train_step(ddp, optimizer, target_projector, ema_encoder, queue: NNQueue, views: list[torch.Tensor], ids, labels,
                *, stage: int, temperature: float, topk: int, step: int, args: Args, device, autocast=None):
@@ -483,6 +483,9 @@ def unwrap_model(ddp):
     return ddp.module if isinstance(ddp, nn.parallel.DistributedDataParallel) else ddp
 
 
+# ==============================================================================================
+# The memory plan (--plan, --grad-checkpointing auto)
+# ==============================================================================================
 def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
     """common.plan_memory for stage 2 (encoder, heads, both EMAs and the queue) at the per-GPU batch."""
     n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
@@ -507,6 +510,86 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
     what = f"MAE-CT {args.model}, {n} images x {NUM_VIEWS} views per GPU"
     return common.plan_memory(build, what, depth - args.frozen_blocks, gpus, capacity, mode, False, False,
                               "this script refuses it: BN statistics, negatives and the queue would change")
+
+
+# ==============================================================================================
+# Training loop: one stage's set-up, one epoch, the epoch-end checkpoint, main
+# ==============================================================================================
+def start_stage(model: MaeCt, state, log, *, stage: int, first: int, last: int, start_epoch: int, enc_lr: float,
+                head_lr: float, args: Args, device):
+    """Stage `stage` (epochs first..last-1): what trains, the target projector g_m (stage 2 only), its AdamW
+    (encoder peak `enc_lr`, heads `head_lr`; the saved states when resuming inside the stage), one log line of
+    the trainable parameters. Returns (optimizer, target_projector or None)."""
+    resuming_here = state is not None and state["stage"] == stage and start_epoch > first
+    set_trainable(model, stage, args.frozen_blocks)
+    target_projector = None
+    if stage == 2:  # g_m starts as a copy of the initialised projector (official NnclrEmaQueueHead)
+        target_projector = copy.deepcopy(model.projector).requires_grad_(False)
+        if resuming_here:
+            target_projector.load_state_dict(state["target_projector"])
+    optimizer = build_optimizer(model, stage, args, enc_lr, head_lr, device)
+    if resuming_here:
+        optimizer.load_state_dict(state["optimizer"])
+    n_enc = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
+    n_head = sum(p.numel() for p in list(model.projector.parameters()) + list(model.predictor.parameters()))
+    log.print(f"stage {stage} ({'head initialisation, frozen encoder' if stage == 1 else 'contrastive tuning'}): "
+              f"epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, head params {n_head:,}")
+    return optimizer, target_projector
+
+
+def train_one_epoch(ddp, model: MaeCt, optimizer, target_projector, ema_encoder, queue: NNQueue, dataset, dist_info,
+                    log, *, stage: int, epoch: int, first: int, enc_lr: float, head_lr: float, stage_steps: int,
+                    warmup_steps: int, steps_per_epoch: int, micro: int, args: Args) -> float:
+    """One epoch of stage `stage` (which starts at epoch `first`): the epoch's seed and loader, the lr of every
+    update (warmup + cosine over the stage), train_step per batch, the per-update log line. `head_lr` is the
+    stage's head peak lr. Returns the last update's loss (mean over ranks)."""
+    device = dist_info.device
+    temperature = args.head_init_temperature if stage == 1 else args.temperature
+    topk = 1 if stage == 1 else args.topk  # App. A.2: top-1 during initialisation
+    common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
+    loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
+                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+    model.train()
+    bar = common.progress(loader, dist_info, total=steps_per_epoch, desc=f"stage {stage} epoch {epoch}")
+    t0 = time.time()
+    for it, (views, labels, ids) in enumerate(bar):
+        step = (epoch - first) * steps_per_epoch + it  # update index inside this stage
+        factor = lr_factor(step, stage_steps, warmup_steps)
+        common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
+        views = [v.to(device, non_blocking=True) for v in views]  # 2 x (n, 3, S, S)
+        labels, ids = labels.to(device), ids.to(device)
+        loss, metrics = train_step(ddp, optimizer, target_projector, ema_encoder, queue, views, ids, labels,
+                                   stage=stage, temperature=temperature, topk=topk,
+                                   step=epoch * steps_per_epoch + it, args=args, device=device)
+        loss_v = common.all_reduce_mean(loss.detach()).item()  # collective: every rank
+        if dist_info.is_main:
+            ips = (it + 1) * args.batch_size / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{enc_lr * factor if stage == 2 else head_lr * factor:.2e}",
+                            img_s=f"{ips:.0f}")
+            log.log({"train/loss": loss_v, "train/stage": stage, "train/nn_acc": metrics["nn_acc"].item(),
+                     "train/lr": enc_lr * factor if stage == 2 else 0.0,
+                     "train/head_lr": head_lr * factor, "train/epoch": epoch},
+                    step=epoch * steps_per_epoch + it)
+    return loss_v
+
+
+def save_state(model: MaeCt, ema_encoder, target_projector, queue: NNQueue, optimizer, dist_info, log, *, stage: int,
+               epoch: int, steps_per_epoch: int, loss_v: float, args: Args):
+    """After epoch `epoch`: OUTPUT_DIR/checkpoint-last.pth (encoder EMA f_m as "model", what eval_knn.py reads;
+    all the resume needs) and, every --save-every epochs, the kept EMA-only copy."""
+    if dist_info.is_main:
+        common.save_checkpoint(common.checkpoint_path(args.output_dir), {
+            "model": common.encoder_state_dict(ema_encoder), "model_is_ema": True,
+            "model_online": common.encoder_state_dict(model.encoder),
+            "encoder_config": model.encoder.config(), "pool": args.pool,
+            "projector": model.projector.state_dict(), "predictor": model.predictor.state_dict(),
+            "target_projector": target_projector.state_dict() if target_projector is not None else None,
+            "queue": queue.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "stage": stage,
+            "args": dataclasses.asdict(args)})
+        log.print(f"epoch {epoch} (stage {stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
+    common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(ema_encoder), model.encoder.config(),
+                     model_is_ema=True)
 
 
 def main(args: Args):
@@ -557,7 +640,6 @@ def main(args: Args):
                                 grad_checkpointing=checkpointed)
     model = MaeCt(encoder, args.pool, args.proj_hidden, args.proj_dim, args.pred_hidden)
     queue = NNQueue(args.queue_size, args.proj_dim)
-    target_projector = None
     if state is not None:
         common.load_encoder(encoder, state["model_online"], what="the resume checkpoint")
         model.projector.load_state_dict(state["projector"])
@@ -572,9 +654,7 @@ def main(args: Args):
         common.load_encoder(ema_encoder, state["model"], what="the resume checkpoint")
     if dist_info.enabled:  # one BN batch over all ranks (official: sync_batchnorm=True)
         model = sync_batchnorm(model, device)
-    model.to(device)
-    ema_encoder.to(device)
-    queue.to(device)
+    model.to(device), ema_encoder.to(device), queue.to(device)
     if args.compile:
         encoder.forward_features = torch.compile(encoder.forward_features)
 
@@ -582,19 +662,10 @@ def main(args: Args):
     for stage, (first, last) in ((1, (0, args.head_epochs)), (2, (args.head_epochs, total_epochs))):
         if start_epoch >= last:
             continue
-        resuming_here = state is not None and state["stage"] == stage and start_epoch > first
-        set_trainable(model, stage, args.frozen_blocks)
-        if stage == 2:  # g_m starts as a copy of the initialised projector (official NnclrEmaQueueHead)
-            target_projector = copy.deepcopy(model.projector).requires_grad_(False)
-            if resuming_here:
-                target_projector.load_state_dict(state["target_projector"])
-        optimizer = build_optimizer(model, stage, args, enc_lr, head_lr if stage == 2 else head_init_lr, device)
-        if resuming_here:
-            optimizer.load_state_dict(state["optimizer"])
-        n_enc = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
-        n_head = sum(p.numel() for p in list(model.projector.parameters()) + list(model.predictor.parameters()))
-        log.print(f"stage {stage} ({'head initialisation, frozen encoder' if stage == 1 else 'contrastive tuning'}): "
-                  f"epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, head params {n_head:,}")
+        stage_head_lr = head_lr if stage == 2 else head_init_lr
+        optimizer, target_projector = start_stage(model, state, log, stage=stage, first=first, last=last,
+                                                  start_epoch=start_epoch, enc_lr=enc_lr, head_lr=stage_head_lr,
+                                                  args=args, device=device)
         ddp = model
         if dist_info.enabled:
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -602,47 +673,14 @@ def main(args: Args):
         frac_warm = args.warmup_epochs * steps_per_epoch if (stage == 2 and args.warmup_epochs is not None) \
             else args.warmup_fraction * stage_steps
         warmup_steps = int(frac_warm)  # official: floor
-        temperature = args.head_init_temperature if stage == 1 else args.temperature
-        topk = 1 if stage == 1 else args.topk  # App. A.2: top-1 during initialisation
 
         for epoch in range(max(start_epoch, first), last):
-            common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
-            loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
-                                         num_workers=args.num_workers, seed=args.seed, epoch=epoch)
-            model.train()
-            bar = common.progress(loader, dist_info, total=steps_per_epoch, desc=f"stage {stage} epoch {epoch}")
-            t0 = time.time()
-            for it, (views, labels, ids) in enumerate(bar):
-                step = (epoch - first) * steps_per_epoch + it  # update index inside this stage
-                factor = lr_factor(step, stage_steps, warmup_steps)
-                common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
-                views = [v.to(device, non_blocking=True) for v in views]
-                labels, ids = labels.to(device), ids.to(device)
-                loss, metrics = train_step(ddp, optimizer, target_projector, ema_encoder, queue, views, ids, labels,
-                                           stage=stage, temperature=temperature, topk=topk,
-                                           step=epoch * steps_per_epoch + it, args=args, device=device)
-                loss_v = common.all_reduce_mean(loss.detach()).item()  # collective: every rank
-                if dist_info.is_main:
-                    ips = (it + 1) * args.batch_size / max(time.time() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{enc_lr * factor if stage == 2 else head_init_lr * factor:.2e}",
-                                    img_s=f"{ips:.0f}")
-                    log.log({"train/loss": loss_v, "train/stage": stage, "train/nn_acc": metrics["nn_acc"].item(),
-                             "train/lr": enc_lr * factor if stage == 2 else 0.0,
-                             "train/head_lr": (head_lr if stage == 2 else head_init_lr) * factor, "train/epoch": epoch},
-                            step=epoch * steps_per_epoch + it)
-            if dist_info.is_main:
-                common.save_checkpoint(common.checkpoint_path(args.output_dir), {
-                    "model": common.encoder_state_dict(ema_encoder), "model_is_ema": True,
-                    "model_online": common.encoder_state_dict(model.encoder),
-                    "encoder_config": model.encoder.config(), "pool": args.pool,
-                    "projector": model.projector.state_dict(), "predictor": model.predictor.state_dict(),
-                    "target_projector": target_projector.state_dict() if target_projector is not None else None,
-                    "queue": queue.state_dict(), "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "stage": stage,
-                    "args": dataclasses.asdict(args)})
-                log.print(f"epoch {epoch} (stage {stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
-            common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(ema_encoder), model.encoder.config(),
-                             model_is_ema=True)
+            loss_v = train_one_epoch(ddp, model, optimizer, target_projector, ema_encoder, queue, dataset, dist_info,
+                                     log, stage=stage, epoch=epoch, first=first, enc_lr=enc_lr, head_lr=stage_head_lr,
+                                     stage_steps=stage_steps, warmup_steps=warmup_steps,
+                                     steps_per_epoch=steps_per_epoch, micro=micro, args=args)
+            save_state(model, ema_encoder, target_projector, queue, optimizer, dist_info, log, stage=stage,
+                       epoch=epoch, steps_per_epoch=steps_per_epoch, loss_v=loss_v, args=args)
             knn(epoch + 1, ema_encoder, (epoch + 1) * steps_per_epoch)
             if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:
                 log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")

@@ -539,7 +539,7 @@ def is_post_norm_checkpoint(ckpt: dict) -> bool:
 
 
 # ==============================================================================================
-# One training step, and the memory plan that runs it on fake tensors
+# ALGO LOGIC: one training step (Sec. 3, Eq. 1-2)
 # ==============================================================================================
 def train_step(ddp, optimizer, queues: nn.ModuleList, ema, encoder, x_global, x_local, ids, labels, *, n: int,
                topk: int, train_encoder: bool, sync: bool, rank: int, step: int, args: Args, autocast):
@@ -563,6 +563,9 @@ def train_step(ddp, optimizer, queues: nn.ModuleList, ema, encoder, x_global, x_
     return loss, head_losses, nn_accs
 
 
+# ==============================================================================================
+# Models and the memory plan (--plan, --grad-checkpointing auto)
+# ==============================================================================================
 def build_modules(args: Args, post_norm: bool, grad_checkpointing):
     """Encoder, Refiner (encoder + ID heads) and queues of the configured run (weights not yet loaded)."""
     encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, post_norm=post_norm,
@@ -604,36 +607,120 @@ def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str) -> 
 
 
 # ==============================================================================================
-# main
+# Training loop: the initial weights, one stage's set-up, one epoch, the epoch-end checkpoint, main
 # ==============================================================================================
+def resolve_init(args: Args, state):
+    """The pre-trained encoder to start from (none on resume) and whether the ViT is post-norm; with the data
+    root, checked to exist first: one line that says what to put where. Returns (args, init_ckpt, post_norm)."""
+    post_norm = args.post_norm
+    if state is not None:  # (a foreign file has no encoder_config: check_resume_args names it)
+        return args, None, state.get("encoder_config", {}).get("post_norm", post_norm)
+    init = args.init or PRESETS.get(args.model, {}).get("init")
+    if init is None:
+        raise UserError(f"--model {args.model} has no default pre-trained checkpoint; pass --init PATH "
+                        f"(a mae.py checkpoint or an official MAE / data2vec 2.0 file)")
+    missing = []
+    if not os.path.isfile(init):
+        missing.append(f"the pre-trained encoder at {init} (official MAE release file, or pass --init PATH)")
+    if common.parse_synthetic(args.data) is None and not os.path.isdir(args.data):
+        missing.append(f"ImageNet at {args.data}/train/<class>/*.JPEG (or pass --data ROOT)")
+    if missing:
+        raise UserError("missing " + " and ".join(missing))
+    init_ckpt = common.load_file(init)
+    return dataclasses.replace(args, init=init), init_ckpt, post_norm or is_post_norm_checkpoint(init_ckpt)
+
+
+def start_stage(model: Refiner, encoder, state, log, *, stage: str, first: int, last: int, lr: float,
+                start_epoch: int, args: Args, device) -> torch.optim.AdamW:
+    """Stage `stage` (epochs first..last-1): what trains, its AdamW at peak `lr` (with the saved state when
+    resuming inside the stage), one log line of the trainable parameters. Returns the optimizer."""
+    set_trainable(encoder, stage, args.freeze_blocks)
+    optimizer = build_optimizer(model, stage, args, lr, device)
+    if state is not None and state["stage"] == stage and start_epoch > first:  # resuming inside this stage
+        common.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+    n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    n_head = sum(p.numel() for p in model.heads.parameters())
+    log.print(f"stage {stage!r}: epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, "
+              f"head params {n_head:,} ({len(args.head_blocks)} heads)")
+    return optimizer
+
+
+def train_one_epoch(ddp, model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, dataset, dist_info, log, *,
+                    stage: str, epoch: int, first: int, lr: float, stage_steps: int, warmup_steps: int,
+                    steps_per_epoch: int, micro: int, args: Args) -> float:
+    """One epoch of stage `stage` ("heads" or "refine", which starts at epoch `first`): the epoch's seed and
+    loader, the lr of every update (warmup + cosine over the stage, peak `lr`), train_step per micro-batch,
+    the per-update log line. Returns the last update's loss (mean over ranks)."""
+    device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
+    topk = args.head_topk if stage == "heads" else args.topk
+    train_encoder = stage == "refine"
+    common.seed_everything(common.epoch_seed(args.seed, epoch, rank))
+    loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
+                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+    model.train()
+    encoder.train(train_encoder)  # stage "heads": encoder in eval mode (official)
+    bar = common.progress(loader, dist_info, total=steps_per_epoch * args.accum_steps, desc=f"{stage} epoch {epoch}")
+    t0 = time.time()
+    for it, (views, labels, ids) in enumerate(bar):
+        update, micro_step = divmod(it, args.accum_steps)
+        if update >= steps_per_epoch:
+            break
+        step = (epoch - first) * steps_per_epoch + update  # update index inside this stage
+        global_step = epoch * steps_per_epoch + update
+        factor = lr_factor(step, stage_steps, warmup_steps, args.min_lr / lr)
+        if micro_step == 0:
+            common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
+        x_global = torch.cat(views[:2]).to(device, non_blocking=True)  # (2n, 3, S, S) [g0; g1]
+        x_local = torch.cat(views[2:]).to(device, non_blocking=True) if args.local_crops else None  # (L*n, 3, s, s)
+        labels, ids = labels.to(device), ids.to(device)
+        sync = micro_step == args.accum_steps - 1
+        loss, head_losses, nn_accs = train_step(
+            ddp, optimizer, queues, ema, encoder, x_global, x_local, ids, labels, n=micro, topk=topk,
+            train_encoder=train_encoder, sync=sync, rank=rank, step=global_step, args=args,
+            autocast=functools.partial(common.autocast, device))
+        if not sync:
+            continue
+        loss_v = common.all_reduce_mean(loss.detach()).item()
+        if dist_info.is_main:
+            ips = (it + 1) * micro * world / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr * factor:.2e}", img_s=f"{ips:.0f}")
+            metrics = {"train/loss": loss_v, "train/lr": lr * factor, "train/epoch": epoch,
+                       "train/stage": 0 if stage == "heads" else 1}
+            for b, hl, acc in zip(args.head_blocks, head_losses, nn_accs):
+                metrics[f"train/loss_block{b}"] = hl.item()
+                metrics[f"train/nn_acc_block{b}"] = acc.item()
+            log.log(metrics, step=global_step)
+    return loss_v
+
+
+def save_state(model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, dist_info, log, *, stage: str,
+               epoch: int, steps_per_epoch: int, loss_v: float, args: Args):
+    """After epoch `epoch`: OUTPUT_DIR/checkpoint-last.pth (EMA as "model", what eval_knn.py reads; all the
+    resume needs) and, every --save-every epochs, the kept EMA-only copy. Every rank calls it (collectives)."""
+    # gathered on every rank under --fsdp (collectives), plain state dicts otherwise
+    ema_sd, online_sd = common.full_state_dict(ema), common.full_state_dict(encoder)
+    heads_sd, opt_sd = common.full_state_dict(model.heads), common.full_optimizer_state_dict(model, optimizer)
+    if dist_info.is_main:
+        common.save_checkpoint(common.checkpoint_path(args.output_dir), {
+            "model": ema_sd, "model_is_ema": True,
+            "model_online": online_sd, "encoder_config": encoder.config(),
+            "heads": heads_sd, "head_blocks": list(args.head_blocks),
+            "queues": queues.state_dict(), "optimizer": opt_sd,
+            "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "stage": stage,
+            "args": dataclasses.asdict(args)})
+        log.print(f"epoch {epoch} ({stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
+    common.save_kept(args, dist_info, epoch + 1, ema_sd, encoder.config(), model_is_ema=True)
+
+
 def main(args: Args):
     if args.plan is not None:  # no data, no checkpoint: the step on fake tensors
         args = resolve_args(args, args.post_norm)
         common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args, args.post_norm))
         return
     dist_info = common.init_distributed(args.device)
-    device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
+    device, world = dist_info.device, dist_info.world_size
     state = common.load_resume_state(args.output_dir)
-
-    # ---- initial weights (or resume) and the data must exist: one line that says what to put where ----
-    init_ckpt, post_norm = None, args.post_norm
-    if state is not None:  # (a foreign file has no encoder_config: check_resume_args below names it)
-        post_norm = state.get("encoder_config", {}).get("post_norm", post_norm)
-    else:
-        init = args.init or PRESETS.get(args.model, {}).get("init")
-        if init is None:
-            raise UserError(f"--model {args.model} has no default pre-trained checkpoint; pass --init PATH "
-                            f"(a mae.py checkpoint or an official MAE / data2vec 2.0 file)")
-        missing = []
-        if not os.path.isfile(init):
-            missing.append(f"the pre-trained encoder at {init} (official MAE release file, or pass --init PATH)")
-        if common.parse_synthetic(args.data) is None and not os.path.isdir(args.data):
-            missing.append(f"ImageNet at {args.data}/train/<class>/*.JPEG (or pass --data ROOT)")
-        if missing:
-            raise UserError("missing " + " and ".join(missing))
-        args = dataclasses.replace(args, init=init)
-        init_ckpt = common.load_file(init)
-        post_norm = post_norm or is_post_norm_checkpoint(init_ckpt)
+    args, init_ckpt, post_norm = resolve_init(args, state)
     args = resolve_args(args, post_norm)
     if state is not None:  # after resolve_args: compares the filled-in values, as stored
         common.check_resume_args(state, args, args.output_dir, shape=(
@@ -683,9 +770,7 @@ def main(args: Args):
     if dist_info.enabled:  # BN statistics over the global batch (official sync_batchnorm)
         model.heads = (nn.SyncBatchNorm.convert_sync_batchnorm(model.heads) if device.type == "cuda"
                        else convert_gather_batchnorm(model.heads))
-    model.to(device)
-    ema.to(device)
-    queues.to(device)
+    model.to(device), ema.to(device), queues.to(device)
     fsdp = args.fsdp and dist_info.enabled
     if args.fsdp and not fsdp:
         log.print("--fsdp: a single process, nothing to shard; running unsharded")
@@ -701,78 +786,24 @@ def main(args: Args):
     for stage, first, last in stages:
         if start_epoch >= last:
             continue
-        resuming_here = state is not None and state["stage"] == stage and start_epoch > first
-        set_trainable(encoder, stage, args.freeze_blocks)
         lr = head_stage_lr if stage == "heads" else peak_lr
-        optimizer = build_optimizer(model, stage, args, lr, device)
-        if resuming_here:
-            common.load_optimizer_state_dict(model, optimizer, state["optimizer"])
-        n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-        n_head = sum(p.numel() for p in model.heads.parameters())
-        log.print(f"stage {stage!r}: epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, "
-                  f"head params {n_head:,} ({len(args.head_blocks)} heads)")
+        optimizer = start_stage(model, encoder, state, log, stage=stage, first=first, last=last, lr=lr,
+                                start_epoch=start_epoch, args=args, device=device)
         ddp = model
         if dist_info.enabled and not fsdp:
             # blocks after the last head (and the final norm) get no gradient unless the last block has a head
             unused = stage == "refine" and max(args.head_blocks) != encoder.depth - 1
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                       find_unused_parameters=unused, gradient_as_bucket_view=True)
-        stage_steps = (last - first) * steps_per_epoch
-        warmup_steps = int(args.warmup_epochs * steps_per_epoch)
-        topk = args.head_topk if stage == "heads" else args.topk
-        train_encoder = stage == "refine"
 
         for epoch in range(max(start_epoch, first), last):
-            common.seed_everything(common.epoch_seed(args.seed, epoch, rank))
-            loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
-                                         num_workers=args.num_workers, seed=args.seed, epoch=epoch)
-            model.train()
-            encoder.train(train_encoder)  # stage "heads": encoder in eval mode (official)
-            bar = common.progress(loader, dist_info, total=steps_per_epoch * args.accum_steps,
-                                  desc=f"{stage} epoch {epoch}")
-            t0 = time.time()
-            for it, (views, labels, ids) in enumerate(bar):
-                update, micro_step = divmod(it, args.accum_steps)
-                if update >= steps_per_epoch:
-                    break
-                step = (epoch - first) * steps_per_epoch + update  # update index inside this stage
-                global_step = epoch * steps_per_epoch + update
-                factor = lr_factor(step, stage_steps, warmup_steps, args.min_lr / lr)
-                if micro_step == 0:
-                    common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
-                x_global = torch.cat(views[:2]).to(device, non_blocking=True)  # (2n, 3, S, S) [g0; g1]
-                x_local = torch.cat(views[2:]).to(device, non_blocking=True) if args.local_crops else None  # (L*n, 3, s, s)
-                labels, ids = labels.to(device), ids.to(device)
-                sync = micro_step == args.accum_steps - 1
-                loss, head_losses, nn_accs = train_step(
-                    ddp, optimizer, queues, ema, encoder, x_global, x_local, ids, labels, n=micro, topk=topk,
-                    train_encoder=train_encoder, sync=sync, rank=rank, step=global_step, args=args,
-                    autocast=functools.partial(common.autocast, device))
-                if not sync:
-                    continue
-                loss_v = common.all_reduce_mean(loss.detach()).item()
-                if dist_info.is_main:
-                    ips = (it + 1) * micro * world / max(time.time() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr * factor:.2e}", img_s=f"{ips:.0f}")
-                    metrics = {"train/loss": loss_v, "train/lr": lr * factor, "train/epoch": epoch,
-                               "train/stage": 0 if stage == "heads" else 1}
-                    for b, hl, acc in zip(args.head_blocks, head_losses, nn_accs):
-                        metrics[f"train/loss_block{b}"] = hl.item()
-                        metrics[f"train/nn_acc_block{b}"] = acc.item()
-                    log.log(metrics, step=global_step)
-            # gathered on every rank under --fsdp (collectives), plain state dicts otherwise
-            ema_sd, online_sd = common.full_state_dict(ema), common.full_state_dict(encoder)
-            heads_sd, opt_sd = common.full_state_dict(model.heads), common.full_optimizer_state_dict(model, optimizer)
-            if dist_info.is_main:
-                common.save_checkpoint(common.checkpoint_path(args.output_dir), {
-                    "model": ema_sd, "model_is_ema": True,
-                    "model_online": online_sd, "encoder_config": encoder.config(),
-                    "heads": heads_sd, "head_blocks": list(args.head_blocks),
-                    "queues": queues.state_dict(), "optimizer": opt_sd,
-                    "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "stage": stage,
-                    "args": dataclasses.asdict(args)})
-                log.print(f"epoch {epoch} ({stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
-            common.save_kept(args, dist_info, epoch + 1, ema_sd, encoder.config(), model_is_ema=True)
+            loss_v = train_one_epoch(ddp, model, encoder, ema, queues, optimizer, dataset, dist_info, log,
+                                     stage=stage, epoch=epoch, first=first, lr=lr,
+                                     stage_steps=(last - first) * steps_per_epoch,
+                                     warmup_steps=int(args.warmup_epochs * steps_per_epoch),
+                                     steps_per_epoch=steps_per_epoch, micro=micro, args=args)
+            save_state(model, encoder, ema, queues, optimizer, dist_info, log, stage=stage, epoch=epoch,
+                       steps_per_epoch=steps_per_epoch, loss_v=loss_v, args=args)
             knn(epoch + 1, ema, (epoch + 1) * steps_per_epoch)
             if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:
                 log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
