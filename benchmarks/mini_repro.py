@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -94,15 +95,26 @@ PAPER_NUMBERS = {  # ImageNet-1K, for orientation only (different scale entirely
 }
 
 
-def run(cmd, log_path, env=None):
+def run(cmd, log_path, env=None, label=None):
+    """Run `cmd`, all its output into `log_path`; with `label`, also print the child's per-epoch lines
+    ("epoch N ... done, loss ...") with the seconds since the start, so a long training shows it is alive."""
     t0 = time.time()
     with open(log_path, "w") as log:
-        p = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        for raw in p.stdout:  # tqdm redraws with \r: the log keeps everything, the console the epoch lines
+            log.write(raw.decode(errors="replace"))
+            for line in raw.decode(errors="replace").split("\r"):
+                if label and EPOCH_LINE.match(line.strip()):
+                    print(f"   [{label}] {line.strip().split('; saved')[0]} ({time.time() - t0:.0f} s)", flush=True)
+        p.wait()
     if p.returncode != 0:
         tail = Path(log_path).read_text()[-3000:]
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(map(str, cmd))}\n{tail}")
     return time.time() - t0
+
+
+EPOCH_LINE = re.compile(r"^epoch \d+(/\d+:| .*done)")  # every script's end-of-epoch line (common.Logger.print)
 
 
 def train(method, preset, out: Path, mae_ckpt, seed: int):
@@ -129,7 +141,7 @@ def train(method, preset, out: Path, mae_ckpt, seed: int):
     # its checkpoint), not the seconds of the no-op. A run killed half-way and resumed counts its remainder only.
     stamp = run_dir / "mini_repro_train_seconds.txt"
     done_before = stamp.exists() and (run_dir / "checkpoint-last.pth").exists()
-    secs = run(cmd, out / "logs" / f"train_{method}.log")
+    secs = run(cmd, out / "logs" / f"train_{method}.log", label=method)
     if done_before:
         secs = float(stamp.read_text())
     else:
@@ -193,17 +205,8 @@ def linear_probe(f, epochs=100, lr=0.05):
         return 100.0 * (lin(xva).argmax(1) == yva).float().mean().item()
 
 
-def best_block(res):
-    pb = res.get("per_block")
-    if not pb:
-        return None, None
-    k = "20" if "20" in res["top1"] else next(iter(res["top1"]))
-    items = [(int(b), v["top1"][k]) for b, v in pb.items() if b.lstrip("-").isdigit()]
-    b, a = max(items, key=lambda t: t[1])
-    return b, a
-
-
-def plot(results, path):
+def plot(summary, path, k: str):
+    """kNN per block for each method: the seed mean, shaded +- one std when there are several seeds."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -212,15 +215,19 @@ def plot(results, path):
         print("matplotlib is not installed: `pip install matplotlib` to get the per-block plot")
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, r in results.items():
-        pb = r["eval"].get("per_block")
+    for m, d in summary.items():
+        pb = d.get("per_block")
         if not pb:
             continue
-        k = "20" if "20" in r["eval"]["top1"] else next(iter(r["eval"]["top1"]))
-        blocks = sorted(int(b) for b in pb if b.lstrip("-").isdigit())
-        ax.plot([b + 1 for b in blocks], [pb[str(b)]["top1"][k] for b in blocks], marker="o", label=m)
+        blocks = sorted(pb)
+        mu = [pb[b]["mean"] for b in blocks]
+        sd = [pb[b]["std"] for b in blocks]
+        line, = ax.plot([b + 1 for b in blocks], mu, marker="o", label=m)
+        if any(sd):
+            ax.fill_between([b + 1 for b in blocks], [x - y for x, y in zip(mu, sd)], [x + y for x, y in zip(mu, sd)],
+                            color=line.get_color(), alpha=0.2)
     ax.set_xlabel("block")
-    ax.set_ylabel(f"kNN top-1 (%)")
+    ax.set_ylabel(f"kNN top-1 (%), k={k}")
     ax.set_title("kNN accuracy of the CLS token per block (cf. MIM-Refiner Fig. 1)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -229,60 +236,197 @@ def plot(results, path):
     return True
 
 
+def run_seed(methods, preset, out: Path, seed: int, label: str = "") -> tuple[dict, float]:
+    """Train and evaluate `methods` with one seed into `out`; returns (results per method, total seconds as
+    if everything had run in this invocation)."""
+    for d in ("logs", "evals", "runs"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    results, mae_ckpt = {}, None
+    reused = 0.0  # training seconds of runs that finished in an earlier invocation
+    for m in methods:
+        print(f"== {m}{label}: training", flush=True)
+        t_train = time.time()
+        ckpt, secs, cmd = train(m, preset, out, mae_ckpt, seed)
+        reused += max(secs - (time.time() - t_train), 0.0)
+        if m == "mae":
+            mae_ckpt = ckpt
+        print(f"== {m}{label}: evaluating ({secs:.0f} s of training)", flush=True)
+        res, ecmd = evaluate(m, ckpt, preset, out, seed)
+        results[m] = {"train_seconds": secs, "train_cmd": " ".join(map(str, cmd)), "eval_cmd": " ".join(map(str, ecmd)),
+                      "eval": res}
+        if ckpt is not None and m in ("mae_ct", "mim_refiner"):
+            results[m]["head_blocks"] = torch.load(ckpt, map_location="cpu", weights_only=True).get("head_blocks")
+        k = "20" if "20" in res["top1"] else next(iter(res["top1"]))
+        print(f"   kNN top-1 @k={k}: {res['top1'][k]:.1f}   linear probe: {res['linear_probe']:.1f}", flush=True)
+    return results, time.time() - t_start + reused
+
+
+def mean_std(values: list) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    n = len(values)
+    mu = sum(values) / n
+    return mu, (sum((v - mu) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def summarize(per_seed: dict, k: str) -> dict:
+    """Per method over the seeds: last-block kNN, linear probe, per-block kNN and train time, each
+    {"values", "mean", "std"}."""
+    seeds = list(per_seed)
+    out = {}
+    for m in per_seed[seeds[0]]:
+        rs = [per_seed[s][m] for s in seeds]
+        agg = lambda vs: dict(zip(("mean", "std"), mean_std(vs)), values=vs)  # noqa: E731
+        d = {"knn": agg([r["eval"]["top1"][k] for r in rs]), "linear_probe": agg([r["eval"]["linear_probe"] for r in rs]),
+             "train_seconds": agg([r["train_seconds"] for r in rs])}
+        pb = rs[0]["eval"].get("per_block")
+        if pb:
+            blocks = sorted(int(b) for b in pb if b.lstrip("-").isdigit())
+            d["per_block"] = {b: agg([r["eval"]["per_block"][str(b)]["top1"][k] for r in rs]) for b in blocks}
+        if rs[0].get("head_blocks"):
+            d["head_blocks"] = rs[0]["head_blocks"]
+        out[m] = d
+    return out
+
+
+def lifts(summary: dict, start: str = "mae") -> dict:
+    """A post-hoc method vs its start (MAE), at the last block and at every block with a head: the difference
+    of the seed means, the larger of the two seed stds, and whether the difference exceeds twice that."""
+    out = {}
+    if start not in summary:
+        return out
+    for m, d in summary.items():
+        if "head_blocks" not in d or "per_block" not in d:
+            continue
+        last = max(d["per_block"])
+        rows = {}
+        for b in sorted(set(d["head_blocks"]) | {last}):
+            a, s = d["per_block"][b], summary[start]["per_block"][b]
+            paired = [x - y for x, y in zip(a["values"], s["values"])]
+            std = max(a["std"], s["std"])
+            rows[b] = dict(delta=a["mean"] - s["mean"], std=std, paired=paired,
+                           above_2std=len(paired) > 1 and a["mean"] - s["mean"] > 2 * std)
+        out[m] = rows
+    return out
+
+
+def pm(d: dict, n: int) -> str:
+    return f"{d['mean']:.1f} +- {d['std']:.1f}" if n > 1 else f"{d['mean']:.1f}"
+
+
+def machine_desc() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}"
+
+
+def write_readme(out: Path, command: str, preset_name: str, preset: dict, seeds: list, summary: dict, lift: dict,
+                 per_seed_total: dict, k: str, machine: str, plotted: bool):
+    n = len(seeds)
+    L = [f"# Miniature reproduction: preset `{preset_name}`", "",
+         "Written by `benchmarks/mini_repro.py` from the run it describes (do not edit by hand).", "",
+         f"- command: `{command}`", f"- machine: {machine}",
+         f"- data `{preset['data']}`, vit_t16 at 32 px / patch {preset['patch']}; seeds {', '.join(map(str, seeds))}"
+         + (f" (mean +- sample std over the {n} seeds)" if n > 1 else ""),
+         f"- wall time: {sum(per_seed_total.values()) / 60:.1f} min in all ("
+         + ", ".join(f"seed {s}: {t:.0f} s" for s, t in per_seed_total.items()) + ")", "",
+         f"| method | kNN top-1 (k={k}), last block | best block: kNN top-1 | linear probe top-1 | train time |",
+         "|---|---|---|---|---|"]
+    for m, d in summary.items():
+        pb = d.get("per_block")
+        best = "-"
+        if pb:
+            b = max(pb, key=lambda b: pb[b]["mean"])
+            best = f"{pm(pb[b], n)} (block {b + 1})"
+        L.append(f"| {m} | {pm(d['knn'], n)} | {best} | {pm(d['linear_probe'], n)} | {d['train_seconds']['mean']:.0f} s |")
+    blocks = next((sorted(d["per_block"]) for d in summary.values() if "per_block" in d), [])
+    if blocks:
+        L += ["", f"kNN top-1 (k={k}) per block (1-based, as in the plot):", "",
+              "| method | " + " | ".join(str(b + 1) for b in blocks) + " |", "|---|" + "---|" * len(blocks)]
+        for m, d in summary.items():
+            if "per_block" in d:
+                L.append(f"| {m} | " + " | ".join(pm(d["per_block"][b], n) for b in blocks) + " |")
+    for m, rows in lift.items():
+        L += ["", f"{m} minus its MAE start (kNN top-1, k={k}; heads on blocks "
+              f"{', '.join(str(b + 1) for b in summary[m]['head_blocks'])}; std = the larger of the two seed stds):", "",
+              "| block | difference of the means | std | per seed | more than 2 std |", "|---|---|---|---|---|"]
+        for b, r in rows.items():
+            L.append(f"| {b + 1} | {r['delta']:+.1f} | {r['std']:.1f} | {', '.join(f'{v:+.1f}' for v in r['paired'])} | "
+                     f"{'yes' if r['above_2std'] else 'no'} |")
+    if plotted:
+        L += ["", "![kNN per block](per_block_knn.png)"]
+    (out / "README.md").write_text("\n".join(L) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--output-dir", default="results")
     ap.add_argument("--data", default=None, help="override the preset's data (synthetic[:N[:M]] or an ImageFolder root)")
     ap.add_argument("--methods", nargs="+", default=None, help="subset of the preset's methods")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every training run and of both random-init baselines "
-                    "(the data stays the same); use a new --output-dir per seed")
+    ap.add_argument("--seed", type=int, default=None, help="one seed for every training run and both random-init "
+                    "baselines (the data stay the same); default: the preset's seeds")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: each into OUTPUT_DIR/seedS, "
+                    "then mean +- std over them in OUTPUT_DIR (table.md, README.md, results.json, plot)")
     a = ap.parse_args(argv)
+    if a.seed is not None and a.seeds is not None:
+        raise SystemExit("error: pass --seed S or --seeds S1 S2 ..., not both")
     preset = dict(PRESETS[a.preset])
+    seeds = [a.seed] if a.seed is not None else (a.seeds or preset.get("seeds", [0]))
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: --seeds {seeds} names a seed twice")
     if a.data:
         preset["data"] = a.data
     methods = a.methods or preset["methods"]
-    out = Path(a.output_dir)
-    for d in ("logs", "evals", "runs"):
-        (out / d).mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    results = {}
-    mae_ckpt = None
     if any(m in methods for m in ("mae_ct", "mim_refiner")) and "mae" not in methods:
         methods = ["mae"] + methods
-    reused = 0.0  # training seconds of runs that finished in an earlier invocation
-    for m in methods:
-        print(f"== {m}: training", flush=True)
-        t_train = time.time()
-        ckpt, secs, cmd = train(m, preset, out, mae_ckpt, a.seed)
-        reused += max(secs - (time.time() - t_train), 0.0)
-        if m == "mae":
-            mae_ckpt = ckpt
-        print(f"== {m}: evaluating ({secs:.0f} s of training)", flush=True)
-        res, ecmd = evaluate(m, ckpt, preset, out, a.seed)
-        results[m] = {"train_seconds": secs, "train_cmd": " ".join(map(str, cmd)), "eval_cmd": " ".join(map(str, ecmd)),
-                      "eval": res}
-        k = "20" if "20" in res["top1"] else next(iter(res["top1"]))
-        print(f"   kNN top-1 @k={k}: {res['top1'][k]:.1f}   linear probe: {res['linear_probe']:.1f}", flush=True)
-    total = time.time() - t_start + reused  # as if everything had run in this invocation
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed, totals = {}, {}
+    for s in seeds:
+        sub = out if len(seeds) == 1 else out / f"seed{s}"
+        per_seed[s], totals[s] = run_seed(methods, preset, sub, s, label="" if len(seeds) == 1 else f" (seed {s})")
 
     k = "20" if 20 in preset["k"] else str(preset["k"][0])
+    machine = machine_desc()
+    n = len(seeds)
+    summary = summarize(per_seed, k)
     lines = [f"| method | kNN top-1 (k={k}), last block | best block: kNN top-1 | linear probe top-1 | train time |",
              "|---|---|---|---|---|"]
-    for m, r in results.items():
-        b, acc = best_block(r["eval"])
-        best = f"{acc:.1f} (block {b + 1})" if b is not None else "-"
-        lines.append(f"| {m} | {r['eval']['top1'][k]:.1f} | {best} | {r['eval']['linear_probe']:.1f} | "
-                     f"{r['train_seconds']:.0f} s |")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    lines += ["", f"Data `{preset['data']}`, vit_t16 at 32 px / patch {preset['patch']}, seed {a.seed}; {total / 60:.1f} min in all on {machine}."]
+    for m, d in summary.items():
+        pb = d.get("per_block")
+        best = "-"
+        if pb:
+            b = max(pb, key=lambda b: pb[b]["mean"])
+            best = f"{pm(pb[b], n)} (block {b + 1})"
+        lines.append(f"| {m} | {pm(d['knn'], n)} | {best} | {pm(d['linear_probe'], n)} | {d['train_seconds']['mean']:.0f} s |")
+    seed_txt = f"seed {seeds[0]}" if n == 1 else f"seeds {', '.join(map(str, seeds))} (mean +- std)"
+    total = sum(totals.values())
+    lines += ["", f"Data `{preset['data']}`, vit_t16 at 32 px / patch {preset['patch']}, {seed_txt}; "
+                  f"{total / 60:.1f} min in all on {machine}."]
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
-    plotted = plot(results, out / "per_block_knn.png")
-    (out / "results.json").write_text(json.dumps({"preset": a.preset, "data": preset["data"], "seed": a.seed, "machine": machine,
-                                                  "total_seconds": total, "results": results}, indent=2, default=str))
+    plotted = plot(summary, out / "per_block_knn.png", k)
+    lift = lifts(summary)
+    command = " ".join(["python", "benchmarks/mini_repro.py", *(sys.argv[1:] if argv is None else map(str, argv))])
+    write_readme(out, command, a.preset, preset, seeds, summary, lift, totals, k, machine, plotted)
+    res = {"preset": a.preset, "data": preset["data"], "seeds": seeds, "machine": machine, "command": command,
+           "total_seconds": total, "summary": summary, "lift_over_mae": lift}
+    if n == 1:
+        res.update(seed=seeds[0], results=per_seed[seeds[0]])
+    else:
+        res["per_seed"] = per_seed
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     print("\n" + table)
-    print(f"\nwritten: {out / 'table.md'}, {out / 'results.json'}" + (f", {out / 'per_block_knn.png'}" if plotted else ""))
+    for m, rows in lift.items():
+        print(f"{m} - mae (kNN k={k}): " + ", ".join(
+            f"block {b + 1}: {r['delta']:+.1f} (std {r['std']:.1f}{', > 2 std' if r['above_2std'] else ''})"
+            for b, r in rows.items()))
+    print(f"\nwritten: {out / 'table.md'}, {out / 'README.md'}, {out / 'results.json'}"
+          + (f", {out / 'per_block_knn.png'}" if plotted else ""))
 
 
 if __name__ == "__main__":
