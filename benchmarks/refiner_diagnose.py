@@ -169,7 +169,11 @@ def main(argv=None):
     n_train = len(data[0][1])
     steps_per_epoch = n_train // r.batch_size
     refine_steps = r.epochs * steps_per_epoch
+    # the integral of the schedule: how far Adam (steps of about lr per parameter) can move a block in the run
+    warm = int(r.warmup_epochs * steps_per_epoch)
+    lr_sum = sum(mim_refiner.lr_factor(t, refine_steps, warm, r.min_lr / peak) for t in range(refine_steps))
     static = dict(head_blocks=r.head_blocks, peak_lr=peak, lr_per_block=lr_block,
+                  lr_sum_per_block={b: v * lr_sum for b, v in lr_block.items()},
                   ema_momentum=r.ema_momentum, refine_steps=refine_steps,
                   ema_init_weight=r.ema_momentum ** refine_steps,
                   ema_init_weight_paper=0.9999 ** refine_steps,
@@ -213,6 +217,8 @@ def report(res: dict) -> str:
     s, pe = res["static"], res["per_epoch"]
     L = [f"peak lr {s['peak_lr']:.3g}; per block (after layer decay): "
          + ", ".join(f"{b}: {v:.2e}" for b, v in sorted(s["lr_per_block"].items()) if 0 <= int(b)),
+         "sum of the lr over the refinement per block: "
+         + ", ".join(f"{b}: {v:.2g}" for b, v in sorted(s["lr_sum_per_block"].items()) if 0 <= int(b)),
          f"EMA momentum {s['ema_momentum']} over {s['refine_steps']} refinement steps: weight left on the initial "
          f"encoder {s['ema_init_weight']:.3f} (0.9999: {s['ema_init_weight_paper']:.3f})",
          f"queue {s['queue_size']} vs dataset {s['dataset_size']} ({s['queue_over_dataset']:.2f}; entries "
