@@ -61,7 +61,11 @@ class LookupRecorder:
             rec.head += 1
             return nn_x, pos
 
+        self.originals = orig_loss, orig_lookup
         mim_refiner.refiner_loss, mim_refiner.NNQueue.lookup = refiner_loss, lookup
+
+    def uninstall(self):
+        mim_refiner.refiner_loss, mim_refiner.NNQueue.lookup = self.originals
 
 
 def block_params(sd: dict, depth: int) -> dict:
@@ -184,13 +188,16 @@ def main(argv=None):
     del model, opt
 
     rec = LookupRecorder()
-    rec.install()
     total = r.head_epochs + r.epochs
     per_epoch = {-1: dict(stage="init", knn_online=knn_per_block(encoder_from(init_sd, args), data, a.k))}
     per_epoch[-1]["knn_ema"] = per_epoch[-1]["knn_online"]
     for e in range(total):
         rec.epoch = e
-        mim_refiner.main(dataclasses.replace(args, exit_after_epochs=e + 1))
+        rec.install()
+        try:
+            mim_refiner.main(dataclasses.replace(args, exit_after_epochs=e + 1))
+        finally:
+            rec.uninstall()
         ck = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
         per_epoch[e] = dict(stage=ck["stage"],
                             dist_online=rel_distance(ck["model_online"], init_sd, depth),

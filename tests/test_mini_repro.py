@@ -104,3 +104,34 @@ def test_feature_stats_spectrum_and_cli(tmp_path):
     torch.save({"train_features": one}, tmp_path / "one.pth")
     p = run_script("benchmarks/feature_stats.py", tmp_path / "one.pth", env=ONE_THREAD)
     assert "| one.pth |" in p.stdout
+
+
+def test_refiner_diagnose_counts_self_matches_and_distances(tmp_path):
+    """benchmarks/refiner_diagnose.py: a queue longer than the data holds every sample's own older entry
+    (counted; --exclude-self never returns it), the head stage leaves the encoder and its EMA exactly at the
+    start, the refinement moves every block, the lr per block is the optimizer's layer-decayed one."""
+    from conftest import TINY, write_mae_release_checkpoint
+    write_mae_release_checkpoint(tmp_path / "mae.pth", patch_size=8)
+    flags = [*TINY, "--patch-size", 8, "--data", "synthetic:32:20", "--init", tmp_path / "mae.pth", "--batch-size", 16,
+             "--queue-size", 64, "--local-crops", 0, "--head-hidden", 32, "--pred-hidden", 32, "--head-blocks", 10, 11,
+             "--head-epochs", 1, "--epochs", 1, "--warmup-epochs", 0, "--topk", 1, "--ema-momentum", 0.9]
+    res = {}
+    for name, extra in (("plain", ["--no-exclude-self"]), ("excl", ["--exclude-self"])):
+        p = run_script("benchmarks/refiner_diagnose.py", "--output-dir", tmp_path / name, "--", *flags, *extra,
+                       env=ONE_THREAD)
+        assert "| 1 | refine |" in p.stdout
+        res[name] = json.loads((tmp_path / name / "diagnose.json").read_text())
+    for r in res.values():
+        s, pe = r["static"], r["per_epoch"]
+        assert s["queue_size"] == 64 and s["dataset_size"] == 32 and s["refine_steps"] == 2
+        assert abs(s["ema_init_weight"] - 0.81) < 1e-12
+        lr = {int(b): v for b, v in s["lr_per_block"].items()}
+        assert all(abs(lr[b] - s["peak_lr"] * 0.65 ** (12 - b)) < 1e-15 for b in range(12))
+        assert all(v == 0 for v in pe["0"]["dist_online"].values()) and all(v == 0 for v in pe["0"]["dist_ema"].values())
+        assert pe["0"]["knn_ema"] == pe["-1"]["knn_online"]  # the head stage does not touch the encoder
+        d1 = {int(b): v for b, v in pe["1"]["dist_online"].items()}
+        assert all(d1[b] > 0 for b in range(12))
+        # epoch 1: all 32 images were enqueued in epoch 0, the queue holds 64
+        assert all(v["own_in_queue"] == 100.0 for v in pe["1"]["lookup"].values())
+    assert all(v["self_match"] == 0.0 for v in res["excl"]["per_epoch"]["1"]["lookup"].values())
+    assert any(v["self_match"] > 0.0 for v in res["plain"]["per_epoch"]["1"]["lookup"].values())
