@@ -365,8 +365,9 @@ def write_readme(out: Path, command: str, preset_name: str, preset: dict, seeds:
               f"{', '.join(str(b + 1) for b in summary[m]['head_blocks'])}; std = the larger of the two seed stds):", "",
               "| block | difference of the means | std | per seed | more than 2 std |", "|---|---|---|---|---|"]
         for b, r in rows.items():
+            verdict = ("yes" if r["above_2std"] else "no") if n > 1 else "- (one seed)"
             L.append(f"| {b + 1} | {r['delta']:+.1f} | {r['std']:.1f} | {', '.join(f'{v:+.1f}' for v in r['paired'])} | "
-                     f"{'yes' if r['above_2std'] else 'no'} |")
+                     f"{verdict} |")
     if plotted:
         L += ["", "![kNN per block](per_block_knn.png)"]
     (out / "README.md").write_text("\n".join(L) + "\n")
