@@ -28,12 +28,14 @@ Re-running is cheap: every script resumes from its finished checkpoint and retur
     python benchmarks/mini_repro.py --preset demo --seeds 0 1 2 --output-dir runs/demo
 """
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -125,10 +127,11 @@ def run(cmd, log_path, env=None, label=None):
     return time.time() - t0
 
 
+IN_PROCESS = threading.Lock()  # seeds run in parallel threads; in-process torch work (RNG, raw pixels) one at a time
 EPOCH_LINE = re.compile(r"^epoch \d+(/\d+:| .*done)")  # every script's end-of-epoch line (common.Logger.print)
 
 
-def train(method, preset, out: Path, mae_ckpt, seed: int):
+def train(method, preset, out: Path, mae_ckpt, seed: int, label: str = ""):
     """Train `method` with its script; returns (checkpoint path or None, seconds, command)."""
     py = sys.executable
     common_flags = tiny(preset["patch"]) + ["--data", preset["data"], "--batch-size", str(preset["batch"]), "--num-workers", "0",
@@ -139,8 +142,9 @@ def train(method, preset, out: Path, mae_ckpt, seed: int):
         import common
         path = out / "runs" / method / "checkpoint-last.pth"
         path.parent.mkdir(parents=True, exist_ok=True)
-        common.seed_everything(seed)
-        enc = common.create_vit("vit_t16", img_size=32, patch_size=preset["patch"], rel_pos_bias=True)
+        with IN_PROCESS:  # the global RNG: one seed's baseline at a time
+            common.seed_everything(seed)
+            enc = common.create_vit("vit_t16", img_size=32, patch_size=preset["patch"], rel_pos_bias=True)
         common.save_checkpoint(str(path), {"model": enc.state_dict()})
         return path, 0.0, []
     flags = preset.get(method) or METHOD_FLAGS[method]
@@ -152,7 +156,7 @@ def train(method, preset, out: Path, mae_ckpt, seed: int):
     # its checkpoint), not the seconds of the no-op. A run killed half-way and resumed counts its remainder only.
     stamp = run_dir / "mini_repro_train_seconds.txt"
     done_before = stamp.exists() and (run_dir / "checkpoint-last.pth").exists()
-    secs = run(cmd, out / "logs" / f"train_{method}.log", label=method)
+    secs = run(cmd, out / "logs" / f"train_{method}.log", env=preset.get("env"), label=method + label)
     if done_before:
         secs = float(stamp.read_text())
     else:
@@ -167,11 +171,12 @@ def evaluate(method, ckpt, preset, out: Path, seed: int):
     cmd = [sys.executable, "eval_knn.py", *tiny(preset["patch"]), "--data", preset["data"], "--num-workers", "0", "--device", "cpu",
            "--k", *map(str, preset["k"]), "--output-json", js, "--save-features", feats]
     if method == "raw-pixels":
-        return raw_pixel_knn(preset, js, feats), cmd[:1]
+        with IN_PROCESS:
+            return raw_pixel_knn(preset, js, feats), cmd[:1]
     cmd += ["--checkpoint", "none" if ckpt is None else ckpt, "--blocks", "all"]
     if method == "random-init":
         cmd += ["--seed", str(seed)]
-    run(cmd, out / "logs" / f"eval_{method}.log")
+    run(cmd, out / "logs" / f"eval_{method}.log", env=preset.get("env"))
     res = json.loads(js.read_text())
     res["linear_probe"] = linear_probe(torch.load(feats, weights_only=True))
     return res, cmd
@@ -258,7 +263,7 @@ def run_seed(methods, preset, out: Path, seed: int, label: str = "") -> tuple[di
     for m in methods:
         print(f"== {m}{label}: training", flush=True)
         t_train = time.time()
-        ckpt, secs, cmd = train(m, preset, out, mae_ckpt, seed)
+        ckpt, secs, cmd = train(m, preset, out, mae_ckpt, seed, label)
         reused += max(secs - (time.time() - t_train), 0.0)
         if m == "mae":
             mae_ckpt = ckpt
@@ -335,15 +340,15 @@ def machine_desc() -> str:
 
 
 def write_readme(out: Path, command: str, preset_name: str, preset: dict, seeds: list, summary: dict, lift: dict,
-                 per_seed_total: dict, k: str, machine: str, plotted: bool):
+                 per_seed_total: dict, total: float, jobs: int, k: str, machine: str, plotted: bool):
     n = len(seeds)
     L = [f"# Miniature reproduction: preset `{preset_name}`", "",
          "Written by `benchmarks/mini_repro.py` from the run it describes (do not edit by hand).", "",
          f"- command: `{command}`", f"- machine: {machine}",
          f"- data `{preset['data']}`, vit_t16 at 32 px / patch {preset['patch']}; seeds {', '.join(map(str, seeds))}"
          + (f" (mean +- sample std over the {n} seeds)" if n > 1 else ""),
-         f"- wall time: {sum(per_seed_total.values()) / 60:.1f} min in all ("
-         + ", ".join(f"seed {s}: {t:.0f} s" for s, t in per_seed_total.items()) + ")", "",
+         f"- wall time: {total / 60:.1f} min in all, {jobs} seed(s) at a time (per seed, training of runs reused from an "
+         "earlier invocation counted: " + ", ".join(f"seed {s}: {t:.0f} s" for s, t in per_seed_total.items()) + ")", "",
          f"| method | kNN top-1 (k={k}), last block | best block: kNN top-1 | linear probe top-1 | train time |",
          "|---|---|---|---|---|"]
     for m, d in summary.items():
@@ -383,6 +388,9 @@ def main(argv=None):
                     "baselines (the data stay the same); default: the preset's seeds")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: each into OUTPUT_DIR/seedS, "
                     "then mean +- std over them in OUTPUT_DIR (table.md, README.md, results.json, plot)")
+    ap.add_argument("--jobs", type=int, default=None, help="seeds trained at the same time, each child process with "
+                    "cores // jobs threads; default: all seeds at once (tiny models use 1 thread best); "
+                    "thread counts change floating-point order, hence the last digits")
     a = ap.parse_args(argv)
     if a.seed is not None and a.seeds is not None:
         raise SystemExit("error: pass --seed S or --seeds S1 S2 ..., not both")
@@ -397,10 +405,17 @@ def main(argv=None):
         methods = ["mae"] + methods
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    per_seed, totals = {}, {}
-    for s in seeds:
-        sub = out if len(seeds) == 1 else out / f"seed{s}"
-        per_seed[s], totals[s] = run_seed(methods, preset, sub, s, label="" if len(seeds) == 1 else f" (seed {s})")
+    jobs = max(1, min(a.jobs or len(seeds), len(seeds)))
+    if len(seeds) > 1:
+        preset["env"] = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+        torch.set_num_threads(1)  # the parent's own work (raw pixels, linear probes) beside the children
+    t0 = time.time()
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {s: pool.submit(run_seed, methods, preset, out if len(seeds) == 1 else out / f"seed{s}", s,
+                                  "" if len(seeds) == 1 else f" (seed {s})") for s in seeds}
+        per_seed = {s: f.result()[0] for s, f in futures.items()}
+        totals = {s: f.result()[1] for s, f in futures.items()}
+    wall = time.time() - t0
 
     k = "20" if 20 in preset["k"] else str(preset["k"][0])
     machine = machine_desc()
@@ -416,17 +431,17 @@ def main(argv=None):
             best = f"{pm(pb[b], n)} (block {b + 1})"
         lines.append(f"| {m} | {pm(d['knn'], n)} | {best} | {pm(d['linear_probe'], n)} | {d['train_seconds']['mean']:.0f} s |")
     seed_txt = f"seed {seeds[0]}" if n == 1 else f"seeds {', '.join(map(str, seeds))} (mean +- std)"
-    total = sum(totals.values())
+    total = totals[seeds[0]] if n == 1 else wall  # one seed: as if its reused runs had run now
     lines += ["", f"Data `{preset['data']}`, vit_t16 at 32 px / patch {preset['patch']}, {seed_txt}; "
-                  f"{total / 60:.1f} min in all on {machine}."]
+                  f"{total / 60:.1f} min in all on {machine}" + ("" if n == 1 else f", {jobs} seeds at a time") + "."]
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     plotted = plot(summary, out / "per_block_knn.png", k)
     lift = lifts(summary)
     command = " ".join(["python", "benchmarks/mini_repro.py", *(sys.argv[1:] if argv is None else map(str, argv))])
-    write_readme(out, command, a.preset, preset, seeds, summary, lift, totals, k, machine, plotted)
+    write_readme(out, command, a.preset, preset, seeds, summary, lift, totals, total, jobs, k, machine, plotted)
     res = {"preset": a.preset, "data": preset["data"], "seeds": seeds, "machine": machine, "command": command,
-           "total_seconds": total, "summary": summary, "lift_over_mae": lift}
+           "total_seconds": total, "seed_seconds": totals, "jobs": jobs, "summary": summary, "lift_over_mae": lift}
     if n == 1:
         res.update(seed=seeds[0], results=per_seed[seeds[0]])
     else:
