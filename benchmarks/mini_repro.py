@@ -128,7 +128,7 @@ def run(cmd, log_path, env=None, label=None):
     return time.time() - t0
 
 
-IN_PROCESS = threading.Lock()  # seeds run in parallel threads; in-process torch work (RNG, raw pixels) one at a time
+IN_PROCESS = threading.RLock()  # seeds run in parallel threads; in-process torch work (global RNG) one at a time
 EPOCH_LINE = re.compile(r"^epoch \d+(/\d+:| .*done)")  # every script's end-of-epoch line (common.Logger.print)
 
 
@@ -179,7 +179,8 @@ def evaluate(method, ckpt, preset, out: Path, seed: int):
         cmd += ["--seed", str(seed)]
     run(cmd, out / "logs" / f"eval_{method}.log", env=preset.get("env"))
     res = json.loads(js.read_text())
-    res["linear_probe"] = linear_probe(torch.load(feats, weights_only=True))
+    with IN_PROCESS:  # linear_probe seeds the global RNG
+        res["linear_probe"] = linear_probe(torch.load(feats, weights_only=True))
     return res, cmd
 
 
