@@ -119,8 +119,10 @@ def run(cmd, log_path, env=None, label=None):
         for raw in p.stdout:  # tqdm redraws with \r: the log keeps everything, the console the epoch lines
             log.write(raw.decode(errors="replace"))
             for line in raw.decode(errors="replace").split("\r"):
-                if label and EPOCH_LINE.match(line.strip()):
-                    print(f"   [{label}] {line.strip().split('; saved')[0]} ({time.time() - t0:.0f} s)", flush=True)
+                m = EPOCH_LINE.search(line) if label else None  # may follow an unterminated tqdm bar
+                if m:
+                    print(f"   [{label}] {line[m.start():].strip().split('; saved')[0]} ({time.time() - t0:.0f} s)",
+                          flush=True)
         p.wait()
     if p.returncode != 0:
         tail = Path(log_path).read_text()[-3000:]
@@ -129,7 +131,7 @@ def run(cmd, log_path, env=None, label=None):
 
 
 IN_PROCESS = threading.RLock()  # seeds run in parallel threads; in-process torch work (global RNG) one at a time
-EPOCH_LINE = re.compile(r"^epoch \d+(/\d+:| .*done)")  # every script's end-of-epoch line (common.Logger.print)
+EPOCH_LINE = re.compile(r"epoch \d+(/\d+:| [^|]*done)")  # every script's end-of-epoch line (common.Logger.print)
 
 
 def train(method, preset, out: Path, mae_ckpt, seed: int, label: str = ""):
