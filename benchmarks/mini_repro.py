@@ -52,7 +52,7 @@ def tiny(patch: int) -> list:
 # checkpoint is the common starting point of MAE-CT and MIM-Refiner (both are post-hoc methods);
 # LUT and ConMIM train from scratch with the same epoch budget as MAE.
 # Patch 8 (16 tokens per 32 px image) rather than the tests' patch 4 (64 tokens): a step costs ~4x less,
-# and at patch 4 no method left chance level within the CPU budget (README "Miniature reproduction").
+# and at patch 4 no method left chance level within the CPU budget (docs/findings.md).
 PRESETS = {
     "smoke": dict(data="synthetic:64:40", batch=16, patch=4,
                   methods=["raw-pixels", "random-init", "random-init-rel", "mae"],
@@ -66,7 +66,7 @@ PRESETS = {
 }
 
 # Tiny-run flags per method (paper defaults scaled down: heads, queues, decoders, crops), found by the
-# miniature experiments described in the README. EMA/momentum 0.99 instead of the papers' 0.9999/0.996:
+# miniature experiments in docs/miniature.md and docs/findings.md. EMA/momentum 0.99 instead of the papers' 0.9999/0.996:
 # those would leave the evaluated encoder at its starting weights within a few hundred steps.
 METHOD_FLAGS = {
     "mae": ["--epochs", "20", "--warmup-epochs", "1", "--blr", "1.5e-3", "--decoder-dim", "128", "--decoder-depth", "2",
