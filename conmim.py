@@ -345,8 +345,10 @@ def conmim_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, temperatur
     k = F.normalize(k.float(), dim=-1)
     logits = torch.einsum("bic,bjc->bij", q, k) / temperature  # (B, N, N): query i vs key j, same image
     target = torch.arange(N, device=q.device).expand(B, N)  # positive = the key at the same position
-    loss_sum = F.cross_entropy(logits[mask], target[mask], reduction="sum")  # (M, N) rows, M masked
-    return loss_sum, mask.sum()
+    # CE of every position, kept where masked: the same sum as CE(logits[mask], target[mask]) without a
+    # data-dependent shape, so the step also runs on fake tensors (--plan)
+    ce = F.cross_entropy(logits.flatten(0, 1), target.reshape(-1), reduction="none")  # (B*N,)
+    return (ce * mask.reshape(-1)).sum(), mask.sum()
 
 
 # ================================================================================================
@@ -438,10 +440,31 @@ def train_step(model, teacher, online, opt, weak: torch.Tensor, strong: torch.Te
 
 
 def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
-    """`--plan` for ConMIM: refused. The step (train_step) is extracted, but its loss indexes logits[mask]:
-    a data-dependent shape, which FakeTensorMode refuses (it would need a ShapeEnv with unbacked sizes)."""
-    raise UserError("ConMIM's loss selects the masked tokens (a data-dependent shape) and cannot run on fake tensors; "
-                    "--plan is not available for conmim.py (docs/memory.md gives the formula estimate)")
+    """common.plan_memory for ConMIM (online branch with its projector, momentum branch) at the per-GPU batch."""
+    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
+
+    def build(k):
+        encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                                    drop_path_rate=args.drop_path, rel_pos_bias=args.pos_embed == "rel")
+        trunc_normal = nn.init.trunc_normal_  # its data-dependent range check cannot run on fake tensors, and
+        nn.init.trunc_normal_ = lambda t, *a, **kw: t  # the values do not change the memory
+        try:
+            online = ConMIMBranch(encoder, Projector(encoder.dim, args.head_hidden_dim, args.head_out_dim))
+        finally:
+            nn.init.trunc_normal_ = trunc_normal
+        teacher = momentum_copy(online)
+        online.encoder.grad_checkpointing = k
+        opt = common.make_adamw(build_param_groups(online, args), 1.0, betas=(0.9, 0.98))
+        x = torch.randn(n, 3, args.img_size, args.img_size)
+        mask = torch.zeros(n, encoder.num_patches, dtype=torch.bool)
+        mask[:, :int(args.mask_ratio * encoder.num_patches)] = True  # the masked count is all the step depends on
+        step = lambda autocast: train_step(online, teacher, online, opt, x, x.clone(), mask, world=1,  # noqa: E731
+                                           sync=True, m=0.996, step=0, args=args, autocast=autocast)
+        return [online, teacher], [opt], step, list(encoder.blocks)
+
+    what = f"ConMIM {args.model}, {n} images x 2 views per GPU"
+    return common.plan_memory(build, what, common.VIT_CONFIGS[args.model][1], gpus, capacity, mode, False, False,
+                              "the projector BatchNorm normalises per micro-batch")
 
 
 # ================================================================================================
@@ -561,8 +584,7 @@ def main(args: Args):
         return
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
-    # the loss indexes the masked tokens (a data-dependent shape that fake tensors cannot run): auto = off here
-    checkpointed = True if common.checkpointing_mode(args.grad_checkpointing) == "on" else 0
+    checkpointed, _ = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256  # linear scaling (see docstring)
     min_lr = min(args.min_lr, lr)

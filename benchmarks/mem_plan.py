@@ -1,5 +1,5 @@
 """The measured memory table of docs/memory.md: every method at its paper settings on 4 x 40 GB and 4 x 80 GB,
-through each script's own `--plan GPUSxGB` (one training step on fake tensors, common section 9), with the
+through each script's own `--plan GPUSxGB` (one training step on fake tensors, common.py section 10), with the
 analytical formula of benchmarks/mem_estimate.py next to it as a cross-check.
 
     python benchmarks/mem_plan.py                    # the whole table (big models: ~1 min per measurement on CPU)
@@ -23,7 +23,7 @@ import mem_estimate  # noqa: E402
 
 CONFIGS = [("mae", "vit_l16"), ("mae", "vit_h14"), ("mae_ct", "vit_l16"), ("mae_ct", "vit_h14"),
            ("mim_refiner", "vit_l16"), ("mim_refiner", "vit_h14"), ("mim_refiner", "vit_2b14"),
-           ("lut", "vit_b16"), ("lut", "vit_l16")]  # conmim.py: not measurable on fake tensors (its docstring)
+           ("lut", "vit_b16"), ("lut", "vit_l16"), ("conmim", "vit_b16"), ("conmim", "vit_l16")]
 CAPACITIES = ("4x40", "4x80")
 
 

@@ -8,7 +8,7 @@ import torch
 
 import common
 import mim_refiner as mr
-from conftest import run_inprocess, run_script, write_mae_release_checkpoint
+from conftest import TINY, run_inprocess, run_script, write_mae_release_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,3 +117,14 @@ def test_plan_flag_prints_the_line_and_exits_0():
 def test_gpu_check_without_cuda_says_so_and_exits_0():
     p = run_script("benchmarks/gpu_check.py")
     assert p.stdout.strip().splitlines() == ["gpu_check: no CUDA device visible; nothing measured"], p.stdout
+
+
+@pytest.mark.parametrize("script", ["mae.py", "mae_ct.py", "lut.py", "conmim.py"])
+def test_every_script_plans_its_own_step(script):
+    """--plan on each script's tiny configuration: one plan line naming the method, the per-GPU batch of
+    4 GPUs and a positive measured peak (ConMIM's masked-token loss included: no data-dependent shape)."""
+    p = run_script(script, *TINY, "--batch-size", "16", "--plan", "4x80")
+    lines = [x for x in p.stdout.splitlines() if x.startswith("plan:")]
+    assert len(lines) == 1 and "4 images" in lines[0] and "checkpointing 0 of" in lines[0], p.stdout
+    peak = float(lines[0].split("measured peak ")[1].split(" GiB")[0])
+    assert 2.0 < peak < 80  # above the fixed 2 GiB margin: something was measured
