@@ -49,7 +49,7 @@ Launch (the user's command; paper setting for MAE ViT-H/14: batch 512, tau 0.3, 
   kNN of the result as the paper (App. C.4 k = 10, official knn.py: EMA encoder = "model", last-block CLS
   without the final LayerNorm, train-standardised; printed at the end of the run):
     eval_knn.py --checkpoint runs/mim_refiner/checkpoint-last.pth --data data/imagenet --no-final-norm --standardize --k 10
-Tiny CPU smoke run (about 5 min on 2 busy cores; --ema-momentum 0.9 because 0.9999 barely moves in 32 updates):
+Tiny CPU smoke run (--ema-momentum 0.9: at 0.9999 the EMA barely moves in 32 updates):
   python mim_refiner.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic:512 --init MAE.pth \
     --batch-size 64 --head-epochs 1 --epochs 4 --warmup-epochs 0.5 --blr 4e-3 --head-blr 4e-3 --queue-size 1024 \
     --local-crops 2 --head-blocks 10 11 --freeze-blocks 8 --head-hidden 256 --pred-hidden 512 --topk 1 \
