@@ -343,6 +343,21 @@ def machine_desc() -> str:
     return f"{cpu} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}"
 
 
+def main_table(summary: dict, k: str, n: int) -> list:
+    """The results table (Markdown lines): per method the last-block kNN, the best block, the linear probe and
+    the training time, each as mean +- std over the n seeds."""
+    lines = [f"| method | kNN top-1 (k={k}), last block | best block: kNN top-1 | linear probe top-1 | train time |",
+             "|---|---|---|---|---|"]
+    for m, d in summary.items():
+        pb = d.get("per_block")
+        best = "-"
+        if pb:
+            b = max(pb, key=lambda b: pb[b]["mean"])
+            best = f"{pm(pb[b], n)} (block {b + 1})"
+        lines.append(f"| {m} | {pm(d['knn'], n)} | {best} | {pm(d['linear_probe'], n)} | {d['train_seconds']['mean']:.0f} s |")
+    return lines
+
+
 def write_readme(out: Path, command: str, preset_name: str, preset: dict, seeds: list, summary: dict, lift: dict,
                  per_seed_total: dict, total: float, jobs: int, k: str, machine: str, plotted: bool):
     n = len(seeds)
@@ -353,15 +368,7 @@ def write_readme(out: Path, command: str, preset_name: str, preset: dict, seeds:
          + (f" (mean +- sample std over the {n} seeds)" if n > 1 else ""),
          f"- wall time: {total / 60:.1f} min in all, {jobs} seed(s) at a time (per seed, training of runs reused from an "
          "earlier invocation counted: " + ", ".join(f"seed {s}: {t:.0f} s" for s, t in per_seed_total.items()) + ")", "",
-         f"| method | kNN top-1 (k={k}), last block | best block: kNN top-1 | linear probe top-1 | train time |",
-         "|---|---|---|---|---|"]
-    for m, d in summary.items():
-        pb = d.get("per_block")
-        best = "-"
-        if pb:
-            b = max(pb, key=lambda b: pb[b]["mean"])
-            best = f"{pm(pb[b], n)} (block {b + 1})"
-        L.append(f"| {m} | {pm(d['knn'], n)} | {best} | {pm(d['linear_probe'], n)} | {d['train_seconds']['mean']:.0f} s |")
+         *main_table(summary, k, n)]
     blocks = next((sorted(d["per_block"]) for d in summary.values() if "per_block" in d), [])
     if blocks:
         L += ["", f"kNN top-1 (k={k}) per block (1-based, as in the plot):", "",
@@ -425,15 +432,7 @@ def main(argv=None):
     machine = machine_desc()
     n = len(seeds)
     summary = summarize(per_seed, k)
-    lines = [f"| method | kNN top-1 (k={k}), last block | best block: kNN top-1 | linear probe top-1 | train time |",
-             "|---|---|---|---|---|"]
-    for m, d in summary.items():
-        pb = d.get("per_block")
-        best = "-"
-        if pb:
-            b = max(pb, key=lambda b: pb[b]["mean"])
-            best = f"{pm(pb[b], n)} (block {b + 1})"
-        lines.append(f"| {m} | {pm(d['knn'], n)} | {best} | {pm(d['linear_probe'], n)} | {d['train_seconds']['mean']:.0f} s |")
+    lines = main_table(summary, k, n)
     seed_txt = f"seed {seeds[0]}" if n == 1 else f"seeds {', '.join(map(str, seeds))} (mean +- std)"
     total = totals[seeds[0]] if n == 1 else wall  # one seed: as if its reused runs had run now
     lines += ["", f"Data `{preset['data']}`, vit_t16 at 32 px / patch {preset['patch']}, {seed_txt}; "
