@@ -326,10 +326,17 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def in_group(self) -> bool:
+        """A process group exists (launched by torchrun, at any world size): what FSDP needs."""
+        return _in_process_group()
+
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); plain single process
     otherwise. nccl when running on CUDA, gloo on CPU (so the same code is testable on CPU)."""
+    if not any(e in os.environ for e in ALLOC_CONF_ENVS):  # before CUDA starts: less fragmentation (docs/memory.md)
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
@@ -339,7 +346,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    # under torchrun a process group exists at any world size (FSDP on one process runs the sharded code path)
+    if (world > 1 or "MASTER_ADDR" in os.environ) and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank, world, local, dev)
 
@@ -408,10 +416,29 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed + 1_000_003 * epoch + 7919 * rank
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (no grad scaler needed), full fp32 on CPU."""
+CUDA_DTYPES_ENV = "MIMREF_CUDA_DTYPES"
+
+
+def cuda_dtypes(device: torch.device) -> bool:
+    """True where a run uses the dtypes and policies of the CUDA run: on CUDA, and on the CPU when the
+    environment sets MIMREF_CUDA_DTYPES=1 (bf16 CPU autocast, FSDP's CUDA policy, fused AdamW), so that the
+    CUDA path (e.g. the 4 x 40 GB FSDP run under torchrun with gloo) can be exercised without a GPU."""
+    return device.type == "cuda" or os.environ.get(CUDA_DTYPES_ENV, "0") == "1"
+
+
+def precision(device: torch.device) -> str:
+    """How the run computes, in words (printed at start-up)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return "bf16 autocast, fp32 weights"
+    if cuda_dtypes(device):
+        return f"bf16 CPU autocast, fp32 weights ({CUDA_DTYPES_ENV}=1: the CUDA run's dtypes)"
+    return "fp32"
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (no grad scaler needed) and under MIMREF_CUDA_DTYPES=1 on the CPU; fp32 otherwise."""
+    if cuda_dtypes(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -1065,8 +1092,8 @@ def param_groups(named_params, weight_decay: float, layer_decay: float | None = 
 
 
 def make_adamw(groups, lr: float, betas=(0.9, 0.95), device=torch.device("cpu")) -> torch.optim.AdamW:
-    """AdamW; fused kernel on CUDA."""
-    kw = {"fused": True} if device.type == "cuda" else {}
+    """AdamW; the fused kernel on CUDA (and on the CPU under MIMREF_CUDA_DTYPES=1)."""
+    kw = {"fused": True} if cuda_dtypes(device) else {}
     opt = torch.optim.AdamW(groups, lr=lr, betas=betas, **kw)
     set_lr(opt, lr)
     return opt
@@ -1124,6 +1151,17 @@ def first_non_finite(obj, name: str = "") -> str | None:
     return None
 
 
+def to_cpu(obj):
+    """The same nested dict/list/tuple with every tensor on the CPU (CPU tensors are not copied)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str, state: dict):
     """Atomic, durable write: temp file + fsync + rename + fsync of the folder, so a killed run or a crash
     leaves either the previous file or the new one, never a half-written one. A state with nan/inf in any
@@ -1137,6 +1175,7 @@ def save_checkpoint(path: str, state: dict):
                 else f"no checkpoint was written yet ({path})")
         raise UserError(f"the training diverged: '{bad}' holds nan/inf, so it is not saved and {prev}; lower "
                         f"--blr/--lr, then rerun the same command")
+    state = to_cpu(state)  # a file that loads without CUDA (plain torch.load on any machine); freed after the write
     os.makedirs(folder, exist_ok=True)
     remove_stale_temp_files(path)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -1445,32 +1484,36 @@ def check_resume_args(state: dict, args, output_dir: str, state_keys=(), shape=(
 FSDP_UNSUPPORTED_WITH_COMPILE = "--fsdp with --compile is not supported; drop one of them"
 
 
-def fsdp_shard(module: nn.Module, units=(), bf16: bool = False, forward_methods=()) -> nn.Module:
+def fsdp_shard(module: nn.Module, units=(), forward_methods=()) -> nn.Module:
     """Shard `module` in place with `fully_shard`: each module in `units` (e.g. transformer blocks) becomes
     one all-gather unit, then `module` itself the unit of its remaining parameters. Call it on every rank
     after loading weights and moving to the device; build the optimizer afterwards (over the sharded
-    parameters). bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) (CUDA). forward_methods:
-    methods other than forward that are called from outside (e.g. "forward_features"), so that FSDP
-    all-gathers the root parameters for them too."""
+    parameters). forward_methods: methods other than forward that are called from outside (e.g.
+    "forward_features"), so that FSDP all-gathers the root parameters for them too.
+
+    Precision: FSDP's default policy, fp32 parameters gathered and gradients reduced in fp32, with the
+    scripts' bf16 autocast around the step exactly as under DDP, so both parallelisms compute the same
+    numbers (tests/test_cuda_dtypes.py). A bf16 `param_dtype` would halve the all-gather volume but run the
+    residual stream and the frozen sin-cos tables in bf16 (other numerics than DDP), and FSDP2 fixes a group's
+    dtypes at its lazy initialisation from the trainable parameters: none in MIM-Refiner's stage "heads",
+    so the bf16 gradients of stage "refine" would later be assigned to fp32 shards (a crash)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     # the mesh lives where the module does (the default would pick CUDA whenever it is visible, even under --device cpu)
     device_type = next(module.parameters()).device.type
-    kw = {"mesh": init_device_mesh(device_type, (dist.get_world_size(),))}
-    if bf16:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for unit in units:
-        fully_shard(unit, **kw)
-    fully_shard(module, **kw)
+        fully_shard(unit, mesh=mesh)
+    fully_shard(module, mesh=mesh)
     for name in forward_methods:
         register_fsdp_forward_method(module, name)
     return module
 
 
-def fsdp_shard_vit(encoder: VisionTransformer, bf16: bool = False) -> VisionTransformer:
+def fsdp_shard_vit(encoder: VisionTransformer) -> VisionTransformer:
     """fsdp_shard for our ViT: one unit per block, the stem + final norm in the root unit, forward_features
     registered (the scripts call it rather than forward)."""
-    return fsdp_shard(encoder, list(encoder.blocks), bf16, forward_methods=("forward_features",))
+    return fsdp_shard(encoder, list(encoder.blocks), forward_methods=("forward_features",))
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -1496,23 +1539,35 @@ def full_state_dict(module: nn.Module) -> dict:
 def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """optimizer.state_dict() for a plain module. For an FSDP-sharded `module` (the module holding every
     parameter of `optimizer`) a collective returning, on rank 0, the gathered state keyed by parameter
-    name (torch.distributed.checkpoint format; {} on the other ranks). Load it back with
-    `load_optimizer_state_dict` on the same sharded module."""
+    name (torch.distributed.checkpoint format; {} on the other ranks). `load_optimizer_state_dict` reads
+    either format into either kind of module."""
     if not is_sharded(module):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _optimizer_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order: index i of optimizer.state_dict() is the i-th name."""
+    name = {id(p): n for n, p in module.named_parameters()}
+    return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
 def load_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict):
-    """Inverse of `full_optimizer_state_dict`: every rank passes the full dict read from the checkpoint
-    and keeps its own shard. A state saved without --fsdp cannot be loaded into a sharded module (and
-    vice versa): one-line error."""
+    """Inverse of `full_optimizer_state_dict`: every rank passes the full dict read from the checkpoint and keeps
+    its own shard. The two formats convert into each other (numbered by position <-> keyed by name), so a run
+    saved under DDP resumes under FSDP and the other way round (the memory plan may choose either)."""
     groups = state.get("param_groups") or [{"params": [0]}]
     named = isinstance((groups[0]["params"] or [0])[0], str)  # FSDP format: parameters named, not numbered
-    if is_sharded(module) != named:
-        raise UserError("the checkpoint's optimizer state was saved " + ("with" if named else "without")
-                        + " --fsdp; resume with the same setting (or start a new --output-dir)")
+    if named != is_sharded(module):
+        names = _optimizer_names(module, optimizer)
+        if named:  # -> numbered, for a plain module
+            index = {n: i for i, n in enumerate(names)}
+            state = {"state": {index[k]: v for k, v in state["state"].items()},
+                     "param_groups": [{**g, "params": [index[p] for p in g["params"]]} for g in state["param_groups"]]}
+        else:  # -> named, for a sharded module
+            state = {"state": {names[k]: v for k, v in state["state"].items()},
+                     "param_groups": [{**g, "params": [names[p] for p in g["params"]]} for g in state["param_groups"]]}
     if not is_sharded(module):
         optimizer.load_state_dict(state)
         return
@@ -1552,11 +1607,12 @@ class Logger:
         if not self.active:
             return
         os.makedirs(output_dir, exist_ok=True)
-        cfg = {**dataclasses.asdict(args), **(extra or {}), "git_sha": git_sha(), "world_size": dist_info.world_size}
+        cfg = {**dataclasses.asdict(args), **(extra or {}), "git_sha": git_sha(), "world_size": dist_info.world_size,
+               "precision": precision(dist_info.device)}
         with open(os.path.join(output_dir, "args.json"), "w") as f:
             json.dump(cfg, f, indent=2, default=str)
         print(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] git {cfg['git_sha']}, {dist_info.world_size} process(es), "
-              f"device {dist_info.device}")
+              f"device {dist_info.device}, {precision(dist_info.device)}")
         print("\n".join(f"  {k}: {v}" for k, v in sorted(cfg.items())), flush=True)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -1769,30 +1825,47 @@ def paper_eval_command(args, flags: str = "") -> str:
 # Each script hands `plan_memory` a `build(k)` that constructs the configured run with k checkpointed blocks
 # (models, heads, decoder, queues, EMA copies, optimizer, random inputs of the per-GPU batch) and returns its
 # one-update `train_step`. It is built and run once per k on FakeTensorMode CPU tensors (no memory, no data, no
-# init checkpoint) under bf16 CPU autocast (the CUDA run's dtypes); MemTracker gives the peak per kind.
-# What the fake run cannot see, covered by PLAN_MARGIN x peak + PLAN_FIXED:
-#   allocator fragmentation and rounding (the caching allocator's reserved/allocated ratio is typically 1.05-1.1
-#   with fixed shapes), transient kernel workspaces (cuBLAS 32 MiB, SDPA flash/efficient: O(B h N) logsumexp,
-#   included; cuDNN conv of the patch embedding), NCCL communicator buffers and streams (~0.5-1 GiB for a few
-#   ranks) and, when --plan runs off-GPU, the CUDA context (~0.5 GiB, outside torch.cuda.mem_get_info's free
-#   figure when measured on the GPU). benchmarks/gpu_check.py measures max_memory_allocated against the plan.
+# init checkpoint) under bf16 CPU autocast (the CUDA run's dtypes); MemTracker gives the peak per kind ("raw").
 # Sharding (FSDP) cannot run on fake tensors in one process; it is modelled: (weights + gradients + optimizer
-# states + EMA) / GPUS + the measured activations + the gathered working set (2 blocks in bf16 with bf16 and fp32
-# gradients, 8 B/param, and the root unit unsharded in fp32 with its gradient and autocast copy, 10 B/param).
-PLAN_MARGIN = 1.10
-PLAN_FIXED = 2 * 2**30
+# states + EMA) / GPUS + the measured activations + the gathered working set (2 blocks of fp32 weights with their
+# fp32 gradients, 8 B/param, and the root unit unsharded in fp32 with its gradient and autocast copy, 10 B/param).
+# FSDP gathers fp32 parameters and autocasts as DDP does (fsdp_shard), so the measured activations are its own.
+# What the fake run cannot see is added item by item (docs/memory.md has the figures):
+#   fragmentation of the caching allocator: x1.05 with expandable segments (set by init_distributed unless the
+#     user configured the allocator), x1.12 without (3-12 % measured with fixed shapes);
+#   the flash-attention backward's fp32 dq accumulator, 4 B x batch x ceil128(N) x heads x ceil32(head_dim) for the
+#     largest attention call of the step, live at the peak (the backward);
+#   NCCL communicators and their buffers: 1.6 GiB on more than one GPU (0.7-1.6 GiB seen on 4 GPUs);
+#   lazily loaded CUDA kernels, cuBLAS/cuDNN workspaces: 0.5 GiB;
+#   with --plan (no GPU to ask), the CUDA context, 0.5 GiB, out of the capacity the card reports: a card sold as
+#     "80 GB" reports 79.1-79.25 GiB (A100), "40 GB" about 39.5 GiB, i.e. CARD_USABLE x the nominal figure.
 GiB = 2**30
+FRAGMENTATION = 1.05
+FRAGMENTATION_NO_EXPANDABLE = 1.12
+NCCL_BYTES = 1.6 * GiB
+KERNEL_BYTES = 0.5 * GiB
+CUDA_CONTEXT_BYTES = 0.5 * GiB
+CARD_USABLE = 0.988
+ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def expandable_segments() -> bool:
+    """Whether the CUDA caching allocator runs with expandable segments: init_distributed turns them on unless
+    the user configured the allocator (PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF)."""
+    conf = [os.environ[e] for e in ALLOC_CONF_ENVS if e in os.environ]
+    return not conf or any("expandable_segments:true" in c.replace(" ", "").lower() for c in conf)
 
 
 def parse_plan(spec: str) -> tuple[int, float]:
-    """`--plan GPUSxGB` -> (gpus, bytes per GPU); GB as the card is named (A100-40GB has 40 GiB)."""
+    """`--plan GPUSxGB` -> (gpus, bytes per GPU for the run): GB as the card is named (A100-40GB: 40), of which
+    CARD_USABLE is reported by the card, less the CUDA context."""
     try:
         g, gb = spec.lower().split("x")
         gpus, cap = int(g), float(gb)
         assert gpus >= 1 and cap > 0
     except (ValueError, AssertionError):
         raise UserError(f"--plan {spec!r}: expected GPUSxGB, e.g. --plan 4x80 (4 GPUs of 80 GB)") from None
-    return gpus, cap * GiB
+    return gpus, CARD_USABLE * cap * GiB - CUDA_CONTEXT_BYTES
 
 
 def checkpointing_mode(value: str) -> str:
@@ -1817,15 +1890,33 @@ def _deepcopy_by_clone(cls):
         del cls.__deepcopy__
 
 
+@contextlib.contextmanager
+def _flash_workspace(record: list):
+    """Record, for every attention call that will run a backward, the flash-attention backward's fp32 dq
+    accumulator (B, ceil128(N), h, ceil32(d)) x 4 B (flash-attention 2's padded tiles)."""
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, *a, **kw):  # q (B, h, N, d)
+        if torch.is_grad_enabled() and q.requires_grad:
+            B, h, N, d = q.shape
+            record.append(4 * B * (-(-N // 128) * 128) * h * (-(-d // 32) * 32))
+        return real(q, k, v, *a, **kw)
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
 def step_memory(build, k: int, fake: bool = True, bf16: bool = True) -> dict:
     """Run `build(k)`'s step(autocast) once, on fake CPU tensors (real ones with fake=False: tests), with bf16 CPU
     autocast where the script autocasts on CUDA (fp32 with bf16=False); bytes per GPU by kind. The peak is for
     the steady state: optimizer states exist from the second update on, so the first step's peak gets the states
     it had not yet allocated added (an upper bound wherever the peak falls)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     amp = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
-    from torch._subclasses.fake_tensor import FakeTensor
+    flash: list[int] = []
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), warnings.catch_warnings(), \
             _deepcopy_by_clone(FakeTensor):
         warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor")  # deepcopy of a fake module (EMA)
@@ -1857,7 +1948,7 @@ def step_memory(build, k: int, fake: bool = True, bf16: bool = True) -> dict:
                 if not p.requires_grad:
                     tracker._param_to_grad_hook_handles[p] = inert
         tracker.track_external(*modules, *optimizers)
-        with tracker:
+        with tracker, _flash_workspace(flash):
             step(amp)
         at_peak = tracker._peak_mem_snap[torch.device("cpu")]  # bytes by kind when the total peaked
         params = {id(p): p for m in modules for p in m.parameters()}.values()
@@ -1869,55 +1960,75 @@ def step_memory(build, k: int, fake: bool = True, bf16: bool = True) -> dict:
         return dict(peak=at_peak["Total"] - at_peak["OPT"] + opt, weights=sum(p.nbytes for p in params),
                     buffers=sum(b.nbytes for b in buffers), grads=4 * trainable, opt=opt, trainable=trainable,
                     act=tracker.act_peak,  # at its own peak: under FSDP it can be the overall one
-                    working=2 * max(block_params, default=0) * 8 + (trainable - trainable_in_blocks) * 10)
+                    working=2 * max(block_params, default=0) * 8 + (trainable - trainable_in_blocks) * 10,
+                    flash=max(flash, default=0))
 
 
-def plan_need(m: dict, gpus: int, fsdp: bool) -> float:
-    """Bytes per GPU with margin: measured (DDP: + one fp32 gradient bucket copy per trainable parameter for
-    gpus > 1) or the FSDP model above."""
+def plan_terms(m: dict, gpus: int, fsdp: bool) -> dict:
+    """Bytes per GPU by term: the measured "raw" need (DDP: the fake run's peak + one fp32 gradient bucket copy per
+    trainable parameter for gpus > 1; FSDP: the model above), then what the fake run cannot see; "need" the sum."""
     if fsdp:
         raw = (m["weights"] + m["grads"] + m["opt"]) / gpus + m["buffers"] + m["act"] + m["working"]
     else:
         raw = m["peak"] + (4 * m["trainable"] if gpus > 1 else 0)
-    return PLAN_MARGIN * raw + PLAN_FIXED
+    frag = FRAGMENTATION if expandable_segments() else FRAGMENTATION_NO_EXPANDABLE
+    t = dict(raw=raw, fragmentation=(frag - 1) * raw, flash=m.get("flash", 0), nccl=NCCL_BYTES if gpus > 1 else 0.0,
+             kernels=KERNEL_BYTES)
+    t["need"] = sum(t.values())
+    return t
+
+
+def plan_need(m: dict, gpus: int, fsdp: bool) -> float:
+    return plan_terms(m, gpus, fsdp)["need"]
 
 
 @dataclass
 class MemPlan:
     what: str  # model and per-GPU batch/views
     gpus: int
-    capacity: float | None  # bytes per GPU, None: no limit known (CPU)
+    capacity: float | None  # bytes per GPU the run may use, None: no limit known (CPU)
     checkpointed: int  # k of n trainable blocks under activation checkpointing
     n_blocks: int
     fsdp: bool
-    need: float  # bytes per GPU, margin included
+    terms: dict  # plan_terms: raw, fragmentation, flash, nccl, kernels, need
     fits: bool
     fix: str = ""  # what would fit, when it does not
 
+    @property
+    def need(self) -> float:
+        return self.terms["need"]
+
     def line(self) -> str:
-        cap = f" of {self.capacity / GiB:.0f} GiB" if self.capacity else ""
+        t = self.terms
+        cap = f" of {self.capacity / GiB:.1f} GiB usable" if self.capacity else ""
+        frag = FRAGMENTATION if expandable_segments() else FRAGMENTATION_NO_EXPANDABLE
+        parts = f"raw {t['raw'] / GiB:.1f} x {frag:g} fragmentation + flash {t['flash'] / GiB:.2f}"
+        parts += (f" + NCCL {t['nccl'] / GiB:.1f}" if t["nccl"] else "") + f" + kernels {t['kernels'] / GiB:.1f}"
         return (f"plan: {self.what} on {self.gpus} GPU(s); checkpointing {self.checkpointed} of {self.n_blocks} blocks; "
-                f"{'FSDP' if self.fsdp else 'DDP' if self.gpus > 1 else 'single process'}; measured peak "
-                f"{self.need / GiB:.1f} GiB{cap} per GPU (x{PLAN_MARGIN} + {PLAN_FIXED // GiB} GiB margin)"
+                f"{'FSDP' if self.fsdp else 'DDP' if self.gpus > 1 else 'single process'}; need "
+                f"{self.need / GiB:.1f} GiB{cap} per GPU ({parts}; bf16 autocast, fp32 weights)"
                 + ("" if self.fits else " -- does NOT fit"))
 
 
 def plan_memory(build, what: str, n_blocks: int, gpus: int, capacity: float | None, mode: str = "auto",
                 fsdp: bool = False, fsdp_supported: bool = False, accum_note: str = "") -> MemPlan:
-    """Choose the number k of checkpointed blocks (and DDP or FSDP) so that the measured need fits `capacity`.
+    """Choose the number k of checkpointed blocks (and DDP or FSDP) so that the planned need fits `capacity`.
     mode on/off fixes k = n / 0 (measured once); auto: k = 0 if that fits, else the smallest k that fits (the
     need falls linearly in k: every block stores the same activations; interpolated from k = 0 and k = n, then
-    confirmed by a measurement at k). DDP first; if even k = n does not fit, FSDP where the script supports it.
-    capacity None (CPU): auto = off."""
+    confirmed by a measurement at k). DDP first; if even k = n does not fit, FSDP where the script supports it
+    (`fsdp_supported`: the script has --fsdp and the run allows it). capacity None (CPU): auto = off."""
     cache = {}
 
-    def need(k, sharded):
+    def terms(k, sharded):
         if k not in cache:
             cache[k] = step_memory(build, k)
-        return plan_need(cache[k], gpus, sharded)
+        return plan_terms(cache[k], gpus, sharded)
+
+    def need(k, sharded):
+        return terms(k, sharded)["need"]
 
     def make(k, sharded, fits, fix=""):
-        return MemPlan(what, gpus, capacity, k, n_blocks, sharded, need(k, sharded), fits, fix)
+        return MemPlan(what, gpus, capacity, k, n_blocks, sharded, terms(k, sharded), fits, fix)
 
     if mode != "auto" or capacity is None:
         k = n_blocks if mode == "on" else 0
@@ -1931,8 +2042,10 @@ def plan_memory(build, what: str, n_blocks: int, gpus: int, capacity: float | No
         k = min(n_blocks, max(1, math.ceil(n_blocks * (lo - capacity) / max(lo - hi, 1.0))))
         while need(k, sharded) > capacity and k < n_blocks:
             k += 1
+        while k > 1 and need(k - 1, sharded) <= capacity:  # the interpolation may overshoot: the smallest k
+            k -= 1
         return make(k, sharded, True)
-    fix = ["more GPUs (a smaller per-GPU batch, the same maths)" + ("" if fsdp_supported else "; this script has no --fsdp"),
+    fix = ["more GPUs (a smaller per-GPU batch, the same maths)" + ("" if fsdp_supported else "; this run has no --fsdp"),
            f"--accum-steps 2 or more ({accum_note or 'the same maths'})"]
     return make(n_blocks, fsdp or (fsdp_supported and gpus > 1), False, "; ".join(fix))
 
@@ -1946,20 +2059,37 @@ def apply_memory_plan(args, device: torch.device, world: int, plan_fn, log_print
     """The start-up step of every training script. `--plan GPUSxGB`: print the plan line and return None (the
     caller exits 0). Otherwise returns (checkpointed blocks k, fsdp): auto on CUDA measures against the smallest
     free memory over the ranks (torch.cuda.mem_get_info), so every rank takes the same decision; on CPU auto is off.
-    A run that cannot fit stops here with one line naming what would. `plan_fn(gpus, capacity, mode)` -> MemPlan."""
+    Every start measures anew (a resume too: the GPUs may differ); checkpointing does not change the maths, and
+    a checkpoint resumes under DDP or FSDP alike. A run that cannot fit stops here with one line naming what
+    would. If the measurement itself fails (it relies on torch internals: MemTracker, FakeTensorMode), the run
+    checkpoints every trainable block and says so. `plan_fn(gpus, capacity, mode)` -> MemPlan."""
     mode = checkpointing_mode(args.grad_checkpointing)
     if getattr(args, "plan", None):
         gpus, cap = parse_plan(args.plan)
-        plan = plan_fn(gpus, cap, mode)
+        try:
+            plan = plan_fn(gpus, cap, mode)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"the memory plan could not be measured with torch {torch.__version__} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
         print(plan.line() + (f"; would fit: {plan.fix}" if not plan.fits else ""), flush=True)
         return None
     free = device_free_memory(device) if mode == "auto" else None
     if free is None:
         return (0 if mode != "on" else True), args.fsdp
-    free = torch.tensor(float(free), device=device)
+    free = torch.tensor(float(free), dtype=torch.float64, device=device)  # float32 would round bytes away
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(free, op=dist.ReduceOp.MIN)
-    plan = plan_fn(world, free.item(), mode)
+    try:
+        plan = plan_fn(world, free.item(), mode)
+    except UserError:
+        raise
+    except Exception as e:  # never stop a run that could train: the safe choice instead, said in one line
+        log_print(f"warning: the memory plan failed with torch {torch.__version__} ({type(e).__name__}: "
+                  f"{(str(e).splitlines() or [''])[0][:120]}); checkpointing every trainable block, "
+                  f"{'FSDP' if args.fsdp else 'DDP'} as asked")
+        return True, args.fsdp
     if not plan.fits:
         raise UserError(f"{plan.line()}; the paper batch needs one of: {plan.fix}")
     log_print(plan.line())

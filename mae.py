@@ -425,7 +425,7 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
 
     what = f"MAE {args.model} + {args.decoder_depth}-block decoder, {n} images per GPU"
     return common.plan_memory(build, what, common.VIT_CONFIGS[args.model][1] + args.decoder_depth, gpus, capacity,
-                              mode, args.fsdp, True, "the same maths: the loss is a per-image mean")
+                              mode, args.fsdp, not args.compile, "the same maths: the loss is a per-image mean")
 
 
 # ==============================================================================================
@@ -500,8 +500,7 @@ def main(args: Args):
         return
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
-    checkpointed, fsdp_plan = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
-    args = dataclasses.replace(args, fsdp=fsdp_plan)
+    checkpointed, use_fsdp = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256  # linear scaling (App. A.1)
 
@@ -530,7 +529,7 @@ def main(args: Args):
     start_epoch = state["epoch"] if state is not None else 0
     log = common.Logger(args.output_dir, args, dist_info, extra=dict(
         effective_batch=args.batch_size, per_rank_batch=micro, lr=lr, steps_per_epoch=steps_per_epoch,
-        num_patches=N, len_keep=len_keep))
+        num_patches=N, len_keep=len_keep, fsdp_chosen_by_plan=use_fsdp and not args.fsdp))
     rule = "--lr" if args.lr is not None else f"blr {args.blr:g} x {args.batch_size} / 256"
     log.print(f"global batch {args.batch_size} = {micro} per rank x {args.accum_steps} accumulation x {world} "
               f"process(es); lr {lr:.4g} ({rule}); {N} patches, {len_keep} visible")
@@ -555,11 +554,11 @@ def main(args: Args):
               f"decoder {args.decoder_dim}-d x {args.decoder_depth} blocks x {args.decoder_heads} heads: {n_dec:,}")
 
     model.to(device)
-    fsdp = args.fsdp and dist_info.enabled
-    if args.fsdp and not fsdp:
-        log.print("--fsdp: a single process, nothing to shard; running unsharded")
+    fsdp = use_fsdp and dist_info.in_group
+    if use_fsdp and not fsdp:
+        log.print("--fsdp: not launched by torchrun, nothing to shard; running unsharded")
     if fsdp:  # ZeRO-3 instead of DDP: one all-gather unit per encoder/decoder block
-        common.fsdp_shard_vit(encoder, bf16=device.type == "cuda")
+        common.fsdp_shard_vit(encoder)
         common.fsdp_shard(decoder, list(decoder.decoder_blocks))  # fp32 parameters + autocast, as under DDP
         common.fsdp_shard(model)
     optimizer = common.make_adamw(build_param_groups(model, args.weight_decay, args.token_weight_decay), lr=lr,

@@ -68,6 +68,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import gc
 import time
 from dataclasses import dataclass
 from typing import Annotated, Literal, Optional
@@ -281,6 +282,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             return super().forward(x)
         n = x.shape[0] * torch.distributed.get_world_size()
+        dtype, x = x.dtype, x.float()  # statistics in fp32 under bf16 autocast too, as nn.SyncBatchNorm's CUDA kernels
         mean = _AllReduceSum.apply(x.sum(0)) / n  # (C,)
         var = _AllReduceSum.apply(((x - mean) ** 2).sum(0)) / n  # (C,) two-pass, biased
         with torch.no_grad():
@@ -288,7 +290,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), self.momentum)
         y = (x - mean) * torch.rsqrt(var + self.eps)
-        return y * self.weight + self.bias if self.affine else y
+        return (y * self.weight + self.bias if self.affine else y).to(dtype)
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
@@ -666,6 +668,8 @@ def main(args: Args):
         optimizer, target_projector = start_stage(model, state, log, stage=stage, first=first, last=last,
                                                   start_epoch=start_epoch, enc_lr=enc_lr, head_lr=stage_head_lr,
                                                   args=args, device=device)
+        ddp = None
+        gc.collect()  # the previous stage's DDP wrapper sits in a reference cycle: free its buckets now
         ddp = model
         if dist_info.enabled:
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

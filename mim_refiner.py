@@ -78,9 +78,11 @@ Memory per GPU, measured: docs/memory.md; `--plan 4x40` prints this run's plan (
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 import os
 import time
 import warnings
@@ -325,14 +327,15 @@ class GatherBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x):  # (M, C)
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        count = common.all_gather_grad(x.new_full((1, 1), float(x.shape[0]))).sum()
-        mean = common.all_gather_grad(x.sum(0, keepdim=True)).sum(0) / count  # (C,)
-        var = common.all_gather_grad(((x - mean) ** 2).sum(0, keepdim=True)).sum(0) / count  # biased, (C,)
+        xf = x.float()  # statistics in fp32 under bf16 autocast too, as nn.SyncBatchNorm's CUDA kernels
+        count = common.all_gather_grad(xf.new_full((1, 1), float(x.shape[0]))).sum()
+        mean = common.all_gather_grad(xf.sum(0, keepdim=True)).sum(0) / count  # (C,)
+        var = common.all_gather_grad(((xf - mean) ** 2).sum(0, keepdim=True)).sum(0) / count  # biased, (C,)
         with torch.no_grad():  # running stats as nn.BatchNorm1d: unbiased variance, momentum 0.1
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
             self.num_batches_tracked.add_(1)
-        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+        return ((xf - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
 
 
 def convert_gather_batchnorm(module: nn.Module) -> nn.Module:
@@ -575,11 +578,13 @@ def build_modules(args: Args, post_norm: bool, grad_checkpointing):
     return encoder, model, queues
 
 
-def plan_builder(args: Args, post_norm: bool, n: int, device=torch.device("cpu")):
+def plan_builder(args: Args, post_norm: bool, n: int, device=torch.device("cpu"), wrap=None):
     """build(k) of common.plan_memory: the refinement stage (the heavier one: the encoder trains) with k
-    checkpointed blocks, random views of n images, and its train_step (on `device`: benchmarks/gpu_check.py)."""
+    checkpointed blocks, random views of n images, and its train_step (on `device`, the model wrapped by `wrap`,
+    e.g. in DDP: benchmarks/gpu_check.py)."""
     def build(k):
-        encoder, model, queues = build_modules(args, post_norm, k)
+        with torch.device(device) if device.type != "cpu" else contextlib.nullcontext():  # initialised where it runs
+            encoder, model, queues = build_modules(args, post_norm, k)
         ema = copy.deepcopy(encoder).requires_grad_(False)
         set_trainable(encoder, "refine", args.freeze_blocks)
         if device.type != "cpu":  # (a fake module cannot be moved; it is on the CPU already)
@@ -589,7 +594,8 @@ def plan_builder(args: Args, post_norm: bool, n: int, device=torch.device("cpu")
         xg = torch.randn(2 * n, 3, S, S, **kw)
         xl = torch.randn(args.local_crops * n, 3, s, s, **kw) if args.local_crops else None
         ids, labels = torch.arange(n, **kw), torch.zeros(n, dtype=torch.long, **kw)
-        step = lambda autocast: train_step(model, optimizer, queues, ema, encoder, xg, xl, ids, labels, n=n,  # noqa: E731
+        ddp = wrap(model) if wrap else model
+        step = lambda autocast: train_step(ddp, optimizer, queues, ema, encoder, xg, xl, ids, labels, n=n,  # noqa: E731
                                            topk=args.topk, train_encoder=True, sync=True, rank=0, step=0, args=args,
                                            autocast=autocast)
         return [model, queues, ema], [optimizer], step, list(encoder.blocks)
@@ -602,7 +608,7 @@ def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str) -> 
     build = plan_builder(args, post_norm, n)
     depth = common.VIT_CONFIGS[args.model][1]
     what = f"MIM-Refiner {args.model}, {n} images x (2 + {args.local_crops}) views per GPU"
-    return common.plan_memory(build, what, depth - args.freeze_blocks, gpus, capacity, mode, args.fsdp, True,
+    return common.plan_memory(build, what, depth - args.freeze_blocks, gpus, capacity, mode, args.fsdp, not args.compile,
                               "BN statistics, the negatives of Eq. 1 and the queue update become per micro-batch")
 
 
@@ -670,8 +676,9 @@ def train_one_epoch(ddp, model: Refiner, encoder, ema, queues: nn.ModuleList, op
         factor = lr_factor(step, stage_steps, warmup_steps, args.min_lr / lr)
         if micro_step == 0:
             common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
-        x_global = torch.cat(views[:2]).to(device, non_blocking=True)  # (2n, 3, S, S) [g0; g1]
-        x_local = torch.cat(views[2:]).to(device, non_blocking=True) if args.local_crops else None  # (L*n, 3, s, s)
+        views = [v.to(device, non_blocking=True) for v in views]  # from pinned memory, then concatenated on the device
+        x_global = torch.cat(views[:2])  # (2n, 3, S, S) [g0; g1]
+        x_local = torch.cat(views[2:]) if args.local_crops else None  # (L*n, 3, s, s)
         labels, ids = labels.to(device), ids.to(device)
         sync = micro_step == args.accum_steps - 1
         loss, head_losses, nn_accs = train_step(
@@ -729,8 +736,7 @@ def main(args: Args):
     if args.accum_steps > 1:
         warnings.warn("--accum-steps > 1: BatchNorm statistics, the negatives of Eq. 1 and the queue updates become "
                       "per micro-batch (not the paper's setting)")
-    checkpointed, fsdp_plan = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args, post_norm))
-    args = dataclasses.replace(args, fsdp=fsdp_plan)
+    checkpointed, use_fsdp = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args, post_norm))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     peak_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     head_stage_lr = args.head_blr * args.batch_size / 256
@@ -745,7 +751,7 @@ def main(args: Args):
                         f"lower --batch-size")
     log = common.Logger(args.output_dir, args, dist_info, extra=dict(
         effective_batch=args.batch_size, per_rank_batch=micro, refine_lr=peak_lr, head_stage_lr=head_stage_lr,
-        steps_per_epoch=steps_per_epoch, post_norm=post_norm))
+        steps_per_epoch=steps_per_epoch, post_norm=post_norm, fsdp_chosen_by_plan=use_fsdp and not args.fsdp))
     log.print(f"global batch {args.batch_size} images x (2 + {args.local_crops}) views; refine lr {peak_lr:.3g} "
               f"(= {args.blr:g} x {args.batch_size} / 256), head-stage lr {head_stage_lr:.3g}; "
               f"heads on blocks {args.head_blocks}, tau {args.temperature}, local views {args.local_size}px")
@@ -771,13 +777,13 @@ def main(args: Args):
         model.heads = (nn.SyncBatchNorm.convert_sync_batchnorm(model.heads) if device.type == "cuda"
                        else convert_gather_batchnorm(model.heads))
     model.to(device), ema.to(device), queues.to(device)
-    fsdp = args.fsdp and dist_info.enabled
-    if args.fsdp and not fsdp:
-        log.print("--fsdp: a single process, nothing to shard; running unsharded")
+    fsdp = use_fsdp and dist_info.in_group
+    if use_fsdp and not fsdp:
+        log.print("--fsdp: not launched by torchrun, nothing to shard; running unsharded")
     if fsdp:  # ZeRO-3: blocks and stems of both encoders sharded, heads in the root unit (fp32, autocast as DDP)
-        common.fsdp_shard_vit(encoder, bf16=device.type == "cuda")
+        common.fsdp_shard_vit(encoder)
         common.fsdp_shard(model)
-        common.fsdp_shard_vit(ema, bf16=device.type == "cuda")  # never run; sharded storage, EMA on the shards
+        common.fsdp_shard_vit(ema)  # never run; sharded storage, EMA on the shards
     if args.compile:
         model.features_fn = torch.compile(model.features)
 
@@ -789,6 +795,8 @@ def main(args: Args):
         lr = head_stage_lr if stage == "heads" else peak_lr
         optimizer = start_stage(model, encoder, state, log, stage=stage, first=first, last=last, lr=lr,
                                 start_epoch=start_epoch, args=args, device=device)
+        ddp = None
+        gc.collect()  # the previous stage's DDP wrapper sits in a reference cycle: free its buckets now
         ddp = model
         if dist_info.enabled and not fsdp:
             # blocks after the last head (and the final norm) get no gradient unless the last block has a head

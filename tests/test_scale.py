@@ -163,15 +163,25 @@ def test_fsdp_refusals_are_one_line_errors(capsys):
         mim_refiner.resolve_args(mim_refiner.Args(model="vit_t16", img_size=32, patch_size=4, fsdp=True, compile=True), False)
 
 
-def test_optimizer_state_format_mismatch_is_a_user_error():
-    m = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(m.parameters())
-    m(torch.randn(1, 2)).sum().backward()
+def test_optimizer_state_converts_between_the_ddp_and_fsdp_formats():
+    """The numbered (DDP / single process) and the named (FSDP) optimizer formats load into the other kind of module
+    (the memory plan may choose either parallelism on a resume): the state round-trips exactly."""
+    m = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+    opt = torch.optim.AdamW([{"params": [m[1].weight]}, {"params": [m[0].weight, m[0].bias, m[1].bias], "lr": 0.1}])
+    m(torch.randn(4, 2)).sum().backward()
     opt.step()
-    named = {"state": {"weight": opt.state_dict()["state"][0]}, "param_groups": [{"params": ["weight", "bias"]}]}
-    with pytest.raises(common.UserError, match="saved with --fsdp"):
-        common.load_optimizer_state_dict(m, opt, named)
-    common.load_optimizer_state_dict(m, opt, opt.state_dict())  # the plain format loads as before
+    plain = opt.state_dict()
+    names = common._optimizer_names(m, opt)
+    assert names == ["1.weight", "0.weight", "0.bias", "1.bias"]
+    named = {"state": {names[i]: v for i, v in plain["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in plain["param_groups"]]}
+    opt2 = torch.optim.AdamW([{"params": [m[1].weight]}, {"params": [m[0].weight, m[0].bias, m[1].bias], "lr": 0.1}])
+    common.load_optimizer_state_dict(m, opt2, named)
+    back = opt2.state_dict()
+    assert back["param_groups"] == plain["param_groups"]
+    for i, st in plain["state"].items():
+        assert all(torch.equal(st[k], back["state"][i][k]) for k in st)
+    common.load_optimizer_state_dict(m, opt2, plain)  # the plain format loads as before
 
 
 # ---------------------------------------------------------------------------------------------
