@@ -34,13 +34,17 @@ import errno
 import functools
 import gc
 import inspect
+import itertools
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import types
 import typing
 import warnings
@@ -915,7 +919,21 @@ def build_dataset(data: str, split: str, transform, img_size: int = 32, seed: in
     if empty:
         raise UserError(f"class folder(s) {', '.join(sorted(empty)[:5])} in {folder} contain no images "
                         f"({', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)")
+    _refuse_symlink_loops(folder)
     return ImageFolder(str(folder), transform=transform, loader=_pil_loader)
+
+
+def _refuse_symlink_loops(folder: Path):
+    """ImageFolder follows symlinks (os.walk(followlinks=True)): a link to a folder that contains it would list
+    the same images again and again, down to the system's path limit."""
+    for dirpath, dirnames, _ in os.walk(folder, followlinks=True):
+        here = os.path.realpath(dirpath)
+        for d in dirnames:
+            link = os.path.join(dirpath, d)
+            target = os.path.realpath(link)
+            if os.path.islink(link) and (here == target or here.startswith(target + os.sep)):
+                raise UserError(f"{link} is a symlink to {target}, a folder that contains it: its images would be "
+                                f"listed again and again; remove the link")
 
 
 class WithIndex(torch.utils.data.Dataset):
@@ -1013,19 +1031,75 @@ class MultiView:
         return [t(img) for t in self.transforms]
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of the augmentation of dataset item `index` in `epoch`: a function of (seed, epoch, index) only, so
+    that an item is augmented alike whichever rank, worker or position in a resumed epoch loads it."""
+    return (epoch_seed(seed, epoch, 0) * 2_654_435_761 + index) % 2**63
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """`dataset` whose item i draws its random augmentation from the CPU generators of torch, `random` and numpy
+    seeded with sample_seed(seed, epoch, i); the caller's generator states are restored afterwards (with
+    --num-workers 0 the loading runs in the training process, beside the step's own random draws)."""
+
+    def __init__(self, dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        s = sample_seed(self.seed, self.epoch, i)
+        torch.default_generator.manual_seed(s)  # the CPU generator only (torch.manual_seed would reseed CUDA too)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        try:
+            return self.dataset[i]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """The first `skip` indices of `sampler` left out: the rest of an epoch resumed after `skip` of this rank's
+    samples (DistributedSampler hands rank r the positions r, r + W, ... of one permutation, so skipping k per
+    rank leaves the same images for any number of processes W)."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return max(len(self.sampler) - self.skip, 0)
+
+
+def _ignore_stop_signals(worker_id: int):
+    """DataLoader workers leave SIGTERM/SIGUSR1/SIGINT (sent to the whole process group by SLURM or a terminal) to
+    the training process, which stops at the next update boundary; a worker exits when its parent does."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_loader(dataset, batch_size: int, dist_info: DistInfo, shuffle: bool, drop_last: bool,
-                 num_workers: int, seed: int = 0, epoch: int = 0, persistent: bool = False):
-    """DataLoader over this rank's shard. The sampler order and the workers' RNG are functions of
-    (seed, epoch), so a resumed run sees exactly the batches and augmentations of an uninterrupted
-    one. `batch_size` is per rank. Call `loader.sampler.set_epoch(e)` is done here via `epoch`."""
+                 num_workers: int, seed: int = 0, epoch: int = 0, skip: int = 0):
+    """DataLoader over this rank's shard of one epoch, `batch_size` per rank. The sampler order is a function of
+    (seed, epoch) and each item's augmentation of (seed, epoch, index) (SeededSamples), so a run resumed at
+    any update boundary (`skip` = samples of this rank already used in the epoch) sees exactly the batches and
+    augmentations of an uninterrupted one, with any --num-workers."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                                   shuffle=shuffle, seed=seed, drop_last=drop_last)
     sampler.set_epoch(epoch)
     g = torch.Generator()
-    g.manual_seed(epoch_seed(seed, epoch, dist_info.rank))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                       pin_memory=dist_info.device.type == "cuda", drop_last=drop_last,
-                                       generator=g, persistent_workers=persistent and num_workers > 0)
+    g.manual_seed(epoch_seed(seed, epoch, dist_info.rank))  # the DataLoader's own draws (worker base seed)
+    return torch.utils.data.DataLoader(SeededSamples(dataset, seed, epoch), batch_size=batch_size,
+                                       sampler=SkipSampler(sampler, skip) if skip else sampler,
+                                       num_workers=num_workers, pin_memory=dist_info.device.type == "cuda",
+                                       drop_last=drop_last, generator=g,
+                                       worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
 
 
 def per_rank_batch(global_batch: int, accum_steps: int, world_size: int) -> int:
@@ -1129,7 +1203,8 @@ def check_finite(loss: torch.Tensor, step: int, output_dir: str):
 def _last_good(output_dir: str) -> str:
     path = checkpoint_path(output_dir)
     if os.path.isfile(path):
-        return f"the last good checkpoint is {path} (the rerun resumes from it)"
+        return (f"the last checkpoint {path} passed the divergence checks when it was saved (finite, weights within "
+                f"{DIVERGED_GROWTH:g}x their starting RMS) and the rerun resumes from it")
     return f"no checkpoint was written yet ({path} does not exist; the rerun starts from scratch)"
 
 
@@ -1162,19 +1237,38 @@ def to_cpu(obj):
     return obj
 
 
-def save_checkpoint(path: str, state: dict):
+DIVERGED_GROWTH = 100.0  # weights' RMS this many times their starting RMS: an exploded (finite) run
+
+
+def weights_rms(sd: dict) -> float:
+    """Root mean square over the floating tensors of a state dict (the encoder's weights)."""
+    total, count = 0.0, 0
+    for v in sd.values():
+        if torch.is_tensor(v) and v.is_floating_point():
+            total, count = total + v.double().square().sum().item(), count + v.numel()
+    return math.sqrt(total / max(count, 1))
+
+
+def save_checkpoint(path: str, state: dict, weights_rms_start: float | None = None):
     """Atomic, durable write: temp file + fsync + rename + fsync of the folder, so a killed run or a crash
     leaves either the previous file or the new one, never a half-written one. A state with nan/inf in any
-    floating tensor (weights, optimizer moments) is refused, so the previous file stays the last good one.
-    Temp files of dead writers are removed first (each is a full-size copy); a failed write removes its own."""
+    floating tensor (weights, optimizer moments) is refused, and so is one whose encoder weights ("model_online",
+    else "model") have an RMS over DIVERGED_GROWTH x `weights_rms_start` (an exploded run that is still finite):
+    the previous file stays the last good one. Temp files of dead writers are removed first (each is a full-size
+    copy); a failed write (a full disk, a folder in the file's place) removes its own and says so in one line."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
+    prev = f"{path} still holds the last good state" if os.path.isfile(path) else f"no checkpoint was written yet ({path})"
     bad = first_non_finite(state)
     if bad is not None:
-        prev = (f"{path} still holds the last good state" if os.path.isfile(path)
-                else f"no checkpoint was written yet ({path})")
         raise UserError(f"the training diverged: '{bad}' holds nan/inf, so it is not saved and {prev}; lower "
                         f"--blr/--lr, then rerun the same command")
+    if weights_rms_start:
+        rms = weights_rms(state.get("model_online", state["model"]))
+        if rms > DIVERGED_GROWTH * weights_rms_start:
+            raise UserError(f"the training diverged: the encoder weights' RMS is {rms:.3g}, {rms / weights_rms_start:.0f}x "
+                            f"its start ({weights_rms_start:.3g}), so it is not saved and {prev}; lower --blr/--lr, "
+                            f"then rerun the same command")
     state = to_cpu(state)  # a file that loads without CUDA (plain torch.load on any machine); freed after the write
     os.makedirs(folder, exist_ok=True)
     remove_stale_temp_files(path)
@@ -1188,10 +1282,16 @@ def save_checkpoint(path: str, state: dict):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            prev = f"the previous {path} is intact" if os.path.isfile(path) else "no checkpoint was written"
-            raise UserError(f"cannot write checkpoint {path} ({e.strerror or e}); {prev}: free space or pass "
-                            f"another --output-dir, then rerun") from None
+        prev = f"the previous {path} is intact" if os.path.isfile(path) else "no checkpoint was written"
+        if os.path.isdir(path):
+            raise UserError(f"cannot write checkpoint {path}: a folder is in its place; move it away, then rerun") from None
+        # torch's zip writer reports a failed write (ENOSPC, EFBIG, EIO) as a RuntimeError, the OSError as its context
+        chain = [e, e.__context__, e.__cause__]
+        os_err = next((x for x in chain if isinstance(x, OSError)), None)
+        if os_err is not None or (isinstance(e, RuntimeError) and ("write" in str(e) or "inline_container" in str(e))):
+            why = os_err.strerror if os_err is not None and os_err.strerror else str(e).strip().splitlines()[-1][-120:]
+            raise UserError(f"cannot write checkpoint {path} ({why}); {prev}: free space or pass another "
+                            f"--output-dir, then rerun the same command") from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every filesystem)
         fd = os.open(folder, os.O_RDONLY)
@@ -1375,7 +1475,14 @@ def checkpoint_path(output_dir: str) -> str:
 
 def check_output_dir(output_dir: str):
     """Fail fast (before any heavy work, creating nothing) when `output_dir` cannot be written: a file in its
-    place or above it, a read-only or unwritable folder."""
+    place or above it, a symlink to nothing, a read-only or unwritable folder, an empty name."""
+    if not str(output_dir).strip():
+        raise UserError("--output-dir is empty; pass the folder the run should write to")
+    p = Path(output_dir)
+    for q in (p, *p.parents):
+        if q.is_symlink() and not q.exists():
+            raise UserError(f"--output-dir {output_dir}: {q} is a symlink to {os.readlink(q)}, which does not exist; "
+                            f"create its target or pass another folder")
     check_writable(output_dir, "--output-dir", folder=True)
 
 
@@ -1405,8 +1512,11 @@ def load_resume_state(output_dir: str) -> dict | None:
     that OUTPUT_DIR is writable and removes temp files of killed saves."""
     check_output_dir(output_dir)
     path = checkpoint_path(output_dir)
-    if os.path.isdir(output_dir):
-        remove_stale_temp_files(path)
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; the run writes its checkpoint there: move the folder away")
+    if os.path.isdir(output_dir):  # temp files of killed saves: checkpoint-last and the kept epoch files
+        for name in {p.name.split(".tmp.")[0] for p in Path(output_dir).glob("*.pth.tmp.*")}:
+            remove_stale_temp_files(os.path.join(output_dir, name))
     if not os.path.isfile(path):
         return None
     try:
@@ -1421,7 +1531,7 @@ def load_resume_state(output_dir: str) -> dict | None:
 # Flags compared by check_resume_args. Not compared: those that change neither the maths nor the data order.
 RESUME_IGNORED = ("output_dir", "device", "num_workers", "compile", "grad_checkpointing", "exit_after_epochs",
                   "init", "log_every", "vis_images", "fsdp", "plan", "knn_every", "knn_data", "knn_subset",
-                  "save_every")
+                  "save_every", "save_minutes")
 RESUME_SHAPE = ("model", "img_size", "patch_size")  # change parameter shapes / position tables
 RESUME_REFUSED = {  # not shapes, but the saved state no longer fits
     "batch_size": "it sets the steps per epoch and the lr (linear scaling rule), so the saved step and lr schedule "
@@ -1596,17 +1706,81 @@ def git_sha() -> str:
         return "unknown"
 
 
+LOCK_WAIT_SECONDS = 300  # how long a run waits for a predecessor that is stopping (a requeued job)
+
+
+class OutputLock:
+    """OUTPUT_DIR/.lock, held (flock) by the one run that writes OUTPUT_DIR: the kernel releases it when that
+    process ends, however it ends, so a dead run leaves nothing that blocks. The file names the holder (pid, host,
+    start, command, state). A second run stops with one line naming the live one; if the live one is stopping
+    (signalled, writing its last checkpoint: a requeued job started early), it waits for it."""
+
+    def __init__(self, output_dir: str, wait: float = LOCK_WAIT_SECONDS):
+        import fcntl
+        import socket
+        self.path = os.path.join(output_dir, ".lock")
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
+                     "command": " ".join(sys.argv)[:300], "state": "running"}
+        deadline, said, collected = time.monotonic() + wait, False, False
+        while True:
+            self.f = open(self.path, "a+")
+            try:
+                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # no locks on this filesystem
+                    print(f"warning: cannot lock {self.path} ({e.strerror}); make sure no other run writes {output_dir}",
+                          flush=True)
+                    break
+                self.f.seek(0)
+                try:
+                    holder = json.loads(self.f.read() or "{}")
+                except ValueError:
+                    holder = {}
+                self.f.close()
+                if holder.get("pid") == os.getpid() and not collected:  # an earlier run in this process (tests)
+                    gc.collect()  # whose Logger was not closed: its file, and with it the lock, closes when collected
+                    collected = True
+                    continue
+                who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "
+                       f"{holder.get('command', '?')}")
+                if holder.get("state") != "stopping" or time.monotonic() > deadline:
+                    raise UserError(f"{output_dir} is in use by a live run ({who}); wait for it to end, stop it, or "
+                                    f"pass another --output-dir") from None
+                if not said:
+                    print(f"waiting for the run that is stopping in {output_dir} ({who})", flush=True)
+                    said = True
+                time.sleep(1.0)
+        self._write()
+
+    def _write(self):
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(json.dumps(self.info) + "\n")
+        self.f.flush()
+
+    def mark_stopping(self):
+        self.info["state"] = "stopping"
+        with contextlib.suppress(OSError, ValueError):
+            self._write()
+
+    def release(self):
+        with contextlib.suppress(OSError, ValueError):
+            self.f.close()  # closing the file releases the lock
+
+
 class Logger:
     """Rank-0 logging: stdout, `log.jsonl` (one JSON object per logged step/epoch), `args.json` and,
-    if installed, TensorBoard scalars/images under OUTPUT_DIR/tb."""
+    if installed, TensorBoard scalars/images under OUTPUT_DIR/tb. Holds OUTPUT_DIR's OutputLock."""
 
     def __init__(self, output_dir: str, args, dist_info: DistInfo, extra: dict | None = None):
         self.active = dist_info.is_main
         self.output_dir = output_dir
-        self.tb = None
+        self.tb = self.lock = None
         if not self.active:
             return
         os.makedirs(output_dir, exist_ok=True)
+        self.lock = OutputLock(output_dir)
         cfg = {**dataclasses.asdict(args), **(extra or {}), "git_sha": git_sha(), "world_size": dist_info.world_size,
                "precision": precision(dist_info.device)}
         with open(os.path.join(output_dir, "args.json"), "w") as f:
@@ -1639,9 +1813,16 @@ class Logger:
         if self.active and self.tb is not None:
             self.tb.add_image(tag, img_chw, step)
 
+    def mark_stopping(self):
+        if self.lock is not None:
+            self.lock.mark_stopping()
+
     def close(self):
         if self.tb is not None:
             self.tb.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def progress(iterable, dist_info: DistInfo, **kw):
@@ -1817,6 +1998,149 @@ def paper_eval_command(args, flags: str = "") -> str:
     seed = f" --seed {args.seed}" if parse_synthetic(data) is not None and args.seed else ""  # renders the same images
     return (f"python eval_knn.py --checkpoint {checkpoint_path(args.output_dir)} --data {data}{seed} "
             f"--img-size {args.img_size} {flags}").strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# 9b. Long runs: saves inside an epoch, preemption signals, exact resume from any update boundary
+# ----------------------------------------------------------------------------------------------
+# At every update boundary (after an optimizer step, never inside an accumulation cycle) RunControl.boundary asks
+# all ranks, with one all-reduce, whether a stop signal arrived on any of them or the time-based save is due
+# (rank 0's clock); all ranks then save and/or stop at the same boundary. A mid-epoch checkpoint holds, besides the
+# epoch-end state, "resume": the updates done in the epoch, every rank's RNG states and the epoch's running sums,
+# so that the resumed run (sampler skip + per-item seeds, common.build_loader) continues exactly. Only the
+# checkpoint write itself is done at a signal: a signal during a write or the k-NN monitor takes effect right after.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on request with a resumable checkpoint; rerun the same command
+SAVE_MINUTES_CUDA = 30.0  # expected loss at a random preemption: 15 min (docs/scale.md)
+SAVE_COST = 0.01  # a time-based save may cost at most this fraction of the run: interval >= write time / SAVE_COST
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's generator states (torch CPU and CUDA, random, numpy) in weights_only-loadable types."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "random": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["random"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def gather_per_rank(dist_info: DistInfo, obj) -> list | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere (all_gather_object: call it on every rank)."""
+    objs = [obj]
+    if _in_process_group() and dist_info.world_size > 1:
+        objs = [None] * dist_info.world_size
+        dist.all_gather_object(objs, obj)
+    return objs if dist_info.is_main else None
+
+
+def resume_position(dist_info: DistInfo, update: int, sums: dict) -> dict | None:
+    """What a checkpoint written after `update` updates of an epoch needs to continue it exactly: the update count,
+    every rank's RNG states (gathered: a collective, call it on every rank) and the epoch's running `sums`
+    (floats, for the epoch's logged means). None on ranks other than 0."""
+    states = gather_per_rank(dist_info, rng_state(dist_info.device))
+    return {"update": update, "rng": states, "sums": dict(sums)} if dist_info.is_main else None
+
+
+def start_epoch_rngs(seed: int, epoch: int, dist_info: DistInfo, position: dict | None, log=None) -> int:
+    """Seed this rank for `epoch` (its start) or restore the states of a mid-epoch checkpoint's `position`.
+    Returns the updates already done in the epoch. Resumed with another number of processes, the images of the
+    rest of the epoch stay the same but the ranks' own draws (masks, picks) cannot: said in one line."""
+    if not position or not position["update"]:
+        seed_everything(epoch_seed(seed, epoch, dist_info.rank))
+        return 0
+    states = position["rng"]
+    if len(states) == dist_info.world_size:
+        set_rng_state(states[dist_info.rank], dist_info.device)
+    else:
+        seed_everything(epoch_seed(seed, epoch, dist_info.rank) + position["update"])
+        if log is not None:
+            log.print(f"warning: the checkpoint was written by {len(states)} process(es), this run has "
+                      f"{dist_info.world_size}: the rest of epoch {epoch} trains on the same images, but its random "
+                      f"masks/picks differ from an uninterrupted run")
+    return position["update"]
+
+
+def save_interval(save_minutes: float | None, device: torch.device) -> float:
+    """Seconds between time-based saves; 0 = none. None: SAVE_MINUTES_CUDA on CUDA, none on the CPU."""
+    if save_minutes is None:
+        save_minutes = SAVE_MINUTES_CUDA if device.type == "cuda" else 0.0
+    return 60.0 * save_minutes
+
+
+class RunControl:
+    """Stop signals and time-based saves, decided together by all ranks at update boundaries.
+
+    SIGTERM, SIGUSR1 (SLURM's --signal) and a first SIGINT set a flag; at the next boundary every rank saves the
+    resumable state, rank 0 prints "stopped by SIG... at epoch E step S; rerun the same command to resume" and
+    the process exits with STOPPED_EXIT. A second SIGINT (more than a second after the first, which a terminal
+    and torchrun both deliver) aborts at once. `interval` seconds after the last save (epoch-end saves count) the
+    next boundary saves; the default interval is stretched to at least the last save's duration / SAVE_COST. The handlers
+    are installed on construction (main thread) for the rest of the process."""
+
+    def __init__(self, save_minutes: float | None, dist_info: DistInfo, log: "Logger", clock=time.monotonic):
+        self.interval, self.dist_info, self.log, self.clock = save_interval(save_minutes, dist_info.device), dist_info, log, clock
+        self.stretch = save_minutes is None  # the default adapts to the write time; an explicit --save-minutes does not
+        self.signum, self.first_sigint, self.last_save, self.write_s = 0, None, clock(), 0.0
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT and time.monotonic() - self.first_sigint > 1.0:
+            print(f"\n[rank {self.dist_info.rank}] aborted by a second SIGINT; the last checkpoint is what remains",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        if not self.signum:
+            self.signum, self.first_sigint = signum, time.monotonic()
+            self.log.mark_stopping()
+
+    def _agree(self, due: bool) -> tuple[int, bool]:
+        """(signal number seen by any rank, save due on rank 0): one all-reduce (max) over the ranks."""
+        flags = torch.tensor([self.signum, int(due and self.dist_info.is_main)], dtype=torch.long)
+        if _in_process_group() and self.dist_info.world_size > 1:
+            flags = flags.to(self.dist_info.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return int(flags[0]), bool(flags[1])
+
+    def _due(self) -> bool:
+        interval = max(self.interval, self.write_s / SAVE_COST) if self.stretch else self.interval
+        return self.interval > 0 and self.clock() - self.last_save >= interval
+
+    def boundary(self, epoch: int, update: int, steps_per_epoch: int, save):
+        """After update `update` (1-based) of `epoch`: save (`save()`, every rank) if a stop or the timer asks, then
+        stop if asked. The epoch's last update is left to the epoch-end save and `epoch_done`."""
+        if update >= steps_per_epoch:
+            return
+        signum, due = self._agree(self._due())
+        if signum or due:
+            t0 = self.clock()
+            save()
+            self.last_save, self.write_s = self.clock(), self.clock() - t0
+            self.log.print(f"saved {checkpoint_path(self.log.output_dir)} at epoch {epoch} step {update} of "
+                           f"{steps_per_epoch} ({self.write_s:.1f} s)")
+        if signum:
+            self._stop(signum, f"at epoch {epoch} step {update}")
+
+    def epoch_done(self, epochs_done: int):
+        """After the epoch-end checkpoint (and the k-NN monitor): stop if any rank was signalled meanwhile."""
+        self.last_save = self.clock()
+        signum, _ = self._agree(False)
+        if signum:
+            self._stop(signum, f"after epoch {epochs_done - 1}")
+
+    def _stop(self, signum: int, where: str):
+        if _in_process_group() and self.dist_info.world_size > 1:
+            dist.barrier()  # no rank exits before rank 0's write is done: torchrun kills the others when one exits
+        self.log.print(f"stopped by {signal.Signals(signum).name} {where}; rerun the same command to resume")
+        self.log.close()
+        raise SystemExit(STOPPED_EXIT)
 
 
 # ----------------------------------------------------------------------------------------------

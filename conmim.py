@@ -221,6 +221,10 @@ class Args:
     save_every: common.NonNegInt = 20
     """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
     epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official README run: every 20 epochs."""
+    save_minutes: Optional[common.NonNegFloat] = None
+    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
+    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
+    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
 
 
 # ================================================================================================
@@ -511,18 +515,22 @@ def load_conmim_state(online: ConMIMBranch, teacher: ConMIMBranch, state: dict, 
 
 def train_one_epoch(model, teacher: ConMIMBranch, online: ConMIMBranch, opt, ds, epoch: int, step: int,
                     lr_schedule, momentum_schedule, *, micro: int, steps_per_epoch: int, total_steps: int, device,
-                    dist_info, log, args: Args) -> int:
+                    dist_info, log, ctl, save, position, args: Args) -> int:
     """One epoch of steps_per_epoch updates of accum_steps micro-batches of `micro` (weak, strong, mask)
     triples each: lr and momentum coefficient from the schedules at the global optimizer step, train_step per
-    micro-batch, the rank-mean loss logged every --log-every updates and for the epoch. `model` is `online` as
-    wrapped (DDP or plain). `step` counts the optimizer steps done before this epoch; returns the count after it."""
-    common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
-    loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True,
-                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+    micro-batch, the rank-mean loss logged every --log-every updates and for the epoch, ctl.boundary after each
+    update (time-based save, stop signals: `save(update, step, sums)`). `model` is `online` as wrapped (DDP or
+    plain). `position`: the mid-epoch checkpoint's resume point inside this epoch, or None. `step` counts the
+    optimizer steps done before this epoch (or before `position`); returns the count after it."""
+    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
+    sums = dict(position["sums"]) if start else {"loss": 0.0, "micro": 0}
+    loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True, num_workers=args.num_workers,
+                                 seed=args.seed, epoch=epoch, skip=start * args.accum_steps * micro)
     model.train()
     teacher.train()  # official: the momentum model's projector BN uses batch statistics
-    t0, ep_loss, ep_n, it_acc = time.time(), 0.0, 0, 0
-    bar = common.progress(range(steps_per_epoch * args.accum_steps), dist_info, desc=f"epoch {epoch}")
+    t0, it_acc = time.time(), 0
+    bar = common.progress(range(start * args.accum_steps, steps_per_epoch * args.accum_steps), dist_info,
+                          desc=f"epoch {epoch}")
     it = iter(loader)
     for micro_step in bar:
         (weak, strong, mask), _ = next(it)
@@ -536,30 +544,40 @@ def train_one_epoch(model, teacher: ConMIMBranch, online: ConMIMBranch, opt, ds,
         loss, grad_norm = train_step(model, teacher, online, opt, weak, strong, mask, world=dist_info.world_size,
                                      sync=last, m=m, step=step, args=args,
                                      autocast=functools.partial(common.autocast, device))
-        ep_loss += float(common.all_reduce_mean(loss.detach()))
-        ep_n += 1
+        sums["loss"] += float(common.all_reduce_mean(loss.detach()))
+        sums["micro"] += 1
         it_acc += 1
         if not last:
             continue
         it_acc = 0
         step += 1
+        ep_loss = sums["loss"] / sums["micro"]
         if dist_info.is_main:
-            ips = (micro_step + 1) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{ep_loss / ep_n:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+            ips = (micro_step + 1 - start * args.accum_steps) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{ep_loss:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
         if step % args.log_every == 0 or step == total_steps:
-            log.log({"train/loss": ep_loss / ep_n, "train/lr": cur_lr, "train/momentum": m,
+            log.log({"train/loss": ep_loss, "train/lr": cur_lr, "train/momentum": m,
                      "train/grad_norm": float(grad_norm), "train/masked_frac": float(mask.float().mean()),
                      "train/rel_pos_bias_absmax": rel_pos_absmax(online.encoder),
                      "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
+        update = (micro_step + 1) // args.accum_steps
+        ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, step, sums))
 
-    log.log({"train/epoch_loss": ep_loss / max(ep_n, 1), "train/epoch_time_s": time.time() - t0,
-             "epoch": epoch + 1}, step)
-    log.print(f"epoch {epoch + 1}/{args.epochs}: loss {ep_loss / max(ep_n, 1):.4f} ({time.time() - t0:.1f}s)")
+    ep_loss = sums["loss"] / max(sums["micro"], 1)
+    log.log({"train/epoch_loss": ep_loss, "train/epoch_time_s": time.time() - t0, "epoch": epoch + 1}, step)
+    log.print(f"epoch {epoch + 1}/{args.epochs}: loss {ep_loss:.4f} ({time.time() - t0:.1f}s)")
     return step
 
 
-def save_state(online: ConMIMBranch, teacher: ConMIMBranch, opt, epoch: int, step: int, *, dist_info, args: Args):
-    """OUTPUT_DIR/checkpoint-last.pth after `epoch` (rank 0 writes): both branches, the optimizer, the counters."""
+def save_state(online: ConMIMBranch, teacher: ConMIMBranch, opt, epoch: int, update: int, step: int, *,
+               steps_per_epoch: int, position: Optional[dict], rms_start: float, dist_info, args: Args):
+    """OUTPUT_DIR/checkpoint-last.pth (rank 0 writes) after `update` updates of `epoch`: both branches, the
+    optimizer, the counters; at the epoch's end (update == steps_per_epoch) first the kept epoch file when due,
+    inside it `position` (what the exact resume needs, common.resume_position)."""
+    done = update == steps_per_epoch
+    if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
+        common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(online.encoder), online.encoder.config(),
+                         model_is_ema=False)
     if dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": common.encoder_state_dict(online.encoder),
@@ -571,10 +589,12 @@ def save_state(online: ConMIMBranch, teacher: ConMIMBranch, opt, epoch: int, ste
             "mask_token": online.mask_token.detach().cpu(),
             "mask_token_ema": teacher.mask_token.detach().cpu(),
             "optimizer": opt.state_dict(),
-            "epoch": epoch + 1,
+            "epoch": epoch + done,
             "step": step,
+            "resume": None if done else position,
+            "weights_rms_start": rms_start,
             "args": dataclasses.asdict(args),
-        })
+        }, weights_rms_start=rms_start)
 
 
 def main(args: Args):
@@ -615,12 +635,16 @@ def main(args: Args):
                             device=device)  # Table 11 betas, eps 1e-8
 
     # ---------------------------------------------------------------- resume
-    start_epoch, step = 0, 0
+    start_epoch, step, position, rms_start = 0, 0, None, None
     state = common.load_resume_state(args.output_dir)
     if state is not None:
         load_conmim_state(online, teacher, state, args)
         opt.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"], state["step"]
+        position, rms_start = state.get("resume"), state.get("weights_rms_start")  # inside epoch start_epoch, or None
+    state = None  # loaded into the modules: no second copy on the host for the whole run
+    if rms_start is None:
+        rms_start = common.weights_rms(online.encoder.state_dict())  # the divergence check's reference
 
     log = common.Logger(args.output_dir, args, dist_info, extra={"effective_lr": lr, "micro_batch": micro})
     log.print(f"global batch {args.batch_size} = {micro} per rank x {args.accum_steps} accum x {world} processes; "
@@ -631,7 +655,7 @@ def main(args: Args):
     if args.accum_steps > 1:
         log.print("warning: --accum-steps > 1: the projector BatchNorm normalises over micro-batches only, "
                   "which changes the dynamics compared with the full batch")
-    if state is not None:
+    if step:
         log.print(f"resumed from {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}, step {step}")
     if start_epoch >= args.epochs:
         log.print(f"training already finished ({start_epoch}/{args.epochs} epochs); nothing to do")
@@ -660,14 +684,18 @@ def main(args: Args):
     momentum_schedule = functools.partial(common.momentum_schedule, total_steps=total_steps, base=args.momentum,
                                           final=args.momentum_final)
     knn = common.KnnMonitor(args, dist_info, log)
+    ctl = common.RunControl(args.save_minutes, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
-        step = train_one_epoch(model, teacher, online, opt, ds, epoch, step, lr_schedule, momentum_schedule,
-                               micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps, device=device,
-                               dist_info=dist_info, log=log, args=args)
-        save_state(online, teacher, opt, epoch, step, dist_info=dist_info, args=args)
-        common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(online.encoder), online.encoder.config(),
-                         model_is_ema=False)
+        save = functools.partial(save_state, online, teacher, opt, epoch, steps_per_epoch=steps_per_epoch,
+                                 rms_start=rms_start, dist_info=dist_info, args=args)
+        step = train_one_epoch(
+            model, teacher, online, opt, ds, epoch, step, lr_schedule, momentum_schedule, micro=micro,
+            steps_per_epoch=steps_per_epoch, total_steps=total_steps, device=device, dist_info=dist_info, log=log,
+            ctl=ctl, args=args, position=position if epoch == start_epoch else None,
+            save=lambda update, step, sums: save(update, step, position=common.resume_position(dist_info, update, sums)))
+        save(steps_per_epoch, step, position=None)
         knn(epoch + 1, online.encoder, step)
+        ctl.epoch_done(epoch + 1)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
             log.close()

@@ -69,6 +69,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -450,6 +451,9 @@ def main(args: Args):
     if args.train_subset != 1.0:  # the bank: a seeded subset of train (k-NN monitor of the training scripts)
         keep = knn_bank_indices(len(train_ds), args.train_subset, args.seed)
         train_ds, train_targets = torch.utils.data.Subset(train_ds, keep.tolist()), train_targets[keep]
+    if max(args.k) > len(train_ds) and dist_info.is_main:  # the vote uses the whole bank: said; the table shows it
+        print(f"warning: --k {max(args.k)} is more than the {len(train_ds)} images of the train bank: every image "
+              f"votes there (k = {len(train_ds)}; the table shows 'k (used)')", file=sys.stderr)
     num_classes = max(len(class_names), int(train_targets.max()) + 1, int(dataset_labels(val_ds).max()) + 1)
     for n in args.shots:  # fail now, not after extraction
         low_shot_indices(train_targets, n, args.seed, num_classes, class_names)
@@ -511,7 +515,8 @@ def main(args: Args):
     print("    k   top-1   top-5")
     for k in args.k:
         t5 = f"{res['top5'][k]:7.2f}" if res["top5"] else "      -"
-        print(f"{k:5d} {res['top1'][k]:7.2f} {t5}")
+        used = f" ({len(train_ds)})" if k > len(train_ds) else ""
+        print(f"{k:5d} {res['top1'][k]:7.2f} {t5}{used}")
 
     result["low_shot"] = res.get("low_shot", {})
     if result["low_shot"]:

@@ -236,6 +236,10 @@ class Args:
     save_every: common.NonNegInt = 100
     """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
     epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: every 100 epochs (ModelSaver every_100_epochs)."""
+    save_minutes: Optional[common.NonNegFloat] = None
+    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
+    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
+    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
 
 
 # ================================================================================================
@@ -391,15 +395,18 @@ def momentum_update(momentum: MomentumBranch, online: LUTOnline, m: float):
                 t.mul_(m).add_(src[name].to(t.dtype), alpha=1.0 - m)
 
 
-def load_lut_state(online: LUTOnline, momentum: MomentumBranch, state: dict):
-    """A checkpoint's model entries (written at the end of each epoch by save_state) into the online model and
-    the momentum branch."""
+def load_lut_state(online: LUTOnline, momentum: MomentumBranch, state: dict, dist_info):
+    """A checkpoint's model entries (written by save_state) into the online model and the momentum branch; h~'s
+    BN statistics of this rank when the checkpoint has them for this number of processes."""
     online.encoder.load_state_dict(state["model"])
     online.decoder.load_state_dict(state["decoder"])
     online.head.load_state_dict(state["head"])
     online.predictor.load_state_dict(state["predictor"])
     momentum.encoder.load_state_dict(state["model_ema"])
     momentum.head.load_state_dict(state["head_ema"])
+    per_rank = state.get("head_ema_buffers_per_rank") or []
+    if len(per_rank) == dist_info.world_size:
+        momentum.head.load_state_dict({**momentum.head.state_dict(), **per_rank[dist_info.rank]})
 
 
 def default_context_weight(dim: int) -> float:
@@ -519,20 +526,24 @@ def peak_lr(args: Args) -> tuple[float, str]:
 
 def train_one_epoch(model, momentum: MomentumBranch, online: LUTOnline, opt, ds, epoch: int, step: int,
                     lr_schedule, momentum_schedule, *, weight: float, micro: int, steps_per_epoch: int,
-                    total_steps: int, device, dist_info, log, args: Args) -> int:
+                    total_steps: int, device, dist_info, log, ctl, save, position, args: Args) -> int:
     """One epoch of steps_per_epoch updates of accum_steps micro-batches of `micro` image pairs each: lr and
     momentum coefficient from the schedules at the global optimizer step, train_step per micro-batch, the
-    rank-mean losses logged every --log-every updates and for the epoch. `model` is `online` as wrapped (DDP
-    or plain). `step` counts the optimizer steps done before this epoch; returns the count after it."""
-    common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
-    loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True,
-                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+    rank-mean losses logged every --log-every updates and for the epoch, ctl.boundary after each update
+    (time-based save, stop signals: `save(update, step, sums)`). `model` is `online` as wrapped (DDP or plain).
+    `position`: the mid-epoch checkpoint's resume point inside this epoch, or None. `step` counts the optimizer
+    steps done before this epoch (or before `position`); returns the count after it."""
+    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
+    sums = dict(position["sums"]) if start else {"loss": 0.0, "mim": 0.0, "context": 0.0, "micro": 0}
+    loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True, num_workers=args.num_workers,
+                                 seed=args.seed, epoch=epoch, skip=start * args.accum_steps * micro)
     model.train()
     momentum.eval()  # official: the momentum model is never in train mode (BN uses its running statistics)
     if args.momentum_bn == "batch":
         momentum.head.train()  # BYOL: target BN with this batch's statistics (no dropout/drop-path anywhere in it)
-    t0, sums, n_micro, it_acc = time.time(), [0.0, 0.0, 0.0], 0, 0
-    bar = common.progress(range(steps_per_epoch * args.accum_steps), dist_info, desc=f"epoch {epoch}")
+    t0, it_acc = time.time(), 0
+    bar = common.progress(range(start * args.accum_steps, steps_per_epoch * args.accum_steps), dist_info,
+                          desc=f"epoch {epoch}")
     it = iter(loader)
     for micro_step in bar:
         (weak, strong), _ = next(it)
@@ -545,24 +556,27 @@ def train_one_epoch(model, momentum: MomentumBranch, online: LUTOnline, opt, ds,
         loss, loss_mim, loss_bc = train_step(model, momentum, online, opt, weak, strong, weight=weight,
                                              num_patches=online.encoder.num_patches, sync=last, m=m, step=step,
                                              args=args, autocast=functools.partial(common.autocast, device))
-        for i, v in enumerate((loss, loss_mim, loss_bc)):
-            sums[i] += float(common.all_reduce_mean(v.detach()))
-        n_micro += 1
+        for k, v in zip(("loss", "mim", "context"), (loss, loss_mim, loss_bc)):
+            sums[k] += float(common.all_reduce_mean(v.detach()))
+        sums["micro"] += 1
         it_acc += 1
         if not last:
             continue
         it_acc = 0
         step += 1
+        n = sums["micro"]
         if dist_info.is_main:
-            ips = (micro_step + 1) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{sums[0] / n_micro:.4f}", mim=f"{sums[1] / n_micro:.4f}",
-                            bc=f"{sums[2] / n_micro:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+            ips = (micro_step + 1 - start * args.accum_steps) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{sums['loss'] / n:.4f}", mim=f"{sums['mim'] / n:.4f}",
+                            bc=f"{sums['context'] / n:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
         if step % args.log_every == 0 or step == total_steps:
-            log.log({"train/loss": sums[0] / n_micro, "train/loss_mim": sums[1] / n_micro,
-                     "train/loss_context": sums[2] / n_micro, "train/lr": cur_lr, "train/momentum": m,
+            log.log({"train/loss": sums["loss"] / n, "train/loss_mim": sums["mim"] / n,
+                     "train/loss_context": sums["context"] / n, "train/lr": cur_lr, "train/momentum": m,
                      "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
+        update = (micro_step + 1) // args.accum_steps
+        ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, step, sums))
 
-    ep = [s / max(n_micro, 1) for s in sums]
+    ep = [sums[k] / max(sums["micro"], 1) for k in ("loss", "mim", "context")]
     log.log({"train/epoch_loss": ep[0], "train/epoch_loss_mim": ep[1], "train/epoch_loss_context": ep[2],
              "train/epoch_time_s": time.time() - t0, "epoch": epoch + 1}, step)
     log.print(f"epoch {epoch + 1}/{args.epochs}: loss {ep[0]:.4f} (mim {ep[1]:.4f}, context {ep[2]:.4f}) "
@@ -570,8 +584,19 @@ def train_one_epoch(model, momentum: MomentumBranch, online: LUTOnline, opt, ds,
     return step
 
 
-def save_state(online: LUTOnline, momentum: MomentumBranch, opt, epoch: int, step: int, *, dist_info, args: Args):
-    """OUTPUT_DIR/checkpoint-last.pth after `epoch` (rank 0 writes): both branches, the optimizer, the counters."""
+def save_state(online: LUTOnline, momentum: MomentumBranch, opt, epoch: int, update: int, step: int, *,
+               steps_per_epoch: int, position: Optional[dict], rms_start: float, dist_info, args: Args):
+    """OUTPUT_DIR/checkpoint-last.pth (rank 0 writes) after `update` updates of `epoch`: both branches, the
+    optimizer, the counters; at the epoch's end (update == steps_per_epoch) first the kept epoch file when due,
+    inside it `position` (what the exact resume needs, common.resume_position)."""
+    done = update == steps_per_epoch
+    if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
+        common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(online.encoder), online.encoder.config(),
+                         model_is_ema=False)
+    # h~'s BN statistics are copied from each rank's online head after its own batch: they differ by rank unless
+    # SyncBatchNorm runs (CUDA), and h~ normalises with them (--momentum-bn running), so each rank's are kept
+    head_ema_per_rank = common.gather_per_rank(dist_info, {k: v.cpu() for k, v in momentum.head.state_dict().items()
+                                                           if not v.is_floating_point() or "running" in k})
     if dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": common.encoder_state_dict(online.encoder),
@@ -582,11 +607,14 @@ def save_state(online: LUTOnline, momentum: MomentumBranch, opt, epoch: int, ste
             "head": online.head.state_dict(),
             "predictor": online.predictor.state_dict(),
             "head_ema": momentum.head.state_dict(),
+            "head_ema_buffers_per_rank": head_ema_per_rank,
             "optimizer": opt.state_dict(),
-            "epoch": epoch + 1,
+            "epoch": epoch + done,
             "step": step,
+            "resume": None if done else position,
+            "weights_rms_start": rms_start,
             "args": dataclasses.asdict(args),
-        })
+        }, weights_rms_start=rms_start)
 
 
 def main(args: Args):
@@ -623,15 +651,19 @@ def main(args: Args):
     opt = common.make_adamw(groups, lr, betas=(0.9, args.beta2), device=device)
 
     # ---------------------------------------------------------------- resume
-    start_epoch, step = 0, 0
+    start_epoch, step, position, rms_start = 0, 0, None, None
     state = common.load_resume_state(args.output_dir)
     if state is not None:
         common.check_resume_args(state, args, args.output_dir, shape=(
             "decoder_dim", "decoder_depth", "decoder_heads", "head_hidden_dim", "head_out_dim", "pred_hidden_dim"),
             state_keys=("model", "decoder", "head", "predictor", "model_ema", "head_ema", "optimizer", "epoch", "step"))
-        load_lut_state(online, momentum, state)
+        load_lut_state(online, momentum, state, dist_info)
         opt.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"], state["step"]
+        position, rms_start = state.get("resume"), state.get("weights_rms_start")  # inside epoch start_epoch, or None
+    state = None  # loaded into the modules: no second copy on the host for the whole run
+    if rms_start is None:
+        rms_start = common.weights_rms(online.encoder.state_dict())  # the divergence check's reference
 
     log = common.Logger(args.output_dir, args, dist_info,
                         extra={"effective_lr": lr, "micro_batch": micro, "effective_context_weight": weight})
@@ -643,7 +675,7 @@ def main(args: Args):
     if args.accum_steps > 1:
         log.print("warning: --accum-steps > 1: the head BatchNorm normalises over micro-batches only, "
                   "which changes the dynamics compared with the full batch")
-    if state is not None:
+    if step:
         log.print(f"resumed from {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}, step {step}")
     if start_epoch >= args.epochs:
         log.print(f"training already finished ({start_epoch}/{args.epochs} epochs); nothing to do")
@@ -672,14 +704,18 @@ def main(args: Args):
     momentum_schedule = functools.partial(common.momentum_schedule, total_steps=max(total_steps - 1, 1),
                                           base=args.momentum, final=args.momentum_final)
     knn = common.KnnMonitor(args, dist_info, log)
+    ctl = common.RunControl(args.save_minutes, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
-        step = train_one_epoch(model, momentum, online, opt, ds, epoch, step, lr_schedule, momentum_schedule,
-                               weight=weight, micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                               device=device, dist_info=dist_info, log=log, args=args)
-        save_state(online, momentum, opt, epoch, step, dist_info=dist_info, args=args)
-        common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(online.encoder), online.encoder.config(),
-                         model_is_ema=False)
+        save = functools.partial(save_state, online, momentum, opt, epoch, steps_per_epoch=steps_per_epoch,
+                                 rms_start=rms_start, dist_info=dist_info, args=args)
+        step = train_one_epoch(
+            model, momentum, online, opt, ds, epoch, step, lr_schedule, momentum_schedule, weight=weight, micro=micro,
+            steps_per_epoch=steps_per_epoch, total_steps=total_steps, device=device, dist_info=dist_info, log=log,
+            ctl=ctl, args=args, position=position if epoch == start_epoch else None,
+            save=lambda update, step, sums: save(update, step, position=common.resume_position(dist_info, update, sums)))
+        save(steps_per_epoch, step, position=None)
         knn(epoch + 1, online.encoder, step)
+        ctl.epoch_done(epoch + 1)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
             break

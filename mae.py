@@ -172,6 +172,10 @@ class Args:
     save_every: common.NonNegInt = 20
     """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
     epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: a checkpoint every 20 epochs (main_pretrain.py)."""
+    save_minutes: Optional[common.NonNegFloat] = None
+    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
+    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
+    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
 
 
 # ==============================================================================================
@@ -432,17 +436,20 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
 # Training loop: one epoch, the epoch-end checkpoint, main
 # ==============================================================================================
 def train_one_epoch(ddp, optimizer, dataset, epoch: int, lr_schedule, *, micro: int, steps_per_epoch: int,
-                    device, dist_info, log, args: Args) -> tuple[float, float]:
+                    device, dist_info, log, ctl, save, position, args: Args) -> tuple[float, float]:
     """One epoch of steps_per_epoch AdamW updates of accum_steps micro-batches of `micro` images each: the lr
     of every update from lr_schedule(global step), train_step per micro-batch, the rank-mean loss logged per
-    update. `ddp` is the model as wrapped (DDP, FSDP or plain). Returns (mean loss of the epoch, start time)."""
-    common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))  # CRUCIAL for exact resume
-    loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
-                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+    update, ctl.boundary after each update (time-based save, stop signals: `save(update, sums)`). `position`: the
+    mid-epoch checkpoint's resume point inside this epoch, or None. `ddp` is the model as wrapped (DDP, FSDP or
+    plain). Returns (mean loss of the epoch, start time)."""
+    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)  # CRUCIAL for exact resume
+    sums = dict(position["sums"]) if start else {"loss": 0.0}
+    loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True, num_workers=args.num_workers,
+                                 seed=args.seed, epoch=epoch, skip=start * args.accum_steps * micro)
     ddp.train()
-    bar = common.progress(loader, dist_info, total=steps_per_epoch * args.accum_steps, desc=f"epoch {epoch}")
-    t0, loss_sum, accum_loss = time.time(), 0.0, 0.0
-    for it, (imgs, _) in enumerate(bar):
+    bar = common.progress(loader, dist_info, total=(steps_per_epoch - start) * args.accum_steps, desc=f"epoch {epoch}")
+    t0, accum_loss = time.time(), 0.0
+    for it, (imgs, _) in enumerate(bar, start=start * args.accum_steps):
         if it >= steps_per_epoch * args.accum_steps:
             break  # an incomplete accumulation group at the epoch end is skipped
         step = epoch * steps_per_epoch + it // args.accum_steps  # global optimizer step
@@ -457,31 +464,47 @@ def train_one_epoch(ddp, optimizer, dataset, epoch: int, lr_schedule, *, micro: 
         if not last_micro:
             continue
         loss_v = common.all_reduce_mean(accum_loss).item()  # mean over ranks, for logging only
-        accum_loss, loss_sum = 0.0, loss_sum + loss_v
+        accum_loss = 0.0
+        sums["loss"] += loss_v
         if dist_info.is_main:
-            ips = (it + 1) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
+            ips = (it + 1 - start * args.accum_steps) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
             log.log({"train/loss": loss_v, "train/lr": cur_lr, "train/epoch": epoch + (it + 1) / (steps_per_epoch * args.accum_steps)},
                     step=step)
-    return loss_sum / steps_per_epoch, t0
+        update = (it + 1) // args.accum_steps
+        ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, sums))
+    return sums["loss"] / steps_per_epoch, t0
 
 
-def save_state(encoder, decoder, model, optimizer, vis_imgs, vis_noise, epoch: int, epoch_loss: float, t0: float, *,
-               steps_per_epoch: int, device, dist_info, log, args: Args) -> dict:
-    """End of an epoch: OUTPUT_DIR/checkpoint-last.pth (the format of the module docstring), the epoch loss and
-    the reconstruction figure (when vis_imgs is given). Every rank calls it: under --fsdp the state dicts and
-    the figure's forward are collectives. Returns the encoder state dict (for common.save_kept)."""
+def save_state(encoder, decoder, model, optimizer, *, epoch: int, update: int, steps_per_epoch: int,
+               position: Optional[dict], rms_start: float, dist_info, args: Args) -> dict:
+    """OUTPUT_DIR/checkpoint-last.pth (the format of the module docstring) after `update` updates of `epoch`: at
+    its end (update == steps_per_epoch) first the kept epoch file when due, or inside it with `position` (what the
+    exact resume needs, common.resume_position). Every rank calls it: under --fsdp the state dicts are collectives.
+    Returns the encoder state dict."""
     enc_sd, dec_sd = common.full_state_dict(encoder), common.full_state_dict(decoder)
     opt_sd = common.full_optimizer_state_dict(model, optimizer)
-    grid = reconstruction_grid(model, vis_imgs, vis_noise, device) if vis_imgs is not None else None
+    done = update == steps_per_epoch
+    if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
+        common.save_kept(args, dist_info, epoch + 1, enc_sd, encoder.config(), model_is_ema=False)
     if dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": enc_sd, "encoder_config": encoder.config(), "model_is_ema": False,
             "decoder": dec_sd,
             "decoder_config": dict(dim=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_heads),
             "norm_pix_loss": args.norm_pix_loss, "mask_ratio": args.mask_ratio,
-            "optimizer": opt_sd, "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-            "args": dataclasses.asdict(args)})
+            "optimizer": opt_sd, "epoch": epoch + done, "step": epoch * steps_per_epoch + update,
+            "resume": None if done else position, "weights_rms_start": rms_start,
+            "args": dataclasses.asdict(args)}, weights_rms_start=rms_start)
+    return enc_sd
+
+
+def end_epoch(model, vis_imgs, vis_noise, epoch: int, epoch_loss: float, t0: float, *, steps_per_epoch: int, device,
+              dist_info, log, args: Args):
+    """After the epoch's checkpoint: the epoch loss and the reconstruction figure (when vis_imgs is given; under
+    --fsdp its forward is a collective, every rank calls this)."""
+    grid = reconstruction_grid(model, vis_imgs, vis_noise, device) if vis_imgs is not None else None
+    if dist_info.is_main:
         log.log({"train/epoch_loss": epoch_loss}, step=(epoch + 1) * steps_per_epoch)
         msg = f"epoch {epoch} done, mean loss {epoch_loss:.4f}, {time.time() - t0:.0f} s; saved {common.checkpoint_path(args.output_dir)}"
         if grid is not None:
@@ -490,7 +513,6 @@ def save_state(encoder, decoder, model, optimizer, vis_imgs, vis_noise, epoch: i
             log.image("train/reconstruction", grid, (epoch + 1) * steps_per_epoch)
             msg += f" and {png}"
         log.print(msg)
-    return enc_sd
 
 
 def main(args: Args):
@@ -527,6 +549,7 @@ def main(args: Args):
         common.check_resume_args(state, args, args.output_dir, state_keys=("model", "decoder", "optimizer", "epoch"),
                                  shape=("decoder_dim", "decoder_depth", "decoder_heads", "token_weight_decay"))
     start_epoch = state["epoch"] if state is not None else 0
+    position = state.get("resume") if state is not None else None  # inside epoch start_epoch, or None
     log = common.Logger(args.output_dir, args, dist_info, extra=dict(
         effective_batch=args.batch_size, per_rank_batch=micro, lr=lr, steps_per_epoch=steps_per_epoch,
         num_patches=N, len_keep=len_keep, fsdp_chosen_by_plan=use_fsdp and not args.fsdp))
@@ -538,16 +561,21 @@ def main(args: Args):
         log.close()
         return
 
-    optimizer_state = None
+    optimizer_state = rms_start = None
     if state is not None:
         common.load_encoder(encoder, state["model"], what="the resume checkpoint")
         decoder.load_state_dict(state["decoder"])
-        optimizer_state = state["optimizer"]
-        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}")
+        optimizer_state, rms_start = state["optimizer"], state.get("weights_rms_start")
+        at = f", step {position['update']} of {steps_per_epoch}" if position else ""
+        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}{at}")
     elif args.init is not None:
         ckpt = common.load_file(args.init)
         desc = common.load_encoder(encoder, ckpt, what="--init")
         log.print(f"loaded {desc} from {args.init}; " + load_init_decoder(decoder, ckpt))
+        del ckpt
+    state = None  # the weights live in the modules now: no second copy on the host for the whole run
+    if rms_start is None:
+        rms_start = common.weights_rms(encoder.state_dict())  # the divergence check's reference (save_checkpoint)
     n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     n_dec = sum(p.numel() for p in decoder.parameters() if p.requires_grad)
     log.print(f"encoder {common.describe_vit(encoder.config())}: {n_enc:,} trainable parameters; "
@@ -565,6 +593,7 @@ def main(args: Args):
                                   betas=(0.9, 0.95), device=device)  # App. A.1: AdamW beta2 0.95
     if optimizer_state is not None:
         common.load_optimizer_state_dict(model, optimizer, optimizer_state)
+        optimizer_state = None
     if args.compile:
         encoder.forward_features = torch.compile(encoder.forward_features)
         decoder.forward = torch.compile(decoder.forward)
@@ -578,14 +607,19 @@ def main(args: Args):
         vis_imgs, vis_noise = reconstruction_batch(args, N)
 
     knn = common.KnnMonitor(args, dist_info, log)
+    ctl = common.RunControl(args.save_minutes, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
-        epoch_loss, t0 = train_one_epoch(ddp, optimizer, dataset, epoch, lr_schedule, micro=micro,
-                                         steps_per_epoch=steps_per_epoch, device=device, dist_info=dist_info,
-                                         log=log, args=args)
-        enc_sd = save_state(encoder, decoder, model, optimizer, vis_imgs, vis_noise, epoch, epoch_loss, t0,
-                            steps_per_epoch=steps_per_epoch, device=device, dist_info=dist_info, log=log, args=args)
-        common.save_kept(args, dist_info, epoch + 1, enc_sd, encoder.config(), model_is_ema=False)
+        save = functools.partial(save_state, encoder, decoder, model, optimizer, epoch=epoch,
+                                 steps_per_epoch=steps_per_epoch, rms_start=rms_start, dist_info=dist_info, args=args)
+        epoch_loss, t0 = train_one_epoch(
+            ddp, optimizer, dataset, epoch, lr_schedule, micro=micro, steps_per_epoch=steps_per_epoch, device=device,
+            dist_info=dist_info, log=log, ctl=ctl, args=args, position=position if epoch == start_epoch else None,
+            save=lambda update, sums: save(update=update, position=common.resume_position(dist_info, update, sums)))
+        save(update=steps_per_epoch, position=None)
+        end_epoch(model, vis_imgs, vis_noise, epoch, epoch_loss, t0, steps_per_epoch=steps_per_epoch, device=device,
+                  dist_info=dist_info, log=log, args=args)
         knn(epoch + 1, encoder, (epoch + 1) * steps_per_epoch)
+        ctl.epoch_done(epoch + 1)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
             break

@@ -187,6 +187,10 @@ class Args:
     save_every: common.NonNegInt = 0
     """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
     epochs; 0 = none. checkpoint-last.pth stays the full resumable state."""
+    save_minutes: Optional[common.NonNegFloat] = None
+    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
+    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
+    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
 
 
 # Tables 7 (MAE-CT_min) and 8 (MAE-CT_aug): column per model size.
@@ -517,21 +521,22 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
 # ==============================================================================================
 # Training loop: one stage's set-up, one epoch, the epoch-end checkpoint, main
 # ==============================================================================================
-def start_stage(model: MaeCt, state, log, *, stage: int, first: int, last: int, start_epoch: int, enc_lr: float,
+def start_stage(model: MaeCt, resume, log, *, stage: int, first: int, last: int, start_epoch: int, enc_lr: float,
                 head_lr: float, args: Args, device):
     """Stage `stage` (epochs first..last-1): what trains, the target projector g_m (stage 2 only), its AdamW
-    (encoder peak `enc_lr`, heads `head_lr`; the saved states when resuming inside the stage), one log line of
-    the trainable parameters. Returns (optimizer, target_projector or None)."""
-    resuming_here = state is not None and state["stage"] == stage and start_epoch > first
+    (encoder peak `enc_lr`, heads `head_lr`; the saved states when `resume`, the resume checkpoint's stage state,
+    lies inside this stage: consumed here), one log line of the trainable parameters.
+    Returns (optimizer, target_projector or None)."""
+    resuming_here = resume is not None and resume["stage"] == stage and (start_epoch > first or resume["position"])
     set_trainable(model, stage, args.frozen_blocks)
     target_projector = None
     if stage == 2:  # g_m starts as a copy of the initialised projector (official NnclrEmaQueueHead)
         target_projector = copy.deepcopy(model.projector).requires_grad_(False)
         if resuming_here:
-            target_projector.load_state_dict(state["target_projector"])
+            target_projector.load_state_dict(resume["target_projector"])
     optimizer = build_optimizer(model, stage, args, enc_lr, head_lr, device)
     if resuming_here:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(resume.pop("optimizer"))
     n_enc = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
     n_head = sum(p.numel() for p in list(model.projector.parameters()) + list(model.predictor.parameters()))
     log.print(f"stage {stage} ({'head initialisation, frozen encoder' if stage == 1 else 'contrastive tuning'}): "
@@ -541,20 +546,22 @@ def start_stage(model: MaeCt, state, log, *, stage: int, first: int, last: int, 
 
 def train_one_epoch(ddp, model: MaeCt, optimizer, target_projector, ema_encoder, queue: NNQueue, dataset, dist_info,
                     log, *, stage: int, epoch: int, first: int, enc_lr: float, head_lr: float, stage_steps: int,
-                    warmup_steps: int, steps_per_epoch: int, micro: int, args: Args) -> float:
-    """One epoch of stage `stage` (which starts at epoch `first`): the epoch's seed and loader, the lr of every
-    update (warmup + cosine over the stage), train_step per batch, the per-update log line. `head_lr` is the
-    stage's head peak lr. Returns the last update's loss (mean over ranks)."""
+                    warmup_steps: int, steps_per_epoch: int, micro: int, ctl, save, position, args: Args) -> float:
+    """One epoch of stage `stage` (which starts at epoch `first`): the epoch's seed and loader (or the state of the
+    mid-epoch checkpoint's `position`), the lr of every update (warmup + cosine over the stage), train_step per
+    batch, the per-update log line, ctl.boundary after each update (time-based save, stop signals:
+    `save(update, sums)`). `head_lr` is the stage's head peak lr. Returns the last update's loss (mean over ranks)."""
     device = dist_info.device
     temperature = args.head_init_temperature if stage == 1 else args.temperature
     topk = 1 if stage == 1 else args.topk  # App. A.2: top-1 during initialisation
-    common.seed_everything(common.epoch_seed(args.seed, epoch, dist_info.rank))
+    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
+    sums = dict(position["sums"]) if start else {"loss": float("nan")}
     loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
-                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch, skip=start * micro)
     model.train()
-    bar = common.progress(loader, dist_info, total=steps_per_epoch, desc=f"stage {stage} epoch {epoch}")
+    bar = common.progress(loader, dist_info, total=steps_per_epoch - start, desc=f"stage {stage} epoch {epoch}")
     t0 = time.time()
-    for it, (views, labels, ids) in enumerate(bar):
+    for it, (views, labels, ids) in enumerate(bar, start=start):
         step = (epoch - first) * steps_per_epoch + it  # update index inside this stage
         factor = lr_factor(step, stage_steps, warmup_steps)
         common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
@@ -563,22 +570,28 @@ def train_one_epoch(ddp, model: MaeCt, optimizer, target_projector, ema_encoder,
         loss, metrics = train_step(ddp, optimizer, target_projector, ema_encoder, queue, views, ids, labels,
                                    stage=stage, temperature=temperature, topk=topk,
                                    step=epoch * steps_per_epoch + it, args=args, device=device)
-        loss_v = common.all_reduce_mean(loss.detach()).item()  # collective: every rank
+        sums["loss"] = common.all_reduce_mean(loss.detach()).item()  # collective: every rank
         if dist_info.is_main:
-            ips = (it + 1) * args.batch_size / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{enc_lr * factor if stage == 2 else head_lr * factor:.2e}",
+            ips = (it + 1 - start) * args.batch_size / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{enc_lr * factor if stage == 2 else head_lr * factor:.2e}",
                             img_s=f"{ips:.0f}")
-            log.log({"train/loss": loss_v, "train/stage": stage, "train/nn_acc": metrics["nn_acc"].item(),
+            log.log({"train/loss": sums["loss"], "train/stage": stage, "train/nn_acc": metrics["nn_acc"].item(),
                      "train/lr": enc_lr * factor if stage == 2 else 0.0,
                      "train/head_lr": head_lr * factor, "train/epoch": epoch},
                     step=epoch * steps_per_epoch + it)
-    return loss_v
+        ctl.boundary(epoch, it + 1, steps_per_epoch, functools.partial(save, it + 1, sums))
+    return sums["loss"]
 
 
 def save_state(model: MaeCt, ema_encoder, target_projector, queue: NNQueue, optimizer, dist_info, log, *, stage: int,
-               epoch: int, steps_per_epoch: int, loss_v: float, args: Args):
-    """After epoch `epoch`: OUTPUT_DIR/checkpoint-last.pth (encoder EMA f_m as "model", what eval_knn.py reads;
-    all the resume needs) and, every --save-every epochs, the kept EMA-only copy."""
+               epoch: int, update: int, steps_per_epoch: int, loss_v: float, position, rms_start: float, args: Args):
+    """OUTPUT_DIR/checkpoint-last.pth (encoder EMA f_m as "model", what eval_knn.py reads; all the resume needs)
+    after `update` updates of `epoch`: at its end (update == steps_per_epoch) first the kept EMA-only copy every
+    --save-every epochs, inside it `position` (what the exact resume needs, common.resume_position)."""
+    done = update == steps_per_epoch
+    if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
+        common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(ema_encoder), model.encoder.config(),
+                         model_is_ema=True)
     if dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": common.encoder_state_dict(ema_encoder), "model_is_ema": True,
@@ -587,11 +600,11 @@ def save_state(model: MaeCt, ema_encoder, target_projector, queue: NNQueue, opti
             "projector": model.projector.state_dict(), "predictor": model.predictor.state_dict(),
             "target_projector": target_projector.state_dict() if target_projector is not None else None,
             "queue": queue.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "stage": stage,
-            "args": dataclasses.asdict(args)})
-        log.print(f"epoch {epoch} (stage {stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
-    common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(ema_encoder), model.encoder.config(),
-                     model_is_ema=True)
+            "epoch": epoch + done, "step": epoch * steps_per_epoch + update, "stage": stage,
+            "resume": None if done else position, "weights_rms_start": rms_start,
+            "args": dataclasses.asdict(args)}, weights_rms_start=rms_start)
+        if done:
+            log.print(f"epoch {epoch} (stage {stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
 
 
 def main(args: Args):
@@ -635,6 +648,7 @@ def main(args: Args):
               f"head lr {head_lr:.3g}, head-init lr {head_init_lr:.3g} (base x batch x views / 256)")
     if start_epoch >= total_epochs:
         log.print(f"{common.checkpoint_path(args.output_dir)} already holds all {total_epochs} epochs; nothing to do")
+        log.close()
         return
 
     common.seed_everything(args.seed)
@@ -642,18 +656,25 @@ def main(args: Args):
                                 grad_checkpointing=checkpointed)
     model = MaeCt(encoder, args.pool, args.proj_hidden, args.proj_dim, args.pred_hidden)
     queue = NNQueue(args.queue_size, args.proj_dim)
+    resume = rms_start = None  # what the stage to resume needs from the checkpoint, once its weights are loaded
     if state is not None:
         common.load_encoder(encoder, state["model_online"], what="the resume checkpoint")
         model.projector.load_state_dict(state["projector"])
         model.predictor.load_state_dict(state["predictor"])
         queue.load_state_dict(state["queue"])
-        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch} (stage {state['stage']})")
+        resume = {k: state.get(k) for k in ("stage", "optimizer", "target_projector")}
+        resume["position"], rms_start = state.get("resume"), state.get("weights_rms_start")
+        at = f", step {resume['position']['update']} of {steps_per_epoch}" if resume["position"] else ""
+        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}{at} (stage {state['stage']})")
     else:
         desc = common.load_encoder(encoder, args.init, what="--init")
         log.print(f"loaded {desc} from {args.init}")
     ema_encoder = copy.deepcopy(encoder).requires_grad_(False)  # f_m (Alg. 1); equals f until stage 2 starts
     if state is not None:
         common.load_encoder(ema_encoder, state["model"], what="the resume checkpoint")
+    state = None  # loaded into the modules: no second copy on the host for the whole run
+    if rms_start is None:
+        rms_start = common.weights_rms(encoder.state_dict())  # the divergence check's reference (save_checkpoint)
     if dist_info.enabled:  # one BN batch over all ranks (official: sync_batchnorm=True)
         model = sync_batchnorm(model, device)
     model.to(device), ema_encoder.to(device), queue.to(device)
@@ -661,11 +682,12 @@ def main(args: Args):
         encoder.forward_features = torch.compile(encoder.forward_features)
 
     knn = common.KnnMonitor(args, dist_info, log, pool=args.pool)
+    ctl = common.RunControl(args.save_minutes, dist_info, log)
     for stage, (first, last) in ((1, (0, args.head_epochs)), (2, (args.head_epochs, total_epochs))):
         if start_epoch >= last:
             continue
         stage_head_lr = head_lr if stage == 2 else head_init_lr
-        optimizer, target_projector = start_stage(model, state, log, stage=stage, first=first, last=last,
+        optimizer, target_projector = start_stage(model, resume, log, stage=stage, first=first, last=last,
                                                   start_epoch=start_epoch, enc_lr=enc_lr, head_lr=stage_head_lr,
                                                   args=args, device=device)
         ddp = None
@@ -679,13 +701,19 @@ def main(args: Args):
         warmup_steps = int(frac_warm)  # official: floor
 
         for epoch in range(max(start_epoch, first), last):
-            loss_v = train_one_epoch(ddp, model, optimizer, target_projector, ema_encoder, queue, dataset, dist_info,
-                                     log, stage=stage, epoch=epoch, first=first, enc_lr=enc_lr, head_lr=stage_head_lr,
-                                     stage_steps=stage_steps, warmup_steps=warmup_steps,
-                                     steps_per_epoch=steps_per_epoch, micro=micro, args=args)
-            save_state(model, ema_encoder, target_projector, queue, optimizer, dist_info, log, stage=stage,
-                       epoch=epoch, steps_per_epoch=steps_per_epoch, loss_v=loss_v, args=args)
+            position = resume["position"] if resume is not None and epoch == start_epoch else None
+            save = functools.partial(save_state, model, ema_encoder, target_projector, queue, optimizer, dist_info, log,
+                                     stage=stage, epoch=epoch, steps_per_epoch=steps_per_epoch, rms_start=rms_start,
+                                     args=args)
+            loss_v = train_one_epoch(
+                ddp, model, optimizer, target_projector, ema_encoder, queue, dataset, dist_info, log, stage=stage,
+                epoch=epoch, first=first, enc_lr=enc_lr, head_lr=stage_head_lr, stage_steps=stage_steps,
+                warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, micro=micro, ctl=ctl, position=position,
+                args=args, save=lambda update, sums: save(update=update, loss_v=sums["loss"],
+                                                          position=common.resume_position(dist_info, update, sums)))
+            save(update=steps_per_epoch, loss_v=loss_v, position=None)
             knn(epoch + 1, ema_encoder, (epoch + 1) * steps_per_epoch)
+            ctl.epoch_done(epoch + 1)
             if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:
                 log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
                 log.close()

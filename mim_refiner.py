@@ -214,6 +214,10 @@ class Args:
     save_every: common.NonNegInt = 10
     """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
     epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: one kept every 10 epochs."""
+    save_minutes: Optional[common.NonNegFloat] = None
+    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
+    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
+    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
 
 
 # Table 10 and App. A.1 per model; init file names from the official src/initializers/pretrained_initializer.py.
@@ -636,14 +640,15 @@ def resolve_init(args: Args, state):
     return dataclasses.replace(args, init=init), init_ckpt, post_norm or is_post_norm_checkpoint(init_ckpt)
 
 
-def start_stage(model: Refiner, encoder, state, log, *, stage: str, first: int, last: int, lr: float,
+def start_stage(model: Refiner, encoder, resume, log, *, stage: str, first: int, last: int, lr: float,
                 start_epoch: int, args: Args, device) -> torch.optim.AdamW:
     """Stage `stage` (epochs first..last-1): what trains, its AdamW at peak `lr` (with the saved state when
-    resuming inside the stage), one log line of the trainable parameters. Returns the optimizer."""
+    `resume`, the resume checkpoint's stage state, lies inside this stage: consumed here), one log line of the
+    trainable parameters. Returns the optimizer."""
     set_trainable(encoder, stage, args.freeze_blocks)
     optimizer = build_optimizer(model, stage, args, lr, device)
-    if state is not None and state["stage"] == stage and start_epoch > first:  # resuming inside this stage
-        common.load_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if resume is not None and resume["stage"] == stage and (start_epoch > first or resume["position"]):
+        common.load_optimizer_state_dict(model, optimizer, resume.pop("optimizer"))
     n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     n_head = sum(p.numel() for p in model.heads.parameters())
     log.print(f"stage {stage!r}: epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, "
@@ -653,21 +658,24 @@ def start_stage(model: Refiner, encoder, state, log, *, stage: str, first: int, 
 
 def train_one_epoch(ddp, model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, dataset, dist_info, log, *,
                     stage: str, epoch: int, first: int, lr: float, stage_steps: int, warmup_steps: int,
-                    steps_per_epoch: int, micro: int, args: Args) -> float:
+                    steps_per_epoch: int, micro: int, ctl, save, position, args: Args) -> float:
     """One epoch of stage `stage` ("heads" or "refine", which starts at epoch `first`): the epoch's seed and
-    loader, the lr of every update (warmup + cosine over the stage, peak `lr`), train_step per micro-batch,
-    the per-update log line. Returns the last update's loss (mean over ranks)."""
+    loader (or the state of the mid-epoch checkpoint's `position`), the lr of every update (warmup + cosine over
+    the stage, peak `lr`), train_step per micro-batch, the per-update log line, ctl.boundary after each update
+    (time-based save, stop signals: `save(update, sums)`). Returns the last update's loss (mean over ranks)."""
     device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
     topk = args.head_topk if stage == "heads" else args.topk
     train_encoder = stage == "refine"
-    common.seed_everything(common.epoch_seed(args.seed, epoch, rank))
-    loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
-                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch)
+    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
+    sums = dict(position["sums"]) if start else {"loss": float("nan")}
+    loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True, num_workers=args.num_workers,
+                                 seed=args.seed, epoch=epoch, skip=start * args.accum_steps * micro)
     model.train()
     encoder.train(train_encoder)  # stage "heads": encoder in eval mode (official)
-    bar = common.progress(loader, dist_info, total=steps_per_epoch * args.accum_steps, desc=f"{stage} epoch {epoch}")
+    bar = common.progress(loader, dist_info, total=(steps_per_epoch - start) * args.accum_steps,
+                          desc=f"{stage} epoch {epoch}")
     t0 = time.time()
-    for it, (views, labels, ids) in enumerate(bar):
+    for it, (views, labels, ids) in enumerate(bar, start=start * args.accum_steps):
         update, micro_step = divmod(it, args.accum_steps)
         if update >= steps_per_epoch:
             break
@@ -687,36 +695,43 @@ def train_one_epoch(ddp, model: Refiner, encoder, ema, queues: nn.ModuleList, op
             autocast=functools.partial(common.autocast, device))
         if not sync:
             continue
-        loss_v = common.all_reduce_mean(loss.detach()).item()
+        sums["loss"] = common.all_reduce_mean(loss.detach()).item()
         if dist_info.is_main:
-            ips = (it + 1) * micro * world / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr * factor:.2e}", img_s=f"{ips:.0f}")
-            metrics = {"train/loss": loss_v, "train/lr": lr * factor, "train/epoch": epoch,
+            ips = (it + 1 - start * args.accum_steps) * micro * world / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr * factor:.2e}", img_s=f"{ips:.0f}")
+            metrics = {"train/loss": sums["loss"], "train/lr": lr * factor, "train/epoch": epoch,
                        "train/stage": 0 if stage == "heads" else 1}
             for b, hl, acc in zip(args.head_blocks, head_losses, nn_accs):
                 metrics[f"train/loss_block{b}"] = hl.item()
                 metrics[f"train/nn_acc_block{b}"] = acc.item()
             log.log(metrics, step=global_step)
-    return loss_v
+        ctl.boundary(epoch, update + 1, steps_per_epoch, functools.partial(save, update + 1, sums))
+    return sums["loss"]
 
 
 def save_state(model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, dist_info, log, *, stage: str,
-               epoch: int, steps_per_epoch: int, loss_v: float, args: Args):
-    """After epoch `epoch`: OUTPUT_DIR/checkpoint-last.pth (EMA as "model", what eval_knn.py reads; all the
-    resume needs) and, every --save-every epochs, the kept EMA-only copy. Every rank calls it (collectives)."""
+               epoch: int, update: int, steps_per_epoch: int, loss_v: float, position, rms_start: float, args: Args):
+    """OUTPUT_DIR/checkpoint-last.pth (EMA as "model", what eval_knn.py reads; all the resume needs) after `update`
+    updates of `epoch`: at its end (update == steps_per_epoch) first the kept EMA-only copy every --save-every
+    epochs, inside it `position` (what the exact resume needs, common.resume_position). Every rank calls it
+    (collectives)."""
     # gathered on every rank under --fsdp (collectives), plain state dicts otherwise
     ema_sd, online_sd = common.full_state_dict(ema), common.full_state_dict(encoder)
     heads_sd, opt_sd = common.full_state_dict(model.heads), common.full_optimizer_state_dict(model, optimizer)
+    done = update == steps_per_epoch
+    if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
+        common.save_kept(args, dist_info, epoch + 1, ema_sd, encoder.config(), model_is_ema=True)
     if dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": ema_sd, "model_is_ema": True,
             "model_online": online_sd, "encoder_config": encoder.config(),
             "heads": heads_sd, "head_blocks": list(args.head_blocks),
             "queues": queues.state_dict(), "optimizer": opt_sd,
-            "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "stage": stage,
-            "args": dataclasses.asdict(args)})
-        log.print(f"epoch {epoch} ({stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
-    common.save_kept(args, dist_info, epoch + 1, ema_sd, encoder.config(), model_is_ema=True)
+            "epoch": epoch + done, "step": epoch * steps_per_epoch + update, "stage": stage,
+            "resume": None if done else position, "weights_rms_start": rms_start,
+            "args": dataclasses.asdict(args)}, weights_rms_start=rms_start)
+        if done:
+            log.print(f"epoch {epoch} ({stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
 
 
 def main(args: Args):
@@ -757,22 +772,30 @@ def main(args: Args):
               f"heads on blocks {args.head_blocks}, tau {args.temperature}, local views {args.local_size}px")
     if start_epoch >= total_epochs:
         log.print(f"{common.checkpoint_path(args.output_dir)} already holds all {total_epochs} epochs; nothing to do")
+        log.close()
         return
 
     # ---- model: the same seed on every rank, so heads and random queues start identical ----
     common.seed_everything(args.seed)
     encoder, model, queues = build_modules(args, post_norm, checkpointed)
+    resume = rms_start = None  # what the stage to resume needs from the checkpoint, once its weights are loaded
     if state is not None:
         common.load_encoder(encoder, state["model_online"], what="the resume checkpoint")
         model.heads.load_state_dict(state["heads"])
         queues.load_state_dict(state["queues"])
-        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch} (stage {state['stage']})")
+        resume = {"stage": state["stage"], "optimizer": state["optimizer"], "position": state.get("resume")}
+        rms_start = state.get("weights_rms_start")
+        at = f", step {resume['position']['update']} of {steps_per_epoch}" if resume["position"] else ""
+        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}{at} (stage {state['stage']})")
     else:
         desc = common.load_encoder(encoder, init_ckpt, what="--init")
         log.print(f"loaded {desc} from {args.init} ({'post' if post_norm else 'pre'}-norm ViT)")
     ema = copy.deepcopy(encoder).requires_grad_(False)  # evaluated encoder (Table 10 EMA); = encoder until "refine"
     if state is not None:
         common.load_encoder(ema, state["model"], what="the resume checkpoint")
+    state = init_ckpt = None  # loaded into the modules: no second copy on the host for the whole run
+    if rms_start is None:
+        rms_start = common.weights_rms(encoder.state_dict())  # the divergence check's reference (save_checkpoint)
     if dist_info.enabled:  # BN statistics over the global batch (official sync_batchnorm)
         model.heads = (nn.SyncBatchNorm.convert_sync_batchnorm(model.heads) if device.type == "cuda"
                        else convert_gather_batchnorm(model.heads))
@@ -788,12 +811,13 @@ def main(args: Args):
         model.features_fn = torch.compile(model.features)
 
     knn = common.KnnMonitor(args, dist_info, log, blocks=[*args.head_blocks, -1])  # the refined blocks
+    ctl = common.RunControl(args.save_minutes, dist_info, log)
     stages = (("heads", 0, args.head_epochs), ("refine", args.head_epochs, total_epochs))
     for stage, first, last in stages:
         if start_epoch >= last:
             continue
         lr = head_stage_lr if stage == "heads" else peak_lr
-        optimizer = start_stage(model, encoder, state, log, stage=stage, first=first, last=last, lr=lr,
+        optimizer = start_stage(model, encoder, resume, log, stage=stage, first=first, last=last, lr=lr,
                                 start_epoch=start_epoch, args=args, device=device)
         ddp = None
         gc.collect()  # the previous stage's DDP wrapper sits in a reference cycle: free its buckets now
@@ -805,14 +829,19 @@ def main(args: Args):
                                                       find_unused_parameters=unused, gradient_as_bucket_view=True)
 
         for epoch in range(max(start_epoch, first), last):
-            loss_v = train_one_epoch(ddp, model, encoder, ema, queues, optimizer, dataset, dist_info, log,
-                                     stage=stage, epoch=epoch, first=first, lr=lr,
-                                     stage_steps=(last - first) * steps_per_epoch,
-                                     warmup_steps=int(args.warmup_epochs * steps_per_epoch),
-                                     steps_per_epoch=steps_per_epoch, micro=micro, args=args)
-            save_state(model, encoder, ema, queues, optimizer, dist_info, log, stage=stage, epoch=epoch,
-                       steps_per_epoch=steps_per_epoch, loss_v=loss_v, args=args)
+            position = resume["position"] if resume is not None and epoch == start_epoch else None
+            save = functools.partial(save_state, model, encoder, ema, queues, optimizer, dist_info, log, stage=stage,
+                                     epoch=epoch, steps_per_epoch=steps_per_epoch, rms_start=rms_start, args=args)
+            loss_v = train_one_epoch(
+                ddp, model, encoder, ema, queues, optimizer, dataset, dist_info, log, stage=stage, epoch=epoch,
+                first=first, lr=lr, stage_steps=(last - first) * steps_per_epoch,
+                warmup_steps=int(args.warmup_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch, micro=micro,
+                ctl=ctl, position=position, args=args,
+                save=lambda update, sums: save(update=update, loss_v=sums["loss"],
+                                               position=common.resume_position(dist_info, update, sums)))
+            save(update=steps_per_epoch, loss_v=loss_v, position=None)
             knn(epoch + 1, ema, (epoch + 1) * steps_per_epoch)
+            ctl.epoch_done(epoch + 1)
             if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:
                 log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
                 log.close()

@@ -35,7 +35,7 @@ def build(args: lut.Args, state=None):
     online = lut.LUTOnline(encoder, args)
     momentum = lut.MomentumBranch(online)
     if state is not None:
-        lut.load_lut_state(online, momentum, state)
+        lut.load_lut_state(online, momentum, state, common.DistInfo())
     return online, momentum
 
 

@@ -51,9 +51,11 @@ def run_script(script, *args, nproc=1, check=True, timeout=600, env=None):
 
 def run_inprocess(capsys, module, *argv):
     """A script's entry point (common.run_main) in this process; returns (exit code, stdout, stderr)."""
+    import signal
     import common
     capsys.readouterr()
     old, sys.argv = sys.argv, [module.__name__ + ".py", *[str(a) for a in argv]]
+    handlers = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}  # the run installs its own (RunControl)
     code = 0
     try:
         common.run_main(module.main, module.Args)
@@ -61,6 +63,8 @@ def run_inprocess(capsys, module, *argv):
         code = e.code
     finally:
         sys.argv = old
+        for s, h in handlers.items():
+            signal.signal(s, h)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -2,6 +2,7 @@
 per-block features, foreign checkpoint layouts, end to end (official MAE release file, our format),
 torchrun 2 processes = 1 process, and one-line errors."""
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,9 @@ def test_end_to_end_mae_release_checkpoint(tmp_path):
     p = run_script("eval_knn.py", "--checkpoint", tmp_path / "mae.pth", "--data", root, *TINY, "--k", "1", "20",
                    "--shots", "1", "2", "--shot-seeds", "2", "--blocks", "5", "-1", "--output-json", out, env=ONE_THREAD)
     assert p.stdout.lstrip().startswith("k-NN protocol:")
+    assert ("warning: --k 20 is more than the 15 images of the train bank: every image votes there (k = 15; the "
+            "table shows 'k (used)')") in p.stderr
+    assert re.search(r"^ +20 +100\.00 +- \(15\)$", p.stdout, re.M), p.stdout
     r = read_json(out)
     proto = r["protocol"]
     assert proto["n_train"] == 15 and proto["n_val"] == 15 and proto["num_classes"] == 3

@@ -233,7 +233,7 @@ def test_nan_loss_message_names_an_existing_checkpoint_or_none(tmp_path):
         common.check_finite(torch.tensor(float("nan")), 3, str(tmp_path))
     assert "rerun" in str(e.value)
     common.save_checkpoint(common.checkpoint_path(str(tmp_path)), {"w": torch.ones(2)})
-    with pytest.raises(common.UserError, match="the last good checkpoint is .*checkpoint-last.pth"):
+    with pytest.raises(common.UserError, match="the last checkpoint .*checkpoint-last.pth passed the divergence checks"):
         common.check_finite(torch.tensor(float("inf")), 3, str(tmp_path))
 
 
