@@ -330,7 +330,8 @@ def main(args: Args):
     lrs = args.lrs or (DINOV2_LRS if args.protocol == "dinov2" else MAECT_LRS)
     warmup_epochs = args.warmup_epochs if args.warmup_epochs is not None else (0 if args.protocol == "dinov2" else 5)
     if warmup_epochs >= args.epochs and warmup_epochs > 0:
-        raise UserError(f"--warmup-epochs {warmup_epochs} must be smaller than --epochs {args.epochs}")
+        raise UserError(f"--warmup-epochs {warmup_epochs}{' (the maect default)' if args.warmup_epochs is None else ''} must "
+                        f"be smaller than --epochs {args.epochs}; pass a smaller --warmup-epochs or more --epochs")
 
     dist_info = common.init_distributed(args.device)
     device = dist_info.device
