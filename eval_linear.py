@@ -310,7 +310,7 @@ def evaluate_grid(encoder, grid: LinearGrid, val_ds, args: Args, dist_info, n_la
     for img, y, idx in progress(loader, dist_info, desc="linear val"):
         img, y = img.to(device, non_blocking=True), y.to(device)
         with autocast(device):
-            feats = grid_features(encoder, img, n_last, args.final_norm)
+            feats = grid_features(encoder, img, n_last, args.final_norm)  # fp32 (B, F); the heads run in fp32
         ok = torch.stack([logits.argmax(1) == y for logits in grid(feats)], dim=1)  # (B, H)
         ok = all_gather_nograd(ok.to(torch.uint8))
         idx = all_gather_nograd(idx.to(device))
