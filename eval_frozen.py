@@ -71,7 +71,7 @@ from common import UserError, build_dataset, run_main
 
 @dataclass
 class Args:
-    checkpoint: Optional[str] = None
+    checkpoint: str = ""
     """Encoder weights to extract features from (as eval_knn.py; `none` = random init with --model). Give
     this or --features."""
     features: Optional[str] = None

@@ -209,6 +209,7 @@ def test_one_line_errors(setup, tmp_path, capsys, monkeypatch):
         (eval_frozen, ["--checkpoint", d / "ck.pth", "--data", small, *TINY, "--few-shot", "5"],
          "--few-shot 5: class 'a' has only 3 train image(s)"),
         (eval_frozen, ["--data", d / "imgs", "--cluster"], "pass either --checkpoint"),
+        (eval_frozen, ["--checkpoint", "none", "--data", d / "imgs", "--cluster"], "needs --model"),
         (eval_frozen, ["--checkpoint", d / "ck.pth", "--data", d / "imgs", *TINY], "nothing to evaluate"),
         (eval_frozen, ["--features", d / "ck.pth", "--cluster"], "not a file of eval_knn.py --save-features"),
         (eval_linear, ["--checkpoint", d / "ck.pth", "--data", small, *TINY, "--batch-size", "64"],
