@@ -61,7 +61,8 @@ Deviations from DINO's eval_knn.py, each deliberate:
     classes are among the neighbours), and is reported only with more than 5 classes;
   - bf16 autocast on CUDA (MIM-Refiner also extracts in bf16; DINO in fp32); optional fp16 bank.
 Deviation from MIM-Refiner: its low-shot numbers (Table 2) come from a cyanure logistic regression on the
-MSN 1/2/5-shot splits; here low-shot is the same k-NN vote on n random images per class,
+MSN 1/2/5-shot splits (eval_frozen.py --few-shot / --split-file); here low-shot is the same k-NN vote on n
+random images per class,
 and the default keeps DINO's final LayerNorm (MIM-Refiner: `--no-final-norm --standardize --k 10`).
 """
 from __future__ import annotations

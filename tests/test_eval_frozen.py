@@ -1,0 +1,232 @@
+"""eval_linear.py and eval_frozen.py: the grid equals separately trained heads, cluster metrics equal
+scikit-learn's and a brute-force ACC, the logistic regression equals the reference solver, end to end as
+scripts, torchrun 2 processes = 1 process, saved features = checkpoint, and one-line errors."""
+import importlib
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import eval_frozen
+import eval_linear
+from conftest import TINY, read_json, run_inprocess, run_script, write_image_folder, write_mae_release_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+
+# ---------------------------------------------------------------------------------------------
+# linear probing grid
+# ---------------------------------------------------------------------------------------------
+def _train(specs, protocol, enc, ds, epochs=2, batch=8, warmup=0):
+    args = eval_linear.Args(checkpoint="none", protocol=protocol, epochs=epochs, batch_size=batch, num_workers=0, seed=3)
+    grid = eval_linear.LinearGrid(specs, enc.dim, 10, seed=args.seed)
+    n_last = 4 if protocol == "dinov2" else 1
+    losses = eval_linear.train_grid(enc, grid, ds, args, common.DistInfo(), 1.5, warmup, n_last, log=lambda *a: None)
+    return grid, losses
+
+
+@pytest.mark.parametrize("protocol", ["dinov2", "maect"])
+def test_grid_heads_equal_separately_trained_heads(protocol):
+    torch.manual_seed(0)
+    enc = common.create_vit("vit_t16", img_size=32, patch_size=4).eval().requires_grad_(False)
+    ds = common.build_dataset("synthetic:24:8", "train", None, img_size=32)  # PIL images, 10 classes
+    specs = eval_linear.grid_specs(protocol, [0.5, 0.05])
+    assert len(specs) == (8 if protocol == "dinov2" else 2)
+    grid, losses = _train(specs, protocol, enc, ds, warmup=1 if protocol == "maect" else 0)
+    for i in ([0, 3, 5, 7] if protocol == "dinov2" else [1]):
+        alone, alone_loss = _train([specs[i]], protocol, enc, ds, warmup=1 if protocol == "maect" else 0)
+        start = eval_linear.LinearGrid([specs[i]], enc.dim, 10, seed=3).heads[0]
+        for p_grid, p_alone, p0 in zip(grid.heads[i].parameters(), alone.heads[0].parameters(), start.parameters()):
+            assert not torch.allclose(p_grid, p0)  # it trained
+            torch.testing.assert_close(p_grid, p_alone, atol=1e-5, rtol=0)
+        assert losses[i] == pytest.approx(alone_loss[0], abs=1e-6)
+        if protocol == "maect":
+            torch.testing.assert_close(grid.bn.running_var, alone.bn.running_var)
+
+
+def test_grid_features_and_batchnorm():
+    torch.manual_seed(0)
+    enc = common.create_vit("vit_t16", img_size=32, patch_size=8).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        f = eval_linear.grid_features(enc, x, 4, final_norm=True)
+        tokens = enc.forward_features(x)  # (B, 1+N, D) after the final LN
+        _, raw = enc.forward_features(x, return_blocks=[8, 9, 10, 11])
+    assert torch.allclose(f[(1, False)], enc(x), atol=1e-5)
+    assert torch.allclose(f[(1, True)][:, 192:], tokens[:, 1:].mean(1), atol=1e-5)
+    assert torch.allclose(f[(4, False)], torch.cat([enc.norm(r)[:, 0] for r in raw], 1), atol=1e-5)
+    assert f[(4, True)].shape == (3, 5 * 192)
+    bn, ref = eval_linear.GlobalBatchNorm(6), torch.nn.BatchNorm1d(6, affine=False)
+    v = torch.randn(10, 6) * 3 + 1
+    torch.testing.assert_close(bn(v), ref(v))
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    bn.eval(), ref.eval()
+    torch.testing.assert_close(bn(v), ref(v))
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster metrics, logistic regression
+# ---------------------------------------------------------------------------------------------
+def test_cluster_metrics_equal_sklearn_and_brute_force_acc():
+    from sklearn import metrics
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 60)
+    pred = np.where(rng.random(60) < 0.6, (y + 1) % 4, rng.integers(0, 4, 60))  # permuted, noisy clusters
+    res = eval_frozen.cluster_metrics(y, pred)
+    brute = max(np.mean(np.array(p)[pred] == y) for p in itertools.permutations(range(4)))
+    assert res["acc"] == pytest.approx(100 * brute) and res["acc"] > 50
+    assert res["nmi"] == pytest.approx(100 * metrics.normalized_mutual_info_score(y, pred))
+    assert res["ami"] == pytest.approx(100 * metrics.adjusted_mutual_info_score(y, pred))
+    assert res["ari"] == pytest.approx(100 * metrics.adjusted_rand_score(y, pred))
+    assert eval_frozen.cluster_accuracy(y, (y + 2) % 4) == 100.0
+    # separable blobs: k-means finds the classes; the silhouette is scikit-learn's
+    centers = rng.normal(size=(4, 8)) * 10
+    x = centers[y] + rng.normal(size=(60, 8))
+    args = eval_frozen.Args(kmeans_runs=3, cluster_norm="none", seed=1)
+    out = eval_frozen.evaluate_clusters(x, y, 4, args)
+    assert out["best_run"]["acc"] == 100.0 and out["runs"] == 3
+    assert out["silhouette"] == pytest.approx(100 * metrics.silhouette_score(x, y))
+    assert out["davies_bouldin"] == pytest.approx(metrics.davies_bouldin_score(x, y))
+
+
+def test_logistic_regression_equals_reference_solver():
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(0)
+    C, D = 5, 16
+    centers = rng.normal(size=(C, D))
+    ytr, yte = np.repeat(np.arange(C), 2), np.repeat(np.arange(C), 40)
+    xtr = centers[ytr] + 1.2 * rng.normal(size=(len(ytr), D))
+    xte = centers[yte] + 1.2 * rng.normal(size=(len(yte), D))
+    p = eval_frozen.msn_preprocess(xtr)
+    assert np.allclose(p.mean(1), 0) and np.allclose(np.linalg.norm(p, axis=1), 1)
+    # reference: the objective 1/n sum CE + lambda/2 |W|^2, lambda = 0.00025/n, solved to high precision
+    n = len(ytr)
+    ref = LogisticRegression(C=1 / (0.00025 / n * n), fit_intercept=False, tol=1e-10, max_iter=100000).fit(p, ytr)
+    ref_acc = 100 * np.mean(ref.predict(eval_frozen.msn_preprocess(xte)) == yte)
+    assert 40 < ref_acc < 100  # neither trivial nor chance
+    solvers = ["sklearn"] + (["cyanure"] if eval_frozen.have_cyanure() else [])
+    for solver in solvers:
+        acc = eval_frozen.logistic_accuracy(xtr, ytr, xte, yte, 0.00025, solver, max_epochs=1000, tol=1e-6)
+        assert acc == pytest.approx(ref_acc), solver
+    if "cyanure" in solvers:
+        from cyanure.data_processing import preprocess
+        q = xtr.copy()
+        preprocess(q, centering=True, normalize=True, columns=False)
+        assert np.allclose(q, p)
+        clf = eval_frozen.fit_logistic(p, ytr, 0.00025, "cyanure", max_epochs=1000, tol=1e-8)
+        w = clf.coef_.T if clf.coef_.shape != ref.coef_.shape else clf.coef_
+        assert np.abs(w - ref.coef_).max() < 1e-3 * np.abs(ref.coef_).max()
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end, torchrun, errors
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("frozen")
+    write_image_folder(d / "imgs", classes=("a", "b", "c", "d"), per_class=6)
+    write_mae_release_checkpoint(d / "ck.pth")
+    return d
+
+
+def _grid_numbers(path):
+    res = read_json(path)
+    return [(r["name"], r["top1"], r["train_loss"]) for r in res["grid"]], res
+
+
+def test_eval_linear_end_to_end_and_torchrun_equals_one_process(setup):
+    d = setup
+    common_args = ["--checkpoint", d / "ck.pth", "--data", d / "imgs", *TINY, "--epochs", "2", "--batch-size", "8",
+                   "--lrs", "0.5", "0.01"]
+    for protocol, extra in (("dinov2", []), ("maect", ["--warmup-epochs", "1"])):
+        args = [*common_args, "--protocol", protocol, *extra]
+        p1 = run_script("eval_linear.py", *args, "--output-json", d / f"l1_{protocol}.json")
+        assert "best linear probe" in p1.stdout and "linear probing protocol" in p1.stdout
+        one, res = _grid_numbers(d / f"l1_{protocol}.json")
+        assert len(one) == (8 if protocol == "dinov2" else 2) and res["best"]["top1"] == max(r[1] for r in one)
+        assert res["protocol"]["lr_scale"] == (8 / 256 if protocol == "dinov2" else 1.0)
+        run_script("eval_linear.py", *args, "--output-json", d / f"l2_{protocol}.json", nproc=2)
+        two, res2 = _grid_numbers(d / f"l2_{protocol}.json")
+        assert res2["protocol"]["world_size"] == 2
+        for a, b in zip(one, two):  # same heads, accuracies and losses (batch 8 = 2 x 4)
+            assert a[0] == b[0] and a[1] == b[1] and a[2] == pytest.approx(b[2], rel=1e-4, abs=1e-6)
+
+
+def test_eval_frozen_end_to_end_torchrun_and_saved_features(setup):
+    d = setup
+    base = ["--data", d / "imgs", *TINY, "--few-shot", "1", "2", "--cluster", "--kmeans-runs", "2"]
+    p = run_script("eval_frozen.py", "--checkpoint", d / "ck.pth", *base, "--output-json", d / "f1.json")
+    assert "seeded splits, not MSN's lists" in p.stdout and "k-means (k=4" in p.stdout
+    one = read_json(d / "f1.json")
+    assert set(one["few_shot"]) == {"1", "2"} and len(one["few_shot"]["1"]["runs"]) == 3
+    assert 0 <= one["cluster"]["best_run"]["acc"] <= 100 and one["cluster"]["silhouette"] is not None
+    run_script("eval_frozen.py", "--checkpoint", d / "ck.pth", *base, "--output-json", d / "f2.json", nproc=2)
+    two = read_json(d / "f2.json")
+    for n in ("1", "2"):
+        assert one["few_shot"][n]["mean"] == pytest.approx(two["few_shot"][n]["mean"])
+    for k in ("acc", "nmi", "ari"):
+        assert one["cluster"]["best_run"][k] == pytest.approx(two["cluster"]["best_run"][k], abs=1e-6)
+    # the same numbers from eval_knn.py --save-features
+    run_script("eval_knn.py", "--checkpoint", d / "ck.pth", "--data", d / "imgs", *TINY, "--k", "1",
+               "--save-features", d / "feats.pth")
+    run_script("eval_frozen.py", "--features", d / "feats.pth", "--few-shot", "1", "2", "--cluster",
+               "--kmeans-runs", "2", "--num-workers", "0", "--output-json", d / "f3.json")
+    three = read_json(d / "f3.json")
+    for n in ("1", "2"):
+        assert one["few_shot"][n]["mean"] == pytest.approx(three["few_shot"][n]["mean"])
+    assert one["cluster"]["best_run"]["acc"] == pytest.approx(three["cluster"]["best_run"]["acc"])
+
+
+def test_split_files(setup, tmp_path, capsys):
+    d = setup
+    good = tmp_path / "1imgs_class.txt"
+    good.write_text("a/0.png\nb/3.png\nc/1.png\nd/5.png\n")
+    code, out, err = run_inprocess(capsys, eval_frozen, "--checkpoint", d / "ck.pth", "--data", d / "imgs", *TINY,
+                                   "--split-file", good, "--output-json", tmp_path / "s.json")
+    assert code == 0, err
+    res = read_json(tmp_path / "s.json")
+    assert list(res["few_shot"]) == ["1"] and res["few_shot"]["1"]["runs"][0]["split"] == f"split file {good}"
+    ambiguous = tmp_path / "amb.txt"
+    ambiguous.write_text("0.png\n1.png\n")  # MSN-style bare names, but every class folder has a 0.png
+    code, _, err = run_inprocess(capsys, eval_frozen, "--checkpoint", d / "ck.pth", "--data", d / "imgs", *TINY,
+                                 "--split-file", ambiguous)
+    assert code == 2 and "4 images are named '0.png'" in err and len(err.strip().splitlines()) == 1
+    uneven = tmp_path / "uneven.txt"
+    uneven.write_text("a/0.png\na/1.png\nb/3.png\nc/1.png\nd/5.png\n")
+    code, _, err = run_inprocess(capsys, eval_frozen, "--checkpoint", d / "ck.pth", "--data", d / "imgs", *TINY,
+                                 "--split-file", uneven)
+    assert code == 2 and "same number" in err
+
+
+def test_one_line_errors(setup, tmp_path, capsys, monkeypatch):
+    d = setup
+    small = write_image_folder(tmp_path / "small", classes=("a", "b"), per_class=3)
+    cases = [
+        (eval_frozen, ["--checkpoint", tmp_path / "missing.pth", "--data", d / "imgs", *TINY, "--cluster"],
+         "does not exist"),
+        (eval_frozen, ["--checkpoint", d / "ck.pth", "--data", small, *TINY, "--few-shot", "5"],
+         "--few-shot 5: class 'a' has only 3 train image(s)"),
+        (eval_frozen, ["--data", d / "imgs", "--cluster"], "pass either --checkpoint"),
+        (eval_frozen, ["--checkpoint", "none", "--data", d / "imgs", "--cluster"], "needs --model"),
+        (eval_frozen, ["--checkpoint", d / "ck.pth", "--data", d / "imgs", *TINY], "nothing to evaluate"),
+        (eval_frozen, ["--features", d / "ck.pth", "--cluster"], "not a file of eval_knn.py --save-features"),
+        (eval_linear, ["--checkpoint", d / "ck.pth", "--data", small, *TINY, "--batch-size", "64"],
+         "--batch-size 64 is larger than the train set (6 images"),
+        (eval_linear, ["--checkpoint", tmp_path / "missing.pth", "--data", small, *TINY], "does not exist"),
+        (eval_linear, ["--checkpoint", d / "ck.pth", "--data", small, *TINY, "--protocol", "svm"], "choose one of"),
+    ]
+    for module, argv, msg in cases:
+        code, out, err = run_inprocess(capsys, module, *argv)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert err.startswith("error: ")
+    real = importlib.import_module
+
+    def no_sklearn(name, *a, **k):
+        if name.split(".")[0] == "sklearn":
+            raise ImportError(name)
+        return real(name, *a, **k)
+    monkeypatch.setattr(importlib, "import_module", no_sklearn)
+    code, _, err = run_inprocess(capsys, eval_frozen, "--checkpoint", d / "ck.pth", "--data", d / "imgs", *TINY, "--cluster")
+    assert code == 2 and err.strip() == "error: eval_frozen.py needs scikit-learn: pip install scikit-learn"
