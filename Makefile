@@ -15,9 +15,9 @@ venv: .venv/stamp
 demo: .venv/stamp
 	$(PY) benchmarks/mini_repro.py --preset demo --output-dir $(DEMO_DIR)
 
-# The test suite (CPU, about 4 minutes on 2 cores).
+# The test suite (CPU, about 10 minutes on 2 cores: two pytest workers, pytest-xdist).
 test: .venv/stamp
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 # The papers' claims in miniature (all methods, seeds 0 1 2, mean +- std; about 45 minutes on 2 cores).
 repro: .venv/stamp

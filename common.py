@@ -1992,11 +1992,12 @@ def save_kept(args, dist_info: DistInfo, epochs_done: int, model_sd: dict, encod
     return path
 
 
-def paper_eval_command(args, flags: str = "") -> str:
-    """The eval_knn.py command line for OUTPUT_DIR/checkpoint-last.pth on the run's data, with `flags`."""
+def paper_eval_command(args, flags: str = "", script: str = "eval_knn.py") -> str:
+    """The `script` command line (eval_knn.py, eval_linear.py, eval_frozen.py) for OUTPUT_DIR/checkpoint-last.pth
+    on the run's data, with `flags`."""
     data = args.knn_data or args.data
     seed = f" --seed {args.seed}" if parse_synthetic(data) is not None and args.seed else ""  # renders the same images
-    return (f"python eval_knn.py --checkpoint {checkpoint_path(args.output_dir)} --data {data}{seed} "
+    return (f"python {script} --checkpoint {checkpoint_path(args.output_dir)} --data {data}{seed} "
             f"--img-size {args.img_size} {flags}").strip()
 
 

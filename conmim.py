@@ -154,7 +154,7 @@ class Args:
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
     fsdp: bool = False
     """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
-    largest model, ViT-L/16, fits 4 x A100 with DDP + --grad-checkpointing, see benchmarks/mem_estimate.py)"""
+    largest model, ViT-L/16, fits 4 x A100 with DDP and activation checkpointing: --plan 4x40 prints the plan)"""
     # ---------------------------------------------------------------- ConMIM
     pos_embed: Literal["rel", "abs"] = "rel"
     """rel: BEiT's shared relative position bias, no absolute position embedding (the paper's backbone; blocks
@@ -479,7 +479,7 @@ def validate(args: Args):
     is declared on its Args field (common.check_args)."""
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
         raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; ConMIM up to ViT-L/16 trains with "
-                        "DDP (drop --fsdp, add --grad-checkpointing)")
+                        "DDP (drop --fsdp; --grad-checkpointing auto, the default, checkpoints as many blocks as the memory plan needs)")
     common.check_args(args)
     if args.pos_embed == "abs" and args.rel_pos_lr_mult != 1.0:
         raise UserError("--rel-pos-lr-mult applies to the relative position bias; drop it or use --pos-embed rel")

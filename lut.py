@@ -164,7 +164,7 @@ class Args:
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
     fsdp: bool = False
     """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
-    largest model, ViT-L/16, fits 4 x A100 with DDP + --grad-checkpointing, see benchmarks/mem_estimate.py)"""
+    largest model, ViT-L/16, fits 4 x A100 with DDP and activation checkpointing: --plan 4x40 prints the plan)"""
     # ---------------------------------------------------------------- MAE branch (Eq. 1)
     mask_ratio: common.OpenUnit = 0.75
     """fraction of patches removed from the online encoder's input; paper 0.75 (Sec. 5.1.2)"""
@@ -506,7 +506,7 @@ def validate(args: Args):
     is declared on its Args field (common.check_args)."""
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
         raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; LUT up to ViT-L/16 trains with "
-                        "DDP (drop --fsdp, add --grad-checkpointing)")
+                        "DDP (drop --fsdp; --grad-checkpointing auto, the default, checkpoints as many blocks as the memory plan needs)")
     common.check_args(args)
     if args.symmetric and args.mask_ratio < 0.5:
         raise UserError(f"--symmetric needs --mask-ratio >= 0.5 (two disjoint visible sets), got {args.mask_ratio}")
@@ -720,8 +720,9 @@ def main(args: Args):
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
             break
     else:  # the LUT paper evaluates by fine-tuning and linear probing (Sec. 4), not k-NN
-        log.print("to evaluate as the paper: fine-tune or linear-probe (not in this repository); k-NN with DINO's "
-                  "protocol: " + common.paper_eval_command(args))
+        log.print("to evaluate as the paper: fine-tune (not in this repository) or linear-probe (MAE's recipe, the "
+                  "nearest here: " + common.paper_eval_command(args, "--protocol maect", "eval_linear.py")
+                  + "); k-NN with DINO's protocol: " + common.paper_eval_command(args))
     log.print(f"done: {common.checkpoint_path(args.output_dir)}")
     log.close()
 

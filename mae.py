@@ -25,9 +25,9 @@ with blr 1.5e-4, global batch 4096, 40 warmup epochs then half-cosine (per itera
 Launch (paper setting, ViT-L/16, ImageNet-1K, 8 GPUs x 64 images x 8 accumulation = 4096):
   torchrun --standalone --nproc_per_node=8 mae.py --model vit_l16 --data /path/to/imagenet \
       --batch-size 4096 --accum-steps 8 --epochs 800 --output-dir runs/mae_l16
-  (ViT-B/16: --model vit_b16; ViT-H/14: --model vit_h14 --grad-checkpointing; ViT-2B/14 and larger:
-  add --fsdp, which shards parameters, gradients and AdamW states over the processes with PyTorch FSDP2
-  and still writes the plain checkpoint below; benchmarks/mem_estimate.py gives the memory per GPU.)
+  (ViT-B/16: --model vit_b16; ViT-H/14: --model vit_h14; the memory plan checkpoints as many blocks as needed
+  and switches to --fsdp, which shards parameters, gradients and AdamW states over the processes with PyTorch
+  FSDP2 and still writes the plain checkpoint below, when DDP cannot fit; --plan GPUSxGB prints the plan.)
   Rerun the same command to resume from OUTPUT_DIR/checkpoint-last.pth.
 Tiny CPU run (the `make demo` / `make repro` configuration of benchmarks/mini_repro.py; its numbers are in
 results/README.md):
@@ -133,7 +133,7 @@ class Args:
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
     fsdp: bool = False
     """shard encoder, decoder, gradients and AdamW states over the processes with PyTorch FSDP2 (fully_shard)
-    instead of DDP (ViT-2B/14 and larger; benchmarks/mem_estimate.py). Checkpoints keep the plain format"""
+    instead of DDP (ViT-2B/14 and larger; --plan GPUSxGB says when it is needed). Checkpoints keep the plain format"""
     # ---- MAE flags ----
     mask_ratio: common.OpenUnit = 0.75
     """fraction r of patches removed per image (Sec. 3 'Masking'; Sec. 4.1 / Fig. 5: 0.75)"""
@@ -624,8 +624,10 @@ def main(args: Args):
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
             break
     else:  # the MAE paper evaluates by fine-tuning and linear probing (Sec. 4), not k-NN
-        log.print("to evaluate as the paper: fine-tune or linear-probe (not in this repository); k-NN with DINO's "
-                  "protocol: " + common.paper_eval_command(args))
+        log.print("to evaluate as the paper: fine-tune (not in this repository) or linear-probe (MAE's recipe: BN, "
+                  "LARS, 90 epochs; the nearest here is MAE-CT's: " + common.paper_eval_command(
+                      args, "--protocol maect", "eval_linear.py") + "); k-NN with DINO's protocol: "
+                  + common.paper_eval_command(args))
     log.close()
 
 

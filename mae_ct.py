@@ -125,7 +125,7 @@ class Args:
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
     fsdp: bool = False
     """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
-    largest model, ViT-H/14, fits 4 x A100 with DDP + --grad-checkpointing, see benchmarks/mem_estimate.py)"""
+    largest model, ViT-H/14, fits 4 x A100 with DDP and activation checkpointing: --plan 4x40 prints the plan)"""
     # ---- MAE-CT flags ----
     init: Optional[str] = None
     """MAE encoder to tune (required): our mae.py checkpoint or an official MAE release file (mae_pretrain_vit_*.pth)"""
@@ -614,7 +614,7 @@ def main(args: Args):
         return
     if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
         raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; MAE-CT up to ViT-H/14 trains with "
-                        "DDP (drop --fsdp, add --grad-checkpointing)")
+                        "DDP (drop --fsdp; --grad-checkpointing auto, the default, checkpoints as many blocks as the memory plan needs)")
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
     checkpointed, _ = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
@@ -719,8 +719,12 @@ def main(args: Args):
                 log.close()
                 return
     # App. B: weighted k-NN following DINO with k = 10, on the EMA encoder ("model")
-    log.print("to evaluate as the paper: " + common.paper_eval_command(
-        args, "--k 10" + (" --pool avg" if args.pool == "avg" else "")))
+    # Tables 1, 2, 9: k-NN, linear probe (App. B, Table 9), 1/2/5-shot (App. B), k-means ACC + silhouette (Table 2)
+    pool = " --pool avg" if args.pool == "avg" else ""
+    log.print("to evaluate as the paper: k-NN: " + common.paper_eval_command(args, "--k 10" + pool))
+    log.print("  linear probe: " + common.paper_eval_command(args, "--protocol maect", "eval_linear.py"))
+    log.print("  1/2/5-shot and k-means: " + common.paper_eval_command(
+        args, "--few-shot 1 2 5 --cluster --cluster-norm standardize" + pool, "eval_frozen.py"))
     log.close()
 
 

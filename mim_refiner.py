@@ -848,7 +848,10 @@ def main(args: Args):
                 return
     # App. C.4 (k = 10, DINO's vote) with the official knn.py feature: EMA ("model"), last-block CLS without
     # the final LayerNorm, standardised with the train statistics
-    log.print("to evaluate as the paper: " + common.paper_eval_command(args, "--no-final-norm --standardize --k 10"))
+    # Tables 1-3: k-NN (App. C.4), linear probe (App. C.3, DINOv2's grid), 1/2/5-shot (App. C.5), k-means (Sec. 5.3)
+    log.print("to evaluate as the paper: k-NN: " + common.paper_eval_command(args, "--no-final-norm --standardize --k 10"))
+    log.print("  linear probe: " + common.paper_eval_command(args, "--protocol dinov2", "eval_linear.py"))
+    log.print("  1/2/5-shot and k-means: " + common.paper_eval_command(args, "--few-shot 1 2 5 --cluster", "eval_frozen.py"))
     log.close()
 
 

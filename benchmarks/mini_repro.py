@@ -2,11 +2,12 @@
 
 Same tiny ViT (vit_t16, 32 px, patch 8; the smoke test patch 4), the synthetic 10-class dataset (or any ImageFolder via
 --data), fixed seeds. Each method is trained by its own script exactly as a user would run it, then
-evaluated with eval_knn.py (weighted kNN, k=20, T=0.07, CLS token, every block) and a cheap linear
-probe on the same frozen features. Writes into --output-dir:
+evaluated with eval_knn.py (weighted kNN, k=20, T=0.07, CLS token, every block), with eval_linear.py (MIM-Refiner
+App. C.3's DINOv2 grid of linear heads, shortened to LINEAR_EPOCHS epochs on the CPU) and with a cheap full-batch
+softmax probe on the kNN's frozen features. Writes into --output-dir:
 
   table.md           the Markdown table (kNN top-1 @ k=20 on the last block and on the best block,
-                     linear probe, training wall time); with several seeds mean +- sample std
+                     linear probe (eval_linear.py's best head), feature probe, training wall time); with several seeds mean +- sample std
   README.md          the same table, kNN per block, each post-hoc method minus its MAE start at the last
                      block and at its head blocks (against twice the seed std), the command and the machine
   per_block_knn.png  kNN accuracy per block for each method (MIM-Refiner Figure 1 in miniature)
@@ -43,6 +44,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+LINEAR_EPOCHS = {"smoke": 1, "demo": 10, "full": 10}  # eval_linear.py's 50 (App. C.3) shortened for the CPU
+
 
 def tiny(patch: int) -> list:
     return ["--model", "vit_t16", "--img-size", "32", "--patch-size", str(patch)]
@@ -183,7 +187,15 @@ def evaluate(method, ckpt, preset, out: Path, seed: int):
     res = json.loads(js.read_text())
     with IN_PROCESS:  # linear_probe seeds the global RNG
         res["linear_probe"] = linear_probe(torch.load(feats, weights_only=True))
-    return res, cmd
+    lin = out / "evals" / f"{method}_linear.json"
+    lcmd = [sys.executable, "eval_linear.py", *tiny(preset["patch"]), "--data", preset["data"],
+            "--num-workers", "0", "--device", "cpu", "--checkpoint", "none" if ckpt is None else ckpt,
+            "--protocol", "dinov2", "--epochs", str(preset["linear_epochs"]), "--batch-size", str(preset["batch"]),
+            "--output-json", lin, *(["--seed", str(seed)] if method == "random-init" else [])]
+    run(lcmd, out / "logs" / f"linear_{method}.log", env=preset.get("env"))
+    best = json.loads(lin.read_text())["best"]
+    res["linear_grid"], res["linear_grid_head"] = best["top1"], best["name"]
+    return res, cmd + ["&&"] + lcmd
 
 
 def raw_pixel_knn(preset, js, feats):
@@ -202,6 +214,7 @@ def raw_pixel_knn(preset, js, feats):
     res = {"top1": {str(k): v for k, v in acc["top1"].items()}}
     res["linear_probe"] = linear_probe({"train_features": data["train"][0], "train_labels": data["train"][1],
                                         "val_features": data["val"][0], "val_labels": data["val"][1]})
+    res["linear_grid"] = None  # no encoder to probe
     Path(js).write_text(json.dumps(res, indent=2))
     return res
 
@@ -278,7 +291,9 @@ def run_seed(methods, preset, out: Path, seed: int, label: str = "") -> tuple[di
         if ckpt is not None and m in ("mae_ct", "mim_refiner"):
             results[m]["head_blocks"] = torch.load(ckpt, map_location="cpu", weights_only=True).get("head_blocks")
         k = "20" if "20" in res["top1"] else next(iter(res["top1"]))
-        print(f"   kNN top-1 @k={k}: {res['top1'][k]:.1f}   linear probe: {res['linear_probe']:.1f}", flush=True)
+        grid = "-" if res["linear_grid"] is None else f"{res['linear_grid']:.1f}"
+        print(f"   kNN top-1 @k={k}: {res['top1'][k]:.1f}   linear probe: {grid}   feature probe: "
+              f"{res['linear_probe']:.1f}", flush=True)
     return results, time.time() - t_start + reused
 
 
@@ -298,6 +313,8 @@ def summarize(per_seed: dict, k: str) -> dict:
         rs = [per_seed[s][m] for s in seeds]
         agg = lambda vs: dict(zip(("mean", "std"), mean_std(vs)), values=vs)  # noqa: E731
         d = {"knn": agg([r["eval"]["top1"][k] for r in rs]), "linear_probe": agg([r["eval"]["linear_probe"] for r in rs]),
+             "linear_grid": agg([r["eval"]["linear_grid"] for r in rs]) if rs[0]["eval"].get("linear_grid") is not None
+             else None,
              "train_seconds": agg([r["train_seconds"] for r in rs])}
         pb = rs[0]["eval"].get("per_block")
         if pb:
@@ -346,15 +363,17 @@ def machine_desc() -> str:
 def main_table(summary: dict, k: str, n: int) -> list:
     """The results table (Markdown lines): per method the last-block kNN, the best block, the linear probe and
     the training time, each as mean +- std over the n seeds."""
-    lines = [f"| method | kNN top-1 (k={k}), last block | best block: kNN top-1 | linear probe top-1 | train time |",
-             "|---|---|---|---|---|"]
+    lines = [f"| method | kNN top-1 (k={k}), last block | best block: kNN top-1 | linear probe top-1 (eval_linear.py) | "
+             f"feature probe top-1 | train time |", "|---|---|---|---|---|---|"]
     for m, d in summary.items():
         pb = d.get("per_block")
         best = "-"
         if pb:
             b = max(pb, key=lambda b: pb[b]["mean"])
             best = f"{pm(pb[b], n)} (block {b + 1})"
-        lines.append(f"| {m} | {pm(d['knn'], n)} | {best} | {pm(d['linear_probe'], n)} | {d['train_seconds']['mean']:.0f} s |")
+        grid = pm(d["linear_grid"], n) if d.get("linear_grid") else "-"
+        lines.append(f"| {m} | {pm(d['knn'], n)} | {best} | {grid} | {pm(d['linear_probe'], n)} | "
+                     f"{d['train_seconds']['mean']:.0f} s |")
     return lines
 
 
@@ -405,7 +424,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.seed is not None and a.seeds is not None:
         raise SystemExit("error: pass --seed S or --seeds S1 S2 ..., not both")
-    preset = dict(PRESETS[a.preset])
+    preset = dict(PRESETS[a.preset], linear_epochs=LINEAR_EPOCHS[a.preset])
     seeds = [a.seed] if a.seed is not None else (a.seeds or preset.get("seeds", [0]))
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"error: --seeds {seeds} names a seed twice")

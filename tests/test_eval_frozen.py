@@ -230,3 +230,32 @@ def test_one_line_errors(setup, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", no_sklearn)
     code, _, err = run_inprocess(capsys, eval_frozen, "--checkpoint", d / "ck.pth", "--data", d / "imgs", *TINY, "--cluster")
     assert code == 2 and err.strip() == "error: eval_frozen.py needs scikit-learn: pip install scikit-learn"
+
+
+@pytest.mark.parametrize("script", ["mim_refiner", "mae_ct"])
+def test_the_training_scripts_closing_lines_run_as_printed(tmp_path, capsys, script):
+    """The "to evaluate as the paper" lines name k-NN, the linear probe and 1/2/5-shot + k-means with the paper's
+    protocol flags, and each printed command runs on the run's checkpoint (shortened for the test by flags
+    appended after the printed ones)."""
+    import importlib
+    init = tmp_path / "mae.pth"
+    write_mae_release_checkpoint(init, patch_size=8)
+    t = [*TINY, "--patch-size", "8", "--data", "synthetic:24:12", "--batch-size", "8", "--queue-size", "16",
+         "--topk", "1", "--init", init, "--head-epochs", "1", "--epochs", "1", "--output-dir", tmp_path / "run"]
+    t += (["--local-crops", "1", "--head-hidden", "32", "--pred-hidden", "32", "--head-blocks", "11"]
+          if script == "mim_refiner" else ["--proj-hidden", "32", "--pred-hidden", "32", "--proj-dim", "16"])
+    code, out, err = run_inprocess(capsys, importlib.import_module(script), *t)
+    assert code == 0, err
+    lines = out[out.index("to evaluate as the paper"):].splitlines()[:3]
+    cmds = [line.split(": ", 1 if i else 2)[-1] for i, line in enumerate(lines)]
+    protocol = "dinov2" if script == "mim_refiner" else "maect"
+    assert cmds[0].startswith("python eval_knn.py") and "--k 10" in cmds[0]
+    assert cmds[1].startswith("python eval_linear.py") and f"--protocol {protocol}" in cmds[1]
+    assert cmds[2].startswith("python eval_frozen.py") and "--few-shot 1 2 5 --cluster" in cmds[2]
+    short = {"eval_knn.py": [], "eval_linear.py": ["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--lrs", "0.1"],
+             "eval_frozen.py": ["--few-shot", "1", "--kmeans-runs", "1"]}
+    for cmd in cmds:
+        argv = cmd.split()[1:]
+        p = run_script(argv[0], *argv[1:], "--num-workers", "0", "--device", "cpu", *short[argv[0]])
+        assert {"eval_knn.py": "k-NN on", "eval_linear.py": "best linear probe",
+                "eval_frozen.py": "k-means (k="}[argv[0]] in p.stdout, p.stdout[-2000:]

@@ -34,6 +34,12 @@ def test_mini_repro_smoke_table_plot_and_numbers(tmp_path):
         row = next(line for line in table.splitlines() if line.startswith(f"| {m} |"))
         assert f"| {ev['top1']['20']:.1f} |" in row
         assert 0.0 <= r["eval"]["linear_probe"] <= 100.0
+        if m == "raw-pixels":
+            assert r["eval"]["linear_grid"] is None and "| - |" in row
+        else:  # the linear-probe column is eval_linear.py's best head (DINOv2 grid), from its own JSON
+            lin = json.loads((out / "evals" / f"{m}_linear.json").read_text())
+            assert lin["protocol"]["epochs"] == 1 and r["eval"]["linear_grid"] == lin["best"]["top1"]
+            assert f"| {lin['best']['top1']:.1f} |" in row
     # the MAE run is evaluated on every block (12 for vit_t16), the best block is reported
     assert len(res["results"]["mae"]["eval"]["per_block"]) == 12
     assert re.search(r"\| mae \| [\d.]+ \| [\d.]+ \(block \d+\) \|", table)
