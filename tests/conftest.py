@@ -97,6 +97,21 @@ def write_mae_release_checkpoint(path: Path, model_name="vit_t16", img_size=32, 
     return enc
 
 
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tensors(obj, prefix=""):
+    """Flatten a checkpoint (nested dicts/lists) into {key path: tensor} (weights, queues, optimizer moments)."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out = {}
+    for k, v in items:
+        out.update(tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)

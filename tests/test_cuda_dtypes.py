@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import ONE_THREAD, TINY, run_script, write_mae_release_checkpoint
+from conftest import ONE_THREAD, TINY, load, run_script, tensors, write_mae_release_checkpoint
 
 CUDA_DTYPES = {**ONE_THREAD, "MIMREF_CUDA_DTYPES": "1"}
 FP32 = {**ONE_THREAD, "MIMREF_CUDA_DTYPES": "0"}
@@ -20,21 +20,6 @@ REFINER = [*TINY, "--patch-size", 8, "--data", "synthetic:32:20", "--batch-size"
 MAE = [*TINY, "--patch-size", 8, "--decoder-dim", 32, "--decoder-depth", 1, "--decoder-heads", 2, "--batch-size", 8,
        "--warmup-epochs", 1, "--blr", 1e-3, "--vis-images", 0, "--data", "synthetic:16:8", "--epochs", 3,
        "--grad-checkpointing", "on", "--save-every", 0]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def tensors(obj, prefix=""):
-    """Flatten a checkpoint into {key path: tensor} (weights, queues, optimizer moments)."""
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    out = {}
-    for k, v in items:
-        out.update(tensors(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def losses(out):

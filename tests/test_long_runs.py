@@ -17,24 +17,11 @@ import pytest
 import torch
 
 import common
-from conftest import ONE_THREAD, ROOT, TINY, run_inprocess, run_script, write_image_folder, write_mae_release_checkpoint
+from conftest import (ONE_THREAD, ROOT, TINY, load, run_inprocess, run_script, tensors, write_image_folder,
+                      write_mae_release_checkpoint)
 
 CUDA_DTYPES = {**ONE_THREAD, "MIMREF_CUDA_DTYPES": "1"}
 RNG = random.Random(26)  # the steps at which the tests stop the runs: fixed per suite run, different per case
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def tensors(obj, prefix=""):
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    out = {}
-    for k, v in items:
-        out.update(tensors(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def assert_same_checkpoint(a, b):
