@@ -387,7 +387,11 @@ def write_readme(out: Path, command: str, preset_name: str, preset: dict, seeds:
          + (f" (mean +- sample std over the {n} seeds)" if n > 1 else ""),
          f"- wall time: {total / 60:.1f} min in all, {jobs} seed(s) at a time (per seed, training of runs reused from an "
          "earlier invocation counted: " + ", ".join(f"seed {s}: {t:.0f} s" for s, t in per_seed_total.items()) + ")", "",
-         *main_table(summary, k, n)]
+         *main_table(summary, k, n), "",
+         f"kNN: eval_knn.py, weighted vote, T 0.07, [CLS] after the final norm. Linear probe: eval_linear.py "
+         f"--protocol dinov2 (MIM-Refiner App. C.3's grid of 52 heads, RandomResizedCrop + flip), the best head on "
+         f"val, {preset['linear_epochs']} epochs instead of 50 on the CPU. Feature probe: a full-batch softmax "
+         f"regression on the standardised last-block [CLS] features of the kNN (100 AdamW steps, no augmentation)."]
     blocks = next((sorted(d["per_block"]) for d in summary.values() if "per_block" in d), [])
     if blocks:
         L += ["", f"kNN top-1 (k={k}) per block (1-based, as in the plot):", "",
