@@ -54,7 +54,6 @@ Deviations, each deliberate:
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -460,10 +459,7 @@ def main(args: Args):
             print(f"  class separation (ground truth): silhouette {res['silhouette']:.2f}  "
                   f"Davies-Bouldin {res['davies_bouldin']:.3f}")
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"results written to {args.output_json}")
+        eval_knn.write_json(args.output_json, result)
 
 
 if __name__ == "__main__":

@@ -546,10 +546,15 @@ def main(args: Args):
             result["per_block_plot"] = saved
 
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"results written to {args.output_json}")
+        write_json(args.output_json, result)
+
+
+def write_json(path: str, result: dict):
+    """`result` (every number with its protocol) as JSON at `path` (folders created), and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"results written to {path}")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,6 @@ Deviations, each deliberate:
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -401,10 +399,7 @@ def main(args: Args):
         print(f"  {r['n_blocks']:>6} {str(r['avgpool']):>7} {r['lr']:9.3g} {r['top1']:7.2f} {r['train_loss']:10.4f}")
     print(f"best linear probe ({args.protocol}): top-1 {best['top1']:.2f} ({best['name']}, lr {best['lr']:g})")
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump({"protocol": protocol, "grid": rows, "best": best}, f, indent=2)
-        print(f"results written to {args.output_json}")
+        eval_knn.write_json(args.output_json, {"protocol": protocol, "grid": rows, "best": best})
 
 
 if __name__ == "__main__":
