@@ -45,7 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LINEAR_EPOCHS = {"smoke": 1, "demo": 10, "full": 10}  # eval_linear.py's 50 (App. C.3) shortened for the CPU
+# eval_linear.py's 50 epochs (App. C.3) shortened for the CPU; 0: not run (make demo keeps to its 10 minutes)
+LINEAR_EPOCHS = {"smoke": 1, "demo": 0, "full": 10}
 
 
 def tiny(patch: int) -> list:
@@ -187,6 +188,9 @@ def evaluate(method, ckpt, preset, out: Path, seed: int):
     res = json.loads(js.read_text())
     with IN_PROCESS:  # linear_probe seeds the global RNG
         res["linear_probe"] = linear_probe(torch.load(feats, weights_only=True))
+    if not preset["linear_epochs"]:
+        res["linear_grid"] = None
+        return res, cmd
     lin = out / "evals" / f"{method}_linear.json"
     lcmd = [sys.executable, "eval_linear.py", *tiny(preset["patch"]), "--data", preset["data"],
             "--num-workers", "0", "--device", "cpu", "--checkpoint", "none" if ckpt is None else ckpt,
@@ -388,10 +392,12 @@ def write_readme(out: Path, command: str, preset_name: str, preset: dict, seeds:
          f"- wall time: {total / 60:.1f} min in all, {jobs} seed(s) at a time (per seed, training of runs reused from an "
          "earlier invocation counted: " + ", ".join(f"seed {s}: {t:.0f} s" for s, t in per_seed_total.items()) + ")", "",
          *main_table(summary, k, n), "",
-         f"kNN: eval_knn.py, weighted vote, T 0.07, [CLS] after the final norm. Linear probe: eval_linear.py "
-         f"--protocol dinov2 (MIM-Refiner App. C.3's grid of 52 heads, RandomResizedCrop + flip), the best head on "
-         f"val, {preset['linear_epochs']} epochs instead of 50 on the CPU. Feature probe: a full-batch softmax "
-         f"regression on the standardised last-block [CLS] features of the kNN (100 AdamW steps, no augmentation)."]
+         "kNN: eval_knn.py, weighted vote, T 0.07, [CLS] after the final norm. Linear probe: "
+         + (f"eval_linear.py --protocol dinov2 (MIM-Refiner App. C.3's grid of 52 heads, RandomResizedCrop + flip), "
+            f"the best head on val, {preset['linear_epochs']} epochs instead of 50 on the CPU"
+            if preset["linear_epochs"] else "not run in this preset (`--preset full` runs eval_linear.py)")
+         + ". Feature probe: a full-batch softmax regression on the standardised last-block [CLS] features of the kNN "
+           "(100 AdamW steps, no augmentation)."]
     blocks = next((sorted(d["per_block"]) for d in summary.values() if "per_block" in d), [])
     if blocks:
         L += ["", f"kNN top-1 (k={k}) per block (1-based, as in the plot):", "",
