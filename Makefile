@@ -19,9 +19,13 @@ demo: .venv/stamp
 test: .venv/stamp
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
-# The papers' claims in miniature (all methods, seeds 0 1 2, mean +- std; about 45 minutes on 2 cores).
+# The papers' claims in miniature (all methods, seeds 0 1 2, mean +- std; about 45 minutes on 2 cores). With checkouts
+# of the official LUT / ConMIM code at these paths, their rows are added (benchmarks/official_miniature.py).
+OFFICIAL_LUT ?= ../official/lut
+OFFICIAL_CONMIM ?= ../official/ConMIM
 repro: .venv/stamp
-	$(PY) benchmarks/mini_repro.py --preset full --output-dir results
+	$(PY) benchmarks/mini_repro.py --preset full --output-dir results --official-lut $(OFFICIAL_LUT) \
+		--official-conmim $(OFFICIAL_CONMIM)
 
 bench: .venv/stamp
 	$(PY) benchmarks/bench_vit.py

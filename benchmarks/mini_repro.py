@@ -66,7 +66,8 @@ PRESETS = {
     "demo": dict(data="synthetic:2000:500", batch=128, patch=8,
                  methods=["raw-pixels", "random-init", "mae", "mim_refiner"], k=[10, 20], seeds=[0, 1, 2]),
     "full": dict(data="synthetic:2000:500", batch=128, patch=8,
-                 methods=["raw-pixels", "random-init", "mae", "mae_ct", "mim_refiner", "lut", "random-init-rel", "conmim"],
+                 methods=["raw-pixels", "random-init", "mae", "mae_ct", "mim_refiner", "lut", "lut-official",
+                          "random-init-rel", "conmim", "conmim-official", "official-init-rel"],
                  k=[10, 20], seeds=[0, 1, 2]),
 }
 
@@ -97,6 +98,17 @@ METHOD_FLAGS = {
     "conmim": ["--epochs", "20", "--warmup-epochs", "1", "--lr", "5e-4", "--head-hidden-dim", "256", "--head-out-dim", "64",
                "--mask-block", "1", "--rel-pos-lr-mult", "200"],
 }
+
+
+# The official code's rows (benchmarks/official_miniature.py): the official model and loss with the same flags as our
+# row, from a local checkout (--official-lut / --official-conmim); `official-init-rel` is the official ConMIM
+# model's own initialisation (BEiT init, layer scale), its fair baseline. Without a checkout the rows are left out.
+OFFICIAL = {"lut-official": "lut", "conmim-official": "conmim"}
+OFFICIAL_REPOS = {"lut": "https://github.com/naver-ai/lut", "conmim": "https://github.com/TencentARC/ConMIM"}
+# (method, its baseline) pairs of the README's comparison table: LUT against MAE from the same budget (the paper's
+# linear-probe claim), ConMIM against its own start, and each official row beside ours
+COMPARE = [("lut", "mae"), ("lut-official", "mae"), ("lut-official", "lut"), ("conmim", "random-init-rel"),
+           ("conmim-official", "official-init-rel"), ("conmim-official", "conmim")]
 
 
 def with_flag(flags: list, name: str, value: str) -> list:
@@ -155,9 +167,15 @@ def train(method, preset, out: Path, mae_ckpt, seed: int, label: str = ""):
             enc = common.create_vit("vit_t16", img_size=32, patch_size=preset["patch"], rel_pos_bias=True)
         common.save_checkpoint(str(path), {"model": enc.state_dict()})
         return path, 0.0, []
-    flags = preset.get(method) or METHOD_FLAGS[method]
+    if method == "official-init-rel":  # written by the conmim-official run
+        return out / "runs" / "conmim-official" / "checkpoint-init.pth", 0.0, []
+    script = OFFICIAL.get(method, method)
+    flags = preset.get(script) or METHOD_FLAGS[script]
     run_dir = out / "runs" / method
     cmd = [py, f"{method}.py", *common_flags, "--output-dir", run_dir, *flags]
+    if method in OFFICIAL:
+        cmd = [py, "benchmarks/official_miniature.py", script, "--repo", preset["official"][script], "--output-dir",
+               run_dir, "--", *common_flags, *flags]
     if method in ("mae_ct", "mim_refiner"):
         cmd += ["--init", mae_ckpt]
     # Re-running resumes finished runs at once; report the time the training took when it ran (stored beside
@@ -351,6 +369,43 @@ def lifts(summary: dict, start: str = "mae") -> dict:
     return out
 
 
+def compare(summary: dict) -> list:
+    """COMPARE pairs present in `summary`: per metric (last-block kNN, eval_linear.py's probe) the difference of the
+    seed means, the larger seed std, the per-seed differences and whether the difference exceeds twice that std."""
+    rows = []
+    for m, base in COMPARE:
+        if m not in summary or base not in summary:
+            continue
+        r = dict(method=m, baseline=base)
+        for metric in ("knn", "linear_grid"):
+            a, b = summary[m].get(metric), summary[base].get(metric)
+            if not a or not b:
+                continue
+            paired = [x - y for x, y in zip(a["values"], b["values"])]
+            std = max(a["std"], b["std"])
+            delta = a["mean"] - b["mean"]
+            r[metric] = dict(delta=delta, std=std, paired=paired, beyond_2std=len(paired) > 1 and abs(delta) > 2 * std)
+        rows.append(r)
+    return rows
+
+
+def compare_lines(rows: list, n: int, k: str) -> list:
+    names = {"knn": f"kNN (k={k}, last block)", "linear_grid": "linear probe"}
+    L = ["| method | baseline | " + " | ".join(f"{v}: difference (std; per seed; beyond 2 std)" for v in names.values())
+         + " |", "|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for metric in names:
+            d = r.get(metric)
+            if d is None:
+                cells.append("-")
+                continue
+            verdict = ("yes" if d["beyond_2std"] else "no") if n > 1 else "one seed"
+            cells.append(f"{d['delta']:+.1f} ({d['std']:.1f}; {', '.join(f'{v:+.1f}' for v in d['paired'])}; {verdict})")
+        L.append(f"| {r['method']} | {r['baseline']} | " + " | ".join(cells) + " |")
+    return L
+
+
 def pm(d: dict, n: int) -> str:
     return f"{d['mean']:.1f} +- {d['std']:.1f}" if n > 1 else f"{d['mean']:.1f}"
 
@@ -413,6 +468,14 @@ def write_readme(out: Path, command: str, preset_name: str, preset: dict, seeds:
             verdict = ("yes" if r["above_2std"] else "no") if n > 1 else "- (one seed)"
             L.append(f"| {b + 1} | {r['delta']:+.1f} | {r['std']:.1f} | {', '.join(f'{v:+.1f}' for v in r['paired'])} | "
                      f"{verdict} |")
+    rows = compare(summary)
+    if rows:
+        L += ["", "LUT against MAE from the same budget (the paper claims +2 points of linear probing over MAE, Sec. 1), "
+              "ConMIM against its own start, and the official code's rows (benchmarks/official_miniature.py: the "
+              "official model and loss with the same data and schedule) beside ours; std = the larger of the two "
+              "seed stds:", "", *compare_lines(rows, n, k)]
+    for note in preset.get("notes", []):
+        L += ["", note]
     if plotted:
         L += ["", "![kNN per block](per_block_knn.png)"]
     (out / "README.md").write_text("\n".join(L) + "\n")
@@ -431,6 +494,10 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=None, help="seeds trained at the same time, each child process with "
                     "cores // jobs threads; default: all seeds at once (tiny models use 1 thread best); "
                     "thread counts change floating-point order, hence the last digits")
+    ap.add_argument("--official-lut", default=None, help="a checkout of naver-ai/lut: adds the row lut-official "
+                    "(the official model and loss on the same miniature; benchmarks/official_miniature.py)")
+    ap.add_argument("--official-conmim", default=None, help="a checkout of TencentARC/ConMIM: adds the rows "
+                    "conmim-official and official-init-rel (its initialisation)")
     a = ap.parse_args(argv)
     if a.seed is not None and a.seeds is not None:
         raise SystemExit("error: pass --seed S or --seeds S1 S2 ..., not both")
@@ -440,7 +507,21 @@ def main(argv=None):
         raise SystemExit(f"error: --seeds {seeds} names a seed twice")
     if a.data:
         preset["data"] = a.data
-    methods = a.methods or preset["methods"]
+    methods = list(a.methods or preset["methods"])
+    preset["official"], preset["notes"] = {}, []
+    for script, path in (("lut", a.official_lut), ("conmim", a.official_conmim)):
+        rows = [m for m in methods if OFFICIAL.get(m) == script or (script == "conmim" and m == "official-init-rel")]
+        if path and Path(path).is_dir():
+            preset["official"][script] = str(Path(path).resolve())
+            continue
+        if a.methods and rows:
+            raise SystemExit(f"error: {' '.join(rows)} need(s) --official-{script} PATH, a checkout of {OFFICIAL_REPOS[script]}")
+        if rows:
+            methods = [m for m in methods if m not in rows]
+            note = (f"Rows {', '.join(rows)} left out: no checkout of {OFFICIAL_REPOS[script]} at "
+                    f"{path or '(none given)'} (`git clone {OFFICIAL_REPOS[script]} PATH`, then --official-{script} PATH).")
+            preset["notes"].append(note)
+            print(note, flush=True)
     if any(m in methods for m in ("mae_ct", "mim_refiner")) and "mae" not in methods:
         methods = ["mae"] + methods
     out = Path(a.output_dir)
@@ -473,7 +554,8 @@ def main(argv=None):
     command = " ".join(["python", "benchmarks/mini_repro.py", *(sys.argv[1:] if argv is None else map(str, argv))])
     write_readme(out, command, a.preset, preset, seeds, summary, lift, totals, total, jobs, k, machine, plotted)
     res = {"preset": a.preset, "data": preset["data"], "seeds": seeds, "machine": machine, "command": command,
-           "total_seconds": total, "seed_seconds": totals, "jobs": jobs, "summary": summary, "lift_over_mae": lift}
+           "total_seconds": total, "seed_seconds": totals, "jobs": jobs, "summary": summary, "lift_over_mae": lift,
+           "comparisons": compare(summary)}
     if n == 1:
         res.update(seed=seeds[0], results=per_seed[seeds[0]])
     else:

@@ -24,7 +24,8 @@ tensorboardX (unused here), optim_factory.py optimizers that timm 1.x dropped (o
 branch runs); its engine hard-codes `length = 196` patches (the number of patches is used).
 CPU, fp32 (the official autocast and loss scaler are CUDA-only). The encoder is saved as "model" in this
 repository's ViT layout (LUT: the timm/MAE keys; ConMIM: layer scale folded into attn.proj / mlp.fc2, q/v
-biases into qkv.bias with a zero key bias, exact), so eval_knn.py and eval_linear.py read it.
+biases into qkv.bias with a zero key bias, exact, checked against the official forward at the start and the
+end), so eval_knn.py and eval_linear.py read it; checkpoint-init.pth holds the official initialisation.
 
     git clone https://github.com/naver-ai/lut ../lut
     python benchmarks/official_miniature.py lut --repo ../lut --output-dir runs/lut_official -- \\
@@ -109,9 +110,9 @@ def check_conversion(official_tokens, sd: dict, args, rel_pos_bias: bool, when: 
     return diff
 
 
-def save_encoder(out: Path, sd: dict, args, rel_pos_bias: bool, extra: dict):
+def save_encoder(path: Path, sd: dict, args, rel_pos_bias: bool, extra: dict):
     enc = our_encoder(sd, args, rel_pos_bias)
-    common.save_checkpoint(str(out / "checkpoint-last.pth"), {"model": enc.state_dict(), "encoder_config": enc.config(),
+    common.save_checkpoint(str(path), {"model": enc.state_dict(), "encoder_config": enc.config(),
                                                                "model_is_ema": False, **extra})
 
 
@@ -156,7 +157,8 @@ def train_lut(repo: Path, args, out: Path, log):
         tokens = model.forward_encoder(x, x, args.mask_ratio, ema=True)[0]  # (B, 1+N, D) after the final norm
         model.train(was)
         return tokens
-    check_conversion(official_tokens, encoder_sd(), args, False, "at the start")
+    init_sd = encoder_sd()
+    check_conversion(official_tokens, init_sd, args, False, "at the start")
     ds = common.build_dataset(args.data, "train", lut.lut_transform(args), img_size=args.img_size, seed=args.seed)
     spe = len(ds) // args.batch_size
     ema = ema_mod.ModelEma_sched(model, decay=augs.cosine_scheduler(args.momentum, args.momentum_final, args.epochs, spe))
@@ -181,8 +183,8 @@ def train_lut(repo: Path, args, out: Path, log):
                         n_terms += 1
             bc_loss /= n_terms
             total = args.mae_weight * mae_loss + w_bc * bc_loss
-            if not math.isfinite(float(total)):
-                raise common.UserError(f"the official LUT loss is {float(total)} at epoch {epoch} step {i}")
+            if not math.isfinite(float(total.detach())):
+                raise common.UserError(f"the official LUT loss is {float(total.detach())} at epoch {epoch} step {i}")
             total.backward()
             opt.step()
             opt.zero_grad()
@@ -191,7 +193,7 @@ def train_lut(repo: Path, args, out: Path, log):
             sums["bc"] += float(bc_loss)
         log(epoch, {"loss_mim": sums["mae"] / spe, "loss_bc": sums["bc"] / spe, "seconds": time.time() - t0})
     check_conversion(official_tokens, encoder_sd(), args, False, "at the end")
-    return encoder_sd(), False
+    return encoder_sd(), init_sd, False
 
 
 # ================================================================================================
@@ -253,7 +255,8 @@ def train_conmim(repo: Path, args, out: Path, log):
                                                                        dtype=torch.bool))
         model.train(was)
         return tokens
-    check_conversion(official_tokens, to_our_layout(model.state_dict()), args, True, "at the start")
+    init_sd = to_our_layout(model.state_dict())
+    check_conversion(official_tokens, init_sd, args, True, "at the start")
     grid = args.img_size // (args.patch_size or patch)
     ds = common.build_dataset(args.data, "train", conmim.ConMIMTransform(args, grid), img_size=args.img_size,
                               seed=args.seed)
@@ -290,8 +293,8 @@ def train_conmim(repo: Path, args, out: Path, log):
             feat = nn.functional.normalize(feat, p=2, dim=-1)
             logits_ab = torch.matmul(feat, feat_full.permute(0, 2, 1)) / args.temperature
             loss = nn.CrossEntropyLoss()(logits_ab[bool_masked_pos], labels)
-            if not math.isfinite(float(loss)):
-                raise common.UserError(f"the official ConMIM loss is {float(loss)} at epoch {epoch} step {step}")
+            if not math.isfinite(float(loss.detach())):
+                raise common.UserError(f"the official ConMIM loss is {float(loss.detach())} at epoch {epoch} step {step}")
             opt.zero_grad()
             loss.backward()
             if args.clip_grad:
@@ -308,7 +311,7 @@ def train_conmim(repo: Path, args, out: Path, log):
         log(epoch, {"loss": total / spe, "table_absmax": float(table.detach().abs().max()), "seconds": time.time() - t0})
     sd = to_our_layout(model.state_dict())
     check_conversion(official_tokens, sd, args, True, "at the end")
-    return sd, True
+    return sd, init_sd, True
 
 
 def main(argv=None):
@@ -338,13 +341,14 @@ def main(argv=None):
     def log(epoch, d):
         log_file.write(json.dumps({"epoch": epoch + 1, **d}) + "\n")
         log_file.flush()
-        print(f"epoch {epoch + 1}/{args.epochs} done, " + ", ".join(f"{k} {v:.4g}" for k, v in d.items()), flush=True)
+        print(f"epoch {epoch + 1}/{args.epochs}: done, " + ", ".join(f"{k} {v:.4g}" for k, v in d.items()), flush=True)
 
     t0 = time.time()
-    sd, rel = (train_lut if a.method == "lut" else train_conmim)(repo, args, out, log)
+    sd, init_sd, rel = (train_lut if a.method == "lut" else train_conmim)(repo, args, out, log)
     log_file.close()
-    save_encoder(out, sd, args, rel, {"official_repo": str(repo), "official_commit": repo_commit(repo),
-                                      "args": dataclasses.asdict(args), "train_seconds": time.time() - t0})
+    meta = {"official_repo": str(repo), "official_commit": repo_commit(repo), "args": dataclasses.asdict(args)}
+    save_encoder(out / "checkpoint-init.pth", init_sd, args, rel, meta)  # the official initialisation (a baseline)
+    save_encoder(out / "checkpoint-last.pth", sd, args, rel, {**meta, "train_seconds": time.time() - t0})
     print(f"done: {out / 'checkpoint-last.pth'} (official {a.method} code at {repo_commit(repo)})")
 
 

@@ -100,3 +100,53 @@ def test_conmim_diagnose_sees_the_mask_token_symmetry_and_the_tables_lr(tmp_path
         float(torch.load(tmp_path / "d" / "checkpoint-last.pth", weights_only=True)["model"][
             "rel_pos_bias.relative_position_bias_table"].abs().max()))
     assert "| rel_pos_layer0_no_wd |" in capsys.readouterr().out
+
+
+def test_official_conmim_encoder_folds_layer_scale_exactly():
+    """official_miniature.to_our_layout: a BEiT encoder with layer scale and q/v biases (timm's Beit, the official
+    modeling_finetune layout and names) becomes this repository's ViT with the same tokens after the final norm."""
+    from timm.models.beit import Beit
+    import common
+    mod = bench("official_miniature")
+    torch.manual_seed(0)
+    ref = Beit(img_size=32, patch_size=8, embed_dim=192, depth=3, num_heads=3, num_classes=0, global_pool="token",
+               use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1).eval()
+    with torch.no_grad():  # trained-looking values: per-channel layer scale, non-zero table and biases
+        for n, p in ref.named_parameters():
+            if n.endswith(("gamma_1", "gamma_2", "q_bias", "v_bias", "relative_position_bias_table")):
+                p.normal_()
+    sd = {**ref.state_dict(), "mask_token": torch.zeros(1, 1, 192), "projectors.0.weight": torch.zeros(4, 192)}
+    ours = common.create_vit("vit_t16", img_size=32, patch_size=8, depth=3, rel_pos_bias=True).eval()
+    ours.load_state_dict(mod.to_our_layout(sd), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = ours.forward_features(x), ref.forward_features(x)
+    assert (a - b).abs().max() < 1e-5
+    with torch.no_grad():  # without the folding the tokens differ: the test sees the layer scale
+        plain = {k: v for k, v in sd.items()}
+        for n in list(plain):
+            if n.endswith(("gamma_1", "gamma_2")):
+                plain[n] = torch.ones_like(plain[n])
+        ours.load_state_dict(mod.to_our_layout(plain), strict=True)
+        assert (ours.forward_features(x) - b).abs().max() > 1e-2
+
+
+def test_mini_repro_compares_lut_and_conmim_with_their_baselines_and_needs_the_official_checkout(tmp_path):
+    mini = bench("mini_repro")
+
+    def res(knn, lin):
+        return {"train_seconds": 1.0, "eval": {"top1": {"20": knn}, "linear_probe": 50.0, "linear_grid": lin}}
+    per_seed = {s: {"mae": res(50 + s, 40 + s), "lut": res(30 + 2 * s, 20), "lut-official": res(31 + 2 * s, 21),
+                    "random-init-rel": res(40, 45 - s), "conmim": res(46 + s, 46)} for s in range(3)}
+    rows = {(r["method"], r["baseline"]): r for r in mini.compare(mini.summarize(per_seed, "20"))}
+    assert set(rows) == {("lut", "mae"), ("lut-official", "mae"), ("lut-official", "lut"), ("conmim", "random-init-rel")}
+    r = rows[("lut", "mae")]["knn"]
+    assert r["delta"] == -19 and r["paired"] == [-20, -19, -18] and r["std"] == 2.0 and r["beyond_2std"]
+    r = rows[("lut-official", "lut")]["knn"]
+    assert r["delta"] == 1 and not r["beyond_2std"]
+    r = rows[("conmim", "random-init-rel")]["linear_grid"]
+    assert r["delta"] == 2 and r["std"] == 1.0 and not r["beyond_2std"]  # 2 is not more than 2 std
+    lines = mini.compare_lines(list(rows.values()), 3, "20")
+    assert any(line.startswith("| lut | mae | -19.0 (2.0; -20.0, -19.0, -18.0; yes) |") for line in lines)
+    with pytest.raises(SystemExit, match="lut-official need.* --official-lut PATH"):
+        mini.main(["--preset", "smoke", "--methods", "lut-official", "--output-dir", str(tmp_path / "r")])
