@@ -13,7 +13,9 @@ flags (data, batch, epochs, warmup, peak lr, momentum, head widths, masking, see
   conmim  TencentARC/ConMIM: modeling_pretrain.py VisionTransformerForMaskedImageModeling (BEiT backbone with
           layer scale 0.1, shared relative position bias, MoCo v3 projector), engine_for_pretraining.py's loss
           and momentum update (shared named parameters), optim_factory.get_parameter_groups with the model's
-          skip list, utils.cosine_scheduler for lr, weight decay and momentum (run_conmim_pretraining.py).
+          skip list, utils.cosine_scheduler for lr, weight decay and momentum (run_conmim_pretraining.py);
+          --rel-pos-lr-mult (not an official flag) as an lr_scale on the table's own group, which the
+          official engine multiplies into the scheduled lr.
           Inputs and masks: conmim.ConMIMTransform (= the official DataAugmentationForConMIM with its
           random_mps masking).
 
@@ -265,6 +267,14 @@ def train_conmim(repo: Path, args, out: Path, log):
     opt_args = SimpleNamespace(opt="adamw", weight_decay=args.weight_decay, lr=peak, opt_eps=1e-8, opt_betas=[0.9, 0.98],
                                momentum=0.9)
     opt = optim_factory.create_optimizer(opt_args, model)
+    if args.rel_pos_lr_mult != 1.0:  # our --rel-pos-lr-mult, through the lr_scale the official engine multiplies in
+        table = model.rel_pos_bias.relative_position_bias_table
+        for g in opt.param_groups:
+            if any(p is table for p in g["params"]):
+                g["params"] = [p for p in g["params"] if p is not table]
+                opt.add_param_group({**{k: v for k, v in g.items() if k != "params"}, "params": [table],
+                                     "lr_scale": args.rel_pos_lr_mult})
+                break
     lr_values = utils.cosine_scheduler(peak, min(args.min_lr, peak), args.epochs, spe, warmup_epochs=args.warmup_epochs,
                                        start_warmup_value=1e-6)  # official --warmup_lr 1e-6
     wd_values = utils.cosine_scheduler(args.weight_decay, args.weight_decay, args.epochs, spe)
