@@ -151,7 +151,7 @@ def train_lut(repo: Path, args, out: Path, log):
         mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=args.norm_pix_loss)
     del np.float
     keep = ("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")
-    encoder_sd = lambda: {k: v for k, v in model.state_dict().items() if k.startswith(keep)}  # noqa: E731
+    encoder_sd = lambda: {k: v.clone() for k, v in model.state_dict().items() if k.startswith(keep)}  # noqa: E731
 
     def official_tokens(x):
         was = model.training
