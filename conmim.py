@@ -33,59 +33,27 @@ Launch (paper setting, ViT-B/16, 800 epochs, global batch 2048 = 16 GPUs x 128, 
     # Tiny CPU run: python conmim.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic \\
     #     --epochs 2 --batch-size 64 --head-hidden-dim 256 --head-out-dim 64 --device cpu
 
-Checkpoint (`OUTPUT_DIR/checkpoint-last.pth`, automatic resume): "model" = the online encoder f (the
-network the paper trains by back-propagation and transfers, Sec. 4; "model_is_ema": False),
-"model_ema" = the momentum encoder f~ (`eval_knn.py --ema`), "head"/"head_ema" (projectors g, g~),
-"mask_token"/"mask_token_ema", "optimizer", "epoch", "step", "args".
+Checkpoint (`OUTPUT_DIR/checkpoint-last.pth`, automatic resume): "model" = the online encoder f (the network
+the paper trains by back-propagation and transfers, Sec. 4), "model_ema" = the momentum encoder f~
+(`eval_knn.py --ema`), the projectors g, g~, the mask tokens, optimizer.
 
-Deviations (paper default first; official TencentARC/ConMIM @4263955 behaviour noted):
-  * Backbone. The paper/official code uses a BEiT ViT: no absolute position embedding but a shared
-    zero-initialised relative position bias, layer scale (gamma init 0.1; 1e-5 for L), q/v-only qkv
-    biases and BEiT's truncated-normal init with depth rescaling. Default `--pos-embed rel`: the shared
-    ViT of common.py with BEiT's shared relative position bias and no absolute positions (the part that
-    matters for Eq. (3), below); not copied: layer scale (without it very deep/wide models are somewhat less
-    stable early on: keep --clip-grad and warmup), the q/v-only bias (a key bias cancels in the softmax, so
-    the function class is the same; `timm_beit_state_dict` exports to timm's Beit exactly) and BEiT's init
-    (MAE's is used). `--pos-embed abs` keeps the fixed sin-cos absolute positions of the other scripts (loads
-    into timm's plain ViT) and is NOT recommended: with absolute positions in BOTH branches Eq. (3) has a
-    positional shortcut, since the positive is "the key at the same position" (docs/findings.md measures it).
-    Relative positions leave a masked token no way to name its own position except through the content
-    around it.
-    The price: all mask tokens enter identical, and while the bias table is zero (BEiT's initialisation) every
-    masked position leaves the encoder with the same output (tested), so Eq. (3) cannot rank a masked token's
-    keys and the loss cannot go below about log N. Only the table breaks that symmetry, and Adam moves it by
-    about lr per step: over the paper's ~1M steps that presumably adds up to O(1), over a few hundred it does
-    not. `--rel-pos-lr-mult` (default 1, the paper's single lr) scales the table's lr; the CPU miniature uses
-    200 (docs/findings.md).
-  * Masking. Paper: 75% random masking (Sec. 4) in units of 32 px cells for ViT-B/L and 16 px for ViT-S
-    (Table 11) = official `--mask_type random_mps32` (ceil(49*0.75) = 37 of 7x7 cells -> 148/196
-    patches). Our `--mask-type grid --mask-block 2` is exactly that, with the block given in patches
-    (32 px / 16 px = 2) so it scales to any image size. `--mask-type beit` is BEiT's block-wise
-    generator (the official parser default `--mask_type block`, with 75/196 = 38% masked; pass
-    `--mask-ratio 0.38` for that).
-  * Learning rate. Table 11: peak 5e-4 at batch 2048, used as given (official: no batch scaling). We
-    scale linearly with the global batch, lr = blr * batch / 256 with blr = 5e-4 * 256 / 2048, which
-    equals 5e-4 at the paper's batch; pass --lr 5e-4 for the official unscaled rule. The floor
-    --min-lr 1e-5 (Table 11) is absolute (clipped to the peak lr for tiny runs).
-  * Warmup 10 epochs and gradient clipping 3.0 are Table 11 (official parser defaults: warmup 5, no
-    clipping). Grayscale p 0.2 in the strong augmentation is the official code and SimCLR's "colour
-    distortion" that the text cites; Table 11 lists only jitter, blur (0.1) and solarization (0.2).
-  * Weight decay: common.param_groups exempts 1-D parameters, biases, cls_token, pos_embed and
-    mask_token; the official BEiT optimizer factory decays mask_token (an (1,1,D) tensor).
-  * Projector BN: SyncBN under DDP by default (MoCo v3, whose head the paper follows); the official
-    code uses per-GPU BatchNorm (`--no-sync-bn`). The projector runs on all 1+N tokens (CLS included,
-    as the official code) and the CLS output is dropped afterwards; the CLS token never enters the loss.
-  * Momentum model: as in the official code it stays in train mode (its projector BN normalises with
-    batch statistics), starts as an exact copy, and only parameters are averaged (BN running stats are
-    its own). The official README fine-tunes from the momentum ("copy") checkpoint; the paper text
-    describes transferring the back-propagated network, which is our "model".
-  * Normalisation: ImageNet mean/std (the official README passes --imagenet_default_mean_and_std;
-    the parser default is (0.5, 0.5, 0.5)).
-  * DDP loss: the per-rank masked-token sum is divided by the global masked count / world size, so
-    DDP's gradient averaging equals the single-process mean over all masked tokens of the global
-    batch (official: per-GPU mean). With --accum-steps > 1 each micro-batch is normalised by its own
-    count (exact for grid masking, whose count per image is fixed); the projector BN then sees only
-    micro-batch statistics (a warning is printed).
+Deviations (paper default here; the flag named gives the official TencentARC/ConMIM @4263955 behaviour):
+  * Backbone: BEiT's shared relative position bias, no absolute positions (`--pos-embed rel`, paper and
+    official); not copied: BEiT's layer scale, q/v-only qkv bias and init (no flag).
+  * `--pos-embed abs` (sin-cos, as the other scripts) is NOT recommended: with absolute positions in both
+    branches Eq. (3) has a positional shortcut (the positive is "the key at the same position").
+  * With `rel`, all mask tokens enter identical, and while the bias table is zero every masked position has
+    the same output, so the loss stays near log N until the table grows; `--rel-pos-lr-mult` (default 1,
+    the paper) scales the table's lr.
+  * Masking: `--mask-type grid --mask-block 2` = official random_mps32; official parser default:
+    `--mask-type beit --mask-ratio 0.38`.
+  * lr = blr * batch / 256, = Table 11's 5e-4 at batch 2048; official unscaled rule: `--lr 5e-4`.
+  * Warmup 10 epochs, clipping 3.0 (Table 11); official parser defaults: `--warmup-epochs 5 --clip-grad none`.
+  * Grayscale p 0.2 (official, SimCLR; not in Table 11's list): `--gray-p 0` for the list alone.
+  * mask_token gets no weight decay (official: decayed; no flag).
+  * Projector BN: SyncBN under DDP (MoCo v3); official per-GPU BN: `--no-sync-bn`.
+  * Loss over the global batch's masked tokens under DDP (official: per-GPU mean; no flag).
+Official-code details and derivations: docs/official_code.md; miniature findings: docs/findings.md.
 """
 from __future__ import annotations
 

@@ -20,22 +20,11 @@ What one training step computes (paper Sec. 3, official naver-ai/lut @4420a27 fo
         q = h_pred(h(mean_{i visible} f(v_vis)_i))          online, pooled visible tokens (CLS excluded)
         k = sg[h~(mean_{i=1..N} f~(v')_i)]                  momentum encoder f~ + head h~ on the FULL v'
         L_bc = || q/|q| - k/|k| ||^2 = 2 - 2 cos(q, k)     ("normalised l2 distance, i.e. cosine distance")
-     h and h~ are 2-layer MLPs D-4096-D (Linear-BN-ReLU-Linear, no biases), h_pred (online only, the
-     asymmetry that prevents collapse, BYOL) is the same shape.
+     h, h~ and h_pred (online only, the asymmetry that prevents collapse, BYOL) are 2-layer MLPs D-4096-D
+     (Linear-BN-ReLU-Linear, no biases).
   4. Total (Eq. 3):  L = L_mim + lambda L_bc,  lambda = 1.0 (ViT-S) / 0.25 (ViT-B) (Sec. 5.1.2).
   5. AdamW step on (f, g, h, h_pred); momentum update of (f~, h~): theta~ <- m theta~ + (1 - m) theta with
-     m rising from 0.996 to 1 by a half cosine over the run (Sec. 5.1.2 "momentum decay rate 0.996";
-     official cosine 0.996 -> 1).
-
-Paper description vs official code (`--symmetric`):
-  * Default (paper Sec. 3, Fig. 2, Eq. 2): ONE direction. The online encoder sees the masked weak view v,
-    the momentum encoder the full strong view v'; L_bc = 2 - 2 cos(q(v), k(v')).
-  * `--symmetric` (official models_lut.py / engine_lut.py): BOTH views go through the online encoder,
-    masked with DISJOINT visible sets drawn from one noise tensor per image (v keeps ids_shuffle[:K],
-    v' keeps ids_shuffle[K:2K], so v''s visible patches are a subset of v's masked ones; needs r >= 0.5);
-    the decoder reconstructs v only; the momentum encoder sees both full views and
-    L_bc = (D(q(v), k(v')) + D(q(v'), k(v))) / 2 (cross-view pairs only). Costs one more online and one
-    more momentum forward per step.
+     m rising from 0.996 to 1 by a half cosine over the run (Sec. 5.1.2 "momentum decay rate 0.996").
 
 Launch (paper setting, ViT-B/16, 1600 epochs, global batch 4096 = 8 GPUs x 128 x accum 4, Sec. 5.1.2):
 
@@ -49,51 +38,21 @@ Launch (paper setting, ViT-B/16, 1600 epochs, global batch 4096 = 8 GPUs x 128 x
     #       --decoder-depth 2 --decoder-heads 4 --head-hidden-dim 512 --pred-hidden-dim 512 --momentum 0.99
     #   (--context-weight 0 --crop rrc turns this into plain MAE with MAE's augmentation)
 
-Checkpoint (`OUTPUT_DIR/checkpoint-last.pth`, automatic resume): "model" = the online encoder f (the one
-the paper fine-tunes; official `--model_key model`), "model_is_ema": False, "model_ema" = the momentum
-encoder f~ (`eval_knn.py --ema`), "decoder", "head", "predictor", "head_ema", "optimizer", "epoch",
-"step", "args".
+Checkpoint (`OUTPUT_DIR/checkpoint-last.pth`, automatic resume): "model" = the online encoder f (the one the
+paper fine-tunes), "model_ema" = the momentum encoder f~ (`eval_knn.py --ema`), heads, decoder, optimizer.
 
-Deviations (paper default first; official behaviour noted):
-  * Learning rate: the paper follows MAE's protocol (Sec. 5.1.2, value not printed) -> MAE's linear rule
-    lr = blr * batch / 256 with blr 1.5e-4. The official code uses lr = blr * sqrt(batch) / 4
-    (`--lr-scaling sqrt`); both give 2.4e-3 at the paper's batch 4096 and differ elsewhere.
-  * Optimizer: AdamW betas (0.9, 0.95), no layer-wise lr decay in pre-training (MAE protocol and official
-    code). The paper's pre-training paragraph lists betas (0.9, 0.999) and layer decay 0.65, which are
-    the fine-tuning recipe's values (Table D); `--beta2 0.999` reproduces the literal text.
-    common.param_groups exempts cls_token and mask_token from weight decay (official: decayed).
-  * Momentum BN: as official, the momentum model stays in eval mode for the whole run, so its head BN
-    normalises with running statistics, and those are exponentially averaged together with the weights
-    (official ModelEma over the state dict). Our average touches exactly the momentum encoder and head:
-    parameters and floating-point buffers (BN running mean/var); integer `num_batches_tracked` is left
-    alone (official: averaged and truncated), and the decoder / predictor have no momentum copy
-    (official: averaged although never used). The paper does not say; `--momentum-bn batch` gives BYOL's
-    target BN (statistics of the current batch of full views), which the paper's heads follow (Sec. 5.1.1).
-  * Momentum schedule: half cosine from 0.996 at the first optimizer step to exactly 1.0 at the last one
-    (common.momentum_schedule over total_steps - 1); official: DINO's cosine_scheduler indexed by the
-    micro-step, which ends just below 1.
-  * Head BN: SyncBatchNorm under DDP (official), each view through the BN on its own (official). torch's
-    SyncBatchNorm is CUDA-only, so CPU/gloo runs (tests) fall back to per-process BN with a warning.
-  * Pooling: mean of the patch tokens after the final LayerNorm, CLS excluded (official; paper Table 4
-    "pooled visual tokens").
-  * SRC padding 4 px is absolute (DeiT III at 224 px); at 32 px it is CIFAR's standard shift.
-  * `--crop rrc` swaps SRC for RandomResizedCrop (scale 0.2-1, MAE) in both views (paper Table 4 ablation).
-
-In the CPU miniature (vit_t16, 32 px, 300 steps) LUT ends below MAE and below its random start: MAE's
-reconstruction gradient vanishes within a few dozen steps and AdamW then lets L_bc alone steer the encoder
-(docs/findings.md; benchmarks/lut_gradients.py measures it).
-
-Known bugs of the official code, not copied:
-  * `models_lut.py` imports `util.utils_dino.trunc_normal_`, a file missing from the repo (import fails).
-  * The parser defines `--w_b` but the engine reads `args.w_bc` and the docs pass `--w_bc` (argparse
-    rejects it; without it AttributeError). Here: `--context-weight`.
-  * Resume calls undefined `_load_checkpoint_for_ema*`; the NameError is swallowed, so a resumed run
-    silently restarts the momentum teacher from the fresh initialisation. Here the momentum encoder and
-    head are saved and restored (resume is bit-identical, tested).
-  * `--head_norm_layer` defaults to None (no BN in the heads) and `--model-ema-decay` to 0.99996, while
-    the recommended command uses BN and 0.996; here the recommended values are the defaults.
-  * `TwoGlobalViewAugmentation` reads the global `args` (works only when run as __main__); `torch._six`
-    import (gone in torch 2.x).
+Deviations (paper default here; the flag named gives the official code's behaviour):
+  * One-sided L_bc (Sec. 3, Fig. 2); official: both views masked, disjoint visible sets: `--symmetric`.
+  * lr = blr * batch / 256 (MAE's protocol, Sec. 5.1.2); official blr * sqrt(batch) / 4: `--lr-scaling sqrt`.
+  * AdamW betas (0.9, 0.95), no layer decay (MAE, official); the paper text's beta2: `--beta2 0.999`.
+  * Momentum head BN: running statistics, as official (paper silent); BYOL's target BN: `--momentum-bn batch`.
+  * The momentum reaches exactly 1.0 at the last step (official: just below 1; no flag).
+  * cls_token and mask_token get no weight decay (official: decayed; no flag).
+  * Head BN is SyncBN under DDP (official); CPU/gloo falls back to per-process BN with a warning.
+  * Official-code bugs are not copied (the `--w_b`/`--w_bc` mismatch: here `--context-weight`).
+In the CPU miniature LUT ends below MAE: MAE's reconstruction gradient vanishes and L_bc alone steers
+the encoder (benchmarks/lut_gradients.py measures it).
+Official-code details (naver-ai/lut): docs/official_code.md; miniature findings: docs/findings.md.
 """
 from __future__ import annotations
 

@@ -41,32 +41,16 @@ Checkpoint (OUTPUT_DIR/checkpoint-last.pth, every epoch): "model" = the encoder 
 loads strictly into timm's VisionTransformer(num_classes=0) and into any script's --init),
 "decoder" = mask_token, decoder_embed, decoder_pos_embed, decoder_blocks, decoder_norm, decoder_pred
 (official key names: merging "model" and "decoder" gives an official *_full.pth state dict), plus
-"optimizer", "epoch", "step", "args". Each epoch also writes OUTPUT_DIR/recon_epochEEE.png (rows:
-original / masked / reconstruction / reconstruction with the visible patches pasted back) and logs
-it to TensorBoard. With norm-pix targets the network predicts only each patch's normalised content, so
-every predicted patch is de-normalised with the TRUE patch's mean/std (mae#174; the official demo
-instead uses pixel-target weights): the colours of the masked patches in that row come from the image,
-the structure inside them from the model.
+"optimizer", "epoch", "step", "args". Each epoch also writes OUTPUT_DIR/recon_epochEEE.png (original /
+masked / reconstruction / visible patches pasted back; norm-pix predictions are de-normalised with the TRUE
+patch's mean/std, mae#174).
 
-Differences to the official code (none changes the method):
-  * Weight decay: official (timm 0.3.2 add_weight_decay) exempts only 1-D parameters and biases, so
-    cls_token and mask_token ARE decayed. The paper does not say; we follow common practice
-    (common.param_groups: no decay on tokens, biases, norms). `--token-weight-decay` restores the
-    official rule.
-  * Gradient accumulation uses DDP no_sync() on the non-final micro-steps (official syncs every
-    micro-step; same gradients, less communication); micro-batches that do not fill a last
-    accumulation group of an epoch are skipped (official carries their gradient into the next epoch).
-  * bf16 autocast on CUDA without a grad scaler (official: fp16 + GradScaler, a known NaN source
-    for ViT-H / many tokens, mae#65); fp32 on CPU. The loss is always computed in fp32.
-  * A checkpoint every epoch (official: every 20 epochs) with automatic resume; every epoch starts
-    from common.epoch_seed, so resuming gives bit-identical weights. Masks differ per rank (official:
-    seed + rank) because the per-epoch seed includes the rank.
-  * The loss is a mean over the masked patches of each rank's micro-batch, and DDP averages the
-    gradients; every sample has exactly N - len_keep masked patches, so this equals the mean over
-    the global batch (official: the same).
-  * The encoder's cls_token/decoder init is official (xavier_uniform Linear weights, zero biases,
-    LN 1/0, tokens N(0, 0.02), patch_embed xavier on the (D, 3p^2) view); only the order of the
-    random draws differs.
+Deviations (none changes the method; the flag named gives the official behaviour):
+  * No weight decay on cls_token/mask_token (common practice); official decays them: `--token-weight-decay`.
+  * Accumulation: DDP no_sync() on non-final micro-steps; an epoch's incomplete last group is skipped (no flag).
+  * bf16 autocast on CUDA without a grad scaler (official: fp16 + GradScaler, mae#65; no flag); fp32 loss.
+  * A checkpoint every epoch (official: every 20) with bit-identical resume; masks from a per-rank epoch seed.
+Official-code details: docs/official_code.md.
 """
 from __future__ import annotations
 

@@ -31,11 +31,8 @@ N = n * world, views [g0, g1, l0..l(L-1)], all vectors L2-normalised:
                                                                      Sec. 3: no NN-swap for the negatives)
   L_ij = CE(logit_ij, rank*n + b), mean over b;  (i, j) in {(0,1), (1,0)} + {(i, 2+l): i in {0,1}, l < L}
   L_head = mean over those 2 + 2L terms;  L = sum over heads (Table 1c: summing suffices).
-  Gradient flows only through the predictions p (gathered with gradient, so every sample's prediction
-  gets the gradient of every rank's rows; DDP's average makes it the single-process gradient).
-  This is the transpose of Eq. 1, as in the official code: Eq. 1 puts the softmax over the other samples'
-  stop-gradient features for one prediction, the code over the gathered predictions (with gradient) for
-  one detached NN/query, which gives another value on the same inputs.
+  Gradient flows only through the predictions p (gathered with gradient). As in the official code this is
+  the transpose of Eq. 1: the softmax runs over the gathered predictions for one detached NN/query.
   Queue Q per head (65,536 x 256, FIFO, initialised randn with ids -1): after the lookup, the raw projections
   of global view 0 of ALL ranks (all-gathered, no grad) are enqueued with their dataset ids and labels.
   lr = blr * global_batch / 256; 4 warmup epochs (per update, starting just above 0) then cosine to 1e-6.
@@ -55,26 +52,13 @@ Tiny CPU smoke run (--ema-momentum 0.9: at 0.9999 the EMA barely moves in 32 upd
     --local-crops 2 --head-blocks 10 11 --freeze-blocks 8 --head-hidden 256 --pred-hidden 512 --topk 1 \
     --ema-momentum 0.9 --num-workers 0 --device cpu
 
-Paper vs official code (paper is the default, official behaviour behind a flag; one exception, below):
-  * Local-view indexing (official src/losses/ssl/nnclr_loss.py): the official loss uses predicted[:, l] instead of [:, 2+l] for
-    the local targets, i.e. targets g0, g1, l0..l(L-3) (incl. a same-view pair) and no loss on the last
-    two locals -> `--official-local-indexing`. Default: the paper's intent, every local view a target.
-  * Augmentation order: BYOL (the paper's reference) applies grayscale before blur/solarize (common.byol_view);
-    kappadata applies them after. Blur radius U[0.1, 2.0] px at 224 px for every view (locals not shrunk).
-  * Self-match in the NN lookup (the one official default): Eq. 2 searches the whole queue; the official
-    queue gives entries with the sample's own dataset index similarity -1, the default here;
-    `--no-exclude-self` gives Eq. 2's literal lookup. They differ even with a queue shorter than an epoch:
-    a sample drawn late in one epoch can meet its own entry early in the next, about (Q/N)^2/2 = 0.13% of
-    lookups on ImageNet (Q = 65,536, N = 1.28M), and far more on a data set smaller than the queue.
-Other differences to the official code (no effect on the maths unless noted):
-  * The official encoder EMA lives on rank 0 only; here every rank keeps it (identical values).
-  * One run holds both stages; stage "refine" starts a fresh AdamW (official: a separate run).
-  * torch's SyncBatchNorm is CUDA-only; on CPU/gloo the heads use GatherBatchNorm1d below (same maths).
-  * ViT-T/S/B (not in the paper) default to the last depth//3 blocks, tau 0.2, batch 1024, MAE L epochs.
-  * Gradient accumulation (--accum-steps > 1) is allowed with a warning: BN statistics, negatives and the
-    queue update become per micro-batch (the official automatic accumulation has the same semantics).
-
+Deviations (paper default here; the flag named gives the official ml-jku/MIM-Refiner behaviour):
+  * Every local view is a target (the paper); official predicted[:, l] indexing: `--official-local-indexing`.
+  * BYOL's augmentation order, grayscale before blur/solarize (official kappadata: after; no flag).
+  * The NN lookup skips the sample's own dataset index (the one official default); Eq. 2: `--no-exclude-self`.
+  * Encoder EMA on every rank, both stages in one run, GatherBatchNorm1d on CPU/gloo: same maths as official.
 Memory per GPU, measured: docs/memory.md; `--plan 4x40` prints this run's plan (no data, no GPU needed).
+Official-code details: docs/official_code.md.
 """
 from __future__ import annotations
 
