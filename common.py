@@ -1,27 +1,26 @@
-"""Method-agnostic plumbing shared by mae.py, mae_ct.py, mim_refiner.py, lut.py, conmim.py and eval_knn.py.
+"""What every default command of mae.py, mae_ct.py, mim_refiner.py, lut.py, conmim.py and eval_knn.py needs.
 
-Only what at least three scripts need, or the checkpoint format needs, lives here; every loss, head,
-masking rule and training step stays in its method file so that each file reads on its own.
+Every loss, head, masking rule and training step stays in its method file so that each file reads on its own;
+a method file plus this file runs every default command. Optional machinery lives in neighbour files imported
+where their flag is used: memplan.py (--plan, the measured --grad-checkpointing auto) and fsdp.py (--fsdp).
 
 Contents, top to bottom:
   1. Command line: a dataclass -> argparse helper (field docstrings become --help); each field's valid range
      (`Range`) or choices (`Literal`) are declared in its type and checked at start-up (`check_args`).
   2. Errors: `UserError` and `run_main`, which turn user mistakes into one line from the rank that met them.
-  3. Distributed: torchrun env init (nccl on CUDA, gloo on CPU), gather with gradient, seeds.
-  4. ViT: timm / official-MAE parameter names, fixed 2-D sin-cos pos_embed, SDPA attention,
-     token subsets (MAE), mask-token replacement (ConMIM), per-block outputs, activation
-     checkpointing, post-norm variant (data2vec 2.0). Model registry `create_vit`.
+  3. Distributed: torchrun env init (nccl on CUDA, gloo on CPU), gather with gradient, seeds, dtypes.
+  4. ViT: timm / official-MAE parameter names, fixed 2-D sin-cos pos_embed, SDPA attention, token subsets
+     (MAE), mask-token replacement (ConMIM), per-block outputs, activation checkpointing of k blocks, post-norm
+     variant (data2vec 2.0); `create_vit`; `plan_run`, the start-up choice of k (memplan.py or a static one).
   5. Data: ImageFolder / flat folder / `synthetic` procedural dataset, transforms, loaders.
   6. Optimisation: warmup+cosine schedules (pure functions of the step), AdamW parameter groups with
      layer-wise lr decay, EMA update.
   7. Checkpoints: atomic, fsynced, finite-only save, auto-resume with a check of the stored flags, loading
      of ours / official MAE / MAE-CT / MIM-Refiner / data2vec 2.0 files with pos_embed interpolation and
-     clear architecture-mismatch errors.
-  7b. FSDP2 sharding (`--fsdp` of mae.py and mim_refiner.py): the checkpoint writer, the k-NN monitor and
-     the memory plan handle sharded modules through it.
+     clear architecture-mismatch errors; 7b. state dicts of sharded modules through fsdp.py.
   8. Logging: rank-0 tqdm, TensorBoard, log.jsonl, args.json.
-  9. During training: k-NN monitor (weighted vote of DINO), kept epoch checkpoints, eval command.
-  10. Memory plan: one training step on fake tensors, measured peak, `--plan` and `--grad-checkpointing auto`.
+  9. During training: k-NN monitor (weighted vote of DINO), kept epoch checkpoints, eval command;
+     9b. long runs: saves inside an epoch, preemption signals, exact resume.
 """
 from __future__ import annotations
 
@@ -31,7 +30,6 @@ import contextlib
 import dataclasses
 import datetime
 import errno
-import functools
 import gc
 import inspect
 import itertools
@@ -45,9 +43,7 @@ import sys
 import textwrap
 import threading
 import time
-import types
 import typing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -377,7 +373,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (B, ...) of every rank in rank order -> (W*B, ...), keeping the gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or is_fake(x):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
 
@@ -386,7 +382,7 @@ def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` of every rank in rank order, no gradient (queues, features, labels).
     Every rank must pass the same shape."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or is_fake(x):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
@@ -394,17 +390,11 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or is_fake(x):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     x = x.detach().clone()
     dist.all_reduce(x)
     return x / dist.get_world_size()
-
-
-def is_fake(x: torch.Tensor) -> bool:
-    """A FakeTensor of the memory planner (section 10): it never communicates (a plan is one process's view)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    return isinstance(x, FakeTensor)
 
 
 def seed_everything(seed: int):
@@ -421,6 +411,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 CUDA_DTYPES_ENV = "MIMREF_CUDA_DTYPES"
+ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the user configured the CUDA allocator
 
 
 def cuda_dtypes(device: torch.device) -> bool:
@@ -609,10 +600,12 @@ class VisionTransformer(nn.Module):
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, drop_path_rate=0.0, post_norm=False, grad_checkpointing=False, rel_pos_bias=False):
+                 mlp_ratio=4.0, drop_path_rate=0.0, post_norm=False, grad_checkpointing: int = 0, rel_pos_bias=False):
         super().__init__()
         self.img_size, self.patch_size, self.dim, self.depth = img_size, patch_size, dim, depth
         self.num_heads, self.post_norm = num_heads, post_norm
+        if isinstance(grad_checkpointing, bool):  # a block count: True would silently mean 1
+            raise TypeError("grad_checkpointing is a number of blocks, not a bool")
         self.grad_checkpointing = grad_checkpointing
         self.grid = img_size // patch_size
         self.num_patches = self.grid ** 2
@@ -695,15 +688,12 @@ class VisionTransformer(nn.Module):
         return x if return_blocks is None else (x, outs)
 
     def checkpointed_blocks(self) -> list[int]:
-        """Blocks run under activation checkpointing. `grad_checkpointing`: True -> every block with trainable
-        parameters; an int k -> the first k of those (the memory plan checkpoints only as many as it must, the
-        others keep their faster stored-activation backward); False/0 -> none. A frozen leading block (MIM-Refiner
+        """Blocks run under activation checkpointing: the first `grad_checkpointing` (an int k) of the blocks with
+        trainable parameters (the memory plan checkpoints only as many as it must, the others keep their faster
+        stored-activation backward; k >= depth: all of them). A frozen leading block (MIM-Refiner
         ViT-2B/14) stores nothing for backward, so checkpointing it would only cost a recompute."""
-        gc = self.grad_checkpointing
-        if gc is False or gc is None or gc == 0:
-            return []
         trainable = [i for i, b in enumerate(self.blocks) if any(p.requires_grad for p in b.parameters())]
-        return trainable if gc is True else trainable[:int(gc)]
+        return trainable[:self.grad_checkpointing]
 
     def forward(self, x):  # CLS token after the final norm, (B, D), as timm with num_classes=0
         return self.forward_features(x)[:, 0]
@@ -738,6 +728,33 @@ def create_vit(name: str, img_size: int | None = None, patch_size: int | None = 
 def describe_vit(cfg: dict) -> str:
     name = next((n for n, c in VIT_CONFIGS.items() if c == (cfg["dim"], cfg["depth"], cfg["num_heads"], cfg["patch_size"])), "custom")
     return f"{name} (dim {cfg['dim']}, depth {cfg['depth']}, heads {cfg.get('num_heads', '?')}, patch {cfg['patch_size']})"
+
+
+# Activation checkpointing without memplan.py: every trainable block of these models on CUDA, none of the others
+# (the papers' per-GPU batches of ViT-L and larger exceed a 40 GB card without it, docs/memory.md).
+STATIC_CHECKPOINTED = ("vit_l16", "vit_h14", "vit_2b14")
+
+
+def plan_run(args, device: torch.device, world: int, n_blocks: int, plan_fn, log_print=print):
+    """The start-up choice of how many of the n_blocks trainable blocks run under activation checkpointing (an
+    int k) and of FSDP: (k, fsdp), or None once `--plan` printed its line (the caller exits). With memplan.py
+    (optional neighbour) it is the measured plan (memplan.apply_memory_plan, `plan_fn(gpus, capacity, mode)`);
+    without it `auto` takes STATIC_CHECKPOINTED on CUDA, off on the CPU, and says so in one line on CUDA."""
+    try:
+        import memplan
+    except ModuleNotFoundError as e:
+        if e.name != "memplan":
+            raise
+        if args.plan is not None:
+            raise UserError("--plan needs memplan.py beside common.py (copy it from the mimref repository)") from None
+        if args.grad_checkpointing != "auto":
+            return (n_blocks if args.grad_checkpointing == "on" else 0), getattr(args, "fsdp", False)
+        k = n_blocks if device.type == "cuda" and args.model in STATIC_CHECKPOINTED else 0
+        if device.type == "cuda":
+            log_print(f"memplan.py is not beside common.py: --grad-checkpointing auto checkpoints {k} of {n_blocks} "
+                      f"blocks of {args.model} (a static choice); add memplan.py for the measured plan")
+        return k, getattr(args, "fsdp", False)
+    return memplan.apply_memory_plan(args, device, world, n_blocks, plan_fn, log_print)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1193,8 +1210,6 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float, copy_buffers:
 
 def check_finite(loss: torch.Tensor, step: int, output_dir: str):
     """Stop cleanly on a NaN/inf loss (MAE exits the same way) and say how to go on."""
-    if is_fake(loss):  # the memory planner's step has no values
-        return
     if not torch.isfinite(loss).all():
         raise UserError(f"loss is {loss.item()} at step {step}; {_last_good(output_dir)}: lower --blr/--lr or "
                         f"disable --compile, then rerun the same command")
@@ -1532,6 +1547,7 @@ def load_resume_state(output_dir: str) -> dict | None:
 RESUME_IGNORED = ("output_dir", "device", "num_workers", "compile", "grad_checkpointing", "exit_after_epochs",
                   "init", "log_every", "vis_images", "fsdp", "plan", "knn_every", "knn_data", "knn_subset",
                   "save_every", "save_minutes")
+RESUME_RETIRED = ("fsdp",)  # flags a script no longer has: its older checkpoints still resume
 RESUME_SHAPE = ("model", "img_size", "patch_size")  # change parameter shapes / position tables
 RESUME_REFUSED = {  # not shapes, but the saved state no longer fits
     "batch_size": "it sets the steps per epoch and the lr (linear scaling rule), so the saved step and lr schedule "
@@ -1557,7 +1573,7 @@ def check_resume_args(state: dict, args, output_dir: str, state_keys=(), shape=(
     stored = state.get("args")
     current = dataclasses.asdict(args)
     missing = [k for k in state_keys if k not in state]
-    foreign = sorted(set(stored) - set(current)) if isinstance(stored, dict) else []
+    foreign = sorted(set(stored) - set(current) - set(RESUME_RETIRED)) if isinstance(stored, dict) else []
     if not isinstance(stored, dict) or missing or foreign:
         why = (f"its flags --{', --'.join(f.replace('_', '-') for f in foreign[:4])} are not flags of {script}"
                if foreign else f"it has no {', '.join(repr(k) for k in (missing or ['args'])[:4])}")
@@ -1583,47 +1599,18 @@ def check_resume_args(state: dict, args, output_dir: str, state_keys=(), shape=(
 
 
 # ----------------------------------------------------------------------------------------------
-# 7b. Sharded data parallel (--fsdp): PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard)
+# 7b. Sharded modules: --fsdp lives in fsdp.py (optional neighbour); the checkpoint writer calls it for them
 # ----------------------------------------------------------------------------------------------
-# ZeRO-3 style: every parameter (and hence its gradient and AdamW moments) lives as a dim-0 shard (a
-# DTensor) on each of the W processes; a transformer block's full weights are all-gathered just before
-# its forward/backward and freed after. Per-GPU static memory drops from 16 B/param (DDP) to 16/W B/param,
-# which is what makes ViT-2B/14 fit (benchmarks/mem_estimate.py). Checkpoints are gathered back to the
-# plain single-process format ("model" stays timm-loadable, eval_knn.py reads it), so a run trained with
-# --fsdp resumes with --fsdp and its files load anywhere.
-FSDP_UNSUPPORTED_WITH_COMPILE = "--fsdp with --compile is not supported; drop one of them"
-
-
-def fsdp_shard(module: nn.Module, units=(), forward_methods=()) -> nn.Module:
-    """Shard `module` in place with `fully_shard`: each module in `units` (e.g. transformer blocks) becomes
-    one all-gather unit, then `module` itself the unit of its remaining parameters. Call it on every rank
-    after loading weights and moving to the device; build the optimizer afterwards (over the sharded
-    parameters). forward_methods: methods other than forward that are called from outside (e.g.
-    "forward_features"), so that FSDP all-gathers the root parameters for them too.
-
-    Precision: FSDP's default policy, fp32 parameters gathered and gradients reduced in fp32, with the
-    scripts' bf16 autocast around the step exactly as under DDP, so both parallelisms compute the same
-    numbers (tests/test_cuda_dtypes.py). A bf16 `param_dtype` would halve the all-gather volume but run the
-    residual stream and the frozen sin-cos tables in bf16 (other numerics than DDP), and FSDP2 fixes a group's
-    dtypes at its lazy initialisation from the trainable parameters: none in MIM-Refiner's stage "heads",
-    so the bf16 gradients of stage "refine" would later be assigned to fp32 shards (a crash)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    # the mesh lives where the module does (the default would pick CUDA whenever it is visible, even under --device cpu)
-    device_type = next(module.parameters()).device.type
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    for unit in units:
-        fully_shard(unit, mesh=mesh)
-    fully_shard(module, mesh=mesh)
-    for name in forward_methods:
-        register_fsdp_forward_method(module, name)
-    return module
-
-
-def fsdp_shard_vit(encoder: VisionTransformer) -> VisionTransformer:
-    """fsdp_shard for our ViT: one unit per block, the stem + final norm in the root unit, forward_features
-    registered (the scripts call it rather than forward)."""
-    return fsdp_shard(encoder, list(encoder.blocks), forward_methods=("forward_features",))
+def import_fsdp():
+    """fsdp.py, or one line saying to add it."""
+    try:
+        import fsdp
+    except ModuleNotFoundError as e:
+        if e.name != "fsdp":
+            raise
+        raise UserError("--fsdp needs fsdp.py beside common.py (copy it from the mimref repository), or drop "
+                        "--fsdp") from None
+    return fsdp
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -1636,53 +1623,24 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def full_state_dict(module: nn.Module) -> dict:
-    """The plain single-process state dict (no `module.`/`_orig_mod.` prefixes, full tensors). For an
-    FSDP-sharded module this is a collective (call it on EVERY rank): rank 0 gets the full tensors on CPU,
-    the other ranks an empty dict. For a plain/DDP/compiled module it is `encoder_state_dict`."""
-    if not is_sharded(module):
-        return encoder_state_dict(module)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return clean_state_dict(sd)
+    """The plain single-process state dict (no `module.`/`_orig_mod.` prefixes, full tensors): a collective
+    for an FSDP-sharded module (call it on EVERY rank; fsdp.full_state_dict), else `encoder_state_dict`."""
+    return import_fsdp().full_state_dict(module) if is_sharded(module) else encoder_state_dict(module)
 
 
 def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() for a plain module. For an FSDP-sharded `module` (the module holding every
-    parameter of `optimizer`) a collective returning, on rank 0, the gathered state keyed by parameter
-    name (torch.distributed.checkpoint format; {} on the other ranks). `load_optimizer_state_dict` reads
-    either format into either kind of module."""
-    if not is_sharded(module):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _optimizer_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the optimizer's order: index i of optimizer.state_dict() is the i-th name."""
-    name = {id(p): n for n, p in module.named_parameters()}
-    return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    """optimizer.state_dict(), or for a sharded `module` the gathered state (fsdp.full_optimizer_state_dict)."""
+    return import_fsdp().full_optimizer_state_dict(module, optimizer) if is_sharded(module) else optimizer.state_dict()
 
 
 def load_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict):
-    """Inverse of `full_optimizer_state_dict`: every rank passes the full dict read from the checkpoint and keeps
-    its own shard. The two formats convert into each other (numbered by position <-> keyed by name), so a run
-    saved under DDP resumes under FSDP and the other way round (the memory plan may choose either)."""
+    """optimizer.load_state_dict, or through fsdp.load_optimizer_state_dict for a sharded module or a state saved
+    by one (parameters keyed by name)."""
     groups = state.get("param_groups") or [{"params": [0]}]
-    named = isinstance((groups[0]["params"] or [0])[0], str)  # FSDP format: parameters named, not numbered
-    if named != is_sharded(module):
-        names = _optimizer_names(module, optimizer)
-        if named:  # -> numbered, for a plain module
-            index = {n: i for i, n in enumerate(names)}
-            state = {"state": {index[k]: v for k, v in state["state"].items()},
-                     "param_groups": [{**g, "params": [index[p] for p in g["params"]]} for g in state["param_groups"]]}
-        else:  # -> named, for a sharded module
-            state = {"state": {names[k]: v for k, v in state["state"].items()},
-                     "param_groups": [{**g, "params": [names[p] for p in g["params"]]} for g in state["param_groups"]]}
-    if not is_sharded(module):
+    if is_sharded(module) or isinstance((groups[0]["params"] or [0])[0], str):
+        import_fsdp().load_optimizer_state_dict(module, optimizer, state)
+    else:
         optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def grad_sync(model: nn.Module, sync: bool):
@@ -2142,280 +2100,3 @@ class RunControl:
         self.log.print(f"stopped by {signal.Signals(signum).name} {where}; rerun the same command to resume")
         self.log.close()
         raise SystemExit(STOPPED_EXIT)
-
-
-# ----------------------------------------------------------------------------------------------
-# 10. Memory plan (--plan GPUSxGB, --grad-checkpointing auto|on|off)
-# ----------------------------------------------------------------------------------------------
-# Each script hands `plan_memory` a `build(k)` that constructs the configured run with k checkpointed blocks
-# (models, heads, decoder, queues, EMA copies, optimizer, random inputs of the per-GPU batch) and returns its
-# one-update `train_step`. It is built and run once per k on FakeTensorMode CPU tensors (no memory, no data, no
-# init checkpoint) under bf16 CPU autocast (the CUDA run's dtypes); MemTracker gives the peak per kind ("raw").
-# Sharding (FSDP) cannot run on fake tensors in one process; it is modelled: (weights + gradients + optimizer
-# states + EMA) / GPUS + the measured activations + the gathered working set (2 blocks of fp32 weights with their
-# fp32 gradients, 8 B/param, and the root unit unsharded in fp32 with its gradient and autocast copy, 10 B/param).
-# FSDP gathers fp32 parameters and autocasts as DDP does (fsdp_shard), so the measured activations are its own.
-# What the fake run cannot see is added item by item (docs/memory.md has the figures):
-#   fragmentation of the caching allocator: x1.05 with expandable segments (set by init_distributed unless the
-#     user configured the allocator), x1.12 without (3-12 % measured with fixed shapes);
-#   the flash-attention backward's fp32 dq accumulator, 4 B x batch x ceil128(N) x heads x ceil32(head_dim) for the
-#     largest attention call of the step, live at the peak (the backward);
-#   NCCL communicators and their buffers: 1.6 GiB on more than one GPU (0.7-1.6 GiB seen on 4 GPUs);
-#   lazily loaded CUDA kernels, cuBLAS/cuDNN workspaces: 0.5 GiB;
-#   with --plan (no GPU to ask), the CUDA context, 0.5 GiB, out of the capacity the card reports: a card sold as
-#     "80 GB" reports 79.1-79.25 GiB (A100), "40 GB" about 39.5 GiB, i.e. CARD_USABLE x the nominal figure.
-GiB = 2**30
-FRAGMENTATION = 1.05
-FRAGMENTATION_NO_EXPANDABLE = 1.12
-NCCL_BYTES = 1.6 * GiB
-KERNEL_BYTES = 0.5 * GiB
-CUDA_CONTEXT_BYTES = 0.5 * GiB
-CARD_USABLE = 0.988
-ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
-
-
-def expandable_segments() -> bool:
-    """Whether the CUDA caching allocator runs with expandable segments: init_distributed turns them on unless
-    the user configured the allocator (PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF)."""
-    conf = [os.environ[e] for e in ALLOC_CONF_ENVS if e in os.environ]
-    return not conf or any("expandable_segments:true" in c.replace(" ", "").lower() for c in conf)
-
-
-def parse_plan(spec: str) -> tuple[int, float]:
-    """`--plan GPUSxGB` -> (gpus, bytes per GPU for the run): GB as the card is named (A100-40GB: 40), of which
-    CARD_USABLE is reported by the card, less the CUDA context."""
-    try:
-        g, gb = spec.lower().split("x")
-        gpus, cap = int(g), float(gb)
-        assert gpus >= 1 and cap > 0
-    except (ValueError, AssertionError):
-        raise UserError(f"--plan {spec!r}: expected GPUSxGB, e.g. --plan 4x80 (4 GPUs of 80 GB)") from None
-    return gpus, CARD_USABLE * cap * GiB - CUDA_CONTEXT_BYTES
-
-
-def checkpointing_mode(value: str) -> str:
-    if value not in ("auto", "on", "off"):
-        raise UserError(f"--grad-checkpointing {value!r}: choose auto, on or off")
-    return value
-
-
-@contextlib.contextmanager
-def _deepcopy_by_clone(cls):
-    """Within the block, deepcopy of a `cls` tensor is a clone: copying the EMA/momentum modules of a fake run
-    otherwise fails on BatchNorm's num_batches_tracked (a fake tensor that holds a real constant)."""
-    def clone(self, memo):
-        if id(self) not in memo:
-            t = self.detach().clone()
-            memo[id(self)] = nn.Parameter(t, self.requires_grad) if isinstance(self, nn.Parameter) else t
-        return memo[id(self)]
-    cls.__deepcopy__ = clone
-    try:
-        yield
-    finally:
-        del cls.__deepcopy__
-
-
-@contextlib.contextmanager
-def _flash_workspace(record: list):
-    """Record, for every attention call that will run a backward, the flash-attention backward's fp32 dq
-    accumulator (B, ceil128(N), h, ceil32(d)) x 4 B (flash-attention 2's padded tiles)."""
-    real = F.scaled_dot_product_attention
-
-    def sdpa(q, k, v, *a, **kw):  # q (B, h, N, d)
-        if torch.is_grad_enabled() and q.requires_grad:
-            B, h, N, d = q.shape
-            record.append(4 * B * (-(-N // 128) * 128) * h * (-(-d // 32) * 32))
-        return real(q, k, v, *a, **kw)
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = real
-
-
-def step_memory(build, k: int, fake: bool = True, bf16: bool = True) -> dict:
-    """Run `build(k)`'s step(autocast) once, on fake CPU tensors (real ones with fake=False: tests), with bf16 CPU
-    autocast where the script autocasts on CUDA (fp32 with bf16=False); bytes per GPU by kind. The peak is for
-    the steady state: optimizer states exist from the second update on, so the first step's peak gets the states
-    it had not yet allocated added (an upper bound wherever the peak falls)."""
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-    amp = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext
-    flash: list[int] = []
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext(), warnings.catch_warnings(), \
-            _deepcopy_by_clone(FakeTensor):
-        warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor")  # deepcopy of a fake module (EMA)
-        modules, optimizers, step, blocks = build(k)
-        class PeakTracker(MemTracker):
-            """MemTracker with the global peak only (its per-module peaks loop over every module at every op:
-            minutes for ViT-H), plus the peak of the non-static kinds (activations and temporaries)."""
-            act_peak = None
-
-            def _pre_fw_hook(self, module, inputs):
-                try:
-                    super()._pre_fw_hook(module, inputs)
-                except NotImplementedError:  # a top-level module called again (MAE-CT's g_m once per view): it
-                    pass  # is tracked already, and only its per-module statistics (unused here) would differ
-
-            def _update_peak_stats(self, peak_state):
-                for dev, snap in self._curr_mem_snap.items():
-                    snap = {str(kind).split(".")[-1]: v for kind, v in snap.items()}
-                    if snap["Total"] > self._peak_mem.get(dev, 0):
-                        self._peak_mem[dev], self._peak_mem_snap[dev] = snap["Total"], snap
-                    act = snap["Total"] - snap["PARAM"] - snap["BUFFER"] - snap["GRAD"] - snap["OPT"]
-                    self.act_peak = max(self.act_peak or 0, act)
-
-        tracker = PeakTracker()
-        # MemTracker hooks every parameter's gradient and fails on frozen ones: give those an inert handle
-        inert = (types.SimpleNamespace(remove=lambda: None),) * 2
-        for m in modules:
-            for p in m.parameters():
-                if not p.requires_grad:
-                    tracker._param_to_grad_hook_handles[p] = inert
-        tracker.track_external(*modules, *optimizers)
-        with tracker, _flash_workspace(flash):
-            step(amp)
-        at_peak = tracker._peak_mem_snap[torch.device("cpu")]  # bytes by kind when the total peaked
-        params = {id(p): p for m in modules for p in m.parameters()}.values()
-        buffers = {id(b): b for m in modules for b in m.buffers()}.values()
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        opt = sum(t.nbytes for o in optimizers for st in o.state.values() for t in st.values() if torch.is_tensor(t))
-        block_params = [sum(p.numel() for p in b.parameters()) for b in blocks]
-        trainable_in_blocks = sum(p.numel() for b in blocks for p in b.parameters() if p.requires_grad)
-        return dict(peak=at_peak["Total"] - at_peak["OPT"] + opt, weights=sum(p.nbytes for p in params),
-                    buffers=sum(b.nbytes for b in buffers), grads=4 * trainable, opt=opt, trainable=trainable,
-                    act=tracker.act_peak,  # at its own peak: under FSDP it can be the overall one
-                    working=2 * max(block_params, default=0) * 8 + (trainable - trainable_in_blocks) * 10,
-                    flash=max(flash, default=0))
-
-
-def plan_terms(m: dict, gpus: int, fsdp: bool) -> dict:
-    """Bytes per GPU by term: the measured "raw" need (DDP: the fake run's peak + one fp32 gradient bucket copy per
-    trainable parameter for gpus > 1; FSDP: the model above), then what the fake run cannot see; "need" the sum."""
-    if fsdp:
-        raw = (m["weights"] + m["grads"] + m["opt"]) / gpus + m["buffers"] + m["act"] + m["working"]
-    else:
-        raw = m["peak"] + (4 * m["trainable"] if gpus > 1 else 0)
-    frag = FRAGMENTATION if expandable_segments() else FRAGMENTATION_NO_EXPANDABLE
-    t = dict(raw=raw, fragmentation=(frag - 1) * raw, flash=m.get("flash", 0), nccl=NCCL_BYTES if gpus > 1 else 0.0,
-             kernels=KERNEL_BYTES)
-    t["need"] = sum(t.values())
-    return t
-
-
-def plan_need(m: dict, gpus: int, fsdp: bool) -> float:
-    return plan_terms(m, gpus, fsdp)["need"]
-
-
-@dataclass
-class MemPlan:
-    what: str  # model and per-GPU batch/views
-    gpus: int
-    capacity: float | None  # bytes per GPU the run may use, None: no limit known (CPU)
-    checkpointed: int  # k of n trainable blocks under activation checkpointing
-    n_blocks: int
-    fsdp: bool
-    terms: dict  # plan_terms: raw, fragmentation, flash, nccl, kernels, need
-    fits: bool
-    fix: str = ""  # what would fit, when it does not
-
-    @property
-    def need(self) -> float:
-        return self.terms["need"]
-
-    def line(self) -> str:
-        t = self.terms
-        cap = f" of {self.capacity / GiB:.1f} GiB usable" if self.capacity else ""
-        frag = FRAGMENTATION if expandable_segments() else FRAGMENTATION_NO_EXPANDABLE
-        parts = f"raw {t['raw'] / GiB:.1f} x {frag:g} fragmentation + flash {t['flash'] / GiB:.2f}"
-        parts += (f" + NCCL {t['nccl'] / GiB:.1f}" if t["nccl"] else "") + f" + kernels {t['kernels'] / GiB:.1f}"
-        return (f"plan: {self.what} on {self.gpus} GPU(s); checkpointing {self.checkpointed} of {self.n_blocks} blocks; "
-                f"{'FSDP' if self.fsdp else 'DDP' if self.gpus > 1 else 'single process'}; need "
-                f"{self.need / GiB:.1f} GiB{cap} per GPU ({parts}; bf16 autocast, fp32 weights)"
-                + ("" if self.fits else " -- does NOT fit"))
-
-
-def plan_memory(build, what: str, n_blocks: int, gpus: int, capacity: float | None, mode: str = "auto",
-                fsdp: bool = False, fsdp_supported: bool = False, accum_note: str = "") -> MemPlan:
-    """Choose the number k of checkpointed blocks (and DDP or FSDP) so that the planned need fits `capacity`.
-    mode on/off fixes k = n / 0 (measured once); auto: k = 0 if that fits, else the smallest k that fits (the
-    need falls linearly in k: every block stores the same activations; interpolated from k = 0 and k = n, then
-    confirmed by a measurement at k). DDP first; if even k = n does not fit, FSDP where the script supports it
-    (`fsdp_supported`: the script has --fsdp and the run allows it). capacity None (CPU): auto = off."""
-    cache = {}
-
-    def terms(k, sharded):
-        if k not in cache:
-            cache[k] = step_memory(build, k)
-        return plan_terms(cache[k], gpus, sharded)
-
-    def need(k, sharded):
-        return terms(k, sharded)["need"]
-
-    def make(k, sharded, fits, fix=""):
-        return MemPlan(what, gpus, capacity, k, n_blocks, sharded, terms(k, sharded), fits, fix)
-
-    if mode != "auto" or capacity is None:
-        k = n_blocks if mode == "on" else 0
-        return make(k, fsdp, capacity is None or need(k, fsdp) <= capacity)
-    for sharded in ([fsdp] if fsdp or not (fsdp_supported and gpus > 1) else [False, True]):
-        if need(0, sharded) <= capacity:
-            return make(0, sharded, True)
-        hi, lo = need(n_blocks, sharded), need(0, sharded)
-        if hi > capacity:
-            continue
-        k = min(n_blocks, max(1, math.ceil(n_blocks * (lo - capacity) / max(lo - hi, 1.0))))
-        while need(k, sharded) > capacity and k < n_blocks:
-            k += 1
-        while k > 1 and need(k - 1, sharded) <= capacity:  # the interpolation may overshoot: the smallest k
-            k -= 1
-        return make(k, sharded, True)
-    fix = ["more GPUs (a smaller per-GPU batch, the same maths)" + ("" if fsdp_supported else "; this run has no --fsdp"),
-           f"--accum-steps 2 or more ({accum_note or 'the same maths'})"]
-    return make(n_blocks, fsdp or (fsdp_supported and gpus > 1), False, "; ".join(fix))
-
-
-def device_free_memory(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device (torch.cuda.mem_get_info); None on CPU (no limit known: auto = off)."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-
-
-def apply_memory_plan(args, device: torch.device, world: int, plan_fn, log_print=print):
-    """The start-up step of every training script. `--plan GPUSxGB`: print the plan line and return None (the
-    caller exits 0). Otherwise returns (checkpointed blocks k, fsdp): auto on CUDA measures against the smallest
-    free memory over the ranks (torch.cuda.mem_get_info), so every rank takes the same decision; on CPU auto is off.
-    Every start measures anew (a resume too: the GPUs may differ); checkpointing does not change the maths, and
-    a checkpoint resumes under DDP or FSDP alike. A run that cannot fit stops here with one line naming what
-    would. If the measurement itself fails (it relies on torch internals: MemTracker, FakeTensorMode), the run
-    checkpoints every trainable block and says so. `plan_fn(gpus, capacity, mode)` -> MemPlan."""
-    mode = checkpointing_mode(args.grad_checkpointing)
-    if getattr(args, "plan", None):
-        gpus, cap = parse_plan(args.plan)
-        try:
-            plan = plan_fn(gpus, cap, mode)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"the memory plan could not be measured with torch {torch.__version__} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-        print(plan.line() + (f"; would fit: {plan.fix}" if not plan.fits else ""), flush=True)
-        return None
-    free = device_free_memory(device) if mode == "auto" else None
-    if free is None:
-        return (0 if mode != "on" else True), args.fsdp
-    free = torch.tensor(float(free), dtype=torch.float64, device=device)  # float32 would round bytes away
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(free, op=dist.ReduceOp.MIN)
-    try:
-        plan = plan_fn(world, free.item(), mode)
-    except UserError:
-        raise
-    except Exception as e:  # never stop a run that could train: the safe choice instead, said in one line
-        log_print(f"warning: the memory plan failed with torch {torch.__version__} ({type(e).__name__}: "
-                  f"{(str(e).splitlines() or [''])[0][:120]}); checkpointing every trainable block, "
-                  f"{'FSDP' if args.fsdp else 'DDP'} as asked")
-        return True, args.fsdp
-    if not plan.fits:
-        raise UserError(f"{plan.line()}; the paper batch needs one of: {plan.fix}")
-    log_print(plan.line())
-    return plan.checkpointed, plan.fsdp

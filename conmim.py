@@ -120,9 +120,6 @@ class Args:
     """torch.compile the encoders' forward_features"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
-    fsdp: bool = False
-    """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
-    largest model, ViT-L/16, fits 4 x A100 with DDP and activation checkpointing: --plan 4x40 prints the plan)"""
     # ---------------------------------------------------------------- ConMIM
     pos_embed: Literal["rel", "abs"] = "rel"
     """rel: BEiT's shared relative position bias, no absolute position embedding (the paper's backbone; blocks
@@ -387,14 +384,14 @@ def forward_loss(online, teacher, weak, strong, mask, temperature):
 
 
 def train_step(model, teacher, online, opt, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor, *,
-               world: int, sync: bool, m: float, step: int, args: Args, autocast):
+               world: int, sync: bool, m: float, step: int, args: Args):
     """One micro-batch of ConMIM (Algorithm 1): dense contrastive loss of the corrupted strong view against the
     momentum model's weak view, backward of loss / accum_steps; on the last micro-batch of an update (`sync`)
     gradient clipping, the AdamW step and the momentum update with coefficient m (Sec. 4, parameters only).
     weak, strong (n, 3, S, S); mask (n, N) bool. Returns (loss, grad norm or None)."""
     no_sync = not sync and isinstance(model, nn.parallel.DistributedDataParallel)
     with model.no_sync() if no_sync else contextlib.nullcontext():
-        with autocast():
+        with common.autocast(weak.device):
             loss_sum, n_masked = forward_loss(model, teacher, weak, strong, mask, args.temperature)
         # mean over the masked tokens of the GLOBAL micro-batch: sum / (global count / world), so that
         # DDP's gradient averaging gives the single-process gradient (module docstring)
@@ -411,8 +408,15 @@ def train_step(model, teacher, online, opt, weak: torch.Tensor, strong: torch.Te
     return loss, grad_norm
 
 
-def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
-    """common.plan_memory for ConMIM (online branch with its projector, momentum branch) at the per-GPU batch."""
+def n_blocks(args: Args) -> int:
+    """Blocks the memory plan may checkpoint: every encoder block."""
+    return common.VIT_CONFIGS[args.model][1]
+
+
+def memory_plan(args: Args, gpus: int, capacity, mode: str):
+    """memplan.plan_memory (optional neighbour memplan.py) for ConMIM (online branch with its projector,
+    momentum branch) at the per-GPU batch."""
+    import memplan
     n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
 
     def build(k):
@@ -430,12 +434,12 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
         x = torch.randn(n, 3, args.img_size, args.img_size)
         mask = torch.zeros(n, encoder.num_patches, dtype=torch.bool)
         mask[:, :int(args.mask_ratio * encoder.num_patches)] = True  # the masked count is all the step depends on
-        step = lambda autocast: train_step(online, teacher, online, opt, x, x.clone(), mask, world=1,  # noqa: E731
-                                           sync=True, m=0.996, step=0, args=args, autocast=autocast)
+        step = lambda: train_step(online, teacher, online, opt, x, x.clone(), mask, world=1,  # noqa: E731
+                                  sync=True, m=0.996, step=0, args=args)
         return [online, teacher], [opt], step, list(encoder.blocks)
 
     what = f"ConMIM {args.model}, {n} images x 2 views per GPU"
-    return common.plan_memory(build, what, common.VIT_CONFIGS[args.model][1], gpus, capacity, mode, False, False,
+    return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, False, False,
                               "the projector BatchNorm normalises per micro-batch")
 
 
@@ -445,9 +449,6 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
 def validate(args: Args):
     """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
     is declared on its Args field (common.check_args)."""
-    if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
-        raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; ConMIM up to ViT-L/16 trains with "
-                        "DDP (drop --fsdp; --grad-checkpointing auto, the default, checkpoints as many blocks as the memory plan needs)")
     common.check_args(args)
     if args.pos_embed == "abs" and args.rel_pos_lr_mult != 1.0:
         raise UserError("--rel-pos-lr-mult applies to the relative position bias; drop it or use --pos-embed rel")
@@ -510,8 +511,7 @@ def train_one_epoch(model, teacher: ConMIMBranch, online: ConMIMBranch, opt, ds,
             common.set_lr(opt, cur_lr)
         m = momentum_schedule(step)
         loss, grad_norm = train_step(model, teacher, online, opt, weak, strong, mask, world=dist_info.world_size,
-                                     sync=last, m=m, step=step, args=args,
-                                     autocast=functools.partial(common.autocast, device))
+                                     sync=last, m=m, step=step, args=args)
         sums["loss"] += float(common.all_reduce_mean(loss.detach()))
         sums["micro"] += 1
         it_acc += 1
@@ -568,11 +568,11 @@ def save_state(online: ConMIMBranch, teacher: ConMIMBranch, opt, epoch: int, upd
 def main(args: Args):
     validate(args)
     if args.plan is not None:  # no data: the step on fake tensors
-        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
+        common.plan_run(args, torch.device("cpu"), 1, n_blocks(args), functools.partial(memory_plan, args))
         return
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
-    checkpointed, _ = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
+    checkpointed, _ = common.plan_run(args, device, world, n_blocks(args), functools.partial(memory_plan, args))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256  # linear scaling (see docstring)
     min_lr = min(args.min_lr, lr)

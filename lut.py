@@ -121,9 +121,6 @@ class Args:
     """torch.compile the encoders' forward_features"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
-    fsdp: bool = False
-    """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
-    largest model, ViT-L/16, fits 4 x A100 with DDP and activation checkpointing: --plan 4x40 prints the plan)"""
     # ---------------------------------------------------------------- MAE branch (Eq. 1)
     mask_ratio: common.OpenUnit = 0.75
     """fraction of patches removed from the online encoder's input; paper 0.75 (Sec. 5.1.2)"""
@@ -415,13 +412,13 @@ def forward_losses(model, momentum: MomentumBranch, weak, strong, num_patches: i
 
 
 def train_step(model, momentum, online, opt, weak: torch.Tensor, strong: torch.Tensor, *, weight: float,
-               num_patches: int, sync: bool, m: float, step: int, args: Args, autocast):
+               num_patches: int, sync: bool, m: float, step: int, args: Args):
     """One micro-batch of LUT: MIM and context (momentum-branch) losses of Eq. (3), backward of loss / accum_steps;
     on the last micro-batch of an update (`sync`) the AdamW step and the momentum update with coefficient m
     (Sec. 5.1.2). weak, strong (n, 3, S, S). Returns (loss, loss_mim, loss_bc)."""
     no_sync = not sync and isinstance(model, nn.parallel.DistributedDataParallel)
     with model.no_sync() if no_sync else contextlib.nullcontext():
-        with autocast():
+        with common.autocast(weak.device):
             loss_mim, loss_bc = forward_losses(model, momentum, weak, strong, num_patches, args.mask_ratio,
                                                args.symmetric)
         loss = args.mae_weight * loss_mim + weight * loss_bc  # Eq. (3)
@@ -434,8 +431,15 @@ def train_step(model, momentum, online, opt, weak: torch.Tensor, strong: torch.T
     return loss, loss_mim, loss_bc
 
 
-def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
-    """common.plan_memory for LUT (online branch with decoder and head, momentum branch) at the per-GPU batch."""
+def n_blocks(args: Args) -> int:
+    """Blocks the memory plan may checkpoint: every encoder block."""
+    return common.VIT_CONFIGS[args.model][1]
+
+
+def memory_plan(args: Args, gpus: int, capacity, mode: str):
+    """memplan.plan_memory (optional neighbour memplan.py) for LUT (online branch with decoder and head,
+    momentum branch) at the per-GPU batch."""
+    import memplan
     n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
 
     def build(k):
@@ -447,13 +451,12 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
         opt = common.make_adamw(common.param_groups(online.named_parameters(), args.weight_decay), 1.0,
                                 betas=(0.9, args.beta2))
         weak, strong = torch.randn(n, 3, args.img_size, args.img_size), torch.randn(n, 3, args.img_size, args.img_size)
-        step = lambda autocast: train_step(online, momentum, online, opt, weak, strong, weight=weight,  # noqa: E731
-                                           num_patches=encoder.num_patches, sync=True, m=args.momentum, step=0,
-                                           args=args, autocast=autocast)
+        step = lambda: train_step(online, momentum, online, opt, weak, strong, weight=weight,  # noqa: E731
+                                  num_patches=encoder.num_patches, sync=True, m=args.momentum, step=0, args=args)
         return [online, momentum], [opt], step, list(encoder.blocks)
 
     what = f"LUT {args.model}, {n} images x 2 views per GPU"
-    return common.plan_memory(build, what, common.VIT_CONFIGS[args.model][1], gpus, capacity, mode, False, False,
+    return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, False, False,
                               "the head BatchNorm normalises per micro-batch")
 
 
@@ -463,9 +466,6 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
 def validate(args: Args):
     """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
     is declared on its Args field (common.check_args)."""
-    if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
-        raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; LUT up to ViT-L/16 trains with "
-                        "DDP (drop --fsdp; --grad-checkpointing auto, the default, checkpoints as many blocks as the memory plan needs)")
     common.check_args(args)
     if args.symmetric and args.mask_ratio < 0.5:
         raise UserError(f"--symmetric needs --mask-ratio >= 0.5 (two disjoint visible sets), got {args.mask_ratio}")
@@ -514,7 +514,7 @@ def train_one_epoch(model, momentum: MomentumBranch, online: LUTOnline, opt, ds,
         m = momentum_schedule(step)
         loss, loss_mim, loss_bc = train_step(model, momentum, online, opt, weak, strong, weight=weight,
                                              num_patches=online.encoder.num_patches, sync=last, m=m, step=step,
-                                             args=args, autocast=functools.partial(common.autocast, device))
+                                             args=args)
         for k, v in zip(("loss", "mim", "context"), (loss, loss_mim, loss_bc)):
             sums[k] += float(common.all_reduce_mean(v.detach()))
         sums["micro"] += 1
@@ -579,11 +579,11 @@ def save_state(online: LUTOnline, momentum: MomentumBranch, opt, epoch: int, upd
 def main(args: Args):
     validate(args)
     if args.plan is not None:  # no data: the step on fake tensors
-        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
+        common.plan_run(args, torch.device("cpu"), 1, n_blocks(args), functools.partial(memory_plan, args))
         return
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
-    checkpointed, _ = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
+    checkpointed, _ = common.plan_run(args, device, world, n_blocks(args), functools.partial(memory_plan, args))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     if micro < 2 and not (dist_info.enabled and args.sync_bn and device.type == "cuda"):
         raise UserError(f"--batch-size {args.batch_size} gives {micro} image per process and step; the heads' "

@@ -223,8 +223,10 @@ class MaeDecoder(nn.Module):
     loads into it and ours merges into an official state dict."""
 
     def __init__(self, enc_dim: int, grid: int, patch_size: int, dim: int = 512, depth: int = 8, num_heads: int = 16,
-                 in_chans: int = 3, mlp_ratio: float = 4.0, grad_checkpointing: bool | int = False):
+                 in_chans: int = 3, mlp_ratio: float = 4.0, grad_checkpointing: int = 0):
         super().__init__()
+        if isinstance(grad_checkpointing, bool):  # a block count: True would silently mean 1
+            raise TypeError("grad_checkpointing is a number of blocks, not a bool")
         self.grad_checkpointing = grad_checkpointing
         self.decoder_embed = nn.Linear(enc_dim, dim)  # encoder width -> decoder width
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # one shared learned vector (Sec. 3)
@@ -256,9 +258,8 @@ class MaeDecoder(nn.Module):
         x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # un-shuffle, (B, N, d)
         x = torch.cat([x[:, :1], x_], dim=1)  # prepend [CLS], (B, 1+N, d)
         x = x + self.decoder_pos_embed
-        ckpt = len(self.decoder_blocks) if self.grad_checkpointing is True else int(self.grad_checkpointing or 0)
         for i, blk in enumerate(self.decoder_blocks):
-            if i < ckpt and torch.is_grad_enabled():  # the first `ckpt` blocks (True: all)
+            if i < self.grad_checkpointing and torch.is_grad_enabled():  # the first k blocks
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
@@ -360,18 +361,20 @@ def validate(args: Args):
     if args.decoder_dim % 4:
         raise UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 (2-D sin-cos positions)")
     if args.fsdp and args.compile:
-        raise UserError(common.FSDP_UNSUPPORTED_WITH_COMPILE)
+        raise UserError("--fsdp with --compile is not supported; drop one of them")
+    if args.fsdp:
+        common.import_fsdp()  # optional neighbour: one line if it is missing
 
 
 # ==============================================================================================
 # ALGO LOGIC: one training step (Sec. 3)
 # ==============================================================================================
-def train_step(ddp, optimizer, imgs: torch.Tensor, *, sync: bool, step: int, args: Args, autocast) -> torch.Tensor:
+def train_step(ddp, optimizer, imgs: torch.Tensor, *, sync: bool, step: int, args: Args) -> torch.Tensor:
     """One micro-batch of MAE (Sec. 3): random masking, encoder on the visible patches, decoder, per-patch pixel
     MSE on the masked patches (Eq. in Sec. 3, norm_pix_loss App. A.1), backward of loss / accum_steps; on the last
     micro-batch of an update (`sync`) the AdamW step. imgs (n, 3, H, W). Returns the loss (scalar)."""
     with common.grad_sync(ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
-        with autocast():
+        with common.autocast(imgs.device):
             loss, _, _ = ddp(imgs)
         common.check_finite(loss, step, args.output_dir)
         (loss / args.accum_steps).backward()  # gradients of the mean over the accumulated micro-batches
@@ -387,8 +390,7 @@ def train_step(ddp, optimizer, imgs: torch.Tensor, *, sync: bool, step: int, arg
 def build_modules(args: Args, checkpointed):
     """Encoder, decoder and MaskedAutoencoder; `checkpointed` k: the first k encoder blocks, then decoder blocks."""
     enc_depth = common.VIT_CONFIGS.get(args.model, (0, 0))[1]
-    enc_k = checkpointed if isinstance(checkpointed, bool) else min(checkpointed, enc_depth)
-    dec_k = checkpointed if isinstance(checkpointed, bool) else max(0, checkpointed - enc_depth)
+    enc_k, dec_k = min(checkpointed, enc_depth), max(0, checkpointed - enc_depth)
     try:
         common.seed_everything(args.seed)  # same initial weights on every rank
         encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
@@ -400,20 +402,27 @@ def build_modules(args: Args, checkpointed):
     return encoder, decoder, MaskedAutoencoder(encoder, decoder, args.mask_ratio, args.norm_pix_loss)
 
 
-def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
-    """common.plan_memory for MAE at the per-GPU batch; k counts encoder blocks first, then decoder blocks."""
+def n_blocks(args: Args) -> int:
+    """Blocks the memory plan may checkpoint: the encoder's, then the decoder's."""
+    return common.VIT_CONFIGS.get(args.model, (0, 0))[1] + args.decoder_depth
+
+
+def memory_plan(args: Args, gpus: int, capacity, mode: str):
+    """memplan.plan_memory (optional neighbour memplan.py) for MAE at the per-GPU batch; k counts encoder blocks
+    first, then decoder blocks."""
+    import memplan
     n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
 
     def build(k):
         encoder, decoder, model = build_modules(args, k)
         optimizer = common.make_adamw(build_param_groups(model, args.weight_decay, args.token_weight_decay), lr=1.0)
         imgs = torch.randn(n, 3, args.img_size, args.img_size)
-        step = lambda autocast: train_step(model, optimizer, imgs, sync=True, step=0, args=args, autocast=autocast)  # noqa: E731
+        step = lambda: train_step(model, optimizer, imgs, sync=True, step=0, args=args)  # noqa: E731
         return [model], [optimizer], step, list(encoder.blocks) + list(decoder.decoder_blocks)
 
     what = f"MAE {args.model} + {args.decoder_depth}-block decoder, {n} images per GPU"
-    return common.plan_memory(build, what, common.VIT_CONFIGS[args.model][1] + args.decoder_depth, gpus, capacity,
-                              mode, args.fsdp, not args.compile, "the same maths: the loss is a per-image mean")
+    return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, args.fsdp, not args.compile,
+                               "the same maths: the loss is a per-image mean")
 
 
 # ==============================================================================================
@@ -442,8 +451,7 @@ def train_one_epoch(ddp, optimizer, dataset, epoch: int, lr_schedule, *, micro: 
             cur_lr = lr_schedule(step)
             common.set_lr(optimizer, cur_lr)
         imgs = imgs.to(device, non_blocking=True)  # (n, 3, H, W)
-        loss = train_step(ddp, optimizer, imgs, sync=last_micro, step=step, args=args,
-                          autocast=functools.partial(common.autocast, device))
+        loss = train_step(ddp, optimizer, imgs, sync=last_micro, step=step, args=args)
         accum_loss += loss.detach() / args.accum_steps
         if not last_micro:
             continue
@@ -502,11 +510,11 @@ def end_epoch(model, vis_imgs, vis_noise, epoch: int, epoch_loss: float, t0: flo
 def main(args: Args):
     validate(args)
     if args.plan is not None:  # no data: the step on fake tensors
-        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
+        common.plan_run(args, torch.device("cpu"), 1, n_blocks(args), functools.partial(memory_plan, args))
         return
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
-    checkpointed, use_fsdp = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
+    checkpointed, use_fsdp = common.plan_run(args, device, world, n_blocks(args), functools.partial(memory_plan, args))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256  # linear scaling (App. A.1)
 
@@ -569,10 +577,11 @@ def main(args: Args):
     fsdp = use_fsdp and dist_info.in_group
     if use_fsdp and not fsdp:
         log.print("--fsdp: not launched by torchrun, nothing to shard; running unsharded")
-    if fsdp:  # ZeRO-3 instead of DDP: one all-gather unit per encoder/decoder block
-        common.fsdp_shard_vit(encoder)
-        common.fsdp_shard(decoder, list(decoder.decoder_blocks))  # fp32 parameters + autocast, as under DDP
-        common.fsdp_shard(model)
+    if fsdp:  # ZeRO-3 (fsdp.py) instead of DDP: one all-gather unit per encoder/decoder block
+        sharding = common.import_fsdp()
+        sharding.shard_vit(encoder)
+        sharding.shard(decoder, list(decoder.decoder_blocks))  # fp32 parameters + autocast, as under DDP
+        sharding.shard(model)
     optimizer = common.make_adamw(build_param_groups(model, args.weight_decay, args.token_weight_decay), lr=lr,
                                   betas=(0.9, 0.95), device=device)  # App. A.1: AdamW beta2 0.95
     if optimizer_state is not None:

@@ -123,9 +123,6 @@ class Args:
     """torch.compile the encoder's forward_features"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
-    fsdp: bool = False
-    """FSDP2 sharding instead of DDP: implemented in mim_refiner.py and mae.py only (refused here; the paper's
-    largest model, ViT-H/14, fits 4 x A100 with DDP and activation checkpointing: --plan 4x40 prints the plan)"""
     # ---- MAE-CT flags ----
     init: Optional[str] = None
     """MAE encoder to tune (required): our mae.py checkpoint or an official MAE release file (mae_pretrain_vit_*.pth)"""
@@ -391,16 +388,15 @@ def nnclr_loss(nn_anchor: torch.Tensor, pred: torch.Tensor, temperature: float) 
 
 def mae_ct_forward_loss(model: nn.Module, target_projector: Optional[nn.Module], queue: NNQueue,
                         views: list[torch.Tensor], ids: torch.Tensor, labels: torch.Tensor,
-                        temperature: float, topk: int, exclude_self: bool, device: torch.device, autocast=None):
+                        temperature: float, topk: int, exclude_self: bool, device: torch.device):
     """One step's forward: both views, NN lookups, symmetric loss, then enqueue view 0 (official order:
     before backward). Stage 1 passes target_projector=None (NN path = online projector, App. A.2).
-    autocast: context factory, default common.autocast(device). Returns (loss, metrics)."""
-    autocast = autocast or functools.partial(common.autocast, device)
-    with autocast():
+    Returns (loss, metrics)."""
+    with common.autocast(device):
         ys, projected, predicted = model(views)
     with torch.no_grad():  # NN path: z = normalize(g_m(y)) (Alg. 1); detached, batch-stat BN (train mode)
         if target_projector is not None:
-            with autocast():
+            with common.autocast(device):
                 zs = [target_projector(y.detach()) for y in ys]
         else:
             zs = [z.detach() for z in projected]
@@ -469,12 +465,12 @@ def build_views(args: Args):
 # ALGO LOGIC: one training step (Algorithm 1, Eq. 1-2)
 # ==============================================================================================
 def train_step(ddp, optimizer, target_projector, ema_encoder, queue: NNQueue, views: list[torch.Tensor], ids, labels,
-               *, stage: int, temperature: float, topk: int, step: int, args: Args, device, autocast=None):
+               *, stage: int, temperature: float, topk: int, step: int, args: Args, device):
     """One update of Algorithm 1: forward of both views, NN lookup in the queue, symmetric NNCLR loss, enqueue of
     view 0, backward, AdamW step; in stage 2 the projector EMA g_m and the encoder EMA f_m (BN buffers copied).
     views 2 x (n, 3, S, S); ids, labels (n,). Returns (loss, metrics)."""
     loss, metrics = mae_ct_forward_loss(ddp, target_projector, queue, views, ids, labels, temperature, topk,
-                                        args.exclude_self, device, autocast)
+                                        args.exclude_self, device)
     common.check_finite(loss, step, args.output_dir)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -492,8 +488,15 @@ def unwrap_model(ddp):
 # ==============================================================================================
 # The memory plan (--plan, --grad-checkpointing auto)
 # ==============================================================================================
-def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
-    """common.plan_memory for stage 2 (encoder, heads, both EMAs and the queue) at the per-GPU batch."""
+def n_blocks(args: Args) -> int:
+    """Blocks the memory plan may checkpoint: stage 2 trains blocks frozen_blocks..depth-1."""
+    return common.VIT_CONFIGS[args.model][1] - args.frozen_blocks
+
+
+def memory_plan(args: Args, gpus: int, capacity, mode: str):
+    """memplan.plan_memory (optional neighbour memplan.py) for stage 2 (encoder, heads, both EMAs and the
+    queue) at the per-GPU batch."""
+    import memplan
     n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
 
     def build(k):
@@ -507,14 +510,13 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str) -> common.MemPlan:
         optimizer = build_optimizer(model, 2, args, 1.0, 1.0, torch.device("cpu"))
         views = [torch.randn(n, 3, args.img_size, args.img_size) for _ in range(NUM_VIEWS)]
         ids, labels = torch.arange(n), torch.zeros(n, dtype=torch.long)
-        step = lambda autocast: train_step(model, optimizer, target_projector, ema_encoder, queue, views, ids, labels,  # noqa: E731
-                                           stage=2, temperature=args.temperature, topk=args.topk, step=0, args=args,
-                                           device=torch.device("cpu"), autocast=autocast)
+        step = lambda: train_step(model, optimizer, target_projector, ema_encoder, queue, views, ids, labels,  # noqa: E731
+                                  stage=2, temperature=args.temperature, topk=args.topk, step=0, args=args,
+                                  device=torch.device("cpu"))
         return [model, queue, ema_encoder, target_projector], [optimizer], step, list(encoder.blocks)
 
-    depth = common.VIT_CONFIGS[args.model][1]
     what = f"MAE-CT {args.model}, {n} images x {NUM_VIEWS} views per GPU"
-    return common.plan_memory(build, what, depth - args.frozen_blocks, gpus, capacity, mode, False, False,
+    return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, False, False,
                               "this script refuses it: BN statistics, negatives and the queue would change")
 
 
@@ -610,14 +612,11 @@ def save_state(model: MaeCt, ema_encoder, target_projector, queue: NNQueue, opti
 def main(args: Args):
     args = resolve_args(args)
     if args.plan is not None:  # no data, no checkpoint: the step on fake tensors
-        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args))
+        common.plan_run(args, torch.device("cpu"), 1, n_blocks(args), functools.partial(memory_plan, args))
         return
-    if args.fsdp:  # the momentum/EMA copies that are run forward are not sharded in this file
-        raise UserError("--fsdp is implemented in mim_refiner.py and mae.py only; MAE-CT up to ViT-H/14 trains with "
-                        "DDP (drop --fsdp; --grad-checkpointing auto, the default, checkpoints as many blocks as the memory plan needs)")
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
-    checkpointed, _ = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args))
+    checkpointed, _ = common.plan_run(args, device, world, n_blocks(args), functools.partial(memory_plan, args))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     enc_lr = args.lr if args.lr is not None else scaled_lr(args.blr, args.batch_size)
     head_lr = scaled_lr(args.head_blr, args.batch_size)

@@ -279,7 +279,9 @@ def resolve_args(args: Args, post_norm: bool) -> Args:
         raise UserError(f"--batch-size {args.batch_size} / --accum-steps {args.accum_steps} leaves "
                         f"{args.batch_size // args.accum_steps} image per step; {BATCH_WHY}")
     if args.fsdp and args.compile:
-        raise UserError(common.FSDP_UNSUPPORTED_WITH_COMPILE)
+        raise UserError("--fsdp with --compile is not supported; drop one of them")
+    if args.fsdp:
+        common.import_fsdp()  # optional neighbour: one line if it is missing
     return args
 
 
@@ -533,14 +535,14 @@ def is_post_norm_checkpoint(ckpt: dict) -> bool:
 # ALGO LOGIC: one training step (Sec. 3, Eq. 1-2)
 # ==============================================================================================
 def train_step(ddp, optimizer, queues: nn.ModuleList, ema, encoder, x_global, x_local, ids, labels, *, n: int,
-               topk: int, train_encoder: bool, sync: bool, rank: int, step: int, args: Args, autocast):
+               topk: int, train_encoder: bool, sync: bool, rank: int, step: int, args: Args):
     """One micro-batch of the multi-crop NNA step (Sec. 3): forward of all views, loss with queue lookup and
     enqueue (Eq. 1-2), backward; on the last micro-batch of an update (`sync`) the AdamW step and, while the
     encoder trains (stage "refine"), its EMA (Table 10; official EmaCallback, constant momentum per update).
     x_global (2n, 3, S, S) = [g0; g1]; x_local (L*n, 3, s, s) or None; ids, labels (n,).
     Returns (loss, per-head losses, per-head NN accuracies)."""
     with common.grad_sync(ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
-        with autocast():
+        with common.autocast(x_global.device):
             outputs = ddp(x_global, x_local, train_encoder=train_encoder)  # per head (z, p), each (V*n, 256)
         loss, head_losses, nn_accs = refiner_loss(outputs, queues, ids, labels, n, topk, args.temperature, rank,
                                                   args.official_local_indexing, args.exclude_self)
@@ -567,7 +569,7 @@ def build_modules(args: Args, post_norm: bool, grad_checkpointing):
 
 
 def plan_builder(args: Args, post_norm: bool, n: int, device=torch.device("cpu"), wrap=None):
-    """build(k) of common.plan_memory: the refinement stage (the heavier one: the encoder trains) with k
+    """build(k) of memplan.plan_memory: the refinement stage (the heavier one: the encoder trains) with k
     checkpointed blocks, random views of n images, and its train_step (on `device`, the model wrapped by `wrap`,
     e.g. in DDP: benchmarks/gpu_check.py)."""
     def build(k):
@@ -583,20 +585,25 @@ def plan_builder(args: Args, post_norm: bool, n: int, device=torch.device("cpu")
         xl = torch.randn(args.local_crops * n, 3, s, s, **kw) if args.local_crops else None
         ids, labels = torch.arange(n, **kw), torch.zeros(n, dtype=torch.long, **kw)
         ddp = wrap(model) if wrap else model
-        step = lambda autocast: train_step(ddp, optimizer, queues, ema, encoder, xg, xl, ids, labels, n=n,  # noqa: E731
-                                           topk=args.topk, train_encoder=True, sync=True, rank=0, step=0, args=args,
-                                           autocast=autocast)
+        step = lambda: train_step(ddp, optimizer, queues, ema, encoder, xg, xl, ids, labels, n=n,  # noqa: E731
+                                  topk=args.topk, train_encoder=True, sync=True, rank=0, step=0, args=args)
         return [model, queues, ema], [optimizer], step, list(encoder.blocks)
     return build
 
 
-def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str) -> common.MemPlan:
-    """common.plan_memory of this run at the per-GPU batch that `gpus` processes give."""
+def n_blocks(args: Args) -> int:
+    """Blocks the memory plan may checkpoint: the trainable ones (after --freeze-blocks)."""
+    return common.VIT_CONFIGS[args.model][1] - args.freeze_blocks
+
+
+def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str):
+    """memplan.plan_memory (optional neighbour memplan.py) of this run at the per-GPU batch that `gpus`
+    processes give."""
+    import memplan
     n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
     build = plan_builder(args, post_norm, n)
-    depth = common.VIT_CONFIGS[args.model][1]
     what = f"MIM-Refiner {args.model}, {n} images x (2 + {args.local_crops}) views per GPU"
-    return common.plan_memory(build, what, depth - args.freeze_blocks, gpus, capacity, mode, args.fsdp, not args.compile,
+    return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, args.fsdp, not args.compile,
                               "BN statistics, the negatives of Eq. 1 and the queue update become per micro-batch")
 
 
@@ -675,8 +682,7 @@ def train_one_epoch(ddp, model: Refiner, encoder, ema, queues: nn.ModuleList, op
         sync = micro_step == args.accum_steps - 1
         loss, head_losses, nn_accs = train_step(
             ddp, optimizer, queues, ema, encoder, x_global, x_local, ids, labels, n=micro, topk=topk,
-            train_encoder=train_encoder, sync=sync, rank=rank, step=global_step, args=args,
-            autocast=functools.partial(common.autocast, device))
+            train_encoder=train_encoder, sync=sync, rank=rank, step=global_step, args=args)
         if not sync:
             continue
         sums["loss"] = common.all_reduce_mean(loss.detach()).item()
@@ -721,7 +727,7 @@ def save_state(model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, d
 def main(args: Args):
     if args.plan is not None:  # no data, no checkpoint: the step on fake tensors
         args = resolve_args(args, args.post_norm)
-        common.apply_memory_plan(args, torch.device("cpu"), 1, functools.partial(memory_plan, args, args.post_norm))
+        common.plan_run(args, torch.device("cpu"), 1, n_blocks(args), functools.partial(memory_plan, args, args.post_norm))
         return
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
@@ -735,7 +741,8 @@ def main(args: Args):
     if args.accum_steps > 1:
         warnings.warn("--accum-steps > 1: BatchNorm statistics, the negatives of Eq. 1 and the queue updates become "
                       "per micro-batch (not the paper's setting)")
-    checkpointed, use_fsdp = common.apply_memory_plan(args, device, world, functools.partial(memory_plan, args, post_norm))
+    checkpointed, use_fsdp = common.plan_run(args, device, world, n_blocks(args),
+                                             functools.partial(memory_plan, args, post_norm))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
     peak_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     head_stage_lr = args.head_blr * args.batch_size / 256
@@ -787,10 +794,11 @@ def main(args: Args):
     fsdp = use_fsdp and dist_info.in_group
     if use_fsdp and not fsdp:
         log.print("--fsdp: not launched by torchrun, nothing to shard; running unsharded")
-    if fsdp:  # ZeRO-3: blocks and stems of both encoders sharded, heads in the root unit (fp32, autocast as DDP)
-        common.fsdp_shard_vit(encoder)
-        common.fsdp_shard(model)
-        common.fsdp_shard_vit(ema)  # never run; sharded storage, EMA on the shards
+    if fsdp:  # ZeRO-3 (fsdp.py): blocks and stems of both encoders sharded, heads in the root unit (fp32, autocast as DDP)
+        sharding = common.import_fsdp()
+        sharding.shard_vit(encoder)
+        sharding.shard(model)
+        sharding.shard_vit(ema)  # never run; sharded storage, EMA on the shards
     if args.compile:
         model.features_fn = torch.compile(model.features)
 

@@ -46,7 +46,8 @@ METHODS = ("mae", "mae_ct", "mim_refiner", "lut", "conmim")
 # One training step per method, built from the method file's modules (same calls as its main())
 # ----------------------------------------------------------------------------------------------
 def _encoder(name, img, patch, gc, **kw):
-    return common.create_vit(name, img_size=img, patch_size=patch, grad_checkpointing=gc, **kw)
+    depth = kw.get("depth", common.VIT_CONFIGS[name][1])
+    return common.create_vit(name, img_size=img, patch_size=patch, grad_checkpointing=depth if gc else 0, **kw)
 
 
 def setup_mae(model, img, patch, gc, device):
@@ -54,7 +55,7 @@ def setup_mae(model, img, patch, gc, device):
     a = mae.Args(model=model, img_size=img, patch_size=patch)
     enc = _encoder(model, img, patch, gc)
     dec = mae.MaeDecoder(enc.dim, enc.grid, enc.patch_size, a.decoder_dim, a.decoder_depth, a.decoder_heads,
-                         grad_checkpointing=gc)
+                         grad_checkpointing=a.decoder_depth if gc else 0)
     m = mae.MaskedAutoencoder(enc, dec, a.mask_ratio, a.norm_pix_loss).to(device)
     opt = common.make_adamw(mae.build_param_groups(m, a.weight_decay, False), lr=1e-4, betas=(0.9, 0.95), device=device)
     transform = common.mae_train_transform(img, (a.crop_min_scale, 1.0))

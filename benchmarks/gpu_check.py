@@ -14,7 +14,7 @@ What it runs (each part in its own process, so that allocator settings and CUDA 
    from the model FLOPs (3 F: forward + backward) against the card's dense bf16 peak and HFU with the recomputed
    forward of the checkpointed blocks (3 F + F_ckpt).
 2. The same step with the allocator capped (torch.cuda.set_per_process_memory_fraction) at what an A100-80GB leaves
-   the allocator (its reported capacity, common.CARD_USABLE x 80 GiB, less this card's context/NCCL/kernel
+   the allocator (its reported capacity, memplan.CARD_USABLE x 80 GiB, less this card's context/NCCL/kernel
    overhead), on a larger card only: fits or out of memory.
 3. A world-1 FSDP2 run of mim_refiner.py through stage "heads" (encoder frozen) into stage "refine" on CUDA with the
    scripts' FSDP policy (fp32 parameters gathered, bf16 autocast), then its checkpoint loaded by plain torch.load
@@ -72,9 +72,10 @@ def user_args():
 def user_plan():
     """The 4x80 plan of the user's command and its raw measurement at the plan's k (fake tensors, CPU)."""
     import common
+    import memplan
     import mim_refiner as mr
     args = user_args()
-    gpus, cap = common.parse_plan(f"{USER_GPUS}x{A100_GB}")
+    gpus, cap = memplan.parse_plan(f"{USER_GPUS}x{A100_GB}")
     plan = mr.memory_plan(args, False, gpus, cap, "auto")
     return args, plan
 
@@ -105,7 +106,6 @@ def measure_step(args, n: int, k: int, device: torch.device, cap_bytes: float | 
         torch.cuda.set_per_process_memory_fraction(cap_bytes / torch.cuda.get_device_properties(device).total_memory)
     ddp = functools.partial(nn.parallel.DistributedDataParallel, device_ids=[device.index] if device.type == "cuda" else None,
                             gradient_as_bucket_view=True)
-    amp = functools.partial(common.autocast, device)
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
         kernel = functools.partial(sdpa_kernel, SDPBackend.FLASH_ATTENTION)
@@ -118,12 +118,12 @@ def measure_step(args, n: int, k: int, device: torch.device, cap_bytes: float | 
             torch.cuda.reset_peak_memory_stats()
         with kernel():
             for _ in range(warmup):
-                step(amp)
+                step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.time()
             for _ in range(iters):
-                step(amp)
+                step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
         secs = (time.time() - t0) / iters
@@ -143,13 +143,13 @@ def part_step(a) -> dict:
     n = args.batch_size // USER_GPUS
     cap = None
     if a.cap:
-        import common
+        import memplan
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
         torch.empty(1, device=device)  # the CUDA context
         free, total = torch.cuda.mem_get_info(device)
-        overhead = total - free + common.NCCL_BYTES + common.KERNEL_BYTES  # context now; NCCL and kernels to come
-        cap = common.CARD_USABLE * A100_GB * common.GiB - overhead
+        overhead = total - free + memplan.NCCL_BYTES + memplan.KERNEL_BYTES  # context now; NCCL and kernels to come
+        cap = memplan.CARD_USABLE * A100_GB * memplan.GiB - overhead
     return measure_step(args, n, a.k, torch.device("cuda", 0), cap_bytes=cap, iters=1 if a.cap else 3)
 
 
@@ -231,6 +231,7 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device visible; nothing measured")
         return 0
     import common
+    import memplan
     name = torch.cuda.get_device_name()
     total = torch.cuda.get_device_properties(0).total_memory
     peak = a.peak_tflops or next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
         print(f"| {label} | {r['step_s']:.2f} | {r['images_s']:.1f} | {100 * mfu:.1f} % | {100 * hfu:.1f} % | "
               f"{gib(r['allocated'])} / {gib(raw)} = {r['allocated'] / raw:.3f} | {r['reserved'] / r['allocated']:.3f} | "
               f"{gib(r['used'])} GiB | {gib(plan.need - r['used'])} GiB |", flush=True)
-    if total > 1.05 * common.CARD_USABLE * A100_GB * common.GiB:
+    if total > 1.05 * memplan.CARD_USABLE * A100_GB * memplan.GiB:
         r = run_part(["--part", "step", "--k", str(k), "--cap"])
         verdict = (r.get("error") or (f"out of memory: {r['oom']}" if "oom" in r else
                    f"fits (max allocated {gib(r['allocated'])} GiB)"))

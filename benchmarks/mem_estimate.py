@@ -182,7 +182,7 @@ def validate():
         per = []
         for depth in (2, 4):
             torch.manual_seed(0)
-            enc = common.create_vit("vit_t16", img_size=img, patch_size=patch, depth=depth, grad_checkpointing=gc)
+            enc = common.create_vit("vit_t16", img_size=img, patch_size=patch, depth=depth, grad_checkpointing=depth if gc else 0)
             per.append(saved(lambda: enc.forward_features(x)))
         measured = (per[1] - per[0]) / 2 / (T * D)  # bytes x D per token per block
         formula = 4 if gc else 68 + 12

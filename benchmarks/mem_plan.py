@@ -1,5 +1,5 @@
 """The measured memory table of docs/memory.md: every method at its paper settings on 4 x 40 GB and 4 x 80 GB,
-through each script's own `--plan GPUSxGB` (one training step on fake tensors, common.py section 10), with the
+through each script's own `--plan GPUSxGB` (one training step on fake tensors, memplan.py), with the
 analytical formula of benchmarks/mem_estimate.py next to it as a cross-check.
 
     python benchmarks/mem_plan.py                    # the whole table (big models: ~1 min per measurement on CPU)
@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import memplan  # noqa: E402
 import mem_estimate  # noqa: E402
 
 CONFIGS = [("mae", "vit_l16"), ("mae", "vit_h14"), ("mae_ct", "vit_l16"), ("mae_ct", "vit_h14"),
@@ -35,7 +36,7 @@ def main():
     print("| method | model | GPUs x GB | plan (per GPU) | checkpointed | DDP/FSDP | measured need, GiB | fits | "
           "measured vs formula at k = 0 or all, GiB | ratio | s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    real_step_memory, real_plan_memory = common.step_memory, common.plan_memory
+    real_step_memory, real_plan_memory = memplan.step_memory, memplan.plan_memory
     for method, model in configs:
         mod = importlib.import_module(method)
         cache = {}
@@ -49,7 +50,7 @@ def main():
         def plan_memory(*args, **kw):
             plans.append(real_plan_memory(*args, **kw))
             return plans[-1]
-        common.step_memory, common.plan_memory = step_memory, plan_memory
+        memplan.step_memory, memplan.plan_memory = step_memory, plan_memory
         try:
             for cap in CAPACITIES:
                 t0 = time.time()
@@ -60,14 +61,14 @@ def main():
                 spec = mem_estimate.method_spec(method, model)
                 n = spec["batch"] // 4
                 k_ref = p.n_blocks if p.n_blocks in cache else 0  # the formula knows all-or-nothing checkpointing
-                meas = common.plan_need(cache[k_ref], 4, p.fsdp) / 2**30
+                meas = memplan.plan_need(cache[k_ref], 4, p.fsdp) / 2**30
                 est = mem_estimate.estimate(spec, n, k_ref > 0, p.fsdp)["total"] / 2**30
                 what = p.what.split(", ", 1)[1].replace(" per GPU", "")
                 print(f"| {method} | {model} | {cap} | {what} | {p.checkpointed} of {p.n_blocks} | "
                       f"{'FSDP' if p.fsdp else 'DDP'} | {p.need / 2**30:.1f} | {'yes' if p.fits else 'no: ' + p.fix} | "
                       f"k={k_ref}: {meas:.1f} vs {est:.1f} | {meas / est:.2f} | {time.time() - t0:.0f} |", flush=True)
         finally:
-            common.step_memory, common.plan_memory = real_step_memory, real_plan_memory
+            memplan.step_memory, memplan.plan_memory = real_step_memory, real_plan_memory
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""Memory plan (common section 9): the fake-tensor measurement against a real CPU step, the automatic choice of
+"""Memory plan (memplan.py, the optional neighbour of common.py): the fake-tensor measurement against a real CPU step, the automatic choice of
 checkpointed blocks against a faked free memory, and `--plan` / `benchmarks/gpu_check.py` from the command line."""
-import contextlib
 import dataclasses
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 import common
+import memplan
 import mim_refiner as mr
 from conftest import TINY, run_inprocess, run_script, write_mae_release_checkpoint
 
@@ -31,8 +32,8 @@ def test_fake_measurement_equals_real_cpu_step(k):
     AdamW-state bytes counted by hand. The real run also confirms the activation term by counting the bytes of
     the tensors autograd saves (saved_tensors_hooks): they are what checkpointing trades away."""
     build = mr.plan_builder(tiny_args(), False, n=8)
-    fake = common.step_memory(build, k, fake=True, bf16=False)
-    real = common.step_memory(build, k, fake=False, bf16=False)
+    fake = memplan.step_memory(build, k, fake=True, bf16=False)
+    real = memplan.step_memory(build, k, fake=False, bf16=False)
     for key in ("peak", "act", "weights", "opt", "buffers"):
         assert fake[key] == pytest.approx(real[key], rel=0.01), (key, fake[key], real[key])
     modules, optimizers, _, _ = build(k)
@@ -52,7 +53,7 @@ def test_fake_measurement_equals_real_cpu_step(k):
             saved[ptr] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step(contextlib.nullcontext)
+        step()
     if k == 0:  # without checkpointing the activation peak is the saved forward plus the backward's first buffers
         assert 0.7 * real["act"] < sum(saved.values()) <= real["act"], (sum(saved.values()), real["act"])
 
@@ -61,12 +62,12 @@ def test_checkpointing_halves_activations_of_the_tiny_run():
     """k = 12 of 12 blocks stores a block input instead of the block's internals: the measured activations fall
     by a factor > 2 and the need is monotone in k (what the interpolation of plan_memory relies on)."""
     build = mr.plan_builder(tiny_args(), False, n=8)
-    acts = [common.step_memory(build, k)["act"] for k in (0, 6, 12)]
+    acts = [memplan.step_memory(build, k)["act"] for k in (0, 6, 12)]
     assert acts[0] > acts[1] > acts[2] and acts[0] > 2 * acts[2], acts
 
 
 def test_auto_plan_checkpoints_exactly_the_blocks_needed_and_the_run_uses_them(tmp_path, capsys, monkeypatch):
-    """Free memory faked (common.device_free_memory, the torch.cuda.mem_get_info call) between the needs at k = 0
+    """Free memory faked (memplan.device_free_memory, the torch.cuda.mem_get_info call) between the needs at k = 0
     and k = 12: the run prints the plan line, checkpoints the smallest k that fits (k - 1 would not) and its encoder
     runs exactly k blocks under torch.utils.checkpoint. More free memory than the need at k = 0: no checkpointing;
     less than at k = 12: one error line naming --accum-steps. No free-memory figure (CPU): off, nothing measured."""
@@ -77,12 +78,12 @@ def test_auto_plan_checkpoints_exactly_the_blocks_needed_and_the_run_uses_them(t
     on = mr.memory_plan(args, False, 1, None, "on").need
     assert on < off
     free = (off + on) / 2
-    monkeypatch.setattr(common, "device_free_memory", lambda device: free)
+    monkeypatch.setattr(memplan, "device_free_memory", lambda device: free)
     calls = []
     real_checkpoint = torch.utils.checkpoint.checkpoint
 
     def counting_checkpoint(fn, x, *a, **kw):  # the training run's calls (the plan's fake steps checkpoint too)
-        calls.extend([] if common.is_fake(x) else [1])
+        calls.extend([] if isinstance(x, FakeTensor) else [1])
         return real_checkpoint(fn, x, *a, **kw)
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     write_mae_release_checkpoint(tmp_path / "mae.pth", img_size=32, patch_size=8)
@@ -95,16 +96,16 @@ def test_auto_plan_checkpoints_exactly_the_blocks_needed_and_the_run_uses_them(t
     assert 0 < k < 12 and "single process" in line
     assert len(calls) == k  # one update, one encoder call (global views; no local views)
     build = mr.plan_builder(args, False, 128)
-    assert common.plan_need(common.step_memory(build, k), 1, False) <= free
-    assert common.plan_need(common.step_memory(build, k - 1), 1, False) > free
+    assert memplan.plan_need(memplan.step_memory(build, k), 1, False) <= free
+    assert memplan.plan_need(memplan.step_memory(build, k - 1), 1, False) > free
     cpu, plan = torch.device("cpu"), lambda g, c, m: mr.memory_plan(args, False, g, c, m)
-    monkeypatch.setattr(common, "device_free_memory", lambda device: off + 1)
-    assert common.apply_memory_plan(args, cpu, 1, plan) == (0, False)
-    monkeypatch.setattr(common, "device_free_memory", lambda device: on - 1)
+    monkeypatch.setattr(memplan, "device_free_memory", lambda device: off + 1)
+    assert memplan.apply_memory_plan(args, cpu, 1, 12, plan) == (0, False)
+    monkeypatch.setattr(memplan, "device_free_memory", lambda device: on - 1)
     with pytest.raises(common.UserError, match="does NOT fit.*--accum-steps"):
-        common.apply_memory_plan(args, cpu, 1, plan)
-    monkeypatch.setattr(common, "device_free_memory", lambda device: None)
-    assert common.apply_memory_plan(args, cpu, 1, None) == (0, False)
+        memplan.apply_memory_plan(args, cpu, 1, 12, plan)
+    monkeypatch.setattr(memplan, "device_free_memory", lambda device: None)
+    assert memplan.apply_memory_plan(args, cpu, 1, 12, None) == (0, False)
 
 
 def test_plan_flag_prints_the_line_and_exits_0():
@@ -137,8 +138,8 @@ def test_a_failing_measurement_never_stops_a_run_that_could_train(tmp_path, caps
     ends in one error line."""
     def broken(*a, **kw):
         raise AttributeError("'MemTracker' object has no attribute '_param_to_grad_hook_handles'")
-    monkeypatch.setattr(common, "step_memory", broken)
-    monkeypatch.setattr(common, "device_free_memory", lambda device: 80 * common.GiB)
+    monkeypatch.setattr(memplan, "step_memory", broken)
+    monkeypatch.setattr(memplan, "device_free_memory", lambda device: 80 * memplan.GiB)
     calls = []
     real_checkpoint = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real_checkpoint(*a, **kw))

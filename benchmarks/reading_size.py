@@ -1,0 +1,102 @@
+"""How much code a reader follows to read one script: its own code lines plus those of the common.py definitions
+it reaches (directly as `common.X`, then transitively inside common.py), and the same for the optional
+neighbours (memplan.py, fsdp.py) the script imports where their flags are used.
+
+    python benchmarks/reading_size.py [--write docs/reading_size.md]
+
+Code lines: lines that are neither blank, nor comments, nor docstrings. Prints a markdown table.
+"""
+import argparse
+import ast
+import io
+import tokenize
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("mae.py", "mae_ct.py", "mim_refiner.py", "lut.py", "conmim.py", "eval_knn.py")
+NEIGHBOURS = ("memplan.py", "fsdp.py")
+
+
+def code_lines(source: str) -> set[int]:
+    """Line numbers holding code (tokens other than comments, newlines and docstrings)."""
+    tree = ast.parse(source)
+    doc = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            doc.update(range(body[0].lineno, body[0].end_lineno + 1))
+    lines = set()
+    skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type not in skip:
+            lines.update(range(tok.start[0], tok.end[0] + 1))
+    return lines - doc
+
+
+def definitions(path: Path) -> dict[str, tuple[int, set[str]]]:
+    """Top-level name -> (its code lines, the bare names it uses)."""
+    src = path.read_text()
+    code = code_lines(src)
+    out = {}
+    for node in ast.parse(src).body:
+        names = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [t.id for t in targets if isinstance(t, ast.Name)]
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        n = len([i for i in code if start <= i <= node.end_lineno])
+        used = {x.id for x in ast.walk(node) if isinstance(x, ast.Name)}
+        for name in names:
+            out[name] = (n, used)
+    return out
+
+
+def reached(tree: ast.AST, module: str, defs: dict) -> set[str]:
+    todo = {x.attr for x in ast.walk(tree) if isinstance(x, ast.Attribute) and isinstance(x.value, ast.Name)
+            and x.value.id == module and x.attr in defs}
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo |= {u for u in defs[name][1] if u in defs} - seen
+    return seen
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", type=Path, help="also write the table to this markdown file")
+    a = ap.parse_args()
+    common = definitions(ROOT / "common.py")
+    neighbours = {n: definitions(ROOT / n) for n in NEIGHBOURS}
+    total = len(code_lines((ROOT / "common.py").read_text()))
+    rows = ["| script | own code lines | common.py definitions reached | their code lines | file + common.py | "
+            "+ neighbours (definitions, code lines) |", "|---|---|---|---|---|---|"]
+    for script in SCRIPTS:
+        src = (ROOT / script).read_text()
+        tree = ast.parse(src)
+        own = len(code_lines(src))
+        names = reached(tree, "common", common)
+        # a neighbour's definitions used by the script, and the common.py ones they reach in turn
+        extra_defs = extra_lines = 0
+        for n, defs in neighbours.items():
+            used = reached(tree, n[:-3], defs)
+            extra_defs += len(used)
+            extra_lines += sum(defs[u][0] for u in used)
+        lines = sum(common[n][0] for n in names)
+        rows.append(f"| {script} | {own} | {len(names)} of {len(common)} | {lines} | {own + lines} | "
+                    f"{extra_defs}, {extra_lines} |")
+    text = (f"common.py: {total} code lines, {len(common)} top-level definitions "
+            f"({sum(len((ROOT / n).read_text().splitlines()) for n in NEIGHBOURS)} lines in the neighbours "
+            f"{', '.join(NEIGHBOURS)}).\n\n" + "\n".join(rows) + "\n")
+    print(text)
+    if a.write:
+        a.write.write_text("# Reading size: what a reader of one script follows\n\nWritten by "
+                           "`python benchmarks/reading_size.py --write docs/reading_size.md`.\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The copy a user makes: one method file + common.py alone in an empty folder runs its tiny CPU command and
+--help; --plan and --fsdp then say in one line which neighbour to add; with memplan.py and fsdp.py beside them
+--plan 4x80 prints its plan and --fsdp trains sharded under torchrun."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, write_mae_release_checkpoint
+from test_hardening import train_flags
+
+SCRIPTS = ("mae", "mae_ct", "mim_refiner", "lut", "conmim")
+
+
+def run_copy(folder, script, *args, nproc=1):
+    args = [str(a) for a in args]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+           else [sys.executable]) + [f"{script}.py", *args]
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HOME": str(folder)}
+    return subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=600, env=env)
+
+
+def one_error_line(p, *needles):
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def copy(tmp_path, script, neighbours=()):
+    folder = tmp_path / f"{script}_copy"
+    folder.mkdir()
+    for f in (f"{script}.py", "common.py", *neighbours):
+        shutil.copy(ROOT / f, folder / f)
+    return folder
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_method_file_and_common_alone_run_the_tiny_command(tmp_path, script):
+    folder = copy(tmp_path, script)
+    init = tmp_path / "mae.pth"
+    write_mae_release_checkpoint(init, img_size=32, patch_size=8)
+    assert run_copy(folder, script, "--help").returncode == 0
+    p = run_copy(folder, script, *train_flags(script, folder / "out", init, data="synthetic:16:4"), "--epochs", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert torch.load(folder / "out" / "checkpoint-last.pth", weights_only=True)["epoch"] >= 1
+    assert sorted(x.name for x in folder.glob("*.py")) == sorted([f"{script}.py", "common.py"])  # nothing else needed
+    one_error_line(run_copy(folder, script, "--model", "vit_t16", "--plan", "4x80"), "memplan.py")
+    if script in ("mae", "mim_refiner"):
+        one_error_line(run_copy(folder, script, *train_flags(script, folder / "f", init), "--fsdp"), "fsdp.py")
+
+
+@pytest.mark.parametrize("script", ["mae", "mim_refiner"])
+def test_with_the_neighbours_plan_and_fsdp_work(tmp_path, script):
+    folder = copy(tmp_path, script, ("memplan.py", "fsdp.py"))
+    p = run_copy(folder, script, "--model", "vit_t16", "--img-size", "32", "--patch-size", "8", "--batch-size", "16",
+                 "--plan", "4x80")
+    assert p.returncode == 0 and [x for x in p.stdout.splitlines() if x.startswith("plan:")], p.stderr[-3000:]
+    if script == "mae":  # sharded for real: 2 processes, gloo
+        flags = train_flags("mae", folder / "out", None, data="synthetic:16:4")
+        p = run_copy(folder, script, *flags, "--epochs", "1", "--fsdp", nproc=2)
+        assert p.returncode == 0, p.stderr[-3000:]
+        sd = torch.load(folder / "out" / "checkpoint-last.pth", weights_only=True)
+        assert sd["epoch"] == 1 and "blocks.0.attn.qkv.weight" in sd["model"]
+
+
+def test_without_memplan_auto_takes_the_static_choice_and_says_so(monkeypatch):
+    """No memplan.py: on CUDA `auto` checkpoints every trainable block of ViT-L and larger, none of the smaller
+    models, in one printed line; on the CPU it is off (as with the plan); on/off are the user's."""
+    import types
+    import common
+    monkeypatch.setitem(sys.modules, "memplan", None)  # `import memplan` fails as in a copy without it
+    said = []
+    args = types.SimpleNamespace(plan=None, grad_checkpointing="auto", model="vit_h14", fsdp=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert common.plan_run(args, cuda, 4, 32, None, said.append) == (32, False)
+    assert len(said) == 1 and "memplan.py" in said[0] and "32 of 32" in said[0]
+    args.model = "vit_b16"
+    assert common.plan_run(args, cuda, 4, 12, None, said.append) == (0, False)
+    assert common.plan_run(args, cpu, 1, 12, None, said.append) == (0, False) and len(said) == 2
+    args.grad_checkpointing = "on"
+    assert common.plan_run(args, cpu, 1, 12, None, said.append) == (12, False)
+    args.plan = "4x80"
+    with pytest.raises(common.UserError, match="memplan.py"):
+        common.plan_run(args, cpu, 1, 12, None)
