@@ -1804,8 +1804,6 @@ KNN_TEMPERATURE = 0.07  # DINO eval_knn.py; Wu et al. 2018 Sec. 3.4
 def knn_bank_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
     """Sorted indices of the round(fraction * n) (at least 1) train images used as the k-NN bank, drawn
     without replacement by a generator seeded with `seed` (a function of (n, fraction, seed) only)."""
-    if not 0.0 < fraction <= 1.0:
-        raise UserError(f"bank fraction {fraction}: must be in (0, 1] (1 = the whole train split)")
     if fraction == 1.0:
         return torch.arange(n)
     m = max(1, int(round(fraction * n)))
@@ -1813,25 +1811,41 @@ def knn_bank_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-             k: int = KNN_MONITOR_K, T: float = KNN_TEMPERATURE, num_classes: int | None = None,
-             chunk: int = 256) -> float:
-    """Top-1 (%) of DINO's weighted k-NN vote on cosine similarity (DINO eval_knn.knn_classifier; Wu et al.
-    2018 Eq. 7-8): score_c = sum over the k most similar train features of exp(s_i / T) [y_i = c].
-    Computed as exp((s_i - s_max) / T): the per-image factor exp(-s_max / T) leaves the vote unchanged and
-    avoids overflow. train_f (N, D), test_f (M, D), any scale (L2-normalised here); k is clipped to N."""
-    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
-    tr = F.normalize(train_f.float(), dim=1)  # (N, D)
-    kk = min(k, tr.shape[0])
-    correct = 0
+def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                 ks, T: float, num_classes: int, chunk: int = 256) -> dict:
+    """Weighted k-NN vote (DINO eval_knn.knn_classifier; Wu et al. 2018 Eq. 7-8) on cosine similarity: score_c =
+    sum over the k most similar train features of exp(s_i / T) [y_i = c], computed as exp((s_i - s_max) / T) (the
+    per-image factor leaves the vote unchanged and avoids overflow). The one vote of the monitor and eval_knn.py.
+
+    train_f (N, D) any float dtype (fp16 allowed), test_f (M, D), any scale (the train bank is never copied:
+    cosine = <q/|q|, t> / |t|); labels long in [0, num_classes). All k come from one top-max(k); k is clipped to N.
+    Returns {"top1": {k: %}, "top5": {k: %} (only when num_classes > 5)} keyed by the requested k."""
+    n_train, device = train_f.shape[0], train_f.device
+    if n_train == 0 or test_f.shape[0] == 0:
+        raise UserError("k-NN needs at least one train and one val image")
+    train_y = train_y.to(device)
+    # 1/|t_i| in fp32, chunked so that no fp32 copy of a half bank is made   # (N,)
+    inv_norm = torch.cat([c.float().norm(dim=1) for c in train_f.split(max(chunk, 4096))]).clamp_min(1e-12).reciprocal()
+    kmax = min(max(ks), n_train)
+    correct1, correct5 = {k: 0 for k in ks}, {k: 0 for k in ks}
     for start in range(0, test_f.shape[0], chunk):
-        q = F.normalize(test_f[start:start + chunk].float(), dim=1)  # (C, D)
-        top_sim, top_idx = (q @ tr.T).topk(kk, dim=1)  # (C, k), descending
-        weight = ((top_sim - top_sim[:, :1]) / T).exp()  # (C, k)
-        votes = torch.zeros(q.shape[0], num_classes, device=tr.device).scatter_add_(1, train_y[top_idx], weight)  # (C, classes)
-        pred = votes.topk(min(5, num_classes), dim=1).indices[:, 0]  # the same call as eval_knn.py (same tie-break)
-        correct += (pred == test_y[start:start + chunk]).sum().item()
-    return 100.0 * correct / max(test_f.shape[0], 1)
+        q = F.normalize(test_f[start:start + chunk].to(device).float(), dim=1)  # (C, D)
+        y = test_y[start:start + chunk].to(device)  # (C,)
+        sim = (q.to(train_f.dtype) @ train_f.T).float() * inv_norm  # (C, N) cosine
+        top_sim, top_idx = sim.topk(kmax, dim=1)  # (C, kmax), sorted descending
+        top_lab = train_y[top_idx]  # (C, kmax)
+        weight = ((top_sim - top_sim[:, :1]) / T).exp()  # (C, kmax)
+        for k in ks:
+            kk = min(k, n_train)
+            votes = torch.zeros(q.shape[0], num_classes, device=device)
+            votes.scatter_add_(1, top_lab[:, :kk], weight[:, :kk])  # (C, classes): sum of one-hot x weight
+            val, pred = votes.topk(min(5, num_classes), dim=1)
+            correct1[k] += (pred[:, 0] == y).sum().item()
+            if num_classes > 5:
+                correct5[k] += ((pred == y[:, None]) & (val > 0)).any(dim=1).sum().item()
+    m = test_f.shape[0]
+    return {"top1": {k: 100.0 * correct1[k] / m for k in ks},
+            "top5": {k: 100.0 * correct5[k] / m for k in ks} if num_classes > 5 else {}}
 
 
 @torch.no_grad()
@@ -1876,38 +1890,35 @@ def _labelled_splits(data: str) -> bool:
 
 
 class KnnMonitor:
-    """k-NN top-1 at k = 20 (T = 0.07) after every `args.knn_every` epochs: bank = a seeded
-    `args.knn_subset` fraction of the train split, queries = the whole val split, both through
-    eval_transform (no augmentation). Reads args.knn_every / knn_data / knn_subset / data / img_size /
-    batch_size / accum_steps / num_workers / seed. `blocks`: the blocks the method trains (negatives count
-    from the end); `pool`: cls or avg. Build it on every rank before the loop (data errors surface at
-    once), call it on every rank after the epoch's checkpoint with the encoder that checkpoint's "model"
-    holds. Logs `knn/top1_block{B}` to log.jsonl / TensorBoard and prints one line."""
+    """k-NN top-1 at k = 20 (T = 0.07) after every `every` epochs (0: off): bank = a seeded `subset` fraction of the
+    train split, queries = the whole val split, both through eval_transform (no augmentation). `data`: the labelled
+    root (--knn-data); None takes the training root `train_data` when it has labelled train/ and val/ splits, else
+    the monitor is off with one line. `blocks`: the blocks the method trains (negatives count from the end); `pool`:
+    cls or avg. Build it on every rank before the loop (data errors surface at once), call it on every rank after
+    the epoch's checkpoint with the encoder that checkpoint's "model" holds. Logs `knn/top1_block{B}` to log.jsonl /
+    TensorBoard and prints one line."""
 
-    def __init__(self, args, dist_info: DistInfo, log: "Logger", blocks=(-1,), pool: str = "cls"):
-        self.every, self.dist_info, self.log, self.blocks, self.pool = args.knn_every, dist_info, log, list(blocks), pool
-        if self.every < 0:
-            raise UserError(f"--knn-every {self.every}: must be >= 0 (0 = no k-NN monitor)")
-        knn_bank_indices(1, args.knn_subset, 0)  # validates the fraction
-        data = args.knn_data
-        if self.every and data is None:
-            if not _labelled_splits(args.data):
-                log.print(f"k-NN monitor off: {args.data} has no labelled train/ and val/ splits "
+    def __init__(self, dist_info: DistInfo, log: "Logger", *, every: int, data: str | None, train_data: str,
+                 subset: float, img_size: int, batch_size: int, num_workers: int, seed: int, blocks=(-1,),
+                 pool: str = "cls"):
+        self.every, self.dist_info, self.log, self.blocks, self.pool = every, dist_info, log, list(blocks), pool
+        if every and data is None:
+            if not _labelled_splits(train_data):
+                log.print(f"k-NN monitor off: {train_data} has no labelled train/ and val/ splits "
                           f"(pass --knn-data ROOT with ROOT/train/<class>/ and ROOT/val/<class>/)")
                 self.every = 0
-            data = args.data
+            data = train_data
         if not self.every:
             return
-        tf = eval_transform(args.img_size)
-        train = build_dataset(data, "train", tf, img_size=args.img_size, seed=args.seed, require_labels=True)
-        self.bank = torch.utils.data.Subset(train, knn_bank_indices(len(train), args.knn_subset, args.seed).tolist())
-        self.val = build_dataset(data, "val", tf, img_size=args.img_size, seed=args.seed, require_labels=True)
-        self.batch = max(1, math.ceil(args.batch_size / (getattr(args, "accum_steps", 1) * dist_info.world_size)))
-        self.num_workers = args.num_workers
-        self.desc = f"{len(self.bank)} train images ({args.knn_subset:g} of {data} train) as bank, {len(self.val)} val"
+        tf = eval_transform(img_size)
+        train = build_dataset(data, "train", tf, img_size=img_size, seed=seed, require_labels=True)
+        self.bank = torch.utils.data.Subset(train, knn_bank_indices(len(train), subset, seed).tolist())
+        self.val = build_dataset(data, "val", tf, img_size=img_size, seed=seed, require_labels=True)
+        self.batch, self.num_workers = batch_size, num_workers
+        self.desc = f"{len(self.bank)} train images ({subset:g} of {data} train) as bank, {len(self.val)} val"
 
     def __call__(self, epochs_done: int, encoder: nn.Module, step: int) -> dict | None:
-        """Evaluate when epochs_done is a multiple of --knn-every; returns {block: top-1 %} on rank 0."""
+        """Evaluate when epochs_done is a multiple of `every`; returns {block: top-1 %} on rank 0."""
         if not self.every or epochs_done % self.every:
             return None
         enc = unwrap(encoder)
@@ -1926,8 +1937,8 @@ class KnnMonitor:
             return None
         num_classes = int(max(bank_y.max(), val_y.max())) + 1
         dev = self.dist_info.device  # the vote on the accelerator: ImageNet is 50k x 128k similarities per block
-        top1 = {b: knn_top1(bank[b].to(dev), bank_y.to(dev), val[b].to(dev), val_y.to(dev), KNN_MONITOR_K,
-                            KNN_TEMPERATURE, num_classes) for b in blocks}
+        top1 = {b: knn_classify(bank[b].to(dev), bank_y, val[b].to(dev), val_y, [KNN_MONITOR_K], KNN_TEMPERATURE,
+                                num_classes)["top1"][KNN_MONITOR_K] for b in blocks}
         secs = (datetime.datetime.now() - t0).total_seconds()
         self.log.log({**{f"knn/top1_block{b}": v for b, v in top1.items()}, "knn/seconds": secs}, step=step)
         self.log.print(f"epoch {epochs_done - 1} k-NN top-1 (k={KNN_MONITOR_K}, {self.pool}, {self.desc}): "
@@ -1935,16 +1946,14 @@ class KnnMonitor:
         return top1
 
 
-def save_kept(args, dist_info: DistInfo, epochs_done: int, model_sd: dict, encoder_config: dict,
-              model_is_ema: bool) -> str | None:
-    """Every `args.save_every` epochs (0: never) keep OUTPUT_DIR/checkpoint-epochNNN.pth (NNN = epochs
-    done) with the evaluated encoder only ("model", "encoder_config", "model_is_ema"): loadable by
-    eval_knn.py and strictly into timm, not resumable (checkpoint-last.pth is). Rank 0 writes, atomically."""
-    if args.save_every < 0:
-        raise UserError(f"--save-every {args.save_every}: must be >= 0 (0 = keep no epoch checkpoints)")
-    if not args.save_every or epochs_done % args.save_every or not dist_info.is_main:
+def save_kept(every: int, output_dir: str, dist_info: DistInfo, epochs_done: int, model_sd: dict,
+              encoder_config: dict, model_is_ema: bool) -> str | None:
+    """Every `every` epochs (--save-every; 0: never) keep OUTPUT_DIR/checkpoint-epochNNN.pth (NNN = epochs done)
+    with the evaluated encoder only ("model", "encoder_config", "model_is_ema"): loadable by eval_knn.py and
+    strictly into timm, not resumable (checkpoint-last.pth is). Rank 0 writes, atomically."""
+    if not every or epochs_done % every or not dist_info.is_main:
         return None
-    path = os.path.join(args.output_dir, f"checkpoint-epoch{epochs_done:03d}.pth")
+    path = os.path.join(output_dir, f"checkpoint-epoch{epochs_done:03d}.pth")
     save_checkpoint(path, {"model": model_sd, "encoder_config": encoder_config, "model_is_ema": model_is_ema,
                            "epoch": epochs_done})
     return path

@@ -544,8 +544,8 @@ def save_state(online: ConMIMBranch, teacher: ConMIMBranch, opt, epoch: int, upd
     inside it `position` (what the exact resume needs, common.resume_position)."""
     done = update == steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(online.encoder), online.encoder.config(),
-                         model_is_ema=False)
+        common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
+                         common.encoder_state_dict(online.encoder), online.encoder.config(), model_is_ema=False)
     if dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": common.encoder_state_dict(online.encoder),
@@ -651,7 +651,9 @@ def main(args: Args):
     # momentum coefficient (Sec. 4): theta~ <- m theta~ + (1 - m) theta, m: cosine 0.996 -> 1 over all steps
     momentum_schedule = functools.partial(common.momentum_schedule, total_steps=total_steps, base=args.momentum,
                                           final=args.momentum_final)
-    knn = common.KnnMonitor(args, dist_info, log)
+    knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
+                             subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
+                             num_workers=args.num_workers, seed=args.seed)
     ctl = common.RunControl(args.save_minutes, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
         save = functools.partial(save_state, online, teacher, opt, epoch, steps_per_epoch=steps_per_epoch,

@@ -81,7 +81,7 @@ import common
 from common import (VIT_CONFIGS, UserError, WithIndex, autocast, build_dataset, build_loader,
                     checkpoint_encoder_config, convert_to_ours, create_vit, describe_vit, eval_transform,
                     init_distributed, load_encoder, load_file, progress, run_main, seed_everything,
-                    select_weights, all_gather_nograd, eval_resize, knn_bank_indices)
+                    select_weights, all_gather_nograd, eval_resize, knn_bank_indices, knn_classify)
 
 
 @dataclass
@@ -155,50 +155,8 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------
-# k-NN classifier (pure functions; tests import them)
+# Feature preparation (pure functions; tests import them); the vote is common.knn_classify
 # ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-                 ks, T: float, num_classes: int, chunk: int = 256) -> dict:
-    """Weighted k-NN vote (DINO knn_classifier / Wu et al. Eq. 7-8) on cosine similarity.
-
-    train_f (N, D) any float dtype (fp16 allowed), test_f (M, D); labels long in [0, num_classes).
-    Features need not be normalised (cosine = <q/|q|, t> / |t|; the train bank is never copied).
-    All k come from one top-max(k); k is clipped to N. Returns
-    {"top1": {k: %}, "top5": {k: %} (only when num_classes > 5)} keyed by the requested k.
-    """
-    n_train, device = train_f.shape[0], train_f.device
-    if n_train == 0 or test_f.shape[0] == 0:
-        raise UserError("k-NN needs at least one train and one val image")
-    train_y = train_y.to(device)
-    # 1/|t_i| in fp32, chunked so that no fp32 copy of a half bank is made   # (N,)
-    inv_norm = torch.cat([c.float().norm(dim=1) for c in train_f.split(max(chunk, 4096))]).clamp_min(1e-12).reciprocal()
-    kmax = min(max(ks), n_train)
-    correct1 = {k: 0 for k in ks}
-    correct5 = {k: 0 for k in ks}
-    for start in range(0, test_f.shape[0], chunk):
-        q = F.normalize(test_f[start:start + chunk].to(device).float(), dim=1)  # (C, D)
-        y = test_y[start:start + chunk].to(device)  # (C,)
-        sim = (q.to(train_f.dtype) @ train_f.T).float() * inv_norm  # (C, N) cosine
-        top_sim, top_idx = sim.topk(kmax, dim=1)  # (C, kmax), sorted descending
-        top_lab = train_y[top_idx]  # (C, kmax)
-        # exp((s - s_max)/T): same vote as exp(s/T) up to a per-image factor, no overflow for small T
-        weight = ((top_sim - top_sim[:, :1]) / T).exp()  # (C, kmax)
-        for k in ks:
-            kk = min(k, n_train)
-            votes = torch.zeros(q.shape[0], num_classes, device=device)
-            votes.scatter_add_(1, top_lab[:, :kk], weight[:, :kk])  # (C, classes): sum of one-hot x weight
-            val, pred = votes.topk(min(5, num_classes), dim=1)
-            correct1[k] += (pred[:, 0] == y).sum().item()
-            if num_classes > 5:
-                correct5[k] += ((pred == y[:, None]) & (val > 0)).any(dim=1).sum().item()
-    m = test_f.shape[0]
-    out = {"top1": {k: 100.0 * correct1[k] / m for k in ks}, "top5": {}}
-    if num_classes > 5:
-        out["top5"] = {k: 100.0 * correct5[k] / m for k in ks}
-    return out
-
-
 def standardize_stats(train_f: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dim train mean and unbiased std (+1e-6) as MIM-Refiner knn.py, accumulated in fp64 by chunks."""
     n = train_f.shape[0]

@@ -550,8 +550,8 @@ def save_state(online: LUTOnline, momentum: MomentumBranch, opt, epoch: int, upd
     inside it `position` (what the exact resume needs, common.resume_position)."""
     done = update == steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(online.encoder), online.encoder.config(),
-                         model_is_ema=False)
+        common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
+                         common.encoder_state_dict(online.encoder), online.encoder.config(), model_is_ema=False)
     # h~'s BN statistics are copied from each rank's online head after its own batch: they differ by rank unless
     # SyncBatchNorm runs (CUDA), and h~ normalises with them (--momentum-bn running), so each rank's are kept
     head_ema_per_rank = common.gather_per_rank(dist_info, {k: v.cpu() for k, v in momentum.head.state_dict().items()
@@ -662,7 +662,9 @@ def main(args: Args):
     # momentum coefficient (Sec. 5.1.2): 0.996 at the first optimizer step -> exactly 1 at the last one
     momentum_schedule = functools.partial(common.momentum_schedule, total_steps=max(total_steps - 1, 1),
                                           base=args.momentum, final=args.momentum_final)
-    knn = common.KnnMonitor(args, dist_info, log)
+    knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
+                             subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
+                             num_workers=args.num_workers, seed=args.seed)
     ctl = common.RunControl(args.save_minutes, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
         save = functools.partial(save_state, online, momentum, opt, epoch, steps_per_epoch=steps_per_epoch,

@@ -478,7 +478,8 @@ def save_state(encoder, decoder, model, optimizer, *, epoch: int, update: int, s
     opt_sd = common.full_optimizer_state_dict(model, optimizer)
     done = update == steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args, dist_info, epoch + 1, enc_sd, encoder.config(), model_is_ema=False)
+        common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
+                         enc_sd, encoder.config(), model_is_ema=False)
     if dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": enc_sd, "encoder_config": encoder.config(), "model_is_ema": False,
@@ -599,7 +600,9 @@ def main(args: Args):
     if (dist_info.is_main or fsdp) and args.vis_images > 0:  # under --fsdp every rank runs the (collective) forward
         vis_imgs, vis_noise = reconstruction_batch(args, N)
 
-    knn = common.KnnMonitor(args, dist_info, log)
+    knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
+                             subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
+                             num_workers=args.num_workers, seed=args.seed)
     ctl = common.RunControl(args.save_minutes, dist_info, log)
     for epoch in range(start_epoch, args.epochs):
         save = functools.partial(save_state, encoder, decoder, model, optimizer, epoch=epoch,

@@ -592,8 +592,8 @@ def save_state(model: MaeCt, ema_encoder, target_projector, queue: NNQueue, opti
     --save-every epochs, inside it `position` (what the exact resume needs, common.resume_position)."""
     done = update == steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args, dist_info, epoch + 1, common.encoder_state_dict(ema_encoder), model.encoder.config(),
-                         model_is_ema=True)
+        common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
+                         common.encoder_state_dict(ema_encoder), model.encoder.config(), model_is_ema=True)
     if dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": common.encoder_state_dict(ema_encoder), "model_is_ema": True,
@@ -680,7 +680,9 @@ def main(args: Args):
     if args.compile:
         encoder.forward_features = torch.compile(encoder.forward_features)
 
-    knn = common.KnnMonitor(args, dist_info, log, pool=args.pool)
+    knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
+                             subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
+                             num_workers=args.num_workers, seed=args.seed, pool=args.pool)
     ctl = common.RunControl(args.save_minutes, dist_info, log)
     for stage, (first, last) in ((1, (0, args.head_epochs)), (2, (args.head_epochs, total_epochs))):
         if start_epoch >= last:

@@ -710,7 +710,8 @@ def save_state(model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, d
     heads_sd, opt_sd = common.full_state_dict(model.heads), common.full_optimizer_state_dict(model, optimizer)
     done = update == steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args, dist_info, epoch + 1, ema_sd, encoder.config(), model_is_ema=True)
+        common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
+                         ema_sd, encoder.config(), model_is_ema=True)
     if dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": ema_sd, "model_is_ema": True,
@@ -802,7 +803,9 @@ def main(args: Args):
     if args.compile:
         model.features_fn = torch.compile(model.features)
 
-    knn = common.KnnMonitor(args, dist_info, log, blocks=[*args.head_blocks, -1])  # the refined blocks
+    knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
+                             subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
+                             num_workers=args.num_workers, seed=args.seed, blocks=[*args.head_blocks, -1])  # the refined blocks
     ctl = common.RunControl(args.save_minutes, dist_info, log)
     stages = (("heads", 0, args.head_epochs), ("refine", args.head_epochs, total_epochs))
     for stage, first, last in stages:

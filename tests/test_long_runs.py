@@ -166,8 +166,8 @@ def test_a_signal_during_the_checkpoint_write_or_the_knn_monitor_stops_right_aft
     import mim_refiner
     args = [*flags("mim_refiner", init), "--knn-every", "1", "--save-minutes", "1e-6"]
     assert run_inprocess(capsys, mim_refiner, *args, "--output-dir", tmp_path / "u")[0] == 0
-    real_save, real_vote = torch.save, common.knn_top1
-    for name, target, patch in (("write", "torch", "save"), ("knn", "common", "knn_top1")):
+    real_save, real_vote = torch.save, common.knn_classify
+    for name, target, patch in (("write", "torch", "save"), ("knn", "common", "knn_classify")):
         fired = []
 
         def save(obj, f, *a, **kw):  # the signal lands in the middle of the write of the 3rd save
@@ -185,7 +185,7 @@ def test_a_signal_during_the_checkpoint_write_or_the_knn_monitor_stops_right_aft
         monkeypatch.setattr(torch if target == "torch" else common, patch, save if name == "write" else vote)
         code, out, err = run_inprocess(capsys, mim_refiner, *args, "--output-dir", tmp_path / name)
         monkeypatch.setattr(torch, "save", real_save)
-        monkeypatch.setattr(common, "knn_top1", real_vote)
+        monkeypatch.setattr(common, "knn_classify", real_vote)
         assert code == common.STOPPED_EXIT, err[-2000:]
         stop = [x for x in out.splitlines() if x.startswith("stopped by")]
         assert len(stop) == 1 and ("SIGTERM" if name == "write" else "SIGUSR1") in stop[0], out[-2000:]
