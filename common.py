@@ -1,26 +1,13 @@
 """What every default command of mae.py, mae_ct.py, mim_refiner.py, lut.py, conmim.py and eval_knn.py needs.
 
-Every loss, head, masking rule and training step stays in its method file so that each file reads on its own;
-a method file plus this file runs every default command. Optional machinery lives in neighbour files imported
-where their flag is used: memplan.py (--plan, the measured --grad-checkpointing auto) and fsdp.py (--fsdp).
+Losses, heads, masking and training steps stay in the method files, so each reads on its own; a method file plus
+this file runs every default command. Optional machinery lives in neighbours imported where their flag is used:
+memplan.py (--plan, the measured --grad-checkpointing auto) and fsdp.py (--fsdp).
 
-Contents, top to bottom:
-  1. Command line: a dataclass -> argparse helper (field docstrings become --help); each field's valid range
-     (`Range`) or choices (`Literal`) are declared in its type and checked at start-up (`check_args`).
-  2. Errors: `UserError` and `run_main`, which turn user mistakes into one line from the rank that met them.
-  3. Distributed: torchrun env init (nccl on CUDA, gloo on CPU), gather with gradient, seeds, dtypes.
-  4. ViT: timm / official-MAE parameter names, fixed 2-D sin-cos pos_embed, SDPA attention, token subsets
-     (MAE), mask-token replacement (ConMIM), per-block outputs, activation checkpointing of k blocks, post-norm
-     variant (data2vec 2.0); `create_vit`; `plan_run`, the start-up choice of k (memplan.py or a static one).
-  5. Data: ImageFolder / flat folder / `synthetic` procedural dataset, transforms, loaders.
-  6. Optimisation: warmup+cosine schedules (pure functions of the step), AdamW parameter groups with
-     layer-wise lr decay, EMA update.
-  7. Checkpoints: atomic, fsynced, finite-only save, auto-resume with a check of the stored flags, loading
-     of ours / official MAE / MAE-CT / MIM-Refiner / data2vec 2.0 files with pos_embed interpolation and
-     clear architecture-mismatch errors; 7b. state dicts of sharded modules through fsdp.py.
-  8. Logging: rank-0 tqdm, TensorBoard, log.jsonl, args.json.
-  9. During training: k-NN monitor (weighted vote of DINO), kept epoch checkpoints, eval command;
-     9b. long runs: saves inside an epoch, preemption signals, exact resume.
+Sections: 1 flags (a dataclass -> argparse, ranges and choices declared in the field types), 2 user errors as one
+line, 3 distributed set-up and dtypes, 4 the ViT (timm / official-MAE names), 5 data, 6 schedules, AdamW groups
+and EMA, 7 checkpoints (atomic, finite-only, resume checks, foreign layouts), 8 logging, 9 the k-NN monitor and
+kept checkpoints, 9b saves inside an epoch, stop signals and exact resume.
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -383,12 +383,23 @@ def forward_loss(online, teacher, weak, strong, mask, temperature):
     return conmim_loss(q, k, mask, temperature)
 
 
-def train_step(model, teacher, online, opt, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor, *,
-               world: int, sync: bool, m: float, step: int, args: Args):
-    """One micro-batch of ConMIM (Algorithm 1): dense contrastive loss of the corrupted strong view against the
-    momentum model's weak view, backward of loss / accum_steps; on the last micro-batch of an update (`sync`)
-    gradient clipping, the AdamW step and the momentum update with coefficient m (Sec. 4, parameters only).
-    weak, strong (n, 3, S, S); mask (n, N) bool. Returns (loss, grad norm or None)."""
+@dataclass
+class TrainState:
+    """What a step, an epoch and a checkpoint touch."""
+    model: nn.Module  # `online` as the step runs it: DDP-wrapped or plain
+    online: ConMIMBranch  # f, g and the mask token: trained by back-propagation
+    teacher: ConMIMBranch  # f~, g~: the momentum copy (common.ema_update)
+    opt: torch.optim.Optimizer  # AdamW over `online`
+
+
+def train_step(state: TrainState, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor, *, world: int,
+               sync: bool, m: float, step: int, args: Args):
+    """One micro-batch of ConMIM (Algorithm 1): dense contrastive loss of the corrupted weak view against the
+    momentum model's full strong view (Sec. 4, asymmetric image perturbations), backward of loss / accum_steps; on the
+    last micro-batch of an update (`sync`) gradient clipping, the AdamW step and the momentum update with
+    coefficient m (Sec. 4, parameters only).
+    weak, strong (n, 3, S, S); mask (n, N) bool; `world` processes. Returns (loss, grad norm or None)."""
+    model, online, teacher = state.model, state.online, state.teacher
     no_sync = not sync and isinstance(model, nn.parallel.DistributedDataParallel)
     with model.no_sync() if no_sync else contextlib.nullcontext():
         with common.autocast(weak.device):
@@ -402,8 +413,8 @@ def train_step(model, teacher, online, opt, weak: torch.Tensor, strong: torch.Te
     if not sync:
         return loss, None
     grad_norm = torch.nn.utils.clip_grad_norm_(online.parameters(), args.clip_grad if args.clip_grad else float("inf"))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    state.opt.step()
+    state.opt.zero_grad(set_to_none=True)
     common.ema_update(teacher, online, m, copy_buffers=False)  # official: parameters only
     return loss, grad_norm
 
@@ -434,8 +445,9 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
         x = torch.randn(n, 3, args.img_size, args.img_size)
         mask = torch.zeros(n, encoder.num_patches, dtype=torch.bool)
         mask[:, :int(args.mask_ratio * encoder.num_patches)] = True  # the masked count is all the step depends on
-        step = lambda: train_step(online, teacher, online, opt, x, x.clone(), mask, world=1,  # noqa: E731
-                                  sync=True, m=0.996, step=0, args=args)
+        state = TrainState(online, online, teacher, opt)
+        step = lambda: train_step(state, x, x.clone(), mask, world=1, sync=True, m=0.996, step=0,  # noqa: E731
+                                  args=args)
         return [online, teacher], [opt], step, list(encoder.blocks)
 
     what = f"ConMIM {args.model}, {n} images x 2 views per GPU"
@@ -482,21 +494,38 @@ def load_conmim_state(online: ConMIMBranch, teacher: ConMIMBranch, state: dict, 
         teacher.mask_token.copy_(state["mask_token_ema"])
 
 
-def train_one_epoch(model, teacher: ConMIMBranch, online: ConMIMBranch, opt, ds, epoch: int, step: int,
-                    lr_schedule, momentum_schedule, *, micro: int, steps_per_epoch: int, total_steps: int, device,
-                    dist_info, log, ctl, save, position, args: Args) -> int:
-    """One epoch of steps_per_epoch updates of accum_steps micro-batches of `micro` (weak, strong, mask)
+@dataclass
+class Loop:
+    """What the training loop keeps fixed for the run."""
+    dist_info: common.DistInfo  # ranks and the device
+    log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
+    ctl: common.RunControl  # time-based saves and stop signals at update boundaries
+    dataset: torch.utils.data.Dataset  # (weak, strong, mask) triples
+    micro: int  # per-rank micro-batch: batch_size / (accum_steps x processes)
+    steps_per_epoch: int  # optimizer updates per epoch
+    total_steps: int  # optimizer updates of the run
+    lr_schedule: Callable[[int], float]  # global optimizer step -> lr (warmup + cosine)
+    momentum_schedule: Callable[[int], float]  # global optimizer step -> momentum coefficient alpha
+    rms_start: float  # the initial encoder weights' RMS, the divergence check's reference (save_checkpoint)
+
+
+def train_one_epoch(state: TrainState, loop: Loop, epoch: int, step: int, *, position: Optional[dict], save,
+                    args: Args) -> int:
+    """One epoch of loop.steps_per_epoch updates of accum_steps micro-batches of loop.micro (weak, strong, mask)
     triples each: lr and momentum coefficient from the schedules at the global optimizer step, train_step per
-    micro-batch, the rank-mean loss logged every --log-every updates and for the epoch, ctl.boundary after each
-    update (time-based save, stop signals: `save(update, step, sums)`). `model` is `online` as wrapped (DDP or
-    plain). `position`: the mid-epoch checkpoint's resume point inside this epoch, or None. `step` counts the
-    optimizer steps done before this epoch (or before `position`); returns the count after it."""
+    micro-batch, the rank-mean loss logged every --log-every updates and for the epoch, loop.ctl.boundary after
+    each update (time-based save, stop signals: `save(update, step, sums)`). `position`: the mid-epoch
+    checkpoint's resume point inside this epoch, or None. `step` counts the optimizer steps done before this epoch
+    (or before `position`); returns the count after it."""
+    dist_info, log, micro, steps_per_epoch = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
+    device = dist_info.device
     start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
     sums = dict(position["sums"]) if start else {"loss": 0.0, "micro": 0}
-    loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True, num_workers=args.num_workers,
-                                 seed=args.seed, epoch=epoch, skip=start * args.accum_steps * micro)
-    model.train()
-    teacher.train()  # official: the momentum model's projector BN uses batch statistics
+    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
+                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch,
+                                 skip=start * args.accum_steps * micro)
+    state.model.train()
+    state.teacher.train()  # official: the momentum model's projector BN uses batch statistics
     t0, it_acc = time.time(), 0
     bar = common.progress(range(start * args.accum_steps, steps_per_epoch * args.accum_steps), dist_info,
                           desc=f"epoch {epoch}")
@@ -507,11 +536,11 @@ def train_one_epoch(model, teacher: ConMIMBranch, online: ConMIMBranch, opt, ds,
         mask = mask.to(device, non_blocking=True)  # (n, N) bool
         last = (micro_step + 1) % args.accum_steps == 0
         if it_acc == 0:
-            cur_lr = lr_schedule(step)
-            common.set_lr(opt, cur_lr)
-        m = momentum_schedule(step)
-        loss, grad_norm = train_step(model, teacher, online, opt, weak, strong, mask, world=dist_info.world_size,
-                                     sync=last, m=m, step=step, args=args)
+            cur_lr = loop.lr_schedule(step)
+            common.set_lr(state.opt, cur_lr)
+        m = loop.momentum_schedule(step)
+        loss, grad_norm = train_step(state, weak, strong, mask, world=dist_info.world_size, sync=last, m=m, step=step,
+                                     args=args)
         sums["loss"] += float(common.all_reduce_mean(loss.detach()))
         sums["micro"] += 1
         it_acc += 1
@@ -523,13 +552,13 @@ def train_one_epoch(model, teacher: ConMIMBranch, online: ConMIMBranch, opt, ds,
         if dist_info.is_main:
             ips = (micro_step + 1 - start * args.accum_steps) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
             bar.set_postfix(loss=f"{ep_loss:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
-        if step % args.log_every == 0 or step == total_steps:
+        if step % args.log_every == 0 or step == loop.total_steps:
             log.log({"train/loss": ep_loss, "train/lr": cur_lr, "train/momentum": m,
                      "train/grad_norm": float(grad_norm), "train/masked_frac": float(mask.float().mean()),
-                     "train/rel_pos_bias_absmax": rel_pos_absmax(online.encoder),
+                     "train/rel_pos_bias_absmax": rel_pos_absmax(state.online.encoder),
                      "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
         update = (micro_step + 1) // args.accum_steps
-        ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, step, sums))
+        loop.ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, step, sums))
 
     ep_loss = sums["loss"] / max(sums["micro"], 1)
     log.log({"train/epoch_loss": ep_loss, "train/epoch_time_s": time.time() - t0, "epoch": epoch + 1}, step)
@@ -537,16 +566,17 @@ def train_one_epoch(model, teacher: ConMIMBranch, online: ConMIMBranch, opt, ds,
     return step
 
 
-def save_state(online: ConMIMBranch, teacher: ConMIMBranch, opt, epoch: int, update: int, step: int, *,
-               steps_per_epoch: int, position: Optional[dict], rms_start: float, dist_info, args: Args):
+def save_state(state: TrainState, loop: Loop, epoch: int, update: int, step: int, *, position: Optional[dict],
+               args: Args):
     """OUTPUT_DIR/checkpoint-last.pth (rank 0 writes) after `update` updates of `epoch`: both branches, the
-    optimizer, the counters; at the epoch's end (update == steps_per_epoch) first the kept epoch file when due,
-    inside it `position` (what the exact resume needs, common.resume_position)."""
-    done = update == steps_per_epoch
+    optimizer, the counters; at the epoch's end (update == loop.steps_per_epoch) first the kept epoch file when
+    due, inside it `position` (what the exact resume needs, common.resume_position)."""
+    online, teacher = state.online, state.teacher
+    done = update == loop.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
+        common.save_kept(args.save_every, args.output_dir, loop.dist_info, epoch + 1,
                          common.encoder_state_dict(online.encoder), online.encoder.config(), model_is_ema=False)
-    if dist_info.is_main:
+    if loop.dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": common.encoder_state_dict(online.encoder),
             "encoder_config": online.encoder.config(),
@@ -556,13 +586,13 @@ def save_state(online: ConMIMBranch, teacher: ConMIMBranch, opt, epoch: int, upd
             "head_ema": teacher.head.state_dict(),
             "mask_token": online.mask_token.detach().cpu(),
             "mask_token_ema": teacher.mask_token.detach().cpu(),
-            "optimizer": opt.state_dict(),
+            "optimizer": state.opt.state_dict(),
             "epoch": epoch + done,
             "step": step,
             "resume": None if done else position,
-            "weights_rms_start": rms_start,
+            "weights_rms_start": loop.rms_start,
             "args": dataclasses.asdict(args),
-        }, weights_rms_start=rms_start)
+        }, weights_rms_start=loop.rms_start)
 
 
 def main(args: Args):
@@ -655,13 +685,13 @@ def main(args: Args):
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed)
     ctl = common.RunControl(args.save_minutes, dist_info, log)
+    train_state = TrainState(model, online, teacher, opt)
+    loop = Loop(dist_info, log, ctl, ds, micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                lr_schedule=lr_schedule, momentum_schedule=momentum_schedule, rms_start=rms_start)
     for epoch in range(start_epoch, args.epochs):
-        save = functools.partial(save_state, online, teacher, opt, epoch, steps_per_epoch=steps_per_epoch,
-                                 rms_start=rms_start, dist_info=dist_info, args=args)
+        save = functools.partial(save_state, train_state, loop, epoch, args=args)
         step = train_one_epoch(
-            model, teacher, online, opt, ds, epoch, step, lr_schedule, momentum_schedule, micro=micro,
-            steps_per_epoch=steps_per_epoch, total_steps=total_steps, device=device, dist_info=dist_info, log=log,
-            ctl=ctl, args=args, position=position if epoch == start_epoch else None,
+            train_state, loop, epoch, step, args=args, position=position if epoch == start_epoch else None,
             save=lambda update, step, sums: save(update, step, position=common.resume_position(dist_info, update, sums)))
         save(steps_per_epoch, step, position=None)
         knn(epoch + 1, online.encoder, step)

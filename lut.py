@@ -63,7 +63,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -411,23 +411,33 @@ def forward_losses(model, momentum: MomentumBranch, weak, strong, num_patches: i
     return loss_mim, loss_bc
 
 
-def train_step(model, momentum, online, opt, weak: torch.Tensor, strong: torch.Tensor, *, weight: float,
-               num_patches: int, sync: bool, m: float, step: int, args: Args):
-    """One micro-batch of LUT: MIM and context (momentum-branch) losses of Eq. (3), backward of loss / accum_steps;
-    on the last micro-batch of an update (`sync`) the AdamW step and the momentum update with coefficient m
-    (Sec. 5.1.2). weak, strong (n, 3, S, S). Returns (loss, loss_mim, loss_bc)."""
+@dataclass
+class TrainState:
+    """What a step, an epoch and a checkpoint touch."""
+    model: nn.Module  # `online` as the step runs it: DDP-wrapped or plain
+    online: LUTOnline  # f, g, h, h_pred: trained by back-propagation
+    momentum: MomentumBranch  # f~, h~: momentum copies (momentum_update)
+    opt: torch.optim.Optimizer  # AdamW over `online`
+
+
+def train_step(state: TrainState, weak: torch.Tensor, strong: torch.Tensor, *, weight: float, sync: bool, m: float,
+               step: int, args: Args):
+    """One micro-batch of LUT: MIM and context (momentum-branch) losses of Eq. (3) with context weight `weight`
+    (lambda), backward of loss / accum_steps; on the last micro-batch of an update (`sync`) the AdamW step and the
+    momentum update with coefficient m (Sec. 5.1.2). weak, strong (n, 3, S, S). Returns (loss, loss_mim, loss_bc)."""
+    model = state.model
     no_sync = not sync and isinstance(model, nn.parallel.DistributedDataParallel)
     with model.no_sync() if no_sync else contextlib.nullcontext():
         with common.autocast(weak.device):
-            loss_mim, loss_bc = forward_losses(model, momentum, weak, strong, num_patches, args.mask_ratio,
-                                               args.symmetric)
+            loss_mim, loss_bc = forward_losses(model, state.momentum, weak, strong, state.online.encoder.num_patches,
+                                               args.mask_ratio, args.symmetric)
         loss = args.mae_weight * loss_mim + weight * loss_bc  # Eq. (3)
         common.check_finite(loss, step, args.output_dir)
         (loss / args.accum_steps).backward()
     if sync:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        momentum_update(momentum, online, m)
+        state.opt.step()
+        state.opt.zero_grad(set_to_none=True)
+        momentum_update(state.momentum, state.online, m)
     return loss, loss_mim, loss_bc
 
 
@@ -451,8 +461,9 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
         opt = common.make_adamw(common.param_groups(online.named_parameters(), args.weight_decay), 1.0,
                                 betas=(0.9, args.beta2))
         weak, strong = torch.randn(n, 3, args.img_size, args.img_size), torch.randn(n, 3, args.img_size, args.img_size)
-        step = lambda: train_step(online, momentum, online, opt, weak, strong, weight=weight,  # noqa: E731
-                                  num_patches=encoder.num_patches, sync=True, m=args.momentum, step=0, args=args)
+        state = TrainState(online, online, momentum, opt)
+        step = lambda: train_step(state, weak, strong, weight=weight, sync=True, m=args.momentum,  # noqa: E731
+                                  step=0, args=args)
         return [online, momentum], [opt], step, list(encoder.blocks)
 
     what = f"LUT {args.model}, {n} images x 2 views per GPU"
@@ -483,23 +494,41 @@ def peak_lr(args: Args) -> tuple[float, str]:
     return args.blr * math.sqrt(args.batch_size) / 4, f"blr {args.blr:.3e} x sqrt({args.batch_size})/4"
 
 
-def train_one_epoch(model, momentum: MomentumBranch, online: LUTOnline, opt, ds, epoch: int, step: int,
-                    lr_schedule, momentum_schedule, *, weight: float, micro: int, steps_per_epoch: int,
-                    total_steps: int, device, dist_info, log, ctl, save, position, args: Args) -> int:
-    """One epoch of steps_per_epoch updates of accum_steps micro-batches of `micro` image pairs each: lr and
-    momentum coefficient from the schedules at the global optimizer step, train_step per micro-batch, the
-    rank-mean losses logged every --log-every updates and for the epoch, ctl.boundary after each update
-    (time-based save, stop signals: `save(update, step, sums)`). `model` is `online` as wrapped (DDP or plain).
-    `position`: the mid-epoch checkpoint's resume point inside this epoch, or None. `step` counts the optimizer
-    steps done before this epoch (or before `position`); returns the count after it."""
+@dataclass
+class Loop:
+    """What the training loop keeps fixed for the run."""
+    dist_info: common.DistInfo  # ranks and the device
+    log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
+    ctl: common.RunControl  # time-based saves and stop signals at update boundaries
+    dataset: torch.utils.data.Dataset  # (weak, strong) view pairs
+    micro: int  # per-rank micro-batch: batch_size / (accum_steps x processes)
+    steps_per_epoch: int  # optimizer updates per epoch
+    total_steps: int  # optimizer updates of the run
+    lr_schedule: Callable[[int], float]  # global optimizer step -> lr (warmup + cosine)
+    momentum_schedule: Callable[[int], float]  # global optimizer step -> momentum coefficient m
+    weight: float  # lambda of Eq. (3), the context loss's weight
+    rms_start: float  # the initial encoder weights' RMS, the divergence check's reference (save_checkpoint)
+
+
+def train_one_epoch(state: TrainState, loop: Loop, epoch: int, step: int, *, position: Optional[dict], save,
+                    args: Args) -> int:
+    """One epoch of loop.steps_per_epoch updates of accum_steps micro-batches of loop.micro image pairs each: lr
+    and momentum coefficient from the schedules at the global optimizer step, train_step per micro-batch, the
+    rank-mean losses logged every --log-every updates and for the epoch, loop.ctl.boundary after each update
+    (time-based save, stop signals: `save(update, step, sums)`). `position`: the mid-epoch checkpoint's resume
+    point inside this epoch, or None. `step` counts the optimizer steps done before this epoch (or before
+    `position`); returns the count after it."""
+    dist_info, log, micro, steps_per_epoch = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
+    device = dist_info.device
     start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
     sums = dict(position["sums"]) if start else {"loss": 0.0, "mim": 0.0, "context": 0.0, "micro": 0}
-    loader = common.build_loader(ds, micro, dist_info, shuffle=True, drop_last=True, num_workers=args.num_workers,
-                                 seed=args.seed, epoch=epoch, skip=start * args.accum_steps * micro)
-    model.train()
-    momentum.eval()  # official: the momentum model is never in train mode (BN uses its running statistics)
+    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
+                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch,
+                                 skip=start * args.accum_steps * micro)
+    state.model.train()
+    state.momentum.eval()  # official: the momentum model is never in train mode (BN uses its running statistics)
     if args.momentum_bn == "batch":
-        momentum.head.train()  # BYOL: target BN with this batch's statistics (no dropout/drop-path anywhere in it)
+        state.momentum.head.train()  # BYOL: target BN with this batch's statistics (no dropout/drop-path anywhere in it)
     t0, it_acc = time.time(), 0
     bar = common.progress(range(start * args.accum_steps, steps_per_epoch * args.accum_steps), dist_info,
                           desc=f"epoch {epoch}")
@@ -509,11 +538,10 @@ def train_one_epoch(model, momentum: MomentumBranch, online: LUTOnline, opt, ds,
         weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)  # (n, 3, S, S)
         last = (micro_step + 1) % args.accum_steps == 0
         if it_acc == 0:
-            cur_lr = lr_schedule(step)
-            common.set_lr(opt, cur_lr)
-        m = momentum_schedule(step)
-        loss, loss_mim, loss_bc = train_step(model, momentum, online, opt, weak, strong, weight=weight,
-                                             num_patches=online.encoder.num_patches, sync=last, m=m, step=step,
+            cur_lr = loop.lr_schedule(step)
+            common.set_lr(state.opt, cur_lr)
+        m = loop.momentum_schedule(step)
+        loss, loss_mim, loss_bc = train_step(state, weak, strong, weight=loop.weight, sync=last, m=m, step=step,
                                              args=args)
         for k, v in zip(("loss", "mim", "context"), (loss, loss_mim, loss_bc)):
             sums[k] += float(common.all_reduce_mean(v.detach()))
@@ -528,12 +556,12 @@ def train_one_epoch(model, momentum: MomentumBranch, online: LUTOnline, opt, ds,
             ips = (micro_step + 1 - start * args.accum_steps) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
             bar.set_postfix(loss=f"{sums['loss'] / n:.4f}", mim=f"{sums['mim'] / n:.4f}",
                             bc=f"{sums['context'] / n:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
-        if step % args.log_every == 0 or step == total_steps:
+        if step % args.log_every == 0 or step == loop.total_steps:
             log.log({"train/loss": sums["loss"] / n, "train/loss_mim": sums["mim"] / n,
                      "train/loss_context": sums["context"] / n, "train/lr": cur_lr, "train/momentum": m,
                      "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
         update = (micro_step + 1) // args.accum_steps
-        ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, step, sums))
+        loop.ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, step, sums))
 
     ep = [sums[k] / max(sums["micro"], 1) for k in ("loss", "mim", "context")]
     log.log({"train/epoch_loss": ep[0], "train/epoch_loss_mim": ep[1], "train/epoch_loss_context": ep[2],
@@ -543,12 +571,13 @@ def train_one_epoch(model, momentum: MomentumBranch, online: LUTOnline, opt, ds,
     return step
 
 
-def save_state(online: LUTOnline, momentum: MomentumBranch, opt, epoch: int, update: int, step: int, *,
-               steps_per_epoch: int, position: Optional[dict], rms_start: float, dist_info, args: Args):
+def save_state(state: TrainState, loop: Loop, epoch: int, update: int, step: int, *, position: Optional[dict],
+               args: Args):
     """OUTPUT_DIR/checkpoint-last.pth (rank 0 writes) after `update` updates of `epoch`: both branches, the
-    optimizer, the counters; at the epoch's end (update == steps_per_epoch) first the kept epoch file when due,
-    inside it `position` (what the exact resume needs, common.resume_position)."""
-    done = update == steps_per_epoch
+    optimizer, the counters; at the epoch's end (update == loop.steps_per_epoch) first the kept epoch file when
+    due, inside it `position` (what the exact resume needs, common.resume_position)."""
+    online, momentum, dist_info = state.online, state.momentum, loop.dist_info
+    done = update == loop.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
         common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
                          common.encoder_state_dict(online.encoder), online.encoder.config(), model_is_ema=False)
@@ -567,13 +596,13 @@ def save_state(online: LUTOnline, momentum: MomentumBranch, opt, epoch: int, upd
             "predictor": online.predictor.state_dict(),
             "head_ema": momentum.head.state_dict(),
             "head_ema_buffers_per_rank": head_ema_per_rank,
-            "optimizer": opt.state_dict(),
+            "optimizer": state.opt.state_dict(),
             "epoch": epoch + done,
             "step": step,
             "resume": None if done else position,
-            "weights_rms_start": rms_start,
+            "weights_rms_start": loop.rms_start,
             "args": dataclasses.asdict(args),
-        }, weights_rms_start=rms_start)
+        }, weights_rms_start=loop.rms_start)
 
 
 def main(args: Args):
@@ -666,13 +695,13 @@ def main(args: Args):
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed)
     ctl = common.RunControl(args.save_minutes, dist_info, log)
+    train_state = TrainState(model, online, momentum, opt)
+    loop = Loop(dist_info, log, ctl, ds, micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                lr_schedule=lr_schedule, momentum_schedule=momentum_schedule, weight=weight, rms_start=rms_start)
     for epoch in range(start_epoch, args.epochs):
-        save = functools.partial(save_state, online, momentum, opt, epoch, steps_per_epoch=steps_per_epoch,
-                                 rms_start=rms_start, dist_info=dist_info, args=args)
+        save = functools.partial(save_state, train_state, loop, epoch, args=args)
         step = train_one_epoch(
-            model, momentum, online, opt, ds, epoch, step, lr_schedule, momentum_schedule, weight=weight, micro=micro,
-            steps_per_epoch=steps_per_epoch, total_steps=total_steps, device=device, dist_info=dist_info, log=log,
-            ctl=ctl, args=args, position=position if epoch == start_epoch else None,
+            train_state, loop, epoch, step, args=args, position=position if epoch == start_epoch else None,
             save=lambda update, step, sums: save(update, step, position=common.resume_position(dist_info, update, sums)))
         save(steps_per_epoch, step, position=None)
         knn(epoch + 1, online.encoder, step)

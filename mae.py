@@ -60,7 +60,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -369,18 +369,28 @@ def validate(args: Args):
 # ==============================================================================================
 # ALGO LOGIC: one training step (Sec. 3)
 # ==============================================================================================
-def train_step(ddp, optimizer, imgs: torch.Tensor, *, sync: bool, step: int, args: Args) -> torch.Tensor:
+@dataclass
+class TrainState:
+    """What a step, an epoch and a checkpoint touch."""
+    ddp: nn.Module  # `model` as the step runs it: DDP-wrapped, FSDP-sharded or plain
+    encoder: common.VisionTransformer  # saved as "model"
+    decoder: MaeDecoder  # saved as "decoder"
+    model: MaskedAutoencoder  # encoder + decoder, unwrapped (the figure, the optimizer's state dict)
+    optimizer: torch.optim.Optimizer  # AdamW over encoder and decoder
+
+
+def train_step(state: TrainState, imgs: torch.Tensor, *, sync: bool, step: int, args: Args) -> torch.Tensor:
     """One micro-batch of MAE (Sec. 3): random masking, encoder on the visible patches, decoder, per-patch pixel
     MSE on the masked patches (Eq. in Sec. 3, norm_pix_loss App. A.1), backward of loss / accum_steps; on the last
     micro-batch of an update (`sync`) the AdamW step. imgs (n, 3, H, W). Returns the loss (scalar)."""
-    with common.grad_sync(ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
+    with common.grad_sync(state.ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
         with common.autocast(imgs.device):
-            loss, _, _ = ddp(imgs)
+            loss, _, _ = state.ddp(imgs)
         common.check_finite(loss, step, args.output_dir)
         (loss / args.accum_steps).backward()  # gradients of the mean over the accumulated micro-batches
     if sync:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
     return loss
 
 
@@ -417,7 +427,8 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
         encoder, decoder, model = build_modules(args, k)
         optimizer = common.make_adamw(build_param_groups(model, args.weight_decay, args.token_weight_decay), lr=1.0)
         imgs = torch.randn(n, 3, args.img_size, args.img_size)
-        step = lambda: train_step(model, optimizer, imgs, sync=True, step=0, args=args)  # noqa: E731
+        state = TrainState(model, encoder, decoder, model, optimizer)
+        step = lambda: train_step(state, imgs, sync=True, step=0, args=args)  # noqa: E731
         return [model], [optimizer], step, list(encoder.blocks) + list(decoder.decoder_blocks)
 
     what = f"MAE {args.model} + {args.decoder_depth}-block decoder, {n} images per GPU"
@@ -428,18 +439,35 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
 # ==============================================================================================
 # Training loop: one epoch, the epoch-end checkpoint, main
 # ==============================================================================================
-def train_one_epoch(ddp, optimizer, dataset, epoch: int, lr_schedule, *, micro: int, steps_per_epoch: int,
-                    device, dist_info, log, ctl, save, position, args: Args) -> tuple[float, float]:
-    """One epoch of steps_per_epoch AdamW updates of accum_steps micro-batches of `micro` images each: the lr
-    of every update from lr_schedule(global step), train_step per micro-batch, the rank-mean loss logged per
-    update, ctl.boundary after each update (time-based save, stop signals: `save(update, sums)`). `position`: the
-    mid-epoch checkpoint's resume point inside this epoch, or None. `ddp` is the model as wrapped (DDP, FSDP or
-    plain). Returns (mean loss of the epoch, start time)."""
+@dataclass
+class Loop:
+    """What the training loop keeps fixed for the run."""
+    dist_info: common.DistInfo  # ranks and the device
+    log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
+    ctl: common.RunControl  # time-based saves and stop signals at update boundaries
+    dataset: torch.utils.data.Dataset  # the augmented train images
+    micro: int  # per-rank micro-batch: batch_size / (accum_steps x processes)
+    steps_per_epoch: int  # optimizer updates per epoch
+    lr_schedule: Callable[[int], float]  # global optimizer step -> lr (warmup + cosine)
+    rms_start: float  # the initial encoder weights' RMS, the divergence check's reference (save_checkpoint)
+    vis_imgs: Optional[torch.Tensor] = None  # (V, 3, H, W) the figure's fixed images, or None: no figure
+    vis_noise: Optional[torch.Tensor] = None  # (V, N) their masking noise
+
+
+def train_one_epoch(state: TrainState, loop: Loop, epoch: int, *, position: Optional[dict], save,
+                    args: Args) -> tuple[float, float]:
+    """One epoch of loop.steps_per_epoch AdamW updates of accum_steps micro-batches of loop.micro images each: the
+    lr of every update from loop.lr_schedule(global step), train_step per micro-batch, the rank-mean loss logged
+    per update, loop.ctl.boundary after each update (time-based save, stop signals: `save(update, sums)`).
+    `position`: the mid-epoch checkpoint's resume point inside this epoch, or None. Returns (mean loss of the
+    epoch, start time)."""
+    dist_info, log, micro, steps_per_epoch = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
     start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)  # CRUCIAL for exact resume
     sums = dict(position["sums"]) if start else {"loss": 0.0}
-    loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True, num_workers=args.num_workers,
-                                 seed=args.seed, epoch=epoch, skip=start * args.accum_steps * micro)
-    ddp.train()
+    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
+                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch,
+                                 skip=start * args.accum_steps * micro)
+    state.ddp.train()
     bar = common.progress(loader, dist_info, total=(steps_per_epoch - start) * args.accum_steps, desc=f"epoch {epoch}")
     t0, accum_loss = time.time(), 0.0
     for it, (imgs, _) in enumerate(bar, start=start * args.accum_steps):
@@ -448,10 +476,10 @@ def train_one_epoch(ddp, optimizer, dataset, epoch: int, lr_schedule, *, micro: 
         step = epoch * steps_per_epoch + it // args.accum_steps  # global optimizer step
         last_micro = (it + 1) % args.accum_steps == 0
         if it % args.accum_steps == 0:  # per iteration (fractional epoch), at the first micro-batch of an update
-            cur_lr = lr_schedule(step)
-            common.set_lr(optimizer, cur_lr)
-        imgs = imgs.to(device, non_blocking=True)  # (n, 3, H, W)
-        loss = train_step(ddp, optimizer, imgs, sync=last_micro, step=step, args=args)
+            cur_lr = loop.lr_schedule(step)
+            common.set_lr(state.optimizer, cur_lr)
+        imgs = imgs.to(dist_info.device, non_blocking=True)  # (n, 3, H, W)
+        loss = train_step(state, imgs, sync=last_micro, step=step, args=args)
         accum_loss += loss.detach() / args.accum_steps
         if not last_micro:
             continue
@@ -464,48 +492,51 @@ def train_one_epoch(ddp, optimizer, dataset, epoch: int, lr_schedule, *, micro: 
             log.log({"train/loss": loss_v, "train/lr": cur_lr, "train/epoch": epoch + (it + 1) / (steps_per_epoch * args.accum_steps)},
                     step=step)
         update = (it + 1) // args.accum_steps
-        ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, sums))
+        loop.ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, sums))
     return sums["loss"] / steps_per_epoch, t0
 
 
-def save_state(encoder, decoder, model, optimizer, *, epoch: int, update: int, steps_per_epoch: int,
-               position: Optional[dict], rms_start: float, dist_info, args: Args) -> dict:
+def save_state(state: TrainState, loop: Loop, epoch: int, update: int, *, position: Optional[dict],
+               args: Args) -> dict:
     """OUTPUT_DIR/checkpoint-last.pth (the format of the module docstring) after `update` updates of `epoch`: at
-    its end (update == steps_per_epoch) first the kept epoch file when due, or inside it with `position` (what the
-    exact resume needs, common.resume_position). Every rank calls it: under --fsdp the state dicts are collectives.
-    Returns the encoder state dict."""
-    enc_sd, dec_sd = common.full_state_dict(encoder), common.full_state_dict(decoder)
-    opt_sd = common.full_optimizer_state_dict(model, optimizer)
-    done = update == steps_per_epoch
+    its end (update == loop.steps_per_epoch) first the kept epoch file when due, or inside it with `position` (what
+    the exact resume needs, common.resume_position). Every rank calls it: under --fsdp the state dicts are
+    collectives. Returns the encoder state dict."""
+    encoder = state.encoder
+    enc_sd, dec_sd = common.full_state_dict(encoder), common.full_state_dict(state.decoder)
+    opt_sd = common.full_optimizer_state_dict(state.model, state.optimizer)
+    done = update == loop.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
+        common.save_kept(args.save_every, args.output_dir, loop.dist_info, epoch + 1,
                          enc_sd, encoder.config(), model_is_ema=False)
-    if dist_info.is_main:
+    if loop.dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": enc_sd, "encoder_config": encoder.config(), "model_is_ema": False,
             "decoder": dec_sd,
             "decoder_config": dict(dim=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_heads),
             "norm_pix_loss": args.norm_pix_loss, "mask_ratio": args.mask_ratio,
-            "optimizer": opt_sd, "epoch": epoch + done, "step": epoch * steps_per_epoch + update,
-            "resume": None if done else position, "weights_rms_start": rms_start,
-            "args": dataclasses.asdict(args)}, weights_rms_start=rms_start)
+            "optimizer": opt_sd, "epoch": epoch + done, "step": epoch * loop.steps_per_epoch + update,
+            "resume": None if done else position, "weights_rms_start": loop.rms_start,
+            "args": dataclasses.asdict(args)}, weights_rms_start=loop.rms_start)
     return enc_sd
 
 
-def end_epoch(model, vis_imgs, vis_noise, epoch: int, epoch_loss: float, t0: float, *, steps_per_epoch: int, device,
-              dist_info, log, args: Args):
-    """After the epoch's checkpoint: the epoch loss and the reconstruction figure (when vis_imgs is given; under
-    --fsdp its forward is a collective, every rank calls this)."""
-    grid = reconstruction_grid(model, vis_imgs, vis_noise, device) if vis_imgs is not None else None
-    if dist_info.is_main:
-        log.log({"train/epoch_loss": epoch_loss}, step=(epoch + 1) * steps_per_epoch)
+def end_epoch(state: TrainState, loop: Loop, epoch: int, epoch_loss: float, t0: float, *, args: Args):
+    """After the epoch's checkpoint: the epoch loss and the reconstruction figure (when loop.vis_imgs is given;
+    under --fsdp its forward is a collective, every rank calls this)."""
+    grid = None
+    if loop.vis_imgs is not None:
+        grid = reconstruction_grid(state.model, loop.vis_imgs, loop.vis_noise, loop.dist_info.device)
+    step = (epoch + 1) * loop.steps_per_epoch
+    if loop.dist_info.is_main:
+        loop.log.log({"train/epoch_loss": epoch_loss}, step=step)
         msg = f"epoch {epoch} done, mean loss {epoch_loss:.4f}, {time.time() - t0:.0f} s; saved {common.checkpoint_path(args.output_dir)}"
         if grid is not None:
             png = os.path.join(args.output_dir, f"recon_epoch{epoch:03d}.png")
             torchvision.utils.save_image(grid, png)
-            log.image("train/reconstruction", grid, (epoch + 1) * steps_per_epoch)
+            loop.log.image("train/reconstruction", grid, step)
             msg += f" and {png}"
-        log.print(msg)
+        loop.log.print(msg)
 
 
 def main(args: Args):
@@ -604,16 +635,16 @@ def main(args: Args):
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed)
     ctl = common.RunControl(args.save_minutes, dist_info, log)
+    train_state = TrainState(ddp, encoder, decoder, model, optimizer)
+    loop = Loop(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, lr_schedule=lr_schedule,
+                rms_start=rms_start, vis_imgs=vis_imgs, vis_noise=vis_noise)
     for epoch in range(start_epoch, args.epochs):
-        save = functools.partial(save_state, encoder, decoder, model, optimizer, epoch=epoch,
-                                 steps_per_epoch=steps_per_epoch, rms_start=rms_start, dist_info=dist_info, args=args)
+        save = functools.partial(save_state, train_state, loop, epoch, args=args)
         epoch_loss, t0 = train_one_epoch(
-            ddp, optimizer, dataset, epoch, lr_schedule, micro=micro, steps_per_epoch=steps_per_epoch, device=device,
-            dist_info=dist_info, log=log, ctl=ctl, args=args, position=position if epoch == start_epoch else None,
-            save=lambda update, sums: save(update=update, position=common.resume_position(dist_info, update, sums)))
-        save(update=steps_per_epoch, position=None)
-        end_epoch(model, vis_imgs, vis_noise, epoch, epoch_loss, t0, steps_per_epoch=steps_per_epoch, device=device,
-                  dist_info=dist_info, log=log, args=args)
+            train_state, loop, epoch, args=args, position=position if epoch == start_epoch else None,
+            save=lambda update, sums: save(update, position=common.resume_position(dist_info, update, sums)))
+        save(steps_per_epoch, position=None)
+        end_epoch(train_state, loop, epoch, epoch_loss, t0, args=args)
         knn(epoch + 1, encoder, (epoch + 1) * steps_per_epoch)
         ctl.epoch_done(epoch + 1)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:

@@ -464,25 +464,32 @@ def build_views(args: Args):
 # ==============================================================================================
 # ALGO LOGIC: one training step (Algorithm 1, Eq. 1-2)
 # ==============================================================================================
-def train_step(ddp, optimizer, target_projector, ema_encoder, queue: NNQueue, views: list[torch.Tensor], ids, labels,
-               *, stage: int, temperature: float, topk: int, step: int, args: Args, device):
+@dataclass
+class TrainState:
+    """What a step, an epoch and a checkpoint touch; ddp, optimizer and target_projector are rebuilt per stage."""
+    ddp: nn.Module  # `model` as the step runs it: DDP-wrapped or plain
+    model: MaeCt  # encoder f + projector g + predictor h, unwrapped (their state dicts, the EMA sources)
+    optimizer: torch.optim.Optimizer  # the stage's AdamW (each group's lr_scale is its peak lr)
+    target_projector: Optional[nn.Module]  # g_m, the EMA of g (Alg. 1); None in stage 1 (the NN path uses g)
+    ema_encoder: common.VisionTransformer  # f_m, the EMA of f (Alg. 1), saved as "model"
+    queue: NNQueue  # (Q, d) normalised view-0 NN-path embeddings with ids and labels
+
+
+def train_step(state: TrainState, views: list[torch.Tensor], ids, labels, *, stage: int, temperature: float,
+               topk: int, step: int, args: Args, device):
     """One update of Algorithm 1: forward of both views, NN lookup in the queue, symmetric NNCLR loss, enqueue of
     view 0, backward, AdamW step; in stage 2 the projector EMA g_m and the encoder EMA f_m (BN buffers copied).
     views 2 x (n, 3, S, S); ids, labels (n,). Returns (loss, metrics)."""
-    loss, metrics = mae_ct_forward_loss(ddp, target_projector, queue, views, ids, labels, temperature, topk,
-                                        args.exclude_self, device)
+    loss, metrics = mae_ct_forward_loss(state.ddp, state.target_projector, state.queue, views, ids, labels,
+                                        temperature, topk, args.exclude_self, device)
     common.check_finite(loss, step, args.output_dir)
-    optimizer.zero_grad(set_to_none=True)
+    state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
+    state.optimizer.step()
     if stage == 2:
-        common.ema_update(target_projector, unwrap_model(ddp).projector, args.projector_ema)
-        common.ema_update(ema_encoder, unwrap_model(ddp).encoder, args.encoder_ema)
+        common.ema_update(state.target_projector, state.model.projector, args.projector_ema)
+        common.ema_update(state.ema_encoder, state.model.encoder, args.encoder_ema)
     return loss, metrics
-
-
-def unwrap_model(ddp):
-    return ddp.module if isinstance(ddp, nn.parallel.DistributedDataParallel) else ddp
 
 
 # ==============================================================================================
@@ -510,9 +517,9 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
         optimizer = build_optimizer(model, 2, args, 1.0, 1.0, torch.device("cpu"))
         views = [torch.randn(n, 3, args.img_size, args.img_size) for _ in range(NUM_VIEWS)]
         ids, labels = torch.arange(n), torch.zeros(n, dtype=torch.long)
-        step = lambda: train_step(model, optimizer, target_projector, ema_encoder, queue, views, ids, labels,  # noqa: E731
-                                  stage=2, temperature=args.temperature, topk=args.topk, step=0, args=args,
-                                  device=torch.device("cpu"))
+        state = TrainState(model, model, optimizer, target_projector, ema_encoder, queue)
+        step = lambda: train_step(state, views, ids, labels, stage=2, temperature=args.temperature,  # noqa: E731
+                                  topk=args.topk, step=0, args=args, device=torch.device("cpu"))
         return [model, queue, ema_encoder, target_projector], [optimizer], step, list(encoder.blocks)
 
     what = f"MAE-CT {args.model}, {n} images x {NUM_VIEWS} views per GPU"
@@ -523,90 +530,115 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
 # ==============================================================================================
 # Training loop: one stage's set-up, one epoch, the epoch-end checkpoint, main
 # ==============================================================================================
-def start_stage(model: MaeCt, resume, log, *, stage: int, first: int, last: int, start_epoch: int, enc_lr: float,
-                head_lr: float, args: Args, device):
-    """Stage `stage` (epochs first..last-1): what trains, the target projector g_m (stage 2 only), its AdamW
-    (encoder peak `enc_lr`, heads `head_lr`; the saved states when `resume`, the resume checkpoint's stage state,
-    lies inside this stage: consumed here), one log line of the trainable parameters.
+@dataclass
+class Stage:
+    """What one stage keeps fixed."""
+    number: int  # 1 (NNCLR initialisation, frozen encoder) or 2 (contrastive tuning)
+    first: int  # its first epoch
+    last: int  # one past its last epoch
+    enc_lr: float  # encoder peak lr (stage 1: nothing trains it)
+    head_lr: float  # projector + predictor peak lr
+    warmup_steps: int  # linear-warmup updates at its start
+
+
+@dataclass
+class Loop:
+    """What the training loop keeps fixed for the run."""
+    dist_info: common.DistInfo  # ranks and the device
+    log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
+    ctl: common.RunControl  # time-based saves and stop signals at update boundaries
+    dataset: torch.utils.data.Dataset  # WithIndex: (2 views, label, dataset index)
+    micro: int  # per-rank batch of images: batch_size / processes
+    steps_per_epoch: int  # optimizer updates per epoch
+    rms_start: float  # the initial encoder weights' RMS, the divergence check's reference (save_checkpoint)
+
+
+def start_stage(model: MaeCt, resume, log, stage: Stage, *, start_epoch: int, args: Args, device):
+    """`stage` (epochs stage.first..stage.last-1): what trains, the target projector g_m (stage 2 only), its AdamW
+    (encoder peak stage.enc_lr, heads stage.head_lr; the saved states when `resume`, the resume checkpoint's stage
+    state, lies inside this stage: consumed here), one log line of the trainable parameters.
     Returns (optimizer, target_projector or None)."""
-    resuming_here = resume is not None and resume["stage"] == stage and (start_epoch > first or resume["position"])
-    set_trainable(model, stage, args.frozen_blocks)
+    number, first = stage.number, stage.first
+    resuming_here = resume is not None and resume["stage"] == number and (start_epoch > first or resume["position"])
+    set_trainable(model, number, args.frozen_blocks)
     target_projector = None
-    if stage == 2:  # g_m starts as a copy of the initialised projector (official NnclrEmaQueueHead)
+    if number == 2:  # g_m starts as a copy of the initialised projector (official NnclrEmaQueueHead)
         target_projector = copy.deepcopy(model.projector).requires_grad_(False)
         if resuming_here:
             target_projector.load_state_dict(resume["target_projector"])
-    optimizer = build_optimizer(model, stage, args, enc_lr, head_lr, device)
+    optimizer = build_optimizer(model, number, args, stage.enc_lr, stage.head_lr, device)
     if resuming_here:
         optimizer.load_state_dict(resume.pop("optimizer"))
     n_enc = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
     n_head = sum(p.numel() for p in list(model.projector.parameters()) + list(model.predictor.parameters()))
-    log.print(f"stage {stage} ({'head initialisation, frozen encoder' if stage == 1 else 'contrastive tuning'}): "
-              f"epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, head params {n_head:,}")
+    log.print(f"stage {number} ({'head initialisation, frozen encoder' if number == 1 else 'contrastive tuning'}): "
+              f"epochs {first}-{stage.last - 1}, trainable encoder params {n_enc:,}, head params {n_head:,}")
     return optimizer, target_projector
 
 
-def train_one_epoch(ddp, model: MaeCt, optimizer, target_projector, ema_encoder, queue: NNQueue, dataset, dist_info,
-                    log, *, stage: int, epoch: int, first: int, enc_lr: float, head_lr: float, stage_steps: int,
-                    warmup_steps: int, steps_per_epoch: int, micro: int, ctl, save, position, args: Args) -> float:
-    """One epoch of stage `stage` (which starts at epoch `first`): the epoch's seed and loader (or the state of the
-    mid-epoch checkpoint's `position`), the lr of every update (warmup + cosine over the stage), train_step per
-    batch, the per-update log line, ctl.boundary after each update (time-based save, stop signals:
-    `save(update, sums)`). `head_lr` is the stage's head peak lr. Returns the last update's loss (mean over ranks)."""
-    device = dist_info.device
-    temperature = args.head_init_temperature if stage == 1 else args.temperature
-    topk = 1 if stage == 1 else args.topk  # App. A.2: top-1 during initialisation
+def train_one_epoch(state: TrainState, loop: Loop, stage: Stage, epoch: int, *, position, save,
+                    args: Args) -> float:
+    """One epoch of `stage`: the epoch's seed and loader (or the state of the mid-epoch checkpoint's `position`),
+    the lr of every update (warmup + cosine over the stage), train_step per batch, the per-update log line,
+    loop.ctl.boundary after each update (time-based save, stop signals: `save(update, sums)`). Returns the last
+    update's loss (mean over ranks)."""
+    dist_info, log, micro, steps_per_epoch = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
+    device, number, enc_lr, head_lr = dist_info.device, stage.number, stage.enc_lr, stage.head_lr
+    stage_steps = (stage.last - stage.first) * steps_per_epoch
+    temperature = args.head_init_temperature if number == 1 else args.temperature
+    topk = 1 if number == 1 else args.topk  # App. A.2: top-1 during initialisation
     start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
     sums = dict(position["sums"]) if start else {"loss": float("nan")}
-    loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True,
+    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
                                  num_workers=args.num_workers, seed=args.seed, epoch=epoch, skip=start * micro)
-    model.train()
-    bar = common.progress(loader, dist_info, total=steps_per_epoch - start, desc=f"stage {stage} epoch {epoch}")
+    state.model.train()
+    bar = common.progress(loader, dist_info, total=steps_per_epoch - start, desc=f"stage {number} epoch {epoch}")
     t0 = time.time()
     for it, (views, labels, ids) in enumerate(bar, start=start):
-        step = (epoch - first) * steps_per_epoch + it  # update index inside this stage
-        factor = lr_factor(step, stage_steps, warmup_steps)
-        common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
+        step = (epoch - stage.first) * steps_per_epoch + it  # update index inside this stage
+        factor = lr_factor(step, stage_steps, stage.warmup_steps)
+        common.set_lr(state.optimizer, factor)  # each group's lr_scale is its peak lr
         views = [v.to(device, non_blocking=True) for v in views]  # 2 x (n, 3, S, S)
         labels, ids = labels.to(device), ids.to(device)
-        loss, metrics = train_step(ddp, optimizer, target_projector, ema_encoder, queue, views, ids, labels,
-                                   stage=stage, temperature=temperature, topk=topk,
+        loss, metrics = train_step(state, views, ids, labels, stage=number, temperature=temperature, topk=topk,
                                    step=epoch * steps_per_epoch + it, args=args, device=device)
         sums["loss"] = common.all_reduce_mean(loss.detach()).item()  # collective: every rank
         if dist_info.is_main:
             ips = (it + 1 - start) * args.batch_size / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{enc_lr * factor if stage == 2 else head_lr * factor:.2e}",
-                            img_s=f"{ips:.0f}")
-            log.log({"train/loss": sums["loss"], "train/stage": stage, "train/nn_acc": metrics["nn_acc"].item(),
-                     "train/lr": enc_lr * factor if stage == 2 else 0.0,
+            shown_lr = enc_lr * factor if number == 2 else head_lr * factor
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{shown_lr:.2e}", img_s=f"{ips:.0f}")
+            log.log({"train/loss": sums["loss"], "train/stage": number, "train/nn_acc": metrics["nn_acc"].item(),
+                     "train/lr": enc_lr * factor if number == 2 else 0.0,
                      "train/head_lr": head_lr * factor, "train/epoch": epoch},
                     step=epoch * steps_per_epoch + it)
-        ctl.boundary(epoch, it + 1, steps_per_epoch, functools.partial(save, it + 1, sums))
+        loop.ctl.boundary(epoch, it + 1, steps_per_epoch, functools.partial(save, it + 1, sums))
     return sums["loss"]
 
 
-def save_state(model: MaeCt, ema_encoder, target_projector, queue: NNQueue, optimizer, dist_info, log, *, stage: int,
-               epoch: int, update: int, steps_per_epoch: int, loss_v: float, position, rms_start: float, args: Args):
+def save_state(state: TrainState, loop: Loop, stage: Stage, epoch: int, update: int, *, loss_v: float, position,
+               args: Args):
     """OUTPUT_DIR/checkpoint-last.pth (encoder EMA f_m as "model", what eval_knn.py reads; all the resume needs)
-    after `update` updates of `epoch`: at its end (update == steps_per_epoch) first the kept EMA-only copy every
-    --save-every epochs, inside it `position` (what the exact resume needs, common.resume_position)."""
-    done = update == steps_per_epoch
+    after `update` updates of `epoch`: at its end (update == loop.steps_per_epoch) first the kept EMA-only copy
+    every --save-every epochs, inside it `position` (what the exact resume needs, common.resume_position)."""
+    model, ema_encoder, target_projector = state.model, state.ema_encoder, state.target_projector
+    done = update == loop.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
+        common.save_kept(args.save_every, args.output_dir, loop.dist_info, epoch + 1,
                          common.encoder_state_dict(ema_encoder), model.encoder.config(), model_is_ema=True)
-    if dist_info.is_main:
+    if loop.dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": common.encoder_state_dict(ema_encoder), "model_is_ema": True,
             "model_online": common.encoder_state_dict(model.encoder),
             "encoder_config": model.encoder.config(), "pool": args.pool,
             "projector": model.projector.state_dict(), "predictor": model.predictor.state_dict(),
             "target_projector": target_projector.state_dict() if target_projector is not None else None,
-            "queue": queue.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch + done, "step": epoch * steps_per_epoch + update, "stage": stage,
-            "resume": None if done else position, "weights_rms_start": rms_start,
-            "args": dataclasses.asdict(args)}, weights_rms_start=rms_start)
+            "queue": state.queue.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "epoch": epoch + done, "step": epoch * loop.steps_per_epoch + update, "stage": stage.number,
+            "resume": None if done else position, "weights_rms_start": loop.rms_start,
+            "args": dataclasses.asdict(args)}, weights_rms_start=loop.rms_start)
         if done:
-            log.print(f"epoch {epoch} (stage {stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
+            loop.log.print(f"epoch {epoch} (stage {stage.number}) done, loss {loss_v:.4f}; "
+                           f"saved {common.checkpoint_path(args.output_dir)}")
 
 
 def main(args: Args):
@@ -684,35 +716,32 @@ def main(args: Args):
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed, pool=args.pool)
     ctl = common.RunControl(args.save_minutes, dist_info, log)
-    for stage, (first, last) in ((1, (0, args.head_epochs)), (2, (args.head_epochs, total_epochs))):
+    loop = Loop(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, rms_start=rms_start)
+    for number, (first, last) in ((1, (0, args.head_epochs)), (2, (args.head_epochs, total_epochs))):
         if start_epoch >= last:
             continue
-        stage_head_lr = head_lr if stage == 2 else head_init_lr
-        optimizer, target_projector = start_stage(model, resume, log, stage=stage, first=first, last=last,
-                                                  start_epoch=start_epoch, enc_lr=enc_lr, head_lr=stage_head_lr,
-                                                  args=args, device=device)
-        ddp = None
-        gc.collect()  # the previous stage's DDP wrapper sits in a reference cycle: free its buckets now
+        stage_steps = (last - first) * steps_per_epoch
+        frac_warm = args.warmup_epochs * steps_per_epoch if (number == 2 and args.warmup_epochs is not None) \
+            else args.warmup_fraction * stage_steps
+        warmup_steps = int(frac_warm)  # official: floor
+        stage = Stage(number, first, last, enc_lr, head_lr if number == 2 else head_init_lr, warmup_steps)
+        optimizer, target_projector = start_stage(model, resume, log, stage, start_epoch=start_epoch, args=args,
+                                                  device=device)
+        ddp = train_state = save = None
+        gc.collect()  # the previous stage's DDP wrapper (held by its TrainState) sits in a reference cycle: free it now
         ddp = model
         if dist_info.enabled:
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        stage_steps = (last - first) * steps_per_epoch
-        frac_warm = args.warmup_epochs * steps_per_epoch if (stage == 2 and args.warmup_epochs is not None) \
-            else args.warmup_fraction * stage_steps
-        warmup_steps = int(frac_warm)  # official: floor
+        train_state = TrainState(ddp, model, optimizer, target_projector, ema_encoder, queue)
 
         for epoch in range(max(start_epoch, first), last):
             position = resume["position"] if resume is not None and epoch == start_epoch else None
-            save = functools.partial(save_state, model, ema_encoder, target_projector, queue, optimizer, dist_info, log,
-                                     stage=stage, epoch=epoch, steps_per_epoch=steps_per_epoch, rms_start=rms_start,
-                                     args=args)
+            save = functools.partial(save_state, train_state, loop, stage, epoch, args=args)
             loss_v = train_one_epoch(
-                ddp, model, optimizer, target_projector, ema_encoder, queue, dataset, dist_info, log, stage=stage,
-                epoch=epoch, first=first, enc_lr=enc_lr, head_lr=stage_head_lr, stage_steps=stage_steps,
-                warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, micro=micro, ctl=ctl, position=position,
-                args=args, save=lambda update, sums: save(update=update, loss_v=sums["loss"],
-                                                          position=common.resume_position(dist_info, update, sums)))
-            save(update=steps_per_epoch, loss_v=loss_v, position=None)
+                train_state, loop, stage, epoch, position=position, args=args,
+                save=lambda update, sums: save(update, loss_v=sums["loss"],
+                                               position=common.resume_position(dist_info, update, sums)))
+            save(steps_per_epoch, loss_v=loss_v, position=None)
             knn(epoch + 1, ema_encoder, (epoch + 1) * steps_per_epoch)
             ctl.epoch_done(epoch + 1)
             if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:

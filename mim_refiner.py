@@ -534,25 +534,39 @@ def is_post_norm_checkpoint(ckpt: dict) -> bool:
 # ==============================================================================================
 # ALGO LOGIC: one training step (Sec. 3, Eq. 1-2)
 # ==============================================================================================
-def train_step(ddp, optimizer, queues: nn.ModuleList, ema, encoder, x_global, x_local, ids, labels, *, n: int,
-               topk: int, train_encoder: bool, sync: bool, rank: int, step: int, args: Args):
-    """One micro-batch of the multi-crop NNA step (Sec. 3): forward of all views, loss with queue lookup and
-    enqueue (Eq. 1-2), backward; on the last micro-batch of an update (`sync`) the AdamW step and, while the
-    encoder trains (stage "refine"), its EMA (Table 10; official EmaCallback, constant momentum per update).
+@dataclass
+class TrainState:
+    """What a step, an epoch and a checkpoint touch; ddp and optimizer are rebuilt per stage."""
+    ddp: nn.Module  # `model` as the step runs it: DDP-wrapped, FSDP-sharded or plain
+    model: Refiner  # encoder + ID heads, unwrapped (heads saved as "heads"; the optimizer's state dict)
+    encoder: common.VisionTransformer  # the online encoder (= model.encoder), saved as "model_online"
+    ema: common.VisionTransformer  # its EMA (Table 10), the evaluated encoder, saved as "model"
+    queues: nn.ModuleList  # one NNQueue per head, (Q, 256) projections with ids and labels
+    optimizer: torch.optim.Optimizer  # the stage's AdamW (each group's lr_scale is its peak lr)
+
+
+def train_step(state: TrainState, x_global, x_local, ids, labels, *, stage: str, sync: bool, rank: int, step: int,
+               args: Args):
+    """One micro-batch of the multi-crop NNA step (Sec. 3) of `stage`: forward of all views, loss with queue lookup
+    (top --head-topk in "heads", top --topk in "refine") and enqueue (Eq. 1-2), backward; on the last micro-batch
+    of an update (`sync`) the AdamW step and, while the encoder trains (stage "refine"), its EMA (Table 10;
+    official EmaCallback, constant momentum per update).
     x_global (2n, 3, S, S) = [g0; g1]; x_local (L*n, 3, s, s) or None; ids, labels (n,).
     Returns (loss, per-head losses, per-head NN accuracies)."""
-    with common.grad_sync(ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
+    n, train_encoder = ids.shape[0], stage == "refine"
+    topk = args.head_topk if stage == "heads" else args.topk
+    with common.grad_sync(state.ddp, sync):  # DDP no_sync / FSDP: no reduce-scatter until the last micro-step
         with common.autocast(x_global.device):
-            outputs = ddp(x_global, x_local, train_encoder=train_encoder)  # per head (z, p), each (V*n, 256)
-        loss, head_losses, nn_accs = refiner_loss(outputs, queues, ids, labels, n, topk, args.temperature, rank,
+            outputs = state.ddp(x_global, x_local, train_encoder=train_encoder)  # per head (z, p), each (V*n, 256)
+        loss, head_losses, nn_accs = refiner_loss(outputs, state.queues, ids, labels, n, topk, args.temperature, rank,
                                                   args.official_local_indexing, args.exclude_self)
         common.check_finite(loss, step, args.output_dir)
         (loss / args.accum_steps).backward()
     if sync:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
         if train_encoder:
-            common.ema_update(ema, encoder, args.ema_momentum)
+            common.ema_update(state.ema, state.encoder, args.ema_momentum)
     return loss, head_losses, nn_accs
 
 
@@ -584,9 +598,9 @@ def plan_builder(args: Args, post_norm: bool, n: int, device=torch.device("cpu")
         xg = torch.randn(2 * n, 3, S, S, **kw)
         xl = torch.randn(args.local_crops * n, 3, s, s, **kw) if args.local_crops else None
         ids, labels = torch.arange(n, **kw), torch.zeros(n, dtype=torch.long, **kw)
-        ddp = wrap(model) if wrap else model
-        step = lambda: train_step(ddp, optimizer, queues, ema, encoder, xg, xl, ids, labels, n=n,  # noqa: E731
-                                  topk=args.topk, train_encoder=True, sync=True, rank=0, step=0, args=args)
+        state = TrainState(wrap(model) if wrap else model, model, encoder, ema, queues, optimizer)
+        step = lambda: train_step(state, xg, xl, ids, labels, stage="refine", sync=True, rank=0, step=0,  # noqa: E731
+                                  args=args)
         return [model, queues, ema], [optimizer], step, list(encoder.blocks)
     return build
 
@@ -631,58 +645,79 @@ def resolve_init(args: Args, state):
     return dataclasses.replace(args, init=init), init_ckpt, post_norm or is_post_norm_checkpoint(init_ckpt)
 
 
-def start_stage(model: Refiner, encoder, resume, log, *, stage: str, first: int, last: int, lr: float,
-                start_epoch: int, args: Args, device) -> torch.optim.AdamW:
-    """Stage `stage` (epochs first..last-1): what trains, its AdamW at peak `lr` (with the saved state when
-    `resume`, the resume checkpoint's stage state, lies inside this stage: consumed here), one log line of the
+@dataclass
+class Stage:
+    """What one stage keeps fixed."""
+    name: str  # "heads" (frozen encoder) or "refine" (encoder + heads, EMA)
+    first: int  # its first epoch
+    last: int  # one past its last epoch
+    lr: float  # peak lr: each group's lr_scale
+    warmup_steps: int  # linear-warmup updates at its start
+
+
+@dataclass
+class Loop:
+    """What the training loop keeps fixed for the run."""
+    dist_info: common.DistInfo  # ranks and the device
+    log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
+    ctl: common.RunControl  # time-based saves and stop signals at update boundaries
+    dataset: torch.utils.data.Dataset  # WithIndex: (2 + L views, label, dataset index)
+    micro: int  # per-rank micro-batch of images: batch_size / (accum_steps x processes)
+    steps_per_epoch: int  # optimizer updates per epoch
+    rms_start: float  # the initial encoder weights' RMS, the divergence check's reference (save_checkpoint)
+
+
+def start_stage(model: Refiner, encoder, resume, log, stage: Stage, *, start_epoch: int, args: Args,
+                device) -> torch.optim.AdamW:
+    """`stage` (epochs stage.first..stage.last-1): what trains, its AdamW at peak stage.lr (with the saved state
+    when `resume`, the resume checkpoint's stage state, lies inside this stage: consumed here), one log line of the
     trainable parameters. Returns the optimizer."""
-    set_trainable(encoder, stage, args.freeze_blocks)
-    optimizer = build_optimizer(model, stage, args, lr, device)
-    if resume is not None and resume["stage"] == stage and (start_epoch > first or resume["position"]):
+    set_trainable(encoder, stage.name, args.freeze_blocks)
+    optimizer = build_optimizer(model, stage.name, args, stage.lr, device)
+    if resume is not None and resume["stage"] == stage.name and (start_epoch > stage.first or resume["position"]):
         common.load_optimizer_state_dict(model, optimizer, resume.pop("optimizer"))
     n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     n_head = sum(p.numel() for p in model.heads.parameters())
-    log.print(f"stage {stage!r}: epochs {first}-{last - 1}, trainable encoder params {n_enc:,}, "
+    log.print(f"stage {stage.name!r}: epochs {stage.first}-{stage.last - 1}, trainable encoder params {n_enc:,}, "
               f"head params {n_head:,} ({len(args.head_blocks)} heads)")
     return optimizer
 
 
-def train_one_epoch(ddp, model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, dataset, dist_info, log, *,
-                    stage: str, epoch: int, first: int, lr: float, stage_steps: int, warmup_steps: int,
-                    steps_per_epoch: int, micro: int, ctl, save, position, args: Args) -> float:
-    """One epoch of stage `stage` ("heads" or "refine", which starts at epoch `first`): the epoch's seed and
-    loader (or the state of the mid-epoch checkpoint's `position`), the lr of every update (warmup + cosine over
-    the stage, peak `lr`), train_step per micro-batch, the per-update log line, ctl.boundary after each update
-    (time-based save, stop signals: `save(update, sums)`). Returns the last update's loss (mean over ranks)."""
+def train_one_epoch(state: TrainState, loop: Loop, stage: Stage, epoch: int, *, position, save,
+                    args: Args) -> float:
+    """One epoch of `stage` ("heads" or "refine"): the epoch's seed and loader (or the state of the mid-epoch
+    checkpoint's `position`), the lr of every update (warmup + cosine over the stage, peak stage.lr), train_step
+    per micro-batch, the per-update log line, loop.ctl.boundary after each update (time-based save, stop signals:
+    `save(update, sums)`). Returns the last update's loss (mean over ranks)."""
+    dist_info, log, micro, steps_per_epoch = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
     device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
-    topk = args.head_topk if stage == "heads" else args.topk
-    train_encoder = stage == "refine"
+    lr, stage_steps = stage.lr, (stage.last - stage.first) * steps_per_epoch
     start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
     sums = dict(position["sums"]) if start else {"loss": float("nan")}
-    loader = common.build_loader(dataset, micro, dist_info, shuffle=True, drop_last=True, num_workers=args.num_workers,
-                                 seed=args.seed, epoch=epoch, skip=start * args.accum_steps * micro)
-    model.train()
-    encoder.train(train_encoder)  # stage "heads": encoder in eval mode (official)
+    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
+                                 num_workers=args.num_workers, seed=args.seed, epoch=epoch,
+                                 skip=start * args.accum_steps * micro)
+    state.model.train()
+    state.encoder.train(stage.name == "refine")  # stage "heads": encoder in eval mode (official)
     bar = common.progress(loader, dist_info, total=(steps_per_epoch - start) * args.accum_steps,
-                          desc=f"{stage} epoch {epoch}")
+                          desc=f"{stage.name} epoch {epoch}")
     t0 = time.time()
     for it, (views, labels, ids) in enumerate(bar, start=start * args.accum_steps):
         update, micro_step = divmod(it, args.accum_steps)
         if update >= steps_per_epoch:
             break
-        step = (epoch - first) * steps_per_epoch + update  # update index inside this stage
+        step = (epoch - stage.first) * steps_per_epoch + update  # update index inside this stage
         global_step = epoch * steps_per_epoch + update
-        factor = lr_factor(step, stage_steps, warmup_steps, args.min_lr / lr)
+        factor = lr_factor(step, stage_steps, stage.warmup_steps, args.min_lr / lr)
         if micro_step == 0:
-            common.set_lr(optimizer, factor)  # each group's lr_scale is its peak lr
+            common.set_lr(state.optimizer, factor)  # each group's lr_scale is its peak lr
         views = [v.to(device, non_blocking=True) for v in views]  # from pinned memory, then concatenated on the device
         x_global = torch.cat(views[:2])  # (2n, 3, S, S) [g0; g1]
         x_local = torch.cat(views[2:]) if args.local_crops else None  # (L*n, 3, s, s)
         labels, ids = labels.to(device), ids.to(device)
         sync = micro_step == args.accum_steps - 1
-        loss, head_losses, nn_accs = train_step(
-            ddp, optimizer, queues, ema, encoder, x_global, x_local, ids, labels, n=micro, topk=topk,
-            train_encoder=train_encoder, sync=sync, rank=rank, step=global_step, args=args)
+        loss, head_losses, nn_accs = train_step(state, x_global, x_local, ids, labels, stage=stage.name, sync=sync,
+                                                rank=rank, step=global_step, args=args)
         if not sync:
             continue
         sums["loss"] = common.all_reduce_mean(loss.detach()).item()
@@ -690,25 +725,26 @@ def train_one_epoch(ddp, model: Refiner, encoder, ema, queues: nn.ModuleList, op
             ips = (it + 1 - start * args.accum_steps) * micro * world / max(time.time() - t0, 1e-9)
             bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr * factor:.2e}", img_s=f"{ips:.0f}")
             metrics = {"train/loss": sums["loss"], "train/lr": lr * factor, "train/epoch": epoch,
-                       "train/stage": 0 if stage == "heads" else 1}
+                       "train/stage": 0 if stage.name == "heads" else 1}
             for b, hl, acc in zip(args.head_blocks, head_losses, nn_accs):
                 metrics[f"train/loss_block{b}"] = hl.item()
                 metrics[f"train/nn_acc_block{b}"] = acc.item()
             log.log(metrics, step=global_step)
-        ctl.boundary(epoch, update + 1, steps_per_epoch, functools.partial(save, update + 1, sums))
+        loop.ctl.boundary(epoch, update + 1, steps_per_epoch, functools.partial(save, update + 1, sums))
     return sums["loss"]
 
 
-def save_state(model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, dist_info, log, *, stage: str,
-               epoch: int, update: int, steps_per_epoch: int, loss_v: float, position, rms_start: float, args: Args):
+def save_state(state: TrainState, loop: Loop, stage: Stage, epoch: int, update: int, *, loss_v: float, position,
+               args: Args):
     """OUTPUT_DIR/checkpoint-last.pth (EMA as "model", what eval_knn.py reads; all the resume needs) after `update`
-    updates of `epoch`: at its end (update == steps_per_epoch) first the kept EMA-only copy every --save-every
+    updates of `epoch`: at its end (update == loop.steps_per_epoch) first the kept EMA-only copy every --save-every
     epochs, inside it `position` (what the exact resume needs, common.resume_position). Every rank calls it
     (collectives)."""
+    model, encoder, dist_info = state.model, state.encoder, loop.dist_info
     # gathered on every rank under --fsdp (collectives), plain state dicts otherwise
-    ema_sd, online_sd = common.full_state_dict(ema), common.full_state_dict(encoder)
-    heads_sd, opt_sd = common.full_state_dict(model.heads), common.full_optimizer_state_dict(model, optimizer)
-    done = update == steps_per_epoch
+    ema_sd, online_sd = common.full_state_dict(state.ema), common.full_state_dict(encoder)
+    heads_sd, opt_sd = common.full_state_dict(model.heads), common.full_optimizer_state_dict(model, state.optimizer)
+    done = update == loop.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
         common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
                          ema_sd, encoder.config(), model_is_ema=True)
@@ -717,12 +753,13 @@ def save_state(model: Refiner, encoder, ema, queues: nn.ModuleList, optimizer, d
             "model": ema_sd, "model_is_ema": True,
             "model_online": online_sd, "encoder_config": encoder.config(),
             "heads": heads_sd, "head_blocks": list(args.head_blocks),
-            "queues": queues.state_dict(), "optimizer": opt_sd,
-            "epoch": epoch + done, "step": epoch * steps_per_epoch + update, "stage": stage,
-            "resume": None if done else position, "weights_rms_start": rms_start,
-            "args": dataclasses.asdict(args)}, weights_rms_start=rms_start)
+            "queues": state.queues.state_dict(), "optimizer": opt_sd,
+            "epoch": epoch + done, "step": epoch * loop.steps_per_epoch + update, "stage": stage.name,
+            "resume": None if done else position, "weights_rms_start": loop.rms_start,
+            "args": dataclasses.asdict(args)}, weights_rms_start=loop.rms_start)
         if done:
-            log.print(f"epoch {epoch} ({stage}) done, loss {loss_v:.4f}; saved {common.checkpoint_path(args.output_dir)}")
+            loop.log.print(f"epoch {epoch} ({stage.name}) done, loss {loss_v:.4f}; "
+                           f"saved {common.checkpoint_path(args.output_dir)}")
 
 
 def main(args: Args):
@@ -807,34 +844,32 @@ def main(args: Args):
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed, blocks=[*args.head_blocks, -1])  # the refined blocks
     ctl = common.RunControl(args.save_minutes, dist_info, log)
-    stages = (("heads", 0, args.head_epochs), ("refine", args.head_epochs, total_epochs))
-    for stage, first, last in stages:
-        if start_epoch >= last:
+    loop = Loop(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, rms_start=rms_start)
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+    stages = (Stage("heads", 0, args.head_epochs, head_stage_lr, warmup_steps),
+              Stage("refine", args.head_epochs, total_epochs, peak_lr, warmup_steps))
+    for stage in stages:
+        if start_epoch >= stage.last:
             continue
-        lr = head_stage_lr if stage == "heads" else peak_lr
-        optimizer = start_stage(model, encoder, resume, log, stage=stage, first=first, last=last, lr=lr,
-                                start_epoch=start_epoch, args=args, device=device)
-        ddp = None
-        gc.collect()  # the previous stage's DDP wrapper sits in a reference cycle: free its buckets now
+        optimizer = start_stage(model, encoder, resume, log, stage, start_epoch=start_epoch, args=args, device=device)
+        ddp = train_state = save = None
+        gc.collect()  # the previous stage's DDP wrapper (held by its TrainState) sits in a reference cycle: free it now
         ddp = model
         if dist_info.enabled and not fsdp:
             # blocks after the last head (and the final norm) get no gradient unless the last block has a head
-            unused = stage == "refine" and max(args.head_blocks) != encoder.depth - 1
+            unused = stage.name == "refine" and max(args.head_blocks) != encoder.depth - 1
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                       find_unused_parameters=unused, gradient_as_bucket_view=True)
+        train_state = TrainState(ddp, model, encoder, ema, queues, optimizer)
 
-        for epoch in range(max(start_epoch, first), last):
+        for epoch in range(max(start_epoch, stage.first), stage.last):
             position = resume["position"] if resume is not None and epoch == start_epoch else None
-            save = functools.partial(save_state, model, encoder, ema, queues, optimizer, dist_info, log, stage=stage,
-                                     epoch=epoch, steps_per_epoch=steps_per_epoch, rms_start=rms_start, args=args)
+            save = functools.partial(save_state, train_state, loop, stage, epoch, args=args)
             loss_v = train_one_epoch(
-                ddp, model, encoder, ema, queues, optimizer, dataset, dist_info, log, stage=stage, epoch=epoch,
-                first=first, lr=lr, stage_steps=(last - first) * steps_per_epoch,
-                warmup_steps=int(args.warmup_epochs * steps_per_epoch), steps_per_epoch=steps_per_epoch, micro=micro,
-                ctl=ctl, position=position, args=args,
-                save=lambda update, sums: save(update=update, loss_v=sums["loss"],
+                train_state, loop, stage, epoch, position=position, args=args,
+                save=lambda update, sums: save(update, loss_v=sums["loss"],
                                                position=common.resume_position(dist_info, update, sums)))
-            save(update=steps_per_epoch, loss_v=loss_v, position=None)
+            save(steps_per_epoch, loss_v=loss_v, position=None)
             knn(epoch + 1, ema, (epoch + 1) * steps_per_epoch)
             ctl.epoch_done(epoch + 1)
             if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:

@@ -5,7 +5,7 @@ The state sizes are counted on meta tensors from mim_refiner.py's own modules (r
 online encoder, ID heads, queues, AdamW moments of the trainable parameters); the rate is measured on a
 synthetic state of --gb GB in --dir (use the cluster's output file system: a local disk and a parallel file
 system differ by an order of magnitude). The write must fit inside SLURM's warning window (--signal=B:USR1@T)
-and, as a time-based save, cost under common.SAVE_COST of the run.
+and, as a time-based save, cost under longrun.SAVE_COST of the run.
 
     python benchmarks/ckpt_write.py --dir runs/ckpt_bench --gb 2
 """
@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import common  # noqa: E402
+import longrun  # noqa: E402
 import mim_refiner  # noqa: E402
 
 
@@ -62,14 +63,14 @@ def main():
     print(f"write rate into {a.dir}: {median:.2f} GB/s median, {best:.2f} GB/s best ({a.repeats} writes of {a.gb} GB, "
           f"torch.save + fsync + rename)")
     print("| model | online | EMA | heads | queues | AdamW | state GB | write s at the median rate | "
-          f"interval for <{common.SAVE_COST:.0%} cost (min) |")
+          f"interval for <{longrun.SAVE_COST:.0%} cost (min) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for m in a.models:
         parts = state_bytes(m)
         total = sum(parts.values()) / 1e9
         cells = " | ".join(f"{v / 1e9:.2f}" for v in parts.values())
         write_s = total / median
-        print(f"| {m} | {cells} | {total:.1f} | {write_s:.0f} | {write_s / common.SAVE_COST / 60:.1f} |")
+        print(f"| {m} | {cells} | {total:.1f} | {write_s:.0f} | {write_s / longrun.SAVE_COST / 60:.1f} |")
 
 
 if __name__ == "__main__":

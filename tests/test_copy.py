@@ -1,6 +1,7 @@
 """The copy a user makes: one method file + common.py alone in an empty folder runs its tiny CPU command and
---help; --plan and --fsdp then say in one line which neighbour to add; with memplan.py and fsdp.py beside them
---plan 4x80 prints its plan and --fsdp trains sharded under torchrun."""
+--help (checkpointing at epoch ends, said in one line); --plan, --fsdp and --save-minutes then say in one line which
+neighbour to add; with memplan.py, fsdp.py and longrun.py beside them --plan 4x80 prints its plan and --fsdp trains
+sharded under torchrun."""
 import shutil
 import subprocess
 import sys
@@ -45,23 +46,26 @@ def test_method_file_and_common_alone_run_the_tiny_command(tmp_path, script):
     assert run_copy(folder, script, "--help").returncode == 0
     p = run_copy(folder, script, *train_flags(script, folder / "out", init, data="synthetic:16:4"), "--epochs", "1")
     assert p.returncode == 0, p.stderr[-3000:]
+    assert len([x for x in p.stdout.splitlines() if "longrun.py is not beside common.py" in x]) == 1, p.stdout[-3000:]
     assert torch.load(folder / "out" / "checkpoint-last.pth", weights_only=True)["epoch"] >= 1
     assert sorted(x.name for x in folder.glob("*.py")) == sorted([f"{script}.py", "common.py"])  # nothing else needed
     one_error_line(run_copy(folder, script, "--model", "vit_t16", "--plan", "4x80"), "memplan.py")
+    one_error_line(run_copy(folder, script, *train_flags(script, folder / "s", init, data="synthetic:16:4"),
+                            "--save-minutes", "1"), "--save-minutes", "longrun.py")
     if script in ("mae", "mim_refiner"):
         one_error_line(run_copy(folder, script, *train_flags(script, folder / "f", init), "--fsdp"), "fsdp.py")
 
 
 @pytest.mark.parametrize("script", ["mae", "mim_refiner"])
 def test_with_the_neighbours_plan_and_fsdp_work(tmp_path, script):
-    folder = copy(tmp_path, script, ("memplan.py", "fsdp.py"))
+    folder = copy(tmp_path, script, ("memplan.py", "fsdp.py", "longrun.py"))
     p = run_copy(folder, script, "--model", "vit_t16", "--img-size", "32", "--patch-size", "8", "--batch-size", "16",
                  "--plan", "4x80")
     assert p.returncode == 0 and [x for x in p.stdout.splitlines() if x.startswith("plan:")], p.stderr[-3000:]
     if script == "mae":  # sharded for real: 2 processes, gloo
         flags = train_flags("mae", folder / "out", None, data="synthetic:16:4")
         p = run_copy(folder, script, *flags, "--epochs", "1", "--fsdp", nproc=2)
-        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.returncode == 0 and "longrun.py is not beside" not in p.stdout, p.stderr[-3000:]
         sd = torch.load(folder / "out" / "checkpoint-last.pth", weights_only=True)
         assert sd["epoch"] == 1 and "blocks.0.attn.qkv.weight" in sd["model"]
 
@@ -85,3 +89,23 @@ def test_without_memplan_auto_takes_the_static_choice_and_says_so(monkeypatch):
     args.plan = "4x80"
     with pytest.raises(common.UserError, match="memplan.py"):
         common.plan_run(args, cpu, 1, 12, None)
+
+
+def test_without_longrun_a_mid_epoch_checkpoint_names_the_file(monkeypatch):
+    """No longrun.py: epoch-start seeding as with it; a checkpoint saved inside an epoch is refused in one line."""
+    import common
+    monkeypatch.setitem(sys.modules, "longrun", None)
+    info = common.DistInfo()
+    assert common.start_epoch_rngs(3, 1, info, None) == 0
+    first = torch.rand(3)
+    common.seed_everything(common.epoch_seed(3, 1, 0))
+    assert torch.equal(first, torch.rand(3))
+    with pytest.raises(common.UserError, match="inside an epoch.*longrun.py"):
+        common.start_epoch_rngs(3, 1, info, {"update": 2, "rng": [], "sums": {}})
+
+    class Log:
+        lines = []
+        print = lines.append
+    assert isinstance(common.run_control(None, info, Log), common.EpochEndSaves) and "longrun.py" in Log.lines[0]
+    with pytest.raises(common.UserError, match="--save-minutes needs longrun.py"):
+        common.run_control(5.0, info, Log)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import common
+import longrun
 from conftest import (ONE_THREAD, ROOT, TINY, load, run_inprocess, run_script, tensors, write_image_folder,
                       write_mae_release_checkpoint)
 
@@ -150,7 +151,7 @@ def test_stopped_at_a_random_step_and_resumed_equals_the_uninterrupted_run(tmp_p
     else:
         lines = [x for x in stdout.splitlines() if x.startswith("stopped by ")]
         assert len(lines) == 1 and lines[0].startswith(f"stopped by {how} ") and "rerun the same command" in lines[0], stdout[-3000:]
-        assert code == (common.STOPPED_EXIT if nproc == 1 else 1), (code, stdout[-2000:])  # torchrun: a worker failed
+        assert code == (longrun.STOPPED_EXIT if nproc == 1 else 1), (code, stdout[-2000:])  # torchrun: a worker failed
     ck = load(tmp_path / "s" / "checkpoint-last.pth")  # the stop's (or the last time-based) save: it loads
     assert not list((tmp_path / "s").glob("*.tmp.*"))
     p = run_script(f"{script}.py", *args, "--output-dir", tmp_path / "s", nproc=nproc, env=env)
@@ -186,7 +187,7 @@ def test_a_signal_during_the_checkpoint_write_or_the_knn_monitor_stops_right_aft
         code, out, err = run_inprocess(capsys, mim_refiner, *args, "--output-dir", tmp_path / name)
         monkeypatch.setattr(torch, "save", real_save)
         monkeypatch.setattr(common, "knn_classify", real_vote)
-        assert code == common.STOPPED_EXIT, err[-2000:]
+        assert code == longrun.STOPPED_EXIT, err[-2000:]
         stop = [x for x in out.splitlines() if x.startswith("stopped by")]
         assert len(stop) == 1 and ("SIGTERM" if name == "write" else "SIGUSR1") in stop[0], out[-2000:]
         load(tmp_path / name / "checkpoint-last.pth")
@@ -197,9 +198,9 @@ def test_a_signal_during_the_checkpoint_write_or_the_knn_monitor_stops_right_aft
 
 def test_a_second_sigint_aborts_at_once():
     code = textwrap.dedent("""
-        import os, signal, time, common
+        import os, signal, time, common, longrun
         log = common.Logger.__new__(common.Logger); log.active, log.lock = False, None
-        ctl = common.RunControl(0, common.DistInfo(), log)
+        ctl = longrun.RunControl(0, common.DistInfo(), log)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1.2)
         os.kill(os.getpid(), signal.SIGINT)
@@ -223,7 +224,7 @@ def test_the_time_based_save_fires_at_the_stated_interval_on_a_faked_clock():
         now[0] += 3.0  # the write takes 3 s
     handlers = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
     try:
-        ctl = common.RunControl(2.0, common.DistInfo(), log, clock=lambda: now[0])
+        ctl = longrun.RunControl(2.0, common.DistInfo(), log, clock=lambda: now[0])
         for t in range(0, 400, 10):  # a boundary every 10 s
             now[0] = max(now[0], float(t))
             ctl.boundary(0, 1, 100, save)
@@ -232,10 +233,10 @@ def test_the_time_based_save_fires_at_the_stated_interval_on_a_faked_clock():
         assert len(saves) == 3
         ctl.epoch_done(1)  # the epoch-end save resets the timer
         assert ctl.last_save == now[0]
-        default = common.RunControl(None, common.DistInfo(device=torch.device("cpu")), log, clock=lambda: now[0])
+        default = longrun.RunControl(None, common.DistInfo(device=torch.device("cpu")), log, clock=lambda: now[0])
         assert default.interval == 0  # off on the CPU
-        cuda = common.RunControl(None, common.DistInfo(), log, clock=lambda: now[0])
-        cuda.interval, cuda.write_s = 60 * common.SAVE_MINUTES_CUDA, 30.0  # as on CUDA, with a 30 s write
+        cuda = longrun.RunControl(None, common.DistInfo(), log, clock=lambda: now[0])
+        cuda.interval, cuda.write_s = 60 * longrun.SAVE_MINUTES_CUDA, 30.0  # as on CUDA, with a 30 s write
         cuda.last_save, now[0] = 0.0, 1800.0
         assert not cuda._due()  # 30 minutes passed, but a 30 s write may cost at most 1 %: stretched to 3000 s
         now[0] = 3000.0
@@ -262,7 +263,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_waits_for_one_that_
     finally:
         a.send_signal(signal.SIGTERM)
         out, _ = a.communicate(timeout=120)
-    assert a.returncode == common.STOPPED_EXIT and "stopped by SIGTERM" in out
+    assert a.returncode == longrun.STOPPED_EXIT and "stopped by SIGTERM" in out
     # a lock whose holder is stopping: the next run waits for it, then takes over; a live one is refused at once
     hold = textwrap.dedent(f"""
         import sys, time, common
