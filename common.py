@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -382,6 +381,15 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x)
     return x / dist.get_world_size()
+
+
+def gather_per_rank(dist_info: DistInfo, obj) -> list | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere (all_gather_object: call it on every rank)."""
+    objs = [obj]
+    if _in_process_group() and dist_info.world_size > 1:
+        objs = [None] * dist_info.world_size
+        dist.all_gather_object(objs, obj)
+    return objs if dist_info.is_main else None
 
 
 def seed_everything(seed: int):
@@ -1956,143 +1964,50 @@ def paper_eval_command(args, flags: str = "", script: str = "eval_knn.py") -> st
 
 
 # ----------------------------------------------------------------------------------------------
-# 9b. Long runs: saves inside an epoch, preemption signals, exact resume from any update boundary
+# 9b. Long runs: saves inside an epoch and on stop signals live in longrun.py (optional neighbour)
 # ----------------------------------------------------------------------------------------------
-# At every update boundary (after an optimizer step, never inside an accumulation cycle) RunControl.boundary asks
-# all ranks, with one all-reduce, whether a stop signal arrived on any of them or the time-based save is due
-# (rank 0's clock); all ranks then save and/or stop at the same boundary. A mid-epoch checkpoint holds, besides the
-# epoch-end state, "resume": the updates done in the epoch, every rank's RNG states and the epoch's running sums,
-# so that the resumed run (sampler skip + per-item seeds, common.build_loader) continues exactly. Only the
-# checkpoint write itself is done at a signal: a signal during a write or the k-NN monitor takes effect right after.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on request with a resumable checkpoint; rerun the same command
-SAVE_MINUTES_CUDA = 30.0  # expected loss at a random preemption: 15 min (docs/scale.md)
-SAVE_COST = 0.01  # a time-based save may cost at most this fraction of the run: interval >= write time / SAVE_COST
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # data-loading workers leave them to the training process
 
 
-def rng_state(device: torch.device) -> dict:
-    """This process's generator states (torch CPU and CUDA, random, numpy) in weights_only-loadable types."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "random": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+class EpochEndSaves:
+    """The run control without longrun.py: checkpoints at epoch ends only; a stop signal ends the process, and the
+    rerun resumes from the last epoch-end checkpoint."""
+
+    def boundary(self, epoch: int, update: int, steps_per_epoch: int, save):
+        pass
+
+    def epoch_done(self, epochs_done: int):
+        pass
 
 
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["random"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+def _import_longrun(need: str):
+    try:
+        import longrun
+    except ModuleNotFoundError as e:
+        if e.name != "longrun":
+            raise
+        raise UserError(f"{need} needs longrun.py beside common.py (copy it from the mimref repository)") from None
+    return longrun
 
 
-def gather_per_rank(dist_info: DistInfo, obj) -> list | None:
-    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere (all_gather_object: call it on every rank)."""
-    objs = [obj]
-    if _in_process_group() and dist_info.world_size > 1:
-        objs = [None] * dist_info.world_size
-        dist.all_gather_object(objs, obj)
-    return objs if dist_info.is_main else None
-
-
-def resume_position(dist_info: DistInfo, update: int, sums: dict) -> dict | None:
-    """What a checkpoint written after `update` updates of an epoch needs to continue it exactly: the update count,
-    every rank's RNG states (gathered: a collective, call it on every rank) and the epoch's running `sums`
-    (floats, for the epoch's logged means). None on ranks other than 0."""
-    states = gather_per_rank(dist_info, rng_state(dist_info.device))
-    return {"update": update, "rng": states, "sums": dict(sums)} if dist_info.is_main else None
+def run_control(save_minutes: float | None, dist_info: DistInfo, log: "Logger"):
+    """longrun.RunControl (time-based saves inside an epoch, stop signals at update boundaries, exact resume), or
+    without longrun.py EpochEndSaves and one line saying so; an explicit --save-minutes then names the file."""
+    try:
+        return _import_longrun("--save-minutes").RunControl(save_minutes, dist_info, log)
+    except UserError:
+        if save_minutes:
+            raise
+    log.print("longrun.py is not beside common.py: checkpoints at epoch ends only, a stop signal ends the run; add "
+              "longrun.py for saves inside an epoch and on SIGTERM / SIGUSR1")
+    return EpochEndSaves()
 
 
 def start_epoch_rngs(seed: int, epoch: int, dist_info: DistInfo, position: dict | None, log=None) -> int:
-    """Seed this rank for `epoch` (its start) or restore the states of a mid-epoch checkpoint's `position`.
-    Returns the updates already done in the epoch. Resumed with another number of processes, the images of the
-    rest of the epoch stay the same but the ranks' own draws (masks, picks) cannot: said in one line."""
+    """Seed this rank for `epoch` (its start), or restore the states of a mid-epoch checkpoint's `position`
+    (longrun.restore_position). Returns the updates already done in the epoch."""
     if not position or not position["update"]:
         seed_everything(epoch_seed(seed, epoch, dist_info.rank))
         return 0
-    states = position["rng"]
-    if len(states) == dist_info.world_size:
-        set_rng_state(states[dist_info.rank], dist_info.device)
-    else:
-        seed_everything(epoch_seed(seed, epoch, dist_info.rank) + position["update"])
-        if log is not None:
-            log.print(f"warning: the checkpoint was written by {len(states)} process(es), this run has "
-                      f"{dist_info.world_size}: the rest of epoch {epoch} trains on the same images, but its random "
-                      f"masks/picks differ from an uninterrupted run")
-    return position["update"]
-
-
-def save_interval(save_minutes: float | None, device: torch.device) -> float:
-    """Seconds between time-based saves; 0 = none. None: SAVE_MINUTES_CUDA on CUDA, none on the CPU."""
-    if save_minutes is None:
-        save_minutes = SAVE_MINUTES_CUDA if device.type == "cuda" else 0.0
-    return 60.0 * save_minutes
-
-
-class RunControl:
-    """Stop signals and time-based saves, decided together by all ranks at update boundaries.
-
-    SIGTERM, SIGUSR1 (SLURM's --signal) and a first SIGINT set a flag; at the next boundary every rank saves the
-    resumable state, rank 0 prints "stopped by SIG... at epoch E step S; rerun the same command to resume" and
-    the process exits with STOPPED_EXIT. A second SIGINT (more than a second after the first, which a terminal
-    and torchrun both deliver) aborts at once. `interval` seconds after the last save (epoch-end saves count) the
-    next boundary saves; the default interval is stretched to at least the last save's duration / SAVE_COST. The handlers
-    are installed on construction (main thread) for the rest of the process."""
-
-    def __init__(self, save_minutes: float | None, dist_info: DistInfo, log: "Logger", clock=time.monotonic):
-        self.interval, self.dist_info, self.log, self.clock = save_interval(save_minutes, dist_info.device), dist_info, log, clock
-        self.stretch = save_minutes is None  # the default adapts to the write time; an explicit --save-minutes does not
-        self.signum, self.first_sigint, self.last_save, self.write_s = 0, None, clock(), 0.0
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        if signum == signal.SIGINT and self.signum == signal.SIGINT and time.monotonic() - self.first_sigint > 1.0:
-            print(f"\n[rank {self.dist_info.rank}] aborted by a second SIGINT; the last checkpoint is what remains",
-                  file=sys.stderr, flush=True)
-            os._exit(130)
-        if not self.signum:
-            self.signum, self.first_sigint = signum, time.monotonic()
-            self.log.mark_stopping()
-
-    def _agree(self, due: bool) -> tuple[int, bool]:
-        """(signal number seen by any rank, save due on rank 0): one all-reduce (max) over the ranks."""
-        flags = torch.tensor([self.signum, int(due and self.dist_info.is_main)], dtype=torch.long)
-        if _in_process_group() and self.dist_info.world_size > 1:
-            flags = flags.to(self.dist_info.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return int(flags[0]), bool(flags[1])
-
-    def _due(self) -> bool:
-        interval = max(self.interval, self.write_s / SAVE_COST) if self.stretch else self.interval
-        return self.interval > 0 and self.clock() - self.last_save >= interval
-
-    def boundary(self, epoch: int, update: int, steps_per_epoch: int, save):
-        """After update `update` (1-based) of `epoch`: save (`save()`, every rank) if a stop or the timer asks, then
-        stop if asked. The epoch's last update is left to the epoch-end save and `epoch_done`."""
-        if update >= steps_per_epoch:
-            return
-        signum, due = self._agree(self._due())
-        if signum or due:
-            t0 = self.clock()
-            save()
-            self.last_save, self.write_s = self.clock(), self.clock() - t0
-            self.log.print(f"saved {checkpoint_path(self.log.output_dir)} at epoch {epoch} step {update} of "
-                           f"{steps_per_epoch} ({self.write_s:.1f} s)")
-        if signum:
-            self._stop(signum, f"at epoch {epoch} step {update}")
-
-    def epoch_done(self, epochs_done: int):
-        """After the epoch-end checkpoint (and the k-NN monitor): stop if any rank was signalled meanwhile."""
-        self.last_save = self.clock()
-        signum, _ = self._agree(False)
-        if signum:
-            self._stop(signum, f"after epoch {epochs_done - 1}")
-
-    def _stop(self, signum: int, where: str):
-        if _in_process_group() and self.dist_info.world_size > 1:
-            dist.barrier()  # no rank exits before rank 0's write is done: torchrun kills the others when one exits
-        self.log.print(f"stopped by {signal.Signals(signum).name} {where}; rerun the same command to resume")
-        self.log.close()
-        raise SystemExit(STOPPED_EXIT)
+    longrun = _import_longrun("the resume checkpoint was saved inside an epoch: resuming it")
+    return longrun.restore_position(seed, epoch, dist_info, position, log)

@@ -499,7 +499,7 @@ class Loop:
     """What the training loop keeps fixed for the run."""
     dist_info: common.DistInfo  # ranks and the device
     log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
-    ctl: common.RunControl  # time-based saves and stop signals at update boundaries
+    ctl: longrun.RunControl | common.EpochEndSaves  # common.run_control: saves and stops at update boundaries
     dataset: torch.utils.data.Dataset  # (weak, strong) view pairs
     micro: int  # per-rank micro-batch: batch_size / (accum_steps x processes)
     steps_per_epoch: int  # optimizer updates per epoch
@@ -575,7 +575,7 @@ def save_state(state: TrainState, loop: Loop, epoch: int, update: int, step: int
                args: Args):
     """OUTPUT_DIR/checkpoint-last.pth (rank 0 writes) after `update` updates of `epoch`: both branches, the
     optimizer, the counters; at the epoch's end (update == loop.steps_per_epoch) first the kept epoch file when
-    due, inside it `position` (what the exact resume needs, common.resume_position)."""
+    due, inside it `position` (what the exact resume needs, longrun.RunControl.position)."""
     online, momentum, dist_info = state.online, state.momentum, loop.dist_info
     done = update == loop.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
@@ -694,7 +694,7 @@ def main(args: Args):
     knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed)
-    ctl = common.RunControl(args.save_minutes, dist_info, log)
+    ctl = common.run_control(args.save_minutes, dist_info, log)
     train_state = TrainState(model, online, momentum, opt)
     loop = Loop(dist_info, log, ctl, ds, micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                 lr_schedule=lr_schedule, momentum_schedule=momentum_schedule, weight=weight, rms_start=rms_start)
@@ -702,7 +702,7 @@ def main(args: Args):
         save = functools.partial(save_state, train_state, loop, epoch, args=args)
         step = train_one_epoch(
             train_state, loop, epoch, step, args=args, position=position if epoch == start_epoch else None,
-            save=lambda update, step, sums: save(update, step, position=common.resume_position(dist_info, update, sums)))
+            save=lambda update, step, sums: save(update, step, position=ctl.position(update, sums)))
         save(steps_per_epoch, step, position=None)
         knn(epoch + 1, online.encoder, step)
         ctl.epoch_done(epoch + 1)

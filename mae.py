@@ -444,7 +444,7 @@ class Loop:
     """What the training loop keeps fixed for the run."""
     dist_info: common.DistInfo  # ranks and the device
     log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
-    ctl: common.RunControl  # time-based saves and stop signals at update boundaries
+    ctl: longrun.RunControl | common.EpochEndSaves  # common.run_control: saves and stops at update boundaries
     dataset: torch.utils.data.Dataset  # the augmented train images
     micro: int  # per-rank micro-batch: batch_size / (accum_steps x processes)
     steps_per_epoch: int  # optimizer updates per epoch
@@ -500,7 +500,7 @@ def save_state(state: TrainState, loop: Loop, epoch: int, update: int, *, positi
                args: Args) -> dict:
     """OUTPUT_DIR/checkpoint-last.pth (the format of the module docstring) after `update` updates of `epoch`: at
     its end (update == loop.steps_per_epoch) first the kept epoch file when due, or inside it with `position` (what
-    the exact resume needs, common.resume_position). Every rank calls it: under --fsdp the state dicts are
+    the exact resume needs, longrun.RunControl.position). Every rank calls it: under --fsdp the state dicts are
     collectives. Returns the encoder state dict."""
     encoder = state.encoder
     enc_sd, dec_sd = common.full_state_dict(encoder), common.full_state_dict(state.decoder)
@@ -634,7 +634,7 @@ def main(args: Args):
     knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed)
-    ctl = common.RunControl(args.save_minutes, dist_info, log)
+    ctl = common.run_control(args.save_minutes, dist_info, log)
     train_state = TrainState(ddp, encoder, decoder, model, optimizer)
     loop = Loop(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, lr_schedule=lr_schedule,
                 rms_start=rms_start, vis_imgs=vis_imgs, vis_noise=vis_noise)
@@ -642,7 +642,7 @@ def main(args: Args):
         save = functools.partial(save_state, train_state, loop, epoch, args=args)
         epoch_loss, t0 = train_one_epoch(
             train_state, loop, epoch, args=args, position=position if epoch == start_epoch else None,
-            save=lambda update, sums: save(update, position=common.resume_position(dist_info, update, sums)))
+            save=lambda update, sums: save(update, position=ctl.position(update, sums)))
         save(steps_per_epoch, position=None)
         end_epoch(train_state, loop, epoch, epoch_loss, t0, args=args)
         knn(epoch + 1, encoder, (epoch + 1) * steps_per_epoch)

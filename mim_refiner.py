@@ -660,7 +660,7 @@ class Loop:
     """What the training loop keeps fixed for the run."""
     dist_info: common.DistInfo  # ranks and the device
     log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
-    ctl: common.RunControl  # time-based saves and stop signals at update boundaries
+    ctl: longrun.RunControl | common.EpochEndSaves  # common.run_control: saves and stops at update boundaries
     dataset: torch.utils.data.Dataset  # WithIndex: (2 + L views, label, dataset index)
     micro: int  # per-rank micro-batch of images: batch_size / (accum_steps x processes)
     steps_per_epoch: int  # optimizer updates per epoch
@@ -738,7 +738,7 @@ def save_state(state: TrainState, loop: Loop, stage: Stage, epoch: int, update: 
                args: Args):
     """OUTPUT_DIR/checkpoint-last.pth (EMA as "model", what eval_knn.py reads; all the resume needs) after `update`
     updates of `epoch`: at its end (update == loop.steps_per_epoch) first the kept EMA-only copy every --save-every
-    epochs, inside it `position` (what the exact resume needs, common.resume_position). Every rank calls it
+    epochs, inside it `position` (what the exact resume needs, longrun.RunControl.position). Every rank calls it
     (collectives)."""
     model, encoder, dist_info = state.model, state.encoder, loop.dist_info
     # gathered on every rank under --fsdp (collectives), plain state dicts otherwise
@@ -843,7 +843,7 @@ def main(args: Args):
     knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed, blocks=[*args.head_blocks, -1])  # the refined blocks
-    ctl = common.RunControl(args.save_minutes, dist_info, log)
+    ctl = common.run_control(args.save_minutes, dist_info, log)
     loop = Loop(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, rms_start=rms_start)
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
     stages = (Stage("heads", 0, args.head_epochs, head_stage_lr, warmup_steps),
@@ -868,7 +868,7 @@ def main(args: Args):
             loss_v = train_one_epoch(
                 train_state, loop, stage, epoch, position=position, args=args,
                 save=lambda update, sums: save(update, loss_v=sums["loss"],
-                                               position=common.resume_position(dist_info, update, sums)))
+                                               position=ctl.position(update, sums)))
             save(steps_per_epoch, loss_v=loss_v, position=None)
             knn(epoch + 1, ema, (epoch + 1) * steps_per_epoch)
             ctl.epoch_done(epoch + 1)
