@@ -3,7 +3,6 @@ from any update boundary that equals the uninterrupted run bit for bit, for ever
 torchrun x2 (there with the CUDA run's dtypes, MIMREF_CUDA_DTYPES=1, and activation checkpointing); plus the faults
 a hostile run finds (two runs in one folder, an exploded run, a kill during a kept-file write, a full disk, odd
 output paths, a symlink loop in the data, host memory held after loading)."""
-import json
 import os
 import random
 import signal
