@@ -1,13 +1,14 @@
 """What every default command of mae.py, mae_ct.py, mim_refiner.py, lut.py, conmim.py and eval_knn.py needs.
 
 Losses, heads, masking and training steps stay in the method files, so each reads on its own; a method file plus
-this file runs every default command. Optional machinery lives in neighbours imported where their flag is used:
-memplan.py (--plan, the measured --grad-checkpointing auto) and fsdp.py (--fsdp).
+this file runs every default command. Optional machinery lives in neighbours imported where their flag is used
+(`neighbour`): memplan.py (--plan, the measured --grad-checkpointing auto), fsdp.py (--fsdp), longrun.py (saves
+inside an epoch, stop signals, the output-folder lock) and synthetic.py (--data synthetic).
 
 Sections: 1 flags (a dataclass -> argparse, ranges and choices declared in the field types), 2 user errors as one
 line, 3 distributed set-up and dtypes, 4 the ViT (timm / official-MAE names), 5 data, 6 schedules, AdamW groups
 and EMA, 7 checkpoints (atomic, finite-only, resume checks, foreign layouts), 8 logging, 9 the k-NN monitor and
-kept checkpoints, 9b saves inside an epoch, stop signals and exact resume.
+kept checkpoints, 9b the run control (longrun.py, or epoch-end saves without it).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import dataclasses
 import datetime
 import errno
 import gc
+import importlib
 import inspect
 import itertools
 import json
@@ -28,7 +30,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,17 @@ def _none_or(tp):
 # ----------------------------------------------------------------------------------------------
 class UserError(Exception):
     """An error caused by input or flags; printed as one line, no traceback."""
+
+
+def neighbour(name: str, need: str):
+    """The optional neighbour module `name` (memplan, fsdp, longrun, synthetic), or one UserError saying that
+    `need` needs the file."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        raise UserError(f"{need} needs {name}.py beside common.py (copy it from the mimref repository)") from None
 
 
 # errno values of a filesystem the user must fix (full, read-only, no permission, quota): one line, no traceback
@@ -736,12 +748,10 @@ def plan_run(args, device: torch.device, world: int, n_blocks: int, plan_fn, log
     (optional neighbour) it is the measured plan (memplan.apply_memory_plan, `plan_fn(gpus, capacity, mode)`);
     without it `auto` takes STATIC_CHECKPOINTED on CUDA, off on the CPU, and says so in one line on CUDA."""
     try:
-        import memplan
-    except ModuleNotFoundError as e:
-        if e.name != "memplan":
-            raise
+        memplan = neighbour("memplan", "--plan")
+    except UserError:
         if args.plan is not None:
-            raise UserError("--plan needs memplan.py beside common.py (copy it from the mimref repository)") from None
+            raise
         if args.grad_checkpointing != "auto":
             return (n_blocks if args.grad_checkpointing == "on" else 0), getattr(args, "fsdp", False)
         k = n_blocks if device.type == "cuda" and args.model in STATIC_CHECKPOINTED else 0
@@ -756,83 +766,6 @@ def plan_run(args, device: torch.device, world: int, n_blocks: int, plan_fn, log
 # 5. Data
 # ----------------------------------------------------------------------------------------------
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-# Each class is one shape filled with one texture (shape/texture); grey levels are random per image.
-SYNTHETIC_CLASSES = ("disk/solid", "square/h-stripes", "triangle/v-stripes", "ring/diag", "plus/checker",
-                     "diamond/dots", "square/rings", "disk/checker", "triangle/solid", "diamond/h-stripes")
-
-
-class SyntheticShapes(torch.utils.data.Dataset):
-    """Procedural labelled dataset: 10 classes, each one shape filled with one texture (see
-    SYNTHETIC_CLASSES), with random fill/pattern grey levels, position, scale and small rotation on a
-    random grey gradient+noise background. Returned as RGB (three equal channels).
-
-    Brightness carries no class information: a method must become invariant to it and to the background
-    and pick up texture (local) and shape (global). Two classes share each shape and most textures
-    appear twice, so neither cue alone suffices for every class. Grey levels rather than colours, and a
-    bounded brightness nuisance (background levels in [0.4, 0.6], first fill level in [0.2, 0.8], the second
-    0.35-0.65 away, wrapped): with free colours or brightness those dominate a tiny encoder's features and
-    hide every method effect the miniature is meant to show (docs/findings.md).
-    Deterministic: image i of split s is a pure function of (seed, s, i). Any image size.
-    """
-
-    def __init__(self, size: int, img_size: int = 32, split: str = "train", seed: int = 0, num_classes: int = 10,
-                 transform=None):
-        assert 2 <= num_classes <= len(SYNTHETIC_CLASSES)
-        self.size, self.img_size, self.seed, self.num_classes = size, img_size, seed, num_classes
-        self.split_id = {"train": 0, "val": 1}[split]
-        self.transform = transform
-        self.classes = list(SYNTHETIC_CLASSES[:num_classes])
-        self.targets = [i % num_classes for i in range(size)]
-
-    def __len__(self):
-        return self.size
-
-    def render(self, index: int) -> tuple[np.ndarray, int]:
-        rng = np.random.default_rng([self.seed, self.split_id, index])
-        label = index % self.num_classes
-        S = self.img_size
-        yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S  # [0, 1)
-        # background: a linear gradient between two grey levels in [0.4, 0.6], plus pixel noise (see the
-        # docstring for why the range is narrow)
-        b0, b1 = rng.uniform(0.4, 0.6, 2)
-        a = rng.uniform(0, 2 * np.pi)
-        t = np.cos(a) * xx + np.sin(a) * yy
-        img = b0 * (1 - t) + b1 * t + rng.normal(0, 0.02, (S, S))
-        # object: centre, radius, small rotation; fill and pattern grey levels at least 0.35 apart
-        r = rng.uniform(0.3, 0.45)
-        cx, cy = rng.uniform(r * 0.7, 1 - r * 0.7, 2)
-        rot = rng.uniform(-0.25, 0.25)
-        fill = rng.uniform(0.2, 0.8)
-        fill2 = (fill + rng.uniform(0.35, 0.65)) % 1.0
-        u0, v0 = (xx - cx) / r, (yy - cy) / r
-        u = np.cos(rot) * u0 + np.sin(rot) * v0
-        v = -np.sin(rot) * u0 + np.cos(rot) * v0
-        rad = np.sqrt(u ** 2 + v ** 2)
-        box = (np.abs(u) < 0.85) & (np.abs(v) < 0.85)
-        shape, texture = SYNTHETIC_CLASSES[label].split("/")
-        region = {
-            "disk": rad < 0.95, "square": box, "diamond": (np.abs(u) + np.abs(v)) < 1.0,
-            "triangle": (v > -0.85) & (v < 0.85) & (np.abs(u) < (v + 0.85) * 0.65),
-            "ring": (rad < 1.0) & (rad > 0.45),
-            "plus": ((np.abs(u) < 0.38) & (np.abs(v) < 1.0)) | ((np.abs(v) < 0.38) & (np.abs(u) < 1.0)),
-        }[shape]
-        k = np.pi * S * r / 3.0  # texture period of about 6 pixels whatever the image size
-        pattern = {
-            "solid": np.zeros_like(u, dtype=bool), "h-stripes": np.sin(v * k) > 0, "v-stripes": np.sin(u * k) > 0,
-            "diag": np.sin((u + v) * k / 1.4) > 0, "checker": np.sin(u * k) * np.sin(v * k) > 0,
-            "dots": (np.sin(u * k) > 0.5) & (np.sin(v * k) > 0.5), "rings": np.sin(rad * k) > 0,
-        }[texture]
-        img = np.where(region & ~pattern, fill, img)
-        img = np.where(region & pattern, fill2, img)
-        img = np.repeat(img[..., None], 3, axis=-1)  # (S, S, 3)
-        return (np.clip(img, 0, 1) * 255).astype(np.uint8), label
-
-    def __getitem__(self, index):
-        arr, label = self.render(index)
-        img = Image.fromarray(arr)
-        return (self.transform(img) if self.transform else img), label
-
 
 # modes that convert("RGB") maps faithfully (palette lookup, alpha dropped, CMYK/YCbCr/HSV colour transforms)
 _RGB_CONVERTIBLE = ("RGB", "L", "1", "P", "RGBA", "RGBX", "RGBa", "LA", "PA", "CMYK", "YCbCr", "HSV")
@@ -878,21 +811,9 @@ class FlatImageFolder(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), -1
 
 
-def parse_synthetic(spec: str) -> tuple[int, int] | None:
-    """`synthetic[:N_TRAIN[:N_VAL]]` -> (n_train, n_val); defaults 2000 / 500. None for anything else (a path,
-    also one that merely starts with "synthetic", e.g. synthetic_photos/)."""
-    if spec != "synthetic" and not spec.startswith("synthetic:"):
-        return None
-    parts = spec.split(":")
-    try:
-        n_train = int(parts[1]) if len(parts) > 1 else 2000
-        n_val = int(parts[2]) if len(parts) > 2 else 500
-        if len(parts) > 3 or n_train < 1 or n_val < 1:
-            raise ValueError
-    except ValueError:
-        raise UserError(f"--data {spec!r}: expected synthetic[:N_TRAIN[:N_VAL]] with positive counts, e.g. "
-                        f"synthetic:2000:500 (a folder whose name starts with synthetic: pass it as ./{spec})") from None
-    return n_train, n_val
+def is_synthetic(data: str) -> bool:
+    """`--data synthetic[:N_TRAIN[:N_VAL]]` (synthetic.py) rather than a folder (also one named synthetic_photos/)."""
+    return data == "synthetic" or data.startswith("synthetic:")
 
 
 def build_dataset(data: str, split: str, transform, img_size: int = 32, seed: int = 0,
@@ -902,14 +823,12 @@ def build_dataset(data: str, split: str, transform, img_size: int = 32, seed: in
     Folder layout: ROOT/train and ROOT/val as ImageFolders (class subfolders). For training
     (require_labels=False) ROOT/train, or ROOT itself when it has no train/ subfolder, may also be a
     flat folder of images without classes. Evaluation (kNN) needs labelled train and val folders.
-    The synthetic images are rendered at `img_size` (the crop size the script trains at).
+    The synthetic images (synthetic.py) are rendered at `img_size` (the crop size the script trains at).
     """
     from torchvision.datasets import ImageFolder
 
-    syn = parse_synthetic(data)
-    if syn is not None:
-        n = syn[0] if split == "train" else syn[1]
-        return SyntheticShapes(n, img_size=img_size, split=split, seed=seed, transform=transform)
+    if is_synthetic(data):
+        return neighbour("synthetic", "--data synthetic").dataset(data, split, transform, img_size, seed)
     root = Path(data)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist; pass --data ROOT with ROOT/train and ROOT/val "
@@ -1596,18 +1515,6 @@ def check_resume_args(state: dict, args, output_dir: str, state_keys=(), shape=(
 # ----------------------------------------------------------------------------------------------
 # 7b. Sharded modules: --fsdp lives in fsdp.py (optional neighbour); the checkpoint writer calls it for them
 # ----------------------------------------------------------------------------------------------
-def import_fsdp():
-    """fsdp.py, or one line saying to add it."""
-    try:
-        import fsdp
-    except ModuleNotFoundError as e:
-        if e.name != "fsdp":
-            raise
-        raise UserError("--fsdp needs fsdp.py beside common.py (copy it from the mimref repository), or drop "
-                        "--fsdp") from None
-    return fsdp
-
-
 def is_sharded(module: nn.Module) -> bool:
     """True when `module` holds FSDP-sharded (DTensor) parameters."""
     try:
@@ -1620,12 +1527,12 @@ def is_sharded(module: nn.Module) -> bool:
 def full_state_dict(module: nn.Module) -> dict:
     """The plain single-process state dict (no `module.`/`_orig_mod.` prefixes, full tensors): a collective
     for an FSDP-sharded module (call it on EVERY rank; fsdp.full_state_dict), else `encoder_state_dict`."""
-    return import_fsdp().full_state_dict(module) if is_sharded(module) else encoder_state_dict(module)
+    return neighbour("fsdp", "--fsdp").full_state_dict(module) if is_sharded(module) else encoder_state_dict(module)
 
 
 def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """optimizer.state_dict(), or for a sharded `module` the gathered state (fsdp.full_optimizer_state_dict)."""
-    return import_fsdp().full_optimizer_state_dict(module, optimizer) if is_sharded(module) else optimizer.state_dict()
+    return neighbour("fsdp", "--fsdp").full_optimizer_state_dict(module, optimizer) if is_sharded(module) else optimizer.state_dict()
 
 
 def load_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict):
@@ -1633,7 +1540,7 @@ def load_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimize
     by one (parameters keyed by name)."""
     groups = state.get("param_groups") or [{"params": [0]}]
     if is_sharded(module) or isinstance((groups[0]["params"] or [0])[0], str):
-        import_fsdp().load_optimizer_state_dict(module, optimizer, state)
+        neighbour("fsdp", "--fsdp").load_optimizer_state_dict(module, optimizer, state)
     else:
         optimizer.load_state_dict(state)
 
@@ -1659,72 +1566,9 @@ def git_sha() -> str:
         return "unknown"
 
 
-LOCK_WAIT_SECONDS = 300  # how long a run waits for a predecessor that is stopping (a requeued job)
-
-
-class OutputLock:
-    """OUTPUT_DIR/.lock, held (flock) by the one run that writes OUTPUT_DIR: the kernel releases it when that
-    process ends, however it ends, so a dead run leaves nothing that blocks. The file names the holder (pid, host,
-    start, command, state). A second run stops with one line naming the live one; if the live one is stopping
-    (signalled, writing its last checkpoint: a requeued job started early), it waits for it."""
-
-    def __init__(self, output_dir: str, wait: float = LOCK_WAIT_SECONDS):
-        import fcntl
-        import socket
-        self.path = os.path.join(output_dir, ".lock")
-        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
-                     "command": " ".join(sys.argv)[:300], "state": "running"}
-        deadline, said, collected = time.monotonic() + wait, False, False
-        while True:
-            self.f = open(self.path, "a+")
-            try:
-                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # no locks on this filesystem
-                    print(f"warning: cannot lock {self.path} ({e.strerror}); make sure no other run writes {output_dir}",
-                          flush=True)
-                    break
-                self.f.seek(0)
-                try:
-                    holder = json.loads(self.f.read() or "{}")
-                except ValueError:
-                    holder = {}
-                self.f.close()
-                if holder.get("pid") == os.getpid() and not collected:  # an earlier run in this process (tests)
-                    gc.collect()  # whose Logger was not closed: its file, and with it the lock, closes when collected
-                    collected = True
-                    continue
-                who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "
-                       f"{holder.get('command', '?')}")
-                if holder.get("state") != "stopping" or time.monotonic() > deadline:
-                    raise UserError(f"{output_dir} is in use by a live run ({who}); wait for it to end, stop it, or "
-                                    f"pass another --output-dir") from None
-                if not said:
-                    print(f"waiting for the run that is stopping in {output_dir} ({who})", flush=True)
-                    said = True
-                time.sleep(1.0)
-        self._write()
-
-    def _write(self):
-        self.f.seek(0)
-        self.f.truncate()
-        self.f.write(json.dumps(self.info) + "\n")
-        self.f.flush()
-
-    def mark_stopping(self):
-        self.info["state"] = "stopping"
-        with contextlib.suppress(OSError, ValueError):
-            self._write()
-
-    def release(self):
-        with contextlib.suppress(OSError, ValueError):
-            self.f.close()  # closing the file releases the lock
-
-
 class Logger:
     """Rank-0 logging: stdout, `log.jsonl` (one JSON object per logged step/epoch), `args.json` and,
-    if installed, TensorBoard scalars/images under OUTPUT_DIR/tb. Holds OUTPUT_DIR's OutputLock."""
+    if installed, TensorBoard scalars/images under OUTPUT_DIR/tb. Holds OUTPUT_DIR's lock (longrun.OutputLock)."""
 
     def __init__(self, output_dir: str, args, dist_info: DistInfo, extra: dict | None = None):
         self.active = dist_info.is_main
@@ -1733,7 +1577,11 @@ class Logger:
         if not self.active:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.lock = OutputLock(output_dir)
+        try:
+            longrun = neighbour("longrun", "the output lock")
+        except UserError:  # without longrun.py no lock (run_control says so)
+            longrun = None
+        self.lock = longrun and longrun.OutputLock(output_dir)
         cfg = {**dataclasses.asdict(args), **(extra or {}), "git_sha": git_sha(), "world_size": dist_info.world_size,
                "precision": precision(dist_info.device)}
         with open(os.path.join(output_dir, "args.json"), "w") as f:
@@ -1876,10 +1724,9 @@ def knn_features(encoder: VisionTransformer, dataset, blocks: list[int], dist_in
 
 
 def _labelled_splits(data: str) -> bool:
-    """True when `data` is synthetic with val images or a folder with labelled train/ and val/."""
-    syn = parse_synthetic(data)
-    if syn is not None:
-        return syn[0] > 0 and syn[1] > 0
+    """True when `data` is synthetic (labelled train and val) or a folder with labelled train/ and val/."""
+    if is_synthetic(data):
+        return True
     root = Path(data)
     return all((root / s).is_dir() and any(d.is_dir() for d in (root / s).iterdir()) for s in ("train", "val"))
 
@@ -1958,7 +1805,7 @@ def paper_eval_command(args, flags: str = "", script: str = "eval_knn.py") -> st
     """The `script` command line (eval_knn.py, eval_linear.py, eval_frozen.py) for OUTPUT_DIR/checkpoint-last.pth
     on the run's data, with `flags`."""
     data = args.knn_data or args.data
-    seed = f" --seed {args.seed}" if parse_synthetic(data) is not None and args.seed else ""  # renders the same images
+    seed = f" --seed {args.seed}" if is_synthetic(data) and args.seed else ""  # renders the same images
     return (f"python {script} --checkpoint {checkpoint_path(args.output_dir)} --data {data}{seed} "
             f"--img-size {args.img_size} {flags}").strip()
 
@@ -1980,26 +1827,17 @@ class EpochEndSaves:
         pass
 
 
-def _import_longrun(need: str):
-    try:
-        import longrun
-    except ModuleNotFoundError as e:
-        if e.name != "longrun":
-            raise
-        raise UserError(f"{need} needs longrun.py beside common.py (copy it from the mimref repository)") from None
-    return longrun
-
-
 def run_control(save_minutes: float | None, dist_info: DistInfo, log: "Logger"):
     """longrun.RunControl (time-based saves inside an epoch, stop signals at update boundaries, exact resume), or
     without longrun.py EpochEndSaves and one line saying so; an explicit --save-minutes then names the file."""
     try:
-        return _import_longrun("--save-minutes").RunControl(save_minutes, dist_info, log)
+        return neighbour("longrun", "--save-minutes").RunControl(save_minutes, dist_info, log)
     except UserError:
         if save_minutes:
             raise
-    log.print("longrun.py is not beside common.py: checkpoints at epoch ends only, a stop signal ends the run; add "
-              "longrun.py for saves inside an epoch and on SIGTERM / SIGUSR1")
+    log.print("longrun.py is not beside common.py: checkpoints at epoch ends only, a stop signal ends the run, no lock "
+              "keeps a second run out of --output-dir; add longrun.py for saves inside an epoch and on SIGTERM / "
+              "SIGUSR1 and for the lock")
     return EpochEndSaves()
 
 
@@ -2009,5 +1847,5 @@ def start_epoch_rngs(seed: int, epoch: int, dist_info: DistInfo, position: dict 
     if not position or not position["update"]:
         seed_everything(epoch_seed(seed, epoch, dist_info.rank))
         return 0
-    longrun = _import_longrun("the resume checkpoint was saved inside an epoch: resuming it")
+    longrun = neighbour("longrun", "the resume checkpoint was saved inside an epoch: resuming it")
     return longrun.restore_position(seed, epoch, dist_info, position, log)

@@ -85,8 +85,8 @@ class Args:
     """training crop size in pixels; paper 224 (Table 11)"""
     patch_size: Optional[common.PosInt] = None
     """patch size in pixels; none = the model's own (16, Table 11)"""
-    data: str = "synthetic"
-    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]]; paper ImageNet-1K"""
+    data: str = "data/imagenet"
+    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper ImageNet-1K"""
     output_dir: str = "runs/conmim"
     """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
     resumes"""

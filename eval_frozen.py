@@ -81,8 +81,8 @@ class Args:
     """Evaluation crop size (resize floor(S*256/224) + center crop). Default: the checkpoint's, else 224."""
     patch_size: Optional[common.PosInt] = None
     """Patch size. Default: the checkpoint's, else the preset's."""
-    data: str = "synthetic"
-    """ROOT with ROOT/train and ROOT/val ImageFolders, or synthetic[:N_TRAIN[:N_VAL]]."""
+    data: str = "data/imagenet"
+    """ROOT with ROOT/train and ROOT/val ImageFolders, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper: ImageNet-1K."""
     pool: Literal["cls", "avg"] = "cls"
     """cls: the [CLS] token (both papers); avg: mean over patch tokens (MAE-CT's ViT-B clustering)."""
     block: Optional[int] = None

@@ -97,9 +97,9 @@ class Args:
     Another size interpolates pos_embed bicubically (MAE interpolate_pos_embed)."""
     patch_size: Optional[common.PosInt] = None
     """Patch size. Default: the checkpoint's, else the preset's."""
-    data: str = "synthetic"
+    data: str = "data/imagenet"
     """ROOT with ROOT/train and ROOT/val ImageFolders (one subfolder per class), or
-    synthetic[:N_TRAIN[:N_VAL]] (common.SyntheticShapes, rendered at --img-size)."""
+    synthetic[:N_TRAIN[:N_VAL]] (synthetic.py, rendered at --img-size); paper: ImageNet-1K."""
     k: list[common.PosInt] = field(default_factory=lambda: [10, 20, 100, 200])
     """Numbers of neighbours (DINO eval_knn --nb_knn 10 20 100 200; MIM-Refiner App. C.4 reports k=10).
     k larger than the train set is clipped to it."""

@@ -76,8 +76,8 @@ class Args:
     """Crop size for training and evaluation (papers: 224). Default: the checkpoint's, else 224."""
     patch_size: Optional[common.PosInt] = None
     """Patch size. Default: the checkpoint's, else the preset's."""
-    data: str = "synthetic"
-    """ROOT with ROOT/train and ROOT/val ImageFolders, or synthetic[:N_TRAIN[:N_VAL]]."""
+    data: str = "data/imagenet"
+    """ROOT with ROOT/train and ROOT/val ImageFolders, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper: ImageNet-1K."""
     protocol: Literal["dinov2", "maect"] = "dinov2"
     """dinov2: MIM-Refiner App. C.3 grid (13 lrs x {1, 4} blocks x {CLS, CLS+avg}); maect: MAE-CT Table 9
     (non-affine BN + linear on the last block's CLS, 10 peak lrs, 5 warmup epochs)."""

@@ -1,5 +1,6 @@
 """Long runs: saves inside an epoch, preemption signals, exact resume from any update boundary (optional neighbour
-of common.py, imported by common.run_control; without this file a run checkpoints at epoch ends only).
+of common.py, imported by common.run_control; without this file a run checkpoints at epoch ends only), and the
+output-folder lock (OutputLock, taken by common.Logger; without this file nothing keeps a second run out).
 
 At every update boundary (after an optimizer step, never inside an accumulation cycle) RunControl.boundary asks all
 ranks, with one all-reduce, whether a stop signal arrived on any of them or the time-based save is due (rank 0's
@@ -10,6 +11,11 @@ is done at a signal: a signal during a write or the k-NN monitor takes effect ri
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import gc
+import json
 import os
 import random
 import signal
@@ -141,3 +147,66 @@ class RunControl:
         self.log.print(f"stopped by {signal.Signals(signum).name} {where}; rerun the same command to resume")
         self.log.close()
         raise SystemExit(STOPPED_EXIT)
+
+
+LOCK_WAIT_SECONDS = 300  # how long a run waits for a predecessor that is stopping (a requeued job)
+
+
+class OutputLock:
+    """OUTPUT_DIR/.lock, held (flock) by the one run that writes OUTPUT_DIR: the kernel releases it when that
+    process ends, however it ends, so a dead run leaves nothing that blocks. The file names the holder (pid, host,
+    start, command, state). A second run stops with one line naming the live one; if the live one is stopping
+    (signalled, writing its last checkpoint: a requeued job started early), it waits for it."""
+
+    def __init__(self, output_dir: str, wait: float = LOCK_WAIT_SECONDS):
+        import fcntl
+        import socket
+        self.path = os.path.join(output_dir, ".lock")
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
+                     "command": " ".join(sys.argv)[:300], "state": "running"}
+        deadline, said, collected = time.monotonic() + wait, False, False
+        while True:
+            self.f = open(self.path, "a+")
+            try:
+                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # no locks on this filesystem
+                    print(f"warning: cannot lock {self.path} ({e.strerror}); make sure no other run writes {output_dir}",
+                          flush=True)
+                    break
+                self.f.seek(0)
+                try:
+                    holder = json.loads(self.f.read() or "{}")
+                except ValueError:
+                    holder = {}
+                self.f.close()
+                if holder.get("pid") == os.getpid() and not collected:  # an earlier run in this process (tests)
+                    gc.collect()  # whose Logger was not closed: its file, and with it the lock, closes when collected
+                    collected = True
+                    continue
+                who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "
+                       f"{holder.get('command', '?')}")
+                if holder.get("state") != "stopping" or time.monotonic() > deadline:
+                    raise common.UserError(f"{output_dir} is in use by a live run ({who}); wait for it to end, stop it, or "
+                                    f"pass another --output-dir") from None
+                if not said:
+                    print(f"waiting for the run that is stopping in {output_dir} ({who})", flush=True)
+                    said = True
+                time.sleep(1.0)
+        self._write()
+
+    def _write(self):
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(json.dumps(self.info) + "\n")
+        self.f.flush()
+
+    def mark_stopping(self):
+        self.info["state"] = "stopping"
+        with contextlib.suppress(OSError, ValueError):
+            self._write()
+
+    def release(self):
+        with contextlib.suppress(OSError, ValueError):
+            self.f.close()  # closing the file releases the lock

@@ -81,8 +81,8 @@ class Args:
     """training crop size (paper: 224, App. A.1)"""
     patch_size: Optional[common.PosInt] = None
     """patch size p; None -> the model's own (16, or 14 for H/14)"""
-    data: str = "synthetic"
-    """ImageFolder root (ROOT/train), a flat folder of images (no labels needed), or synthetic[:N_TRAIN[:N_VAL]];
+    data: str = "data/imagenet"
+    """ImageFolder root (ROOT/train), a flat folder of images (no labels needed), or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py);
     paper: ImageNet-1K train"""
     output_dir: str = "runs/mae"
     """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
@@ -363,7 +363,7 @@ def validate(args: Args):
     if args.fsdp and args.compile:
         raise UserError("--fsdp with --compile is not supported; drop one of them")
     if args.fsdp:
-        common.import_fsdp()  # optional neighbour: one line if it is missing
+        common.neighbour("fsdp", "--fsdp")  # optional neighbour: one line if it is missing
 
 
 # ==============================================================================================
@@ -610,7 +610,7 @@ def main(args: Args):
     if use_fsdp and not fsdp:
         log.print("--fsdp: not launched by torchrun, nothing to shard; running unsharded")
     if fsdp:  # ZeRO-3 (fsdp.py) instead of DDP: one all-gather unit per encoder/decoder block
-        sharding = common.import_fsdp()
+        sharding = common.neighbour("fsdp", "--fsdp")
         sharding.shard_vit(encoder)
         sharding.shard(decoder, list(decoder.decoder_blocks))  # fp32 parameters + autocast, as under DDP
         sharding.shard(model)

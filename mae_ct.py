@@ -90,8 +90,8 @@ class Args:
     """training resolution (paper 224); the MAE pos_embed is interpolated if --init differs"""
     patch_size: Optional[common.PosInt] = None
     """patch size; None -> the model's own (16, or 14 for H/14). Must match the --init checkpoint"""
-    data: str = "synthetic"
-    """ImageFolder root (ROOT/train), a flat folder of images, or synthetic[:N_TRAIN[:N_VAL]]; paper: ImageNet-1K train"""
+    data: str = "data/imagenet"
+    """ImageFolder root (ROOT/train), a flat folder of images, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper: ImageNet-1K train"""
     output_dir: str = "runs/mae_ct"
     """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
     resumes"""

@@ -96,7 +96,7 @@ class Args:
     patch_size: Optional[common.PosInt] = None
     """patch size; None -> the model's own (16, or 14 for H/14 and 2B/14). Must match --init"""
     data: str = "data/imagenet"
-    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]]; paper: ImageNet-1K train"""
+    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper: ImageNet-1K train"""
     output_dir: str = "runs/mim_refiner"
     """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
     resumes"""
@@ -281,7 +281,7 @@ def resolve_args(args: Args, post_norm: bool) -> Args:
     if args.fsdp and args.compile:
         raise UserError("--fsdp with --compile is not supported; drop one of them")
     if args.fsdp:
-        common.import_fsdp()  # optional neighbour: one line if it is missing
+        common.neighbour("fsdp", "--fsdp")  # optional neighbour: one line if it is missing
     return args
 
 
@@ -637,7 +637,7 @@ def resolve_init(args: Args, state):
     missing = []
     if not os.path.isfile(init):
         missing.append(f"the pre-trained encoder at {init} (official MAE release file, or pass --init PATH)")
-    if common.parse_synthetic(args.data) is None and not os.path.isdir(args.data):
+    if not common.is_synthetic(args.data) and not os.path.isdir(args.data):
         missing.append(f"ImageNet at {args.data}/train/<class>/*.JPEG (or pass --data ROOT)")
     if missing:
         raise UserError("missing " + " and ".join(missing))
@@ -833,7 +833,7 @@ def main(args: Args):
     if use_fsdp and not fsdp:
         log.print("--fsdp: not launched by torchrun, nothing to shard; running unsharded")
     if fsdp:  # ZeRO-3 (fsdp.py): blocks and stems of both encoders sharded, heads in the root unit (fp32, autocast as DDP)
-        sharding = common.import_fsdp()
+        sharding = common.neighbour("fsdp", "--fsdp")
         sharding.shard_vit(encoder)
         sharding.shard(model)
         sharding.shard_vit(ema)  # never run; sharded storage, EMA on the shards

@@ -38,6 +38,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import synthetic  # noqa: E402
 
 METHODS = ("mae", "mae_ct", "mim_refiner", "lut", "conmim")
 
@@ -190,7 +191,7 @@ class PilImages(torch.utils.data.Dataset):
     """In-memory PIL images (synthetic shapes at --src-size), so the pipeline is timed without disk or decoding."""
 
     def __init__(self, n, size, transform):
-        base = common.SyntheticShapes(n, img_size=size, seed=0)
+        base = synthetic.SyntheticShapes(n, img_size=size, seed=0)
         from PIL import Image
         self.images = [Image.fromarray(base.render(i)[0]) for i in range(n)]
         self.transform = transform

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import synthetic  # noqa: E402
 
 
 def spectrum(x: torch.Tensor) -> dict:
@@ -37,9 +38,9 @@ def main(argv=None):
     ap.add_argument("--img-size", type=int, default=32)
     a = ap.parse_args(argv)
     brightness = None
-    if a.data and common.parse_synthetic(a.data):
-        n_train, _ = common.parse_synthetic(a.data)
-        ds = common.SyntheticShapes(n_train, a.img_size, "train")
+    if a.data and synthetic.parse_synthetic(a.data):
+        n_train, _ = synthetic.parse_synthetic(a.data)
+        ds = synthetic.SyntheticShapes(n_train, a.img_size, "train")
         brightness = np.array([ds.render(i)[0].mean() for i in range(n_train)])
     print("| features | mean cos | effective rank | top PC share | corr(PC1, brightness) | corr(PC2, brightness) |")
     print("|---|---|---|---|---|---|")

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import common
+import synthetic
 from conftest import write_image_folder
 
 
@@ -317,14 +318,14 @@ def test_data2vec2_key_mapping():
 
 # ---------------------------------------------------------------------------------------------
 def test_synthetic_dataset_deterministic_and_balanced():
-    a = common.SyntheticShapes(30, img_size=24, seed=1)
-    b = common.SyntheticShapes(30, img_size=24, seed=1)
-    c = common.SyntheticShapes(30, img_size=24, seed=2)
+    a = synthetic.SyntheticShapes(30, img_size=24, seed=1)
+    b = synthetic.SyntheticShapes(30, img_size=24, seed=1)
+    c = synthetic.SyntheticShapes(30, img_size=24, seed=2)
     import numpy as np
     assert np.array_equal(np.array(a[7][0]), np.array(b[7][0]))
     assert not np.array_equal(np.array(a[7][0]), np.array(c[7][0]))
     assert a[7][0].size == (24, 24) and sorted(set(a.targets)) == list(range(10))
-    assert common.parse_synthetic("synthetic:100:20") == (100, 20) and common.parse_synthetic("x") is None
+    assert synthetic.parse_synthetic("synthetic:100:20") == (100, 20) and synthetic.parse_synthetic("x") is None
 
 
 def test_build_dataset_layouts_and_errors(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import common
+import synthetic
 import conmim
 from conftest import ONE_THREAD as ONE, TINY, read_json, run_script
 
@@ -125,7 +126,7 @@ def test_beit_block_mask_count_blockiness_and_seed():
 
 # ------------------------------------------------------------------------------------------------ data
 def test_transform_shares_geometry_and_is_asymmetric():
-    img = Image.fromarray(common.SyntheticShapes(1, img_size=40).render(0)[0])
+    img = Image.fromarray(synthetic.SyntheticShapes(1, img_size=40).render(0)[0])
     args = conmim.Args(img_size=32, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
     torch.manual_seed(0)
     weak, strong, mask = conmim.ConMIMTransform(args, grid=8)(img)

@@ -1,7 +1,7 @@
-"""The copy a user makes: one method file + common.py alone in an empty folder runs its tiny CPU command and
---help (checkpointing at epoch ends, said in one line); --plan, --fsdp and --save-minutes then say in one line which
-neighbour to add; with memplan.py, fsdp.py and longrun.py beside them --plan 4x80 prints its plan and --fsdp trains
-sharded under torchrun."""
+"""The copy a user makes: one method file + common.py alone in an empty folder runs its tiny CPU command on an image
+folder and --help (checkpointing at epoch ends, said in one line); --plan, --fsdp, --save-minutes and --data synthetic
+then say in one line which neighbour to add; with memplan.py, fsdp.py, longrun.py and synthetic.py beside them
+--plan 4x80 prints its plan and --fsdp trains sharded under torchrun."""
 import shutil
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, write_mae_release_checkpoint
+from conftest import ROOT, write_image_folder, write_mae_release_checkpoint
 from test_hardening import train_flags
 
 SCRIPTS = ("mae", "mae_ct", "mim_refiner", "lut", "conmim")
@@ -43,22 +43,25 @@ def test_method_file_and_common_alone_run_the_tiny_command(tmp_path, script):
     folder = copy(tmp_path, script)
     init = tmp_path / "mae.pth"
     write_mae_release_checkpoint(init, img_size=32, patch_size=8)
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=16, size=32)
     assert run_copy(folder, script, "--help").returncode == 0
-    p = run_copy(folder, script, *train_flags(script, folder / "out", init, data="synthetic:16:4"), "--epochs", "1")
+    p = run_copy(folder, script, *train_flags(script, folder / "out", init, data=data), "--epochs", "1")
     assert p.returncode == 0, p.stderr[-3000:]
     assert len([x for x in p.stdout.splitlines() if "longrun.py is not beside common.py" in x]) == 1, p.stdout[-3000:]
     assert torch.load(folder / "out" / "checkpoint-last.pth", weights_only=True)["epoch"] >= 1
     assert sorted(x.name for x in folder.glob("*.py")) == sorted([f"{script}.py", "common.py"])  # nothing else needed
     one_error_line(run_copy(folder, script, "--model", "vit_t16", "--plan", "4x80"), "memplan.py")
-    one_error_line(run_copy(folder, script, *train_flags(script, folder / "s", init, data="synthetic:16:4"),
+    one_error_line(run_copy(folder, script, *train_flags(script, folder / "s", init, data=data),
                             "--save-minutes", "1"), "--save-minutes", "longrun.py")
+    one_error_line(run_copy(folder, script, *train_flags(script, folder / "d", init, data="synthetic:16:4")),
+                   "--data synthetic", "synthetic.py")
     if script in ("mae", "mim_refiner"):
-        one_error_line(run_copy(folder, script, *train_flags(script, folder / "f", init), "--fsdp"), "fsdp.py")
+        one_error_line(run_copy(folder, script, *train_flags(script, folder / "f", init, data=data), "--fsdp"), "fsdp.py")
 
 
 @pytest.mark.parametrize("script", ["mae", "mim_refiner"])
 def test_with_the_neighbours_plan_and_fsdp_work(tmp_path, script):
-    folder = copy(tmp_path, script, ("memplan.py", "fsdp.py", "longrun.py"))
+    folder = copy(tmp_path, script, ("memplan.py", "fsdp.py", "longrun.py", "synthetic.py"))
     p = run_copy(folder, script, "--model", "vit_t16", "--img-size", "32", "--patch-size", "8", "--batch-size", "16",
                  "--plan", "4x80")
     assert p.returncode == 0 and [x for x in p.stdout.splitlines() if x.startswith("plan:")], p.stderr[-3000:]

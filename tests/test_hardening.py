@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import common
+import synthetic
 import conmim
 import eval_knn
 import lut
@@ -179,10 +180,10 @@ def test_synthetic_is_an_exact_spec(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_image_folder(tmp_path / "synthetic_photos", classes=("a", "b"), per_class=2, splits=("train",))
     ds = common.build_dataset("synthetic_photos", "train", None)
-    assert not isinstance(ds, common.SyntheticShapes) and len(ds) == 4 and ds.classes == ["a", "b"]
-    assert common.parse_synthetic("synthetic") == (2000, 500) and common.parse_synthetic("synthetic:7") == (7, 500)
+    assert not isinstance(ds, synthetic.SyntheticShapes) and len(ds) == 4 and ds.classes == ["a", "b"]
+    assert synthetic.parse_synthetic("synthetic") == (2000, 500) and synthetic.parse_synthetic("synthetic:7") == (7, 500)
     for spec in ("synthetic_photos", "synthetic2", "synthetics:3", "./synthetic"):
-        assert common.parse_synthetic(spec) is None
+        assert synthetic.parse_synthetic(spec) is None
     with pytest.raises(common.UserError, match="does not exist"):
         common.build_dataset("synthetic_missing", "train", None)
 

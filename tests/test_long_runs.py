@@ -265,8 +265,8 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_waits_for_one_that_
     assert a.returncode == longrun.STOPPED_EXIT and "stopped by SIGTERM" in out
     # a lock whose holder is stopping: the next run waits for it, then takes over; a live one is refused at once
     hold = textwrap.dedent(f"""
-        import sys, time, common
-        lock = common.OutputLock({str(tmp_path / 'lk')!r})
+        import sys, time, longrun
+        lock = longrun.OutputLock({str(tmp_path / 'lk')!r})
         lock.info["state"] = sys.argv[1]; lock._write(); print("held", flush=True); time.sleep(float(sys.argv[2]))
     """)
     (tmp_path / "lk").mkdir()
@@ -275,12 +275,12 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_waits_for_one_that_
         assert h.stdout.readline().strip() == "held"
         t0 = time.time()
         if expect == "waits":
-            lock = common.OutputLock(str(tmp_path / "lk"), wait=30)
+            lock = longrun.OutputLock(str(tmp_path / "lk"), wait=30)
             assert time.time() - t0 > 1.5 and lock.info["pid"] == os.getpid()
             lock.release()
         else:
             with pytest.raises(common.UserError, match=f"in use by a live run \\(pid {h.pid}"):
-                common.OutputLock(str(tmp_path / "lk"), wait=30)
+                longrun.OutputLock(str(tmp_path / "lk"), wait=30)
             assert time.time() - t0 < 1.5
         h.wait(timeout=30)
 

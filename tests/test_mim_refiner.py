@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import common
+import synthetic
 import mim_refiner as mr
 from conftest import ROOT, TINY, read_json, run_script, write_mae_release_checkpoint
 
@@ -234,7 +235,7 @@ def test_local_crop_sizes_and_views():
     assert mr.default_local_size(32, 4) == 12 and mr.default_local_size(32, 8) == 16
     assert _resolved("vit_h14").local_size == 98 and _resolved("vit_l16").local_size == 96
     args = _resolved("vit_t16", img_size=32, patch_size=4, local_crops=3)
-    views = mr.build_views(args)(common.SyntheticShapes(1, img_size=32)[0][0])
+    views = mr.build_views(args)(synthetic.SyntheticShapes(1, img_size=32)[0][0])
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 12, 12)] * 3
     with pytest.raises(common.UserError):
         _resolved("vit_t16", img_size=32, patch_size=4, local_size=10)
