@@ -53,8 +53,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class Range:
     """Valid interval of a numeric flag, declared in its type: `lr: Annotated[float, Range(0, lo_open=True)]`
-    (or one of the aliases below). Checked by `check_args` at start-up, which also rejects nan/inf for every
-    float flag and a value outside `Literal[...]` for every choice flag."""
+    (or one of the aliases below). Checked by `check_args` when a `Flags` dataclass is made, which also rejects
+    nan/inf for every float flag and a value outside `Literal[...]` for every choice flag."""
     lo: float = -math.inf
     hi: float = math.inf
     lo_open: bool = False
@@ -151,13 +151,21 @@ def check_args(args) -> None:
                     raise UserError(f"{flag} {shown!r}: choose one of {', '.join(map(str, m))}")
 
 
+class Flags:
+    """Base of a script's `Args` dataclass: an instance is checked against its field types (`check_args`) when it is
+    made, from the command line (parse_args) or in Python (`main(Args(...))`, dataclasses.replace)."""
+
+    def __post_init__(self):
+        check_args(self)
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         _fail(f"{message}; see {self.prog} --help")
 
 
 def parse_args(cls, argv=None):
-    """Parse `--field-name value` flags into the dataclass `cls`, then `check_args` (ranges, choices, finite).
+    """Parse `--field-name value` flags into the Flags dataclass `cls` (which checks ranges, choices, finite).
 
     bool fields become `--flag/--no-flag`; list fields take several values; Optional fields accept
     `none`; Literal fields list their choices. Help text is the docstring under each field plus its default
@@ -182,12 +190,10 @@ def parse_args(cls, argv=None):
         else:
             parser.add_argument(flag, type=_none_or(tp) if optional else tp, **kw)
     ns = parser.parse_args(argv)
-    args = cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(ns).items()})
     try:
-        check_args(args)
+        return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(ns).items()})
     except UserError as e:
         _fail(str(e))
-    return args
 
 
 def _none_or(tp):
@@ -832,7 +838,7 @@ def build_dataset(data: str, split: str, transform, img_size: int = 32, seed: in
     root = Path(data)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist; pass --data ROOT with ROOT/train and ROOT/val "
-                        f"(ImageFolder layout) or --data synthetic")
+                        f"(ImageFolder layout) or --data synthetic (synthetic.py)")
     folder = root / split
     if not folder.is_dir():
         if split == "train" and not require_labels:

@@ -77,7 +77,7 @@ from common import UserError
 
 
 @dataclass
-class Args:
+class Args(common.Flags):
     # ---------------------------------------------------------------- common flags
     model: str = "vit_b16"
     """encoder architecture (common.VIT_CONFIGS); paper: vit_s16 / vit_b16 / vit_l16 (Table 11)"""
@@ -460,8 +460,7 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
 # ================================================================================================
 def validate(args: Args):
     """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
-    is declared on its Args field (common.check_args)."""
-    common.check_args(args)
+    is declared on its Args field (checked by common.Flags)."""
     if args.pos_embed == "abs" and args.rel_pos_lr_mult != 1.0:
         raise UserError("--rel-pos-lr-mult applies to the relative position bias; drop it or use --pos-embed rel")
 

@@ -69,7 +69,7 @@ from common import UserError, build_dataset, run_main
 
 
 @dataclass
-class Args:
+class Args(common.Flags):
     checkpoint: str = ""
     """Encoder weights to extract features from (as eval_knn.py; `none` = random init with --model). Give
     this or --features."""
@@ -325,7 +325,6 @@ def main(args: Args):
     if bool(args.checkpoint) == bool(args.features):
         raise UserError("pass either --checkpoint PATH (features are extracted) or --features FILE "
                         "(from eval_knn.py --save-features)")
-    common.check_args(args)
     if not (args.few_shot or args.split_file or args.cluster):
         raise UserError("nothing to evaluate: pass --few-shot 1 2 5, --split-file FILE ... and/or --cluster")
     if args.output_json:

@@ -85,7 +85,7 @@ from common import (VIT_CONFIGS, UserError, WithIndex, autocast, build_dataset, 
 
 
 @dataclass
-class Args:
+class Args(common.Flags):
     checkpoint: str = ""
     """Encoder weights: our checkpoint, official MAE / MAE-CT / MIM-Refiner / data2vec 2.0 file, a raw
     state dict, or `none` for a randomly initialised encoder (baseline; needs --model). Required."""
@@ -378,7 +378,6 @@ def main(args: Args):
     # ---- flags
     if not args.checkpoint:
         raise UserError("pass --checkpoint PATH (or --checkpoint none for a randomly initialised baseline)")
-    common.check_args(args)  # each flag's range is declared on its Args field
     if not args.k:
         raise UserError("--k: give at least one k, e.g. --k 10 20")
     for flag, path in (("--save-features", args.save_features), ("--output-json", args.output_json),

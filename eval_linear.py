@@ -66,7 +66,7 @@ MAECT_LRS = [round(0.01 * i, 2) for i in range(10, 0, -1)]  # MAE-CT Table 9: {0
 
 
 @dataclass
-class Args:
+class Args(common.Flags):
     checkpoint: str = ""
     """Encoder weights (as eval_knn.py: ours, official MAE / MAE-CT / MIM-Refiner / data2vec 2.0, raw state
     dict, or `none` for a random encoder with --model). Required."""
@@ -322,7 +322,6 @@ def evaluate_grid(encoder, grid: LinearGrid, val_ds, args: Args, dist_info, n_la
 def main(args: Args):
     if not args.checkpoint:
         raise UserError("pass --checkpoint PATH (or --checkpoint none for a randomly initialised baseline)")
-    common.check_args(args)
     if args.output_json:
         common.check_writable(args.output_json, "--output-json")
     lrs = args.lrs or (DINOV2_LRS if args.protocol == "dinov2" else MAECT_LRS)

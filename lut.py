@@ -76,7 +76,7 @@ from common import UserError
 
 
 @dataclass
-class Args:
+class Args(common.Flags):
     # ---------------------------------------------------------------- common flags
     model: str = "vit_b16"
     """encoder architecture (common.VIT_CONFIGS); paper: vit_s16 / vit_b16 / vit_l16 (Table 1)"""
@@ -476,8 +476,7 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
 # ================================================================================================
 def validate(args: Args):
     """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
-    is declared on its Args field (common.check_args)."""
-    common.check_args(args)
+    is declared on its Args field (checked by common.Flags)."""
     if args.symmetric and args.mask_ratio < 0.5:
         raise UserError(f"--symmetric needs --mask-ratio >= 0.5 (two disjoint visible sets), got {args.mask_ratio}")
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:

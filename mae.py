@@ -73,7 +73,7 @@ from common import UserError
 
 
 @dataclass
-class Args:
+class Args(common.Flags):
     # ---- common flags ----
     model: str = "vit_l16"
     """encoder architecture (common.VIT_CONFIGS); the paper pre-trains vit_b16, vit_l16 (main ablations), vit_h14"""
@@ -354,8 +354,7 @@ def reconstruction_batch(args: Args, num_patches: int) -> tuple[torch.Tensor, to
 # ==============================================================================================
 def validate(args: Args):
     """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
-    is declared on its Args field (common.check_args)."""
-    common.check_args(args)
+    is declared on its Args field (checked by common.Flags)."""
     if args.decoder_dim % args.decoder_heads:
         raise UserError(f"--decoder-dim {args.decoder_dim} is not divisible by --decoder-heads {args.decoder_heads}")
     if args.decoder_dim % 4:

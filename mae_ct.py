@@ -82,7 +82,7 @@ from common import UserError
 
 
 @dataclass
-class Args:
+class Args(common.Flags):
     # ---- common flags ----
     model: str = "vit_l16"
     """encoder architecture (common.VIT_CONFIGS); the paper tunes vit_b16, vit_l16, vit_h16, vit_h14"""
@@ -205,8 +205,7 @@ NUM_VIEWS = 2  # Algorithm 1: two augmented views per image
 
 def resolve_args(args: Args) -> Args:
     """Fill the None defaults from Tables 7/8 (per model size and --aug) and validate the flags (each flag's
-    range is declared on its Args field, common.check_args)."""
-    common.check_args(args)
+    range is declared on its Args field, checked by common.Flags)."""
     if args.model not in MODEL_SIZE:
         raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(MODEL_SIZE)}")
     size = MODEL_SIZE[args.model]

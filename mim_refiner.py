@@ -87,7 +87,7 @@ BATCH_WHY = ("the NNA loss contrasts each image with the other images of the ste
 
 
 @dataclass
-class Args:
+class Args(common.Flags):
     # ---- common flags ----
     model: str = "vit_l16"
     """encoder architecture (common.VIT_CONFIGS); the paper refines vit_l16, vit_h14, vit_2b14"""
@@ -232,8 +232,7 @@ def default_local_size(img_size: int, patch_size: int) -> int:
 
 def resolve_args(args: Args, post_norm: bool) -> Args:
     """Fill the None defaults (Table 10 per model; 20 epochs for data2vec 2.0) and validate flags (each flag's
-    range is declared on its Args field, common.check_args)."""
-    common.check_args(args)
+    range is declared on its Args field, checked by common.Flags)."""
     if args.model not in common.VIT_CONFIGS:
         raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(common.VIT_CONFIGS)}")
     _, depth, _, own_patch = common.VIT_CONFIGS[args.model]

@@ -9,6 +9,7 @@ Code lines: lines that are neither blank, nor comments, nor docstrings. Prints a
 import argparse
 import ast
 import io
+import re
 import tokenize
 from pathlib import Path
 
@@ -66,6 +67,31 @@ def reached(tree: ast.AST, module: str, defs: dict) -> set[str]:
     return seen
 
 
+def sections(path: Path, defs: dict, reached_by: set[str]) -> list[str]:
+    """Markdown rows: each `# N. Title` section of common.py with its lines, code lines, and the code lines of its
+    definitions that `reached_by` (one script's reach) holds."""
+    src = path.read_text()
+    lines = src.splitlines()
+    code = code_lines(src)
+    heads = [(i + 1, m.group(1), m.group(2)) for i, line in enumerate(lines)
+             if (m := re.match(r"^# (\d+b?)\. (.*)$", line))]
+    starts = {}
+    for node in ast.parse(src).body:
+        for name in defs:
+            if getattr(node, "name", None) == name or name in [getattr(t, "id", None) for t in
+                                                               getattr(node, "targets", [getattr(node, "target", None)])]:
+                starts[name] = node.lineno
+    rows = []
+    for j, (start, num, title) in enumerate(heads):
+        end = heads[j + 1][0] - 1 if j + 1 < len(heads) else len(lines)
+        if j == 0:
+            start = 1  # the module docstring and imports count with section 1
+        n_code = len([i for i in code if start <= i <= end])
+        n_reach = sum(defs[n][0] for n in reached_by if start <= starts.get(n, 0) <= end)
+        rows.append(f"| {num}. {title.split(':')[0][:60]} | {end - start + 1} | {n_code} | {n_reach} |")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", type=Path, help="also write the table to this markdown file")
@@ -89,6 +115,10 @@ def main():
         lines = sum(common[n][0] for n in names)
         rows.append(f"| {script} | {own} | {len(names)} of {len(common)} | {lines} | {own + lines} | "
                     f"{extra_defs}, {extra_lines} |")
+    refiner = reached(ast.parse((ROOT / "mim_refiner.py").read_text()), "common", common)
+    rows += ["", "common.py by section (the module docstring and imports count with section 1):", "",
+             "| section | lines | code lines | code lines mim_refiner.py reaches |", "|---|---|---|---|",
+             *sections(ROOT / "common.py", common, refiner)]
     text = (f"common.py: {total} code lines, {len(common)} top-level definitions "
             f"({sum(len((ROOT / n).read_text().splitlines()) for n in NEIGHBOURS)} lines in the neighbours "
             f"{', '.join(NEIGHBOURS)}).\n\n" + "\n".join(rows) + "\n")

@@ -253,10 +253,9 @@ def test_bad_inputs_one_line_errors(tmp_path):
     (tmp_path / "flat" / "val").mkdir()
 
     def raises(match, **kw):
-        args = eval_knn.Args(**{"checkpoint": str(tmp_path / "mae.pth"), "data": str(root), "num_workers": 0,
-                                "device": "cpu", **kw})
-        with pytest.raises(common.UserError, match=match):
-            eval_knn.main(args)
+        with pytest.raises(common.UserError, match=match):  # a flag outside its range: when Args is made
+            eval_knn.main(eval_knn.Args(**{"checkpoint": str(tmp_path / "mae.pth"), "data": str(root),
+                                           "num_workers": 0, "device": "cpu", **kw}))
 
     raises("does not exist", checkpoint=str(tmp_path / "missing.pth"))
     raises("pass --checkpoint", checkpoint="")

@@ -2,6 +2,7 @@
 (every script, and under torchrun x2); --save-every files load in eval_knn.py and strictly into timm; the
 official self-exclusion is the default of MAE-CT and MIM-Refiner; the paper's evaluation command is printed;
 the evaluation resize follows timm's (floor(S / crop_pct))."""
+import dataclasses
 import json
 
 import pytest
@@ -171,7 +172,10 @@ def test_monitor_off_without_labelled_val_and_errors(tmp_path):
         _monitor(_Log(), data=str(root))
     import mae
     with pytest.raises(common.UserError, match=r"--knn-subset 1.5: must lie in \(0, 1\]"):
-        common.check_args(mae.Args(knn_subset=1.5))
+        mae.Args(knn_subset=1.5)  # checked once, when the Args is made (common.Flags)
+    ok = mae.Args(knn_subset=0.5)
+    with pytest.raises(common.UserError, match=r"--knn-subset 0.0: must lie in \(0, 1\]"):
+        dataclasses.replace(ok, knn_subset=0.0)
 
 
 def test_self_exclusion_is_the_default_and_skips_the_own_entry():
