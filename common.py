@@ -258,7 +258,7 @@ def run_main(main, args_cls):
         if _in_process_group():
             # Free DDP wrappers (often kept alive by reference cycles) while their process group exists:
             # a gloo group torn down at interpreter exit aborts with "terminate called without an active
-            # exception" (seen with torch 2.13, ~1 run in 10).
+            # exception" now and then.
             gc.collect()
             dist.destroy_process_group()
 
