@@ -3,7 +3,8 @@
 Losses, heads, masking and training steps stay in the method files, so each reads on its own; a method file plus
 this file runs every default command. Optional machinery lives in neighbours imported where their flag is used
 (`neighbour`): memplan.py (--plan, the measured --grad-checkpointing auto), fsdp.py (--fsdp), longrun.py (saves
-inside an epoch, stop signals, the output-folder lock) and synthetic.py (--data synthetic).
+inside an epoch, stop signals, the output-folder lock), synthetic.py (--data synthetic) and foreign.py (other
+codebases' checkpoint layouts).
 
 Sections: 1 flags (a dataclass -> argparse, ranges and choices declared in the field types), 2 user errors as one
 line, 3 distributed set-up and dtypes, 4 the ViT (timm / official-MAE names), 5 data, 6 schedules, AdamW groups
@@ -211,7 +212,7 @@ class UserError(Exception):
 
 
 def neighbour(name: str, need: str):
-    """The optional neighbour module `name` (memplan, fsdp, longrun, synthetic), or one UserError saying that
+    """The optional neighbour module `name` (memplan, fsdp, longrun, synthetic, foreign), or one UserError saying that
     `need` needs the file."""
     try:
         return importlib.import_module(name)
@@ -1283,49 +1284,25 @@ def encoder_state_dict(model: nn.Module) -> dict:
     return clean_state_dict(unwrap(model).state_dict())
 
 
-DATA2VEC2_PREFIX = "modality_encoders.IMAGE."
-
-
 def convert_to_ours(sd: dict) -> dict:
-    """Map foreign encoder layouts onto our (timm) key names; our own layout passes through.
-
-    - official MAE `{"model": ...}` with or without decoder: drop decoder_*/mask_token;
-    - MAE-CT (`pos_embed` (1, N, D) without a CLS row): prepend a zero row;
-    - MIM-Refiner release (`cls_tokens.tokens`, `pos_embed.embed` (1, H, W, D)): rename, flatten,
-      prepend a zero CLS row;
-    - data2vec 2.0 fairseq (`modality_encoders.IMAGE.*`): official key mapping (MIM-Refiner
-      pretrained_initializer): local_encoder.proj -> patch_embed.proj, extra_tokens -> cls_token,
-      fixed_positional_encoder.positions -> pos_embed, context_encoder.norm -> embed_norm.
-    """
+    """Our (timm) key names, without decoder / mask token / classifier. Our files and official MAE ones (with or
+    without decoder) are in them already; the data2vec 2.0, MIM-Refiner and MAE-CT release layouts are mapped by
+    foreign.py (optional neighbour)."""
     sd = clean_state_dict(sd)
-    if any(k.startswith(DATA2VEC2_PREFIX) for k in sd):
-        ren = {"local_encoder.proj.": "patch_embed.proj.", "extra_tokens": "cls_token",
-               "fixed_positional_encoder.positions": "pos_embed", "context_encoder.norm.": "embed_norm."}
-        out = {}
-        for k, v in sd.items():
-            if not k.startswith(DATA2VEC2_PREFIX):
-                continue  # decoder, _ema and other modalities
-            k = k[len(DATA2VEC2_PREFIX):]
-            for a, b in ren.items():
-                if k.startswith(a):
-                    k = b + k[len(a):]
-            if k.startswith(("patch_embed.", "cls_token", "pos_embed", "embed_norm.", "blocks.")) and "decoder" not in k:
-                out[k] = v
-        sd = out
-    sd = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token", "head.", "fc_norm."))}
-    if "cls_tokens.tokens" in sd:
-        sd["cls_token"] = sd.pop("cls_tokens.tokens")
-    if "pos_embed.embed" in sd:
-        pe = sd.pop("pos_embed.embed")
-        sd["pos_embed"] = pe.reshape(1, -1, pe.shape[-1]) if pe.ndim == 4 else pe
-    if "pos_embed" in sd:
-        pe = sd["pos_embed"]
-        pe = pe.reshape(1, -1, pe.shape[-1])
-        n = pe.shape[1]
-        if math.isqrt(n) ** 2 == n:  # no CLS slot (MAE-CT, MIM-Refiner, data2vec 2.0): CLS gets no position
-            pe = torch.cat([pe.new_zeros(1, 1, pe.shape[-1]), pe], dim=1)
-        sd["pos_embed"] = pe
-    return sd
+    layout = foreign_layout(sd)
+    if layout:
+        sd = neighbour("foreign", f"a {layout} checkpoint").to_ours(sd)
+    return {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token", "head.", "fc_norm."))}
+
+
+def foreign_layout(sd: dict) -> str | None:
+    """The release whose key layout `sd` has (foreign.py maps it), or None for ours / official MAE."""
+    if any(k.startswith("modality_encoders.") for k in sd):
+        return "data2vec 2.0 (fairseq)"
+    if "cls_tokens.tokens" in sd or "pos_embed.embed" in sd:
+        return "MIM-Refiner release"
+    n = sd["pos_embed"].numel() // sd["pos_embed"].shape[-1] if "pos_embed" in sd else 0
+    return "MAE-CT (pos_embed without a CLS row)" if n and math.isqrt(n) ** 2 == n else None
 
 
 REL_POS_KEY = "rel_pos_bias.relative_position_bias_table"

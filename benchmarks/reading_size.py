@@ -1,6 +1,6 @@
 """How much code a reader follows to read one script: its own code lines plus those of the common.py definitions
 it reaches (directly as `common.X`, then transitively inside common.py), and the same for the optional
-neighbours (memplan.py, fsdp.py, longrun.py, synthetic.py) whose definitions the script names (`memplan.X`).
+neighbours (memplan.py, fsdp.py, longrun.py, synthetic.py, foreign.py) whose definitions the script names (`memplan.X`).
 
     python benchmarks/reading_size.py [--write docs/reading_size.md]
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("mae.py", "mae_ct.py", "mim_refiner.py", "lut.py", "conmim.py", "eval_knn.py")
-NEIGHBOURS = ("memplan.py", "fsdp.py", "longrun.py", "synthetic.py")
+NEIGHBOURS = ("memplan.py", "fsdp.py", "longrun.py", "synthetic.py", "foreign.py")
 
 
 def code_lines(source: str) -> set[int]:

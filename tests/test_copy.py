@@ -112,3 +112,25 @@ def test_without_longrun_a_mid_epoch_checkpoint_names_the_file(monkeypatch):
     assert isinstance(common.run_control(None, info, Log), common.EpochEndSaves) and "longrun.py" in Log.lines[0]
     with pytest.raises(common.UserError, match="--save-minutes needs longrun.py"):
         common.run_control(5.0, info, Log)
+
+
+def test_without_foreign_ours_and_official_mae_load_and_other_layouts_name_the_file(monkeypatch):
+    """No foreign.py: our files and official MAE ones (decoder dropped) convert as with it; a data2vec 2.0, MIM-Refiner
+    or MAE-CT layout stops in one line naming foreign.py."""
+    import common
+    import foreign
+    vit = common.create_vit("vit_t16", 32, 8)
+    ours = vit.state_dict()
+    mae = {**ours, "decoder_embed.weight": torch.zeros(2, 2), "mask_token": torch.zeros(1, 1, 192)}
+    grid = {k: v for k, v in ours.items() if k != "pos_embed"} | {"pos_embed": ours["pos_embed"][:, 1:]}
+    others = [grid, {"cls_tokens.tokens": ours["cls_token"], **grid},
+              {foreign.DATA2VEC2_PREFIX + k: v for k, v in ours.items()}]
+    with_file = [common.convert_to_ours(sd) for sd in others]
+    monkeypatch.setitem(sys.modules, "foreign", None)
+    for sd in (ours, mae):
+        out = common.convert_to_ours(sd)
+        assert out.keys() == ours.keys() and all(torch.equal(out[k], ours[k]) for k in ours)
+    for sd, converted in zip(others, with_file):
+        assert torch.equal(converted["pos_embed"], ours["pos_embed"])
+        with pytest.raises(common.UserError, match="checkpoint needs foreign.py beside common.py"):
+            common.convert_to_ours(sd)

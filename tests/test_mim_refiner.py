@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 
 import common
+import foreign
 import synthetic
 import mim_refiner as mr
-from conftest import ROOT, TINY, read_json, run_script, write_mae_release_checkpoint
+from conftest import TINY, read_json, run_script, write_mae_release_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_head_architecture_and_post_norm_detection(tmp_path):
             k, v = "fixed_positional_encoder.positions", v[:, 1:]
         for a, b in ren.items():
             k = b + k[len(a):] if k.startswith(a) else k
-        fair[common.DATA2VEC2_PREFIX + k] = v
+        fair[foreign.DATA2VEC2_PREFIX + k] = v
     assert mr.is_post_norm_checkpoint({"model": fair})
     mae = write_mae_release_checkpoint(tmp_path / "mae.pth", patch_size=8)
     assert not mr.is_post_norm_checkpoint(torch.load(tmp_path / "mae.pth"))
