@@ -6,13 +6,12 @@ import math
 
 import torch
 
-import common
-
 DATA2VEC2_PREFIX = "modality_encoders.IMAGE."
 
 
 def to_ours(sd: dict) -> dict:
-    """Map a foreign encoder layout onto our (timm) key names (common.convert_to_ours drops the decoder after it).
+    """Map a foreign encoder layout onto our (timm) key names; `sd` comes from common.convert_to_ours, which has
+    stripped wrapper prefixes and drops the decoder / mask token / classifier afterwards.
 
     - MAE-CT (`pos_embed` (1, N, D) without a CLS row): prepend a zero row;
     - MIM-Refiner release (`cls_tokens.tokens`, `pos_embed.embed` (1, H, W, D)): rename, flatten,
@@ -21,7 +20,6 @@ def to_ours(sd: dict) -> dict:
       pretrained_initializer): local_encoder.proj -> patch_embed.proj, extra_tokens -> cls_token,
       fixed_positional_encoder.positions -> pos_embed, context_encoder.norm -> embed_norm.
     """
-    sd = common.clean_state_dict(sd)
     if any(k.startswith(DATA2VEC2_PREFIX) for k in sd):
         ren = {"local_encoder.proj.": "patch_embed.proj.", "extra_tokens": "cls_token",
                "fixed_positional_encoder.positions": "pos_embed", "context_encoder.norm.": "embed_norm."}
@@ -36,7 +34,6 @@ def to_ours(sd: dict) -> dict:
             if k.startswith(("patch_embed.", "cls_token", "pos_embed", "embed_norm.", "blocks.")) and "decoder" not in k:
                 out[k] = v
         sd = out
-    sd = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token", "head.", "fc_norm."))}
     if "cls_tokens.tokens" in sd:
         sd["cls_token"] = sd.pop("cls_tokens.tokens")
     if "pos_embed.embed" in sd:
