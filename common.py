@@ -1,15 +1,9 @@
-"""What every default command of mae.py, mae_ct.py, mim_refiner.py, lut.py, conmim.py and eval_knn.py needs.
-
-Losses, heads, masking and training steps stay in the method files, so each reads on its own; a method file plus
-this file runs every default command. Optional machinery lives in neighbours imported where their flag is used
-(`neighbour`): memplan.py (--plan, the measured --grad-checkpointing auto), fsdp.py (--fsdp), longrun.py (saves
-inside an epoch, stop signals, the output-folder lock), synthetic.py (--data synthetic) and foreign.py (other
-codebases' checkpoint layouts).
-
-Sections: 1 flags (a dataclass -> argparse, ranges and choices declared in the field types), 2 user errors as one
-line, 3 distributed set-up and dtypes, 4 the ViT (timm / official-MAE names), 5 data, 6 schedules, AdamW groups
-and EMA, 7 checkpoints (atomic, finite-only, resume checks, foreign layouts), 8 logging, 9 the k-NN monitor and
-kept checkpoints, 9b the run control (longrun.py, or epoch-end saves without it).
+"""What every default command of mae.py, mae_ct.py, mim_refiner.py, lut.py, conmim.py and eval_knn.py needs: 1 flags,
+2 one-line user errors, 3 distributed set-up and dtypes, 4 the ViT (timm / official-MAE names), 5 data, 6 schedules,
+AdamW groups and EMA, 7 checkpoints, 8 logging, 9 the k-NN monitor, 9b the run control. Losses, heads, masking and
+steps stay in the method files. Optional neighbours, imported where their flag is used (`neighbour`): memplan.py
+(--plan), fsdp.py (--fsdp), longrun.py (saves inside an epoch, stop signals, the output lock), synthetic.py
+(--data synthetic), foreign.py (other codebases' checkpoint layouts).
 """
 from __future__ import annotations
 
@@ -22,7 +16,6 @@ import errno
 import gc
 import importlib
 import inspect
-import itertools
 import json
 import math
 import os
@@ -48,14 +41,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# ----------------------------------------------------------------------------------------------
 # 1. Command line
-# ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Range:
-    """Valid interval of a numeric flag, declared in its type: `lr: Annotated[float, Range(0, lo_open=True)]`
-    (or one of the aliases below). Checked by `check_args` when a `Flags` dataclass is made, which also rejects
-    nan/inf for every float flag and a value outside `Literal[...]` for every choice flag."""
+    """Valid interval of a numeric flag, declared in its type (`Annotated[float, Range(0, lo_open=True)]` or an alias
+    below) and checked by `check_args`."""
     lo: float = -math.inf
     hi: float = math.inf
     lo_open: bool = False
@@ -131,8 +121,8 @@ def _field_spec(tp) -> tuple[object, bool, bool, list]:
 
 
 def check_args(args) -> None:
-    """Check every field of the dataclass instance `args` against its declared type: Range, Literal choices,
-    finite floats. One UserError `--flag VALUE: must ...` for the first violation."""
+    """One UserError `--flag VALUE: must ...` for the first field of `args` outside its Range or Literal choices, or a
+    non-finite float."""
     hints = typing.get_type_hints(type(args), include_extras=True)
     for f in dataclasses.fields(args):
         tp, optional, is_list, meta = _field_spec(hints[f.name])
@@ -153,8 +143,7 @@ def check_args(args) -> None:
 
 
 class Flags:
-    """Base of a script's `Args` dataclass: an instance is checked against its field types (`check_args`) when it is
-    made, from the command line (parse_args) or in Python (`main(Args(...))`, dataclasses.replace)."""
+    """Base of a script's `Args`: checked against its field types when made (command line, `Args(...)`, replace)."""
 
     def __post_init__(self):
         check_args(self)
@@ -166,12 +155,8 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(cls, argv=None):
-    """Parse `--field-name value` flags into the Flags dataclass `cls` (which checks ranges, choices, finite).
-
-    bool fields become `--flag/--no-flag`; list fields take several values; Optional fields accept
-    `none`; Literal fields list their choices. Help text is the docstring under each field plus its default
-    and valid range.
-    """
+    """`--field-name value` flags -> the Flags dataclass `cls`. bool fields are `--flag/--no-flag`, list fields take
+    several values, Optional ones accept `none`; the help is the docstring under each field, its default and range."""
     hints = typing.get_type_hints(cls, include_extras=True)
     docs = _field_docs(cls)
     parser = _ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
@@ -204,16 +189,13 @@ def _none_or(tp):
     return conv
 
 
-# ----------------------------------------------------------------------------------------------
 # 2. Errors a user can cause -> one line that names the fix
-# ----------------------------------------------------------------------------------------------
 class UserError(Exception):
     """An error caused by input or flags; printed as one line, no traceback."""
 
 
 def neighbour(name: str, need: str):
-    """The optional neighbour module `name` (memplan, fsdp, longrun, synthetic, foreign), or one UserError saying that
-    `need` needs the file."""
+    """The optional neighbour module `name`, or one UserError saying that `need` needs its file."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -227,9 +209,8 @@ _USER_OS_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.E
 
 
 def run_main(main, args_cls):
-    """Parse args, run `main(args)`, print UserErrors (also those raised in data-loader workers) as
-    one line from the rank that met them and exit with status 2. Under torchrun the other ranks, blocked
-    in a collective with the failed one, stop with status 2 and no traceback."""
+    """Parse args and run `main(args)`; a UserError (also from a data-loader worker) is one line from the rank that met
+    it and exit status 2; the other ranks, blocked in a collective with it, stop with status 2 and no traceback."""
     args = parse_args(args_cls)
     out = getattr(args, "output_dir", None)
     new_out = out is not None and not os.path.exists(out)
@@ -257,16 +238,14 @@ def run_main(main, args_cls):
         os._exit(2)  # the group is broken: tearing it down (and interpreter exit with live gloo threads) can hang
     finally:
         if _in_process_group():
-            # Free DDP wrappers (often kept alive by reference cycles) while their process group exists:
-            # a gloo group torn down at interpreter exit aborts with "terminate called without an active
-            # exception" now and then.
+            # free DDP wrappers (kept alive by reference cycles) while their group exists: a gloo group torn down
+            # at interpreter exit aborts now and then ("terminate called without an active exception")
             gc.collect()
             dist.destroy_process_group()
 
 
 def _remove_failed_output_dir(output_dir: str | None, created_by_this_run: bool):
-    """A failed run that created its output folder and wrote no checkpoint leaves nothing behind (rank 0): its
-    args.json / log.jsonl / TensorBoard files would otherwise be appended to by the rerun."""
+    """A failed run that created its output folder and saved nothing removes it, so the rerun does not append to it."""
     if (created_by_this_run and int(os.environ.get("RANK", 0)) == 0 and os.path.isdir(output_dir)
             and not os.path.exists(checkpoint_path(output_dir))):
         import shutil
@@ -278,8 +257,7 @@ def _in_process_group() -> bool:
 
 
 def _is_peer_failure(e: RuntimeError) -> bool:
-    """A collective that failed because another rank exited (gloo: connection closed/reset; nccl: a
-    DistBackendError / watchdog abort)."""
+    """A collective failed because another rank exited (gloo: connection closed/reset; nccl: DistBackendError)."""
     if type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistError"):
         return True
     text = str(e).lower()
@@ -288,8 +266,7 @@ def _is_peer_failure(e: RuntimeError) -> bool:
 
 
 def _fail(msg):
-    """Print `error: msg` (prefixed `[rank R]` under torchrun) and exit with status 2. When several ranks
-    meet the same error (a bad flag, a too small dataset) only the first to report it prints."""
+    """Print `error: msg` (`[rank R] error:` under torchrun; of ranks meeting the same error only the first) and exit 2."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         if not _first_to_report(msg):
@@ -302,8 +279,8 @@ def _fail(msg):
 
 
 def _first_to_report(msg: str) -> bool:
-    """Count `msg` in torchrun's rendezvous store (MASTER_ADDR:MASTER_PORT, held by the launcher, so it
-    outlives any worker): True for the first rank. Without a reachable store every rank reports."""
+    """True for the first rank to count `msg` in torchrun's rendezvous store (held by the launcher, it outlives the
+    workers); every rank when no store is reachable."""
     try:
         import hashlib
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
@@ -313,9 +290,7 @@ def _first_to_report(msg: str) -> bool:
         return True
 
 
-# ----------------------------------------------------------------------------------------------
 # 3. Distributed
-# ----------------------------------------------------------------------------------------------
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -332,14 +307,12 @@ class DistInfo:
         return self.world_size > 1
 
     @property
-    def in_group(self) -> bool:
-        """A process group exists (launched by torchrun, at any world size): what FSDP needs."""
+    def in_group(self) -> bool:  # launched by torchrun, at any world size: what FSDP needs
         return _in_process_group()
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); plain single process
-    otherwise. nccl when running on CUDA, gloo on CPU (so the same code is testable on CPU)."""
+    """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), else one process; nccl on CUDA, gloo on CPU."""
     if not any(e in os.environ for e in ALLOC_CONF_ENVS):  # before CUDA starts: less fragmentation (docs/memory.md)
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -357,16 +330,23 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
+def _group_size() -> int:
+    return dist.get_world_size() if _in_process_group() else 1
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:  # (B, ...) of every rank in rank order -> (W*B, ...)
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, 0)
+
+
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums the incoming gradients over ranks and returns this rank's slice.
-    With DDP's gradient averaging this gives exactly the single-process gradient of a loss that is a
-    mean over the global batch (see tests/test_common.py)."""
+    """all_gather whose backward sums the gradients over ranks and returns this rank's slice: with DDP's gradient
+    averaging, exactly the single-process gradient of a mean over the global batch (tests/test_common.py)."""
 
     @staticmethod
     def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out, 0)
+        return _gather(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -378,24 +358,17 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` (B, ...) of every rank in rank order -> (W*B, ...), keeping the gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
+    return x if _group_size() == 1 else _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` of every rank in rank order, no gradient (queues, features, labels).
-    Every rank must pass the same shape."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, 0)
+    """Concatenate `x` (the same shape on every rank) in rank order, no gradient (queues, features, labels)."""
+    return x if _group_size() == 1 else _gather(x)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _group_size() == 1:
         return x
     x = x.detach().clone()
     dist.all_reduce(x)
@@ -405,7 +378,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def gather_per_rank(dist_info: DistInfo, obj) -> list | None:
     """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere (all_gather_object: call it on every rank)."""
     objs = [obj]
-    if _in_process_group() and dist_info.world_size > 1:
+    if _group_size() > 1:
         objs = [None] * dist_info.world_size
         dist.all_gather_object(objs, obj)
     return objs if dist_info.is_main else None
@@ -418,9 +391,8 @@ def seed_everything(seed: int):
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed for one (epoch, rank): reseeding at every epoch start makes a run resumed from an epoch
-    checkpoint draw exactly the same augmentations and masks as an uninterrupted one. Ranks differ
-    so that each draws its own masks/crops (as MAE's seed + rank)."""
+    """Seed of one (epoch, rank): reseeded at each epoch start, a resumed run draws the masks of an uninterrupted one;
+    ranks draw their own (as MAE's seed + rank)."""
     return seed + 1_000_003 * epoch + 7919 * rank
 
 
@@ -429,9 +401,8 @@ ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the user 
 
 
 def cuda_dtypes(device: torch.device) -> bool:
-    """True where a run uses the dtypes and policies of the CUDA run: on CUDA, and on the CPU when the
-    environment sets MIMREF_CUDA_DTYPES=1 (bf16 CPU autocast, FSDP's CUDA policy, fused AdamW), so that the
-    CUDA path (e.g. the 4 x 40 GB FSDP run under torchrun with gloo) can be exercised without a GPU."""
+    """The CUDA run's dtypes and policies (bf16 autocast, FSDP's policy, fused AdamW): on CUDA, and on the CPU under
+    MIMREF_CUDA_DTYPES=1, so that the CUDA path runs without a GPU."""
     return device.type == "cuda" or os.environ.get(CUDA_DTYPES_ENV, "0") == "1"
 
 
@@ -445,7 +416,7 @@ def precision(device: torch.device) -> str:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (no grad scaler needed) and under MIMREF_CUDA_DTYPES=1 on the CPU; fp32 otherwise."""
+    """bf16 autocast (no grad scaler needed) where `cuda_dtypes`, else fp32."""
     if cuda_dtypes(device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -462,14 +433,10 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-# ----------------------------------------------------------------------------------------------
 # 4. Vision Transformer
-# ----------------------------------------------------------------------------------------------
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> torch.Tensor:
-    """Fixed 2-D sin-cos table as in official MAE (util/pos_embed.py): token t = i*W + j gets
-    [sin(j w), cos(j w)] in its first dim/2 channels and [sin(i w), cos(i w)] in the last dim/2,
-    with w_k = 10000^(-k/(dim/4)). Computed in float64; a zero row is prepended for the CLS token.
-    Returns (1 + H*W, dim) or (H*W, dim)."""
+    """Fixed 2-D sin-cos table of official MAE (util/pos_embed.py), in float64: token i*W + j gets [sin(j w), cos(j w)]
+    then [sin(i w), cos(i w)], w_k = 10000^(-k/(dim/4)); a zero CLS row first. (1 + H*W, dim) or (H*W, dim)."""
     assert dim % 4 == 0, "sin-cos pos_embed needs dim divisible by 4"
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
     ii, jj = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
@@ -485,9 +452,8 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = Tr
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int, num_prefix: int = 1) -> torch.Tensor:
-    """Bicubic interpolation of the patch part of a (1, prefix + h*w, D) table to (grid_h, grid_w);
-    the CLS row is kept as is (MAE util/pos_embed.interpolate_pos_embed; MIM-Refiner interpolates the
-    loaded sin-cos grid the same way for local crops)."""
+    """The patch part of a (1, prefix + h*w, D) table bicubically resized to (grid_h, grid_w), the CLS row kept (MAE
+    util/pos_embed.interpolate_pos_embed; MIM-Refiner's local crops alike)."""
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     n = grid.shape[1]
     old = int(math.isqrt(n))
@@ -573,10 +539,9 @@ class Block(nn.Module):
 
 
 class RelativePositionBias(nn.Module):
-    """BEiT's shared relative position bias (Bao et al. 2022, Sec. 2.5; timm `beit.RelativePositionBias`, same
-    names): one learned scalar per head and relative offset (dy, dx) between two patches, plus three
-    entries for CLS->patch, patch->CLS and CLS->CLS; zero-initialised (BEiT). Added to the attention logits
-    of every block. Used by ConMIM's BEiT backbone, where it replaces the absolute position embedding."""
+    """BEiT's shared relative position bias (Bao et al. 2022, Sec. 2.5; timm `beit.RelativePositionBias` names): one
+    learned scalar per head and offset (dy, dx), plus CLS->patch, patch->CLS and CLS->CLS entries, zero-initialised,
+    added to every block's attention logits. ConMIM's backbone, in place of the absolute position embedding."""
 
     def __init__(self, grid: int, num_heads: int):
         super().__init__()
@@ -600,18 +565,11 @@ class RelativePositionBias(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder with the parameter names of timm / official MAE.
-
-    `pos_embed` (1, 1+N, D) is the fixed sin-cos table with a zero CLS row, stored as a frozen
-    nn.Parameter (as in MAE) so that it is saved and loaded and the state dict loads strictly into
-    timm's `VisionTransformer(num_classes=0, ...)`. Inputs of another resolution than `img_size`
-    (local crops) use a bicubically interpolated table.
-
-    `rel_pos_bias=True` gives BEiT's position scheme instead (ConMIM's backbone): no absolute position
-    embedding (`pos_embed` is None), one RelativePositionBias shared by all blocks; the state dict then
-    loads into timm's `Beit(use_abs_pos_emb=False, use_shared_rel_pos_bias=True)` after splitting
-    qkv.bias into q_bias / v_bias (conmim.timm_beit_state_dict). Fixed resolution (no interpolation).
-    """
+    """ViT encoder with timm / official MAE parameter names; the state dict loads strictly into timm's
+    `VisionTransformer(num_classes=0)`. `pos_embed` (1, 1+N, D) is the fixed sin-cos table as a frozen nn.Parameter
+    (as MAE), interpolated for other resolutions (local crops). `rel_pos_bias=True`: BEiT's scheme (ConMIM), no
+    `pos_embed`, one shared RelativePositionBias, fixed resolution; loads into timm's `Beit` after
+    conmim.timm_beit_state_dict."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, drop_path_rate=0.0, post_norm=False, grad_checkpointing: int = 0, rel_pos_bias=False):
@@ -658,12 +616,8 @@ class VisionTransformer(nn.Module):
                     num_heads=self.num_heads, post_norm=self.post_norm, rel_pos_bias=self.rel_pos_bias is not None)
 
     def embed(self, x, keep_idx=None, mask=None, mask_token=None):
-        """Patchify and add positions; returns [CLS; patches] (B, 1+n, D).
-
-        keep_idx  (B, n_keep) long: keep only these patches (MAE: the encoder sees visible tokens).
-        mask      (B, N) bool: replace these patches by `mask_token` (1, 1, D) before adding positions
-                  (BEiT/ConMIM-style corruption; all tokens stay in the sequence).
-        """
+        """[CLS; patches] with positions, (B, 1+n, D). keep_idx (B, n) long: only these patches (MAE's visible ones);
+        mask (B, N) bool: these patches replaced by `mask_token` (1, 1, D) before the positions (BEiT/ConMIM)."""
         gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         x = self.patch_embed(x)  # (B, N, D)
         if mask is not None:
@@ -682,9 +636,8 @@ class VisionTransformer(nn.Module):
         return self.embed_norm(x) if self.post_norm else x
 
     def forward_features(self, x, keep_idx=None, mask=None, mask_token=None, return_blocks=None):
-        """All tokens after the final norm, (B, 1+n, D). With `return_blocks` (list of 0-based block
-        indices, negatives allowed) also returns the raw residual-stream output of those blocks
-        (no final norm), as a list of (B, 1+n, D), in the order asked."""
+        """All tokens after the final norm, (B, 1+n, D); with `return_blocks` (0-based, negatives allowed) also the raw
+        residual stream after those blocks, a list of (B, 1+n, D) in the order asked."""
         x = self.embed(x, keep_idx, mask, mask_token)
         bias = None if self.rel_pos_bias is None else self.rel_pos_bias(keep_idx)  # shared by all blocks (BEiT)
         want = {} if return_blocks is None else {b % self.depth: i for i, b in enumerate(return_blocks)}
@@ -702,10 +655,8 @@ class VisionTransformer(nn.Module):
         return x if return_blocks is None else (x, outs)
 
     def checkpointed_blocks(self) -> list[int]:
-        """Blocks run under activation checkpointing: the first `grad_checkpointing` (an int k) of the blocks with
-        trainable parameters (the memory plan checkpoints only as many as it must, the others keep their faster
-        stored-activation backward; k >= depth: all of them). A frozen leading block (MIM-Refiner
-        ViT-2B/14) stores nothing for backward, so checkpointing it would only cost a recompute."""
+        """The first `grad_checkpointing` (an int) of the trainable blocks run under activation checkpointing (the
+        plan checkpoints only as many as it must); a frozen block stores nothing for backward (MIM-Refiner ViT-2B/14)."""
         trainable = [i for i, b in enumerate(self.blocks) if any(p.requires_grad for p in b.parameters())]
         return trainable[:self.grad_checkpointing]
 
@@ -726,9 +677,7 @@ VIT_CONFIGS = {
 
 
 def create_vit(name: str, img_size: int | None = None, patch_size: int | None = None, **overrides) -> VisionTransformer:
-    """Build a registered ViT. img_size defaults to 224, patch_size to the model's own; any
-    constructor argument (dim, depth, num_heads, drop_path_rate, post_norm, grad_checkpointing) may be
-    overridden."""
+    """A registered ViT (img_size 224 and its own patch size by default); `overrides` go to the constructor."""
     if name not in VIT_CONFIGS:
         raise UserError(f"unknown --model {name!r}; choose one of {', '.join(VIT_CONFIGS)}")
     dim, depth, heads, patch = VIT_CONFIGS[name]
@@ -750,10 +699,8 @@ STATIC_CHECKPOINTED = ("vit_l16", "vit_h14", "vit_2b14")
 
 
 def plan_run(args, device: torch.device, world: int, n_blocks: int, plan_fn, log_print=print):
-    """The start-up choice of how many of the n_blocks trainable blocks run under activation checkpointing (an
-    int k) and of FSDP: (k, fsdp), or None once `--plan` printed its line (the caller exits). With memplan.py
-    (optional neighbour) it is the measured plan (memplan.apply_memory_plan, `plan_fn(gpus, capacity, mode)`);
-    without it `auto` takes STATIC_CHECKPOINTED on CUDA, off on the CPU, and says so in one line on CUDA."""
+    """(checkpointed blocks k of n_blocks, fsdp), or None once `--plan` printed its line: memplan.py's measured plan
+    (`plan_fn(gpus, capacity, mode)`), or without it `auto` = STATIC_CHECKPOINTED on CUDA (said in one line), off on CPU."""
     try:
         memplan = neighbour("memplan", "--plan")
     except UserError:
@@ -769,9 +716,7 @@ def plan_run(args, device: torch.device, world: int, n_blocks: int, plan_fn, log
     return memplan.apply_memory_plan(args, device, world, n_blocks, plan_fn, log_print)
 
 
-# ----------------------------------------------------------------------------------------------
 # 5. Data
-# ----------------------------------------------------------------------------------------------
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # modes that convert("RGB") maps faithfully (palette lookup, alpha dropped, CMYK/YCbCr/HSV colour transforms)
@@ -779,8 +724,8 @@ _RGB_CONVERTIBLE = ("RGB", "L", "1", "P", "RGBA", "RGBX", "RGBa", "LA", "PA", "C
 
 
 def _to_rgb(img: Image.Image, path: str) -> Image.Image:
-    """8-bit RGB. 16-bit grey (PNG/TIFF `I;16*`, PNG `I`) is scaled 65535 -> 255; a plain convert("RGB")
-    would clip every value above 255 to white. Modes that cannot be mapped faithfully are refused."""
+    """8-bit RGB; 16-bit grey (PNG/TIFF `I;16*`, PNG `I`) scaled 65535 -> 255 (convert("RGB") would clip it to white);
+    modes without a faithful mapping refused."""
     if img.mode in _RGB_CONVERTIBLE:
         return img.convert("RGB")
     if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):  # PNG stores 16-bit grey as I
@@ -825,13 +770,8 @@ def is_synthetic(data: str) -> bool:
 
 def build_dataset(data: str, split: str, transform, img_size: int = 32, seed: int = 0,
                   require_labels: bool = False) -> torch.utils.data.Dataset:
-    """`--data synthetic[:N_TRAIN[:N_VAL]]` or a folder.
-
-    Folder layout: ROOT/train and ROOT/val as ImageFolders (class subfolders). For training
-    (require_labels=False) ROOT/train, or ROOT itself when it has no train/ subfolder, may also be a
-    flat folder of images without classes. Evaluation (kNN) needs labelled train and val folders.
-    The synthetic images (synthetic.py) are rendered at `img_size` (the crop size the script trains at).
-    """
+    """`--data synthetic[:N_TRAIN[:N_VAL]]` (synthetic.py, rendered at `img_size`) or ROOT with ROOT/train and ROOT/val
+    as ImageFolders; for training (not `require_labels`) ROOT/train, or ROOT, may be a flat folder of images."""
     from torchvision.datasets import ImageFolder
 
     if is_synthetic(data):
@@ -862,8 +802,7 @@ def build_dataset(data: str, split: str, transform, img_size: int = 32, seed: in
 
 
 def _refuse_symlink_loops(folder: Path):
-    """ImageFolder follows symlinks (os.walk(followlinks=True)): a link to a folder that contains it would list
-    the same images again and again, down to the system's path limit."""
+    """ImageFolder follows symlinks: a link to a folder that contains it would list its images down to the path limit."""
     for dirpath, dirnames, _ in os.walk(folder, followlinks=True):
         here = os.path.realpath(dirpath)
         for d in dirnames:
@@ -875,8 +814,7 @@ def _refuse_symlink_loops(folder: Path):
 
 
 class WithIndex(torch.utils.data.Dataset):
-    """Yields (x, label, dataset_index): the index keys the queue's self-exclusion and lets the kNN
-    feature bank drop the duplicates that DistributedSampler pads in."""
+    """(x, label, dataset index): the index keys the queue's self-exclusion and places the kNN bank's rows."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -907,10 +845,8 @@ def mae_train_transform(img_size: int, scale=(0.2, 1.0)):
 
 
 def eval_resize(img_size: int) -> int:
-    """Short side before the center crop: floor(img_size * 256 / 224) in exact integer arithmetic, as
-    facebookresearch/mae util/datasets.py (`int(input_size / crop_pct)`, crop_pct 224/256), DINO
-    (Resize(256) at 224) and timm transforms_imagenet_eval (floor(img_size / crop_pct), crop_pct 0.875):
-    256 at 224, 36 at 32, 109 at 96."""
+    """Short side before the center crop, floor(img_size * 256 / 224) in integers (facebookresearch/mae
+    util/datasets.py, DINO's Resize(256), timm's crop_pct 0.875): 256 at 224, 36 at 32."""
     return img_size * 256 // 224
 
 
@@ -922,8 +858,7 @@ def eval_transform(img_size: int):
 
 
 class GaussianBlur:
-    """PIL Gaussian blur with radius ~ U[lo, hi] (BYOL/DINO use sigma in [0.1, 2.0] at 224 px), applied
-    with probability p. The radius is scaled by size/224 so tiny images are not wiped out."""
+    """With probability p a PIL Gaussian blur of radius ~ U[lo, hi] (BYOL/DINO: [0.1, 2.0] at 224 px) x size/224."""
 
     def __init__(self, p: float, size: int, lo: float = 0.1, hi: float = 2.0):
         self.p, self.lo, self.hi = p, lo * size / 224, hi * size / 224
@@ -944,9 +879,8 @@ class Solarize:
 
 def byol_view(size: int, scale=(0.08, 1.0), blur_p: float = 0.5, solarize_p: float = 0.0,
               jitter=(0.4, 0.4, 0.2, 0.1), jitter_p: float = 0.8, gray_p: float = 0.2):
-    """One BYOL-style view (Grill et al. 2020, Table 6): RandomResizedCrop (bicubic), flip, colour jitter
-    (p 0.8), grayscale (p 0.2), Gaussian blur (p view-specific), solarize (p view-specific), normalise.
-    BYOL's asymmetric pair is blur_p 1.0/solarize 0.0 and blur_p 0.1/solarize 0.2."""
+    """One BYOL view (Grill et al. 2020, Table 6): bicubic RandomResizedCrop, flip, colour jitter (p 0.8), grayscale
+    (p 0.2), blur and solarize (BYOL's pair: blur 1.0 / solarize 0, blur 0.1 / solarize 0.2), normalise."""
     T = _tv()
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
@@ -970,15 +904,13 @@ class MultiView:
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Seed of the augmentation of dataset item `index` in `epoch`: a function of (seed, epoch, index) only, so
-    that an item is augmented alike whichever rank, worker or position in a resumed epoch loads it."""
+    """Seed of item `index`'s augmentation in `epoch`: alike whichever rank, worker or resumed position loads it."""
     return (epoch_seed(seed, epoch, 0) * 2_654_435_761 + index) % 2**63
 
 
 class SeededSamples(torch.utils.data.Dataset):
-    """`dataset` whose item i draws its random augmentation from the CPU generators of torch, `random` and numpy
-    seeded with sample_seed(seed, epoch, i); the caller's generator states are restored afterwards (with
-    --num-workers 0 the loading runs in the training process, beside the step's own random draws)."""
+    """`dataset` whose item i draws its augmentation from torch's CPU, `random` and numpy generators seeded with
+    sample_seed(seed, epoch, i), the caller's states restored after (--num-workers 0 loads in the training process)."""
 
     def __init__(self, dataset, seed: int, epoch: int):
         self.dataset, self.seed, self.epoch = dataset, seed, epoch
@@ -1000,41 +932,25 @@ class SeededSamples(torch.utils.data.Dataset):
             np.random.set_state(saved[2])
 
 
-class SkipSampler(torch.utils.data.Sampler):
-    """The first `skip` indices of `sampler` left out: the rest of an epoch resumed after `skip` of this rank's
-    samples (DistributedSampler hands rank r the positions r, r + W, ... of one permutation, so skipping k per
-    rank leaves the same images for any number of processes W)."""
-
-    def __init__(self, sampler, skip: int):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self):
-        return max(len(self.sampler) - self.skip, 0)
-
-
 def _ignore_stop_signals(worker_id: int):
-    """DataLoader workers leave SIGTERM/SIGUSR1/SIGINT (sent to the whole process group by SLURM or a terminal) to
-    the training process, which stops at the next update boundary; a worker exits when its parent does."""
+    """Workers leave SIGTERM/SIGUSR1/SIGINT (SLURM and terminals signal the process group) to the training process."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
 def build_loader(dataset, batch_size: int, dist_info: DistInfo, shuffle: bool, drop_last: bool,
                  num_workers: int, seed: int = 0, epoch: int = 0, skip: int = 0):
-    """DataLoader over this rank's shard of one epoch, `batch_size` per rank. The sampler order is a function of
-    (seed, epoch) and each item's augmentation of (seed, epoch, index) (SeededSamples), so a run resumed at
-    any update boundary (`skip` = samples of this rank already used in the epoch) sees exactly the batches and
-    augmentations of an uninterrupted one, with any --num-workers."""
+    """This rank's shard of one epoch, `batch_size` per rank, its order a function of (seed, epoch) and each item's
+    augmentation of (seed, epoch, index): resumed after `skip` of this rank's samples, the same batches and
+    augmentations as an uninterrupted run, with any --num-workers."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                                   shuffle=shuffle, seed=seed, drop_last=drop_last)
     sampler.set_epoch(epoch)
     g = torch.Generator()
     g.manual_seed(epoch_seed(seed, epoch, dist_info.rank))  # the DataLoader's own draws (worker base seed)
     return torch.utils.data.DataLoader(SeededSamples(dataset, seed, epoch), batch_size=batch_size,
-                                       sampler=SkipSampler(sampler, skip) if skip else sampler,
+                                       sampler=neighbour("longrun", "resuming inside an epoch").SkipSampler(
+                                           sampler, skip) if skip else sampler,
                                        num_workers=num_workers, pin_memory=dist_info.device.type == "cuda",
                                        drop_last=drop_last, generator=g,
                                        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
@@ -1048,13 +964,11 @@ def per_rank_batch(global_batch: int, accum_steps: int, world_size: int) -> int:
     return global_batch // (accum_steps * world_size)
 
 
-# ----------------------------------------------------------------------------------------------
 # 6. Optimisation: schedules (pure functions of the step), parameter groups, EMA
-# ----------------------------------------------------------------------------------------------
 def cosine_schedule(step: int, total_steps: int, base: float, final: float = 0.0, warmup_steps: int = 0,
                     warmup_start: float = 0.0) -> float:
-    """Linear warmup from `warmup_start` to `base` over `warmup_steps`, then half-cosine from `base` to
-    `final` at `total_steps` (MAE util/lr_sched.py, per iteration). Pure function of the step."""
+    """Linear warmup `warmup_start` -> `base` over `warmup_steps`, then half-cosine to `final` at `total_steps` (MAE
+    util/lr_sched.py, per iteration)."""
     if step < warmup_steps:
         return warmup_start + (base - warmup_start) * step / warmup_steps
     t = min(max(step - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
@@ -1068,8 +982,7 @@ def momentum_schedule(step: int, total_steps: int, base: float, final: float = 1
 
 
 def vit_layer_id(name: str, depth: int) -> int:
-    """Layer index for layer-wise lr decay (BEiT/MAE util/lr_decay.py): stem (cls_token, pos_embed,
-    patch_embed, embed_norm) 0, blocks.k -> k+1, everything after the blocks (final norm) depth+1."""
+    """Layer of a parameter for layer-wise lr decay (BEiT/MAE util/lr_decay.py): stem 0, blocks.k k+1, after depth+1."""
     if name.startswith(("cls_token", "pos_embed", "patch_embed", "embed_norm", "mask_token")):
         return 0
     if name.startswith("blocks."):
@@ -1085,9 +998,8 @@ def no_weight_decay(name: str, p: torch.Tensor) -> bool:
 
 def param_groups(named_params, weight_decay: float, layer_decay: float | None = None, depth: int | None = None,
                  lr_scale: float = 1.0, tag: str = "") -> list[dict]:
-    """AdamW parameter groups. Frozen parameters (requires_grad False) are skipped. With
-    `layer_decay`, a ViT parameter at layer id l (see vit_layer_id) gets lr x layer_decay^(depth+1-l).
-    Every group carries `lr_scale` (multiplied into the scheduled lr by `set_lr`) and a readable name."""
+    """AdamW groups of the trainable parameters, each with a name and `lr_scale` (set_lr multiplies it in): with
+    `layer_decay`, layer l (vit_layer_id) gets layer_decay^(depth+1-l)."""
     groups: dict[tuple, dict] = {}
     for n, p in named_params:
         if not p.requires_grad:
@@ -1120,8 +1032,7 @@ def set_lr(optimizer, lr: float, wd: float | None = None):
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, online: nn.Module, momentum: float, copy_buffers: bool = True):
-    """ema <- m * ema + (1 - m) * online over all parameters (frozen ones included, which then stay
-    equal); buffers (BN statistics) are copied."""
+    """ema <- m * ema + (1 - m) * online over all parameters (frozen ones stay equal); buffers are copied."""
     for pe, po in zip(ema.parameters(), online.parameters()):
         pe.lerp_(po.detach().to(pe.dtype), 1.0 - momentum)
     if copy_buffers:
@@ -1144,11 +1055,9 @@ def _last_good(output_dir: str) -> str:
     return f"no checkpoint was written yet ({path} does not exist; the rerun starts from scratch)"
 
 
-# ----------------------------------------------------------------------------------------------
 # 7. Checkpoints
-# ----------------------------------------------------------------------------------------------
 def first_non_finite(obj, name: str = "") -> str | None:
-    """Key path of the first floating tensor (or float) holding nan/inf in a nested dict/list, else None."""
+    """Key path of the first nan/inf floating tensor (or float) in a nested dict/list, else None."""
     if isinstance(obj, torch.Tensor):
         bad = (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all())
         return name if bad else None
@@ -1186,12 +1095,9 @@ def weights_rms(sd: dict) -> float:
 
 
 def save_checkpoint(path: str, state: dict, weights_rms_start: float | None = None):
-    """Atomic, durable write: temp file + fsync + rename + fsync of the folder, so a killed run or a crash
-    leaves either the previous file or the new one, never a half-written one. A state with nan/inf in any
-    floating tensor (weights, optimizer moments) is refused, and so is one whose encoder weights ("model_online",
-    else "model") have an RMS over DIVERGED_GROWTH x `weights_rms_start` (an exploded run that is still finite):
-    the previous file stays the last good one. Temp files of dead writers are removed first (each is a full-size
-    copy); a failed write (a full disk, a folder in the file's place) removes its own and says so in one line."""
+    """Atomic, durable write (temp file, fsync, rename, fsync of the folder): a crash leaves the old file or the new.
+    Refused, the old file kept as the last good one: nan/inf anywhere, or encoder weights ("model_online", else
+    "model") over DIVERGED_GROWTH x `weights_rms_start` RMS. A failed write removes its temp file, says so in one line."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
     prev = f"{path} still holds the last good state" if os.path.isfile(path) else f"no checkpoint was written yet ({path})"
@@ -1269,7 +1175,7 @@ def load_file(path: str) -> dict:
 
 
 def clean_state_dict(sd: dict) -> dict:
-    """Strip wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`, `backbone.`, `encoder.`)."""
+    """Without wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`, `backbone.`, `encoder.`)."""
     out = {}
     for k, v in sd.items():
         for pre in ("module.", "_orig_mod.", "backbone.", "encoder."):
@@ -1285,9 +1191,8 @@ def encoder_state_dict(model: nn.Module) -> dict:
 
 
 def convert_to_ours(sd: dict) -> dict:
-    """Our (timm) key names, without decoder / mask token / classifier. Our files and official MAE ones (with or
-    without decoder) are in them already; the data2vec 2.0, MIM-Refiner and MAE-CT release layouts are mapped by
-    foreign.py (optional neighbour)."""
+    """Our (timm) key names without decoder, mask token, classifier (ours and official MAE have them; foreign.py maps
+    the data2vec 2.0, MIM-Refiner and MAE-CT releases)."""
     sd = clean_state_dict(sd)
     layout = foreign_layout(sd)
     if layout:
@@ -1325,14 +1230,9 @@ def checkpoint_encoder_config(sd: dict) -> dict:
 
 
 def select_weights(ckpt: dict, ema: bool = False) -> tuple[dict, str]:
-    """Pick the encoder state dict out of a loaded file. Returns (state_dict, description).
-
-    Our checkpoints: "model" is the encoder each method evaluates/releases (the EMA encoder for MAE-CT
-    and MIM-Refiner, the online encoder for MAE, LUT and ConMIM). With `ema=True` the EMA/momentum
-    encoder: "model_ema" if present, else "model" when the checkpoint marks it as the EMA one.
-    Foreign files: {"model": ...} (official MAE), {"state_dict": ...} (MAE-CT, MIM-Refiner), fairseq
-    {"model": {...modality_encoders...}} (data2vec 2.0), or a raw state dict.
-    """
+    """(encoder state dict, description) of a loaded file: "model" (ours: the method's released encoder, EMA for MAE-CT
+    and MIM-Refiner; official MAE; fairseq data2vec 2.0), "state_dict" (MAE-CT, MIM-Refiner), or a raw state dict.
+    `ema`: "model_ema", or "model" where it is marked the EMA one."""
     if not isinstance(ckpt, dict):
         raise UserError("checkpoint is not a dict of tensors")
     if ema:
@@ -1351,8 +1251,8 @@ def select_weights(ckpt: dict, ema: bool = False) -> tuple[dict, str]:
 
 
 def load_encoder(model: VisionTransformer, source, ema: bool = False, what: str = "checkpoint") -> str:
-    """Load encoder weights (path or loaded dict) into `model` strictly, interpolating pos_embed if the
-    resolution differs. A checkpoint of another architecture gets a one-line error naming both."""
+    """Encoder weights (path or loaded dict) into `model`, strictly, pos_embed interpolated to its resolution; another
+    architecture is a one-line error naming both."""
     ckpt = load_file(source) if isinstance(source, (str, Path)) else source
     sd, desc = select_weights(ckpt, ema)
     sd = convert_to_ours(sd)
@@ -1386,8 +1286,8 @@ def checkpoint_path(output_dir: str) -> str:
 
 
 def check_output_dir(output_dir: str):
-    """Fail fast (before any heavy work, creating nothing) when `output_dir` cannot be written: a file in its
-    place or above it, a symlink to nothing, a read-only or unwritable folder, an empty name."""
+    """Fail before any heavy work, creating nothing, when `output_dir` cannot be written (a file in its place or above,
+    a dangling symlink, a read-only folder, an empty name)."""
     if not str(output_dir).strip():
         raise UserError("--output-dir is empty; pass the folder the run should write to")
     p = Path(output_dir)
@@ -1399,8 +1299,7 @@ def check_output_dir(output_dir: str):
 
 
 def check_writable(path: str, flag: str, folder: bool = False):
-    """One-line UserError unless `path` (a folder if `folder`, else a file) can be created or overwritten.
-    Probes the nearest existing folder with a temporary file that is removed again."""
+    """One-line UserError unless `path` (a folder if `folder`) can be written: probes the nearest existing folder."""
     import tempfile
     p = Path(path).absolute()
     if p.exists() and p.is_dir() != folder:
@@ -1420,8 +1319,8 @@ def check_writable(path: str, flag: str, folder: bool = False):
 
 
 def load_resume_state(output_dir: str) -> dict | None:
-    """The state of `OUTPUT_DIR/checkpoint-last.pth` if it exists (automatic resume), else None. Checks first
-    that OUTPUT_DIR is writable and removes temp files of killed saves."""
+    """The state of OUTPUT_DIR/checkpoint-last.pth (automatic resume) or None, after checking OUTPUT_DIR is writable
+    and removing temp files of killed saves."""
     check_output_dir(output_dir)
     path = checkpoint_path(output_dir)
     if os.path.isdir(path):
@@ -1459,12 +1358,9 @@ RESUME_WARN = {
 
 
 def check_resume_args(state: dict, args, output_dir: str, state_keys=(), shape=(), refuse: dict | None = None):
-    """Compare the flags stored in a resume checkpoint with the current ones, before any weights are loaded.
-
-    A checkpoint written by another script (its flags or `state_keys` do not match) and a changed flag in
-    RESUME_SHAPE + `shape` (parameter shapes, optimizer parameter groups) or in RESUME_REFUSED + `refuse` give
-    one-line UserErrors naming the flag and both values; other changed flags (except RESUME_IGNORED) are
-    printed as warnings with the reason (RESUME_WARN) and the run resumes."""
+    """Before any weights load: a checkpoint of another script (its flags or `state_keys`) or a changed flag in
+    RESUME_SHAPE + `shape` or RESUME_REFUSED + `refuse` is a one-line UserError naming both values; other changed flags
+    (not RESUME_IGNORED) are warnings with their reason (RESUME_WARN)."""
     path = checkpoint_path(output_dir)
     script = os.path.basename(sys.argv[0]) or "this script"
     stored = state.get("args")
@@ -1495,9 +1391,7 @@ def check_resume_args(state: dict, args, output_dir: str, state_keys=(), shape=(
             print(f"warning: resuming {path} with {flag} {now} (it was trained with {was}): {why}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
 # 7b. Sharded modules: --fsdp lives in fsdp.py (optional neighbour); the checkpoint writer calls it for them
-# ----------------------------------------------------------------------------------------------
 def is_sharded(module: nn.Module) -> bool:
     """True when `module` holds FSDP-sharded (DTensor) parameters."""
     try:
@@ -1508,8 +1402,7 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def full_state_dict(module: nn.Module) -> dict:
-    """The plain single-process state dict (no `module.`/`_orig_mod.` prefixes, full tensors): a collective
-    for an FSDP-sharded module (call it on EVERY rank; fsdp.full_state_dict), else `encoder_state_dict`."""
+    """The plain single-process state dict: for an FSDP-sharded module a collective (every rank calls it)."""
     return neighbour("fsdp", "--fsdp").full_state_dict(module) if is_sharded(module) else encoder_state_dict(module)
 
 
@@ -1519,8 +1412,7 @@ def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimize
 
 
 def load_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict):
-    """optimizer.load_state_dict, or through fsdp.load_optimizer_state_dict for a sharded module or a state saved
-    by one (parameters keyed by name)."""
+    """optimizer.load_state_dict, or fsdp.py's for a sharded module or a state saved by one (keyed by name)."""
     groups = state.get("param_groups") or [{"params": [0]}]
     if is_sharded(module) or isinstance((groups[0]["params"] or [0])[0], str):
         neighbour("fsdp", "--fsdp").load_optimizer_state_dict(module, optimizer, state)
@@ -1529,8 +1421,7 @@ def load_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimize
 
 
 def grad_sync(model: nn.Module, sync: bool):
-    """Context for one accumulation micro-step: no gradient all-reduce / reduce-scatter unless `sync`
-    (DDP `no_sync()`, FSDP2 `set_requires_gradient_sync(False)`; nothing for a plain module)."""
+    """Context of one accumulation micro-step: no gradient all-reduce / reduce-scatter unless `sync` (DDP, FSDP2)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext() if sync else model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):
@@ -1538,9 +1429,7 @@ def grad_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-# ----------------------------------------------------------------------------------------------
 # 8. Logging
-# ----------------------------------------------------------------------------------------------
 def git_sha() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -1550,8 +1439,7 @@ def git_sha() -> str:
 
 
 class Logger:
-    """Rank-0 logging: stdout, `log.jsonl` (one JSON object per logged step/epoch), `args.json` and,
-    if installed, TensorBoard scalars/images under OUTPUT_DIR/tb. Holds OUTPUT_DIR's lock (longrun.OutputLock)."""
+    """Rank-0 logging to stdout, log.jsonl, args.json and TensorBoard (OUTPUT_DIR/tb); holds longrun.OutputLock."""
 
     def __init__(self, output_dir: str, args, dist_info: DistInfo, extra: dict | None = None):
         self.active = dist_info.is_main
@@ -1616,20 +1504,16 @@ def progress(iterable, dist_info: DistInfo, **kw):
     return tqdm(iterable, disable=not dist_info.is_main, dynamic_ncols=True, delay=kw.pop("delay", 1.0), **kw)
 
 
-# ----------------------------------------------------------------------------------------------
 # 9. During training: kNN monitor, kept checkpoints, the paper's evaluation command
-# ----------------------------------------------------------------------------------------------
-# The monitor is a cheap collapse / too-high-lr alarm (MIM-Refiner App. E; the official MIM-Refiner and
-# MAE-CT code run a k-NN on a 10% ImageNet subset after every epoch). Its feature and vote are eval_knn.py's
-# default protocol restricted to one k, so `eval_knn.py --k 20 --block B --train-subset F --seed S` on the
-# same checkpoint gives the same top-1 (tests/test_knn_monitor.py).
+# The monitor is a cheap collapse / too-high-lr alarm (MIM-Refiner App. E; the official MIM-Refiner and MAE-CT code
+# run a k-NN on 10% of ImageNet every epoch): eval_knn.py's protocol at one k (`eval_knn.py --k 20 --block B
+# --train-subset F --seed S` gives the same top-1, tests/test_knn_monitor.py).
 KNN_MONITOR_K = 20  # DINO eval_knn.py: "20 is usually working the best"
 KNN_TEMPERATURE = 0.07  # DINO eval_knn.py; Wu et al. 2018 Sec. 3.4
 
 
 def knn_bank_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
-    """Sorted indices of the round(fraction * n) (at least 1) train images used as the k-NN bank, drawn
-    without replacement by a generator seeded with `seed` (a function of (n, fraction, seed) only)."""
+    """Sorted indices of the k-NN bank: round(fraction * n) (at least 1) of n, drawn with a generator seeded `seed`."""
     if fraction == 1.0:
         return torch.arange(n)
     m = max(1, int(round(fraction * n)))
@@ -1639,13 +1523,10 @@ def knn_bank_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
                  ks, T: float, num_classes: int, chunk: int = 256) -> dict:
-    """Weighted k-NN vote (DINO eval_knn.knn_classifier; Wu et al. 2018 Eq. 7-8) on cosine similarity: score_c =
-    sum over the k most similar train features of exp(s_i / T) [y_i = c], computed as exp((s_i - s_max) / T) (the
-    per-image factor leaves the vote unchanged and avoids overflow). The one vote of the monitor and eval_knn.py.
-
-    train_f (N, D) any float dtype (fp16 allowed), test_f (M, D), any scale (the train bank is never copied:
-    cosine = <q/|q|, t> / |t|); labels long in [0, num_classes). All k come from one top-max(k); k is clipped to N.
-    Returns {"top1": {k: %}, "top5": {k: %} (only when num_classes > 5)} keyed by the requested k."""
+    """Weighted k-NN vote on cosine similarity (DINO eval_knn.knn_classifier; Wu et al. 2018 Eq. 7-8): score_c = sum
+    over the k nearest of exp(s_i / T) [y_i = c], as exp((s_i - s_max) / T) (no overflow, same vote). train_f (N, D)
+    of any float dtype and scale (never copied), test_f (M, D); k clipped to N.
+    Returns {"top1": {k: %}, "top5": {k: %} (when num_classes > 5)}."""
     n_train, device = train_f.shape[0], train_f.device
     if n_train == 0 or test_f.shape[0] == 0:
         raise UserError("k-NN needs at least one train and one val image")
@@ -1677,12 +1558,9 @@ def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
 @torch.no_grad()
 def knn_features(encoder: VisionTransformer, dataset, blocks: list[int], dist_info: DistInfo, batch_size: int,
                  num_workers: int, pool: str = "cls") -> tuple[dict | None, torch.Tensor | None]:
-    """Features of `blocks` (0-based) from one pass: the last block after the final LayerNorm (the encoder
-    output), the others raw (residual stream), pooled as CLS or mean of the patch tokens (eval_knn.py's
-    default feature). Each rank extracts its DistributedSampler shard; features, labels and dataset indices
-    are gathered and written with index_copy_, so the padded duplicates land on their own rows. A
-    collective under DDP/FSDP (every rank calls it). Returns ({block: (N, D) fp32}, labels (N,)) on rank 0,
-    (None, None) elsewhere."""
+    """({block: (N, D) fp32}, labels (N,)) on rank 0, (None, None) elsewhere; a collective. The last block after the
+    final norm, the others raw, pooled `cls` or `avg` of the patches (eval_knn.py's feature); rows placed by dataset
+    index, so the sampler's padded duplicates land on their own rows."""
     depth, device = encoder.depth, dist_info.device
     raw = [b for b in blocks if b != depth - 1]
     loader = build_loader(WithIndex(dataset), batch_size, dist_info, shuffle=False, drop_last=False,
@@ -1715,13 +1593,10 @@ def _labelled_splits(data: str) -> bool:
 
 
 class KnnMonitor:
-    """k-NN top-1 at k = 20 (T = 0.07) after every `every` epochs (0: off): bank = a seeded `subset` fraction of the
-    train split, queries = the whole val split, both through eval_transform (no augmentation). `data`: the labelled
-    root (--knn-data); None takes the training root `train_data` when it has labelled train/ and val/ splits, else
-    the monitor is off with one line. `blocks`: the blocks the method trains (negatives count from the end); `pool`:
-    cls or avg. Build it on every rank before the loop (data errors surface at once), call it on every rank after
-    the epoch's checkpoint with the encoder that checkpoint's "model" holds. Logs `knn/top1_block{B}` to log.jsonl /
-    TensorBoard and prints one line."""
+    """k-NN top-1 (k 20, T 0.07) every `every` epochs (0: off) of `blocks`: bank a seeded `subset` of the train split,
+    queries the val split, both eval_transform. `data` (--knn-data) None: the training root when it has labelled
+    train/ and val/, else off with one line. Built and called on every rank (after the epoch's checkpoint, with
+    the encoder its "model" holds); logs `knn/top1_block{B}` and prints one line."""
 
     def __init__(self, dist_info: DistInfo, log: "Logger", *, every: int, data: str | None, train_data: str,
                  subset: float, img_size: int, batch_size: int, num_workers: int, seed: int, blocks=(-1,),
@@ -1773,9 +1648,8 @@ class KnnMonitor:
 
 def save_kept(every: int, output_dir: str, dist_info: DistInfo, epochs_done: int, model_sd: dict,
               encoder_config: dict, model_is_ema: bool) -> str | None:
-    """Every `every` epochs (--save-every; 0: never) keep OUTPUT_DIR/checkpoint-epochNNN.pth (NNN = epochs done)
-    with the evaluated encoder only ("model", "encoder_config", "model_is_ema"): loadable by eval_knn.py and
-    strictly into timm, not resumable (checkpoint-last.pth is). Rank 0 writes, atomically."""
+    """Every `every` epochs (0: never) rank 0 keeps OUTPUT_DIR/checkpoint-epochNNN.pth (NNN epochs done): the evaluated
+    encoder only, for eval_knn.py and timm (checkpoint-last.pth is the resumable one)."""
     if not every or epochs_done % every or not dist_info.is_main:
         return None
     path = os.path.join(output_dir, f"checkpoint-epoch{epochs_done:03d}.pth")
@@ -1785,23 +1659,19 @@ def save_kept(every: int, output_dir: str, dist_info: DistInfo, epochs_done: int
 
 
 def paper_eval_command(args, flags: str = "", script: str = "eval_knn.py") -> str:
-    """The `script` command line (eval_knn.py, eval_linear.py, eval_frozen.py) for OUTPUT_DIR/checkpoint-last.pth
-    on the run's data, with `flags`."""
+    """The `script` (an eval_*.py) command line for OUTPUT_DIR/checkpoint-last.pth on the run's data, with `flags`."""
     data = args.knn_data or args.data
     seed = f" --seed {args.seed}" if is_synthetic(data) and args.seed else ""  # renders the same images
     return (f"python {script} --checkpoint {checkpoint_path(args.output_dir)} --data {data}{seed} "
             f"--img-size {args.img_size} {flags}").strip()
 
 
-# ----------------------------------------------------------------------------------------------
 # 9b. Long runs: saves inside an epoch and on stop signals live in longrun.py (optional neighbour)
-# ----------------------------------------------------------------------------------------------
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # data-loading workers leave them to the training process
 
 
 class EpochEndSaves:
-    """The run control without longrun.py: checkpoints at epoch ends only; a stop signal ends the process, and the
-    rerun resumes from the last epoch-end checkpoint."""
+    """The run control without longrun.py: checkpoints at epoch ends only, a stop signal ends the process."""
 
     def boundary(self, epoch: int, update: int, steps_per_epoch: int, save):
         pass
@@ -1811,8 +1681,8 @@ class EpochEndSaves:
 
 
 def run_control(save_minutes: float | None, dist_info: DistInfo, log: "Logger"):
-    """longrun.RunControl (time-based saves inside an epoch, stop signals at update boundaries, exact resume), or
-    without longrun.py EpochEndSaves and one line saying so; an explicit --save-minutes then names the file."""
+    """longrun.RunControl (saves inside an epoch, stop signals, exact resume), or without longrun.py EpochEndSaves and
+    one line saying so (an explicit --save-minutes names the file)."""
     try:
         return neighbour("longrun", "--save-minutes").RunControl(save_minutes, dist_info, log)
     except UserError:
@@ -1825,8 +1695,7 @@ def run_control(save_minutes: float | None, dist_info: DistInfo, log: "Logger"):
 
 
 def start_epoch_rngs(seed: int, epoch: int, dist_info: DistInfo, position: dict | None, log=None) -> int:
-    """Seed this rank for `epoch` (its start), or restore the states of a mid-epoch checkpoint's `position`
-    (longrun.restore_position). Returns the updates already done in the epoch."""
+    """Seed this rank for the start of `epoch`, or restore a mid-epoch `position` (longrun.py); the updates done."""
     if not position or not position["update"]:
         seed_everything(epoch_seed(seed, epoch, dist_info.rank))
         return 0

@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import errno
 import gc
+import itertools
 import json
 import os
 import random
@@ -64,6 +65,21 @@ def restore_position(seed: int, epoch: int, dist_info: common.DistInfo, position
                       f"{dist_info.world_size}: the rest of epoch {epoch} trains on the same images, but its random "
                       f"masks/picks differ from an uninterrupted run")
     return position["update"]
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """`sampler` without its first `skip` indices: the rest of an epoch resumed after `skip` of this rank's samples
+    (DistributedSampler hands rank r the positions r, r + W, ... of one permutation, so skipping k per rank leaves
+    the same images for any number of processes W)."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return max(len(self.sampler) - self.skip, 0)
 
 
 def save_interval(save_minutes: float | None, device: torch.device) -> float:
