@@ -41,7 +41,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# 1. Command line
+# 1. Command line -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Range:
     """Valid interval of a numeric flag, declared in its type (`Annotated[float, Range(0, lo_open=True)]` or an alias
@@ -189,7 +189,7 @@ def _none_or(tp):
     return conv
 
 
-# 2. Errors a user can cause -> one line that names the fix
+# 2. Errors a user can cause -> one line that names the fix -----------------------------------------------------------
 class UserError(Exception):
     """An error caused by input or flags; printed as one line, no traceback."""
 
@@ -266,7 +266,7 @@ def _is_peer_failure(e: RuntimeError) -> bool:
 
 
 def _fail(msg):
-    """Print `error: msg` (`[rank R] error:` under torchrun; of ranks meeting the same error only the first) and exit 2."""
+    """Print `error: msg` (`[rank R] error:` under torchrun, by the first rank to meet it) and exit with status 2."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         if not _first_to_report(msg):
@@ -290,7 +290,7 @@ def _first_to_report(msg: str) -> bool:
         return True
 
 
-# 3. Distributed
+# 3. Distributed ------------------------------------------------------------------------------------------------------
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -433,7 +433,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-# 4. Vision Transformer
+# 4. Vision Transformer -----------------------------------------------------------------------------------------------
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> torch.Tensor:
     """Fixed 2-D sin-cos table of official MAE (util/pos_embed.py), in float64: token i*W + j gets [sin(j w), cos(j w)]
     then [sin(i w), cos(i w)], w_k = 10000^(-k/(dim/4)); a zero CLS row first. (1 + H*W, dim) or (H*W, dim)."""
@@ -656,7 +656,7 @@ class VisionTransformer(nn.Module):
 
     def checkpointed_blocks(self) -> list[int]:
         """The first `grad_checkpointing` (an int) of the trainable blocks run under activation checkpointing (the
-        plan checkpoints only as many as it must); a frozen block stores nothing for backward (MIM-Refiner ViT-2B/14)."""
+        plan checkpoints only as many as it must); a frozen block stores nothing for backward (MIM-Refiner 2B/14)."""
         trainable = [i for i, b in enumerate(self.blocks) if any(p.requires_grad for p in b.parameters())]
         return trainable[:self.grad_checkpointing]
 
@@ -700,7 +700,7 @@ STATIC_CHECKPOINTED = ("vit_l16", "vit_h14", "vit_2b14")
 
 def plan_run(args, device: torch.device, world: int, n_blocks: int, plan_fn, log_print=print):
     """(checkpointed blocks k of n_blocks, fsdp), or None once `--plan` printed its line: memplan.py's measured plan
-    (`plan_fn(gpus, capacity, mode)`), or without it `auto` = STATIC_CHECKPOINTED on CUDA (said in one line), off on CPU."""
+    (`plan_fn(gpus, capacity, mode)`); without it `auto` is STATIC_CHECKPOINTED on CUDA (said in a line), else off."""
     try:
         memplan = neighbour("memplan", "--plan")
     except UserError:
@@ -716,7 +716,7 @@ def plan_run(args, device: torch.device, world: int, n_blocks: int, plan_fn, log
     return memplan.apply_memory_plan(args, device, world, n_blocks, plan_fn, log_print)
 
 
-# 5. Data
+# 5. Data -------------------------------------------------------------------------------------------------------------
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # modes that convert("RGB") maps faithfully (palette lookup, alpha dropped, CMYK/YCbCr/HSV colour transforms)
@@ -802,7 +802,7 @@ def build_dataset(data: str, split: str, transform, img_size: int = 32, seed: in
 
 
 def _refuse_symlink_loops(folder: Path):
-    """ImageFolder follows symlinks: a link to a folder that contains it would list its images down to the path limit."""
+    """ImageFolder follows symlinks: a link to a folder above it would list its images down to the path limit."""
     for dirpath, dirnames, _ in os.walk(folder, followlinks=True):
         here = os.path.realpath(dirpath)
         for d in dirnames:
@@ -964,7 +964,7 @@ def per_rank_batch(global_batch: int, accum_steps: int, world_size: int) -> int:
     return global_batch // (accum_steps * world_size)
 
 
-# 6. Optimisation: schedules (pure functions of the step), parameter groups, EMA
+# 6. Optimisation: schedules (pure functions of the step), parameter groups, EMA --------------------------------------
 def cosine_schedule(step: int, total_steps: int, base: float, final: float = 0.0, warmup_steps: int = 0,
                     warmup_start: float = 0.0) -> float:
     """Linear warmup `warmup_start` -> `base` over `warmup_steps`, then half-cosine to `final` at `total_steps` (MAE
@@ -1055,7 +1055,7 @@ def _last_good(output_dir: str) -> str:
     return f"no checkpoint was written yet ({path} does not exist; the rerun starts from scratch)"
 
 
-# 7. Checkpoints
+# 7. Checkpoints ------------------------------------------------------------------------------------------------------
 def first_non_finite(obj, name: str = "") -> str | None:
     """Key path of the first nan/inf floating tensor (or float) in a nested dict/list, else None."""
     if isinstance(obj, torch.Tensor):
@@ -1097,7 +1097,7 @@ def weights_rms(sd: dict) -> float:
 def save_checkpoint(path: str, state: dict, weights_rms_start: float | None = None):
     """Atomic, durable write (temp file, fsync, rename, fsync of the folder): a crash leaves the old file or the new.
     Refused, the old file kept as the last good one: nan/inf anywhere, or encoder weights ("model_online", else
-    "model") over DIVERGED_GROWTH x `weights_rms_start` RMS. A failed write removes its temp file, says so in one line."""
+    "model") over DIVERGED_GROWTH x `weights_rms_start` RMS. A failed write removes its temp file and says so."""
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
     prev = f"{path} still holds the last good state" if os.path.isfile(path) else f"no checkpoint was written yet ({path})"
@@ -1391,7 +1391,7 @@ def check_resume_args(state: dict, args, output_dir: str, state_keys=(), shape=(
             print(f"warning: resuming {path} with {flag} {now} (it was trained with {was}): {why}", flush=True)
 
 
-# 7b. Sharded modules: --fsdp lives in fsdp.py (optional neighbour); the checkpoint writer calls it for them
+# 7b. Sharded modules: --fsdp lives in fsdp.py (optional neighbour); the checkpoint writer calls it for them ----------
 def is_sharded(module: nn.Module) -> bool:
     """True when `module` holds FSDP-sharded (DTensor) parameters."""
     try:
@@ -1429,7 +1429,7 @@ def grad_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-# 8. Logging
+# 8. Logging ----------------------------------------------------------------------------------------------------------
 def git_sha() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -1504,7 +1504,7 @@ def progress(iterable, dist_info: DistInfo, **kw):
     return tqdm(iterable, disable=not dist_info.is_main, dynamic_ncols=True, delay=kw.pop("delay", 1.0), **kw)
 
 
-# 9. During training: kNN monitor, kept checkpoints, the paper's evaluation command
+# 9. During training: kNN monitor, kept checkpoints, the paper's evaluation command -----------------------------------
 # The monitor is a cheap collapse / too-high-lr alarm (MIM-Refiner App. E; the official MIM-Refiner and MAE-CT code
 # run a k-NN on 10% of ImageNet every epoch): eval_knn.py's protocol at one k (`eval_knn.py --k 20 --block B
 # --train-subset F --seed S` gives the same top-1, tests/test_knn_monitor.py).
@@ -1666,7 +1666,7 @@ def paper_eval_command(args, flags: str = "", script: str = "eval_knn.py") -> st
             f"--img-size {args.img_size} {flags}").strip()
 
 
-# 9b. Long runs: saves inside an epoch and on stop signals live in longrun.py (optional neighbour)
+# 9b. Long runs: saves inside an epoch and on stop signals live in longrun.py (optional neighbour) --------------------
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # data-loading workers leave them to the training process
 
 

@@ -74,7 +74,7 @@ def sections(path: Path, defs: dict, reached_by: set[str]) -> list[str]:
     lines = src.splitlines()
     code = code_lines(src)
     heads = [(i + 1, m.group(1), m.group(2)) for i, line in enumerate(lines)
-             if (m := re.match(r"^# (\d+b?)\. (.*)$", line))]
+             if (m := re.match(r"^# (\d+b?)\. (.*?)(?: -+)?$", line))]
     starts = {}
     for node in ast.parse(src).body:
         for name in defs:
