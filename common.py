@@ -1169,6 +1169,13 @@ def load_file(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        _, unsafe, name = str(e).partition("Unsupported global: GLOBAL ")
+        if unsafe:  # a complete file that pickles training state beside the weights (fairseq trainer checkpoints)
+            out = f"{os.path.splitext(str(path))[0]}-weights.pth"
+            raise UserError(f"{path} holds Python objects besides tensors ({name.split()[0]}), which a weights-only "
+                            f"load refuses; if you trust its source, extract the weights once: python -c \"import torch; "
+                            f"c = torch.load({str(path)!r}, weights_only=False); torch.save({{k: c[k] for k in ('model', "
+                            f"'state_dict') if k in c}}, {out!r})\" and pass {out}") from None
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"cannot load {path} ({size} bytes) as a weights-only torch checkpoint ({type(e).__name__}: "
                         f"{first}); is it a complete PyTorch .pth/.th/.pt file? Replace or delete it") from None
@@ -1202,7 +1209,7 @@ def convert_to_ours(sd: dict) -> dict:
 
 def foreign_layout(sd: dict) -> str | None:
     """The release whose key layout `sd` has (foreign.py maps it), or None for ours / official MAE."""
-    if any(k.startswith("modality_encoders.") for k in sd):
+    if any(k.startswith(("modality_encoders.", "model.modality_encoders.")) for k in sd):  # pre-trained, fine-tuned
         return "data2vec 2.0 (fairseq)"
     if "cls_tokens.tokens" in sd or "pos_embed.embed" in sd:
         return "MIM-Refiner release"

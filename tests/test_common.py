@@ -307,7 +307,7 @@ def test_data2vec2_key_mapping():
             for a, b in ren.items():
                 if k.startswith(a):
                     k = b + k[len(a):]
-            fair[pre + k] = v
+            fair[("model." if k.startswith("blocks.") else pre) + k] = v  # fairseq data2vec2.py: blocks at the top
     fair["model.modality_encoders.IMAGE.decoder.blocks.0.weight"] = torch.zeros(3)
     fair["_ema"] = torch.zeros(1)
     dst = common.create_vit("vit_t16", img_size=32, patch_size=8, post_norm=True).eval()

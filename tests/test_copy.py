@@ -123,8 +123,14 @@ def test_without_foreign_ours_and_official_mae_load_and_other_layouts_name_the_f
     ours = vit.state_dict()
     mae = {**ours, "decoder_embed.weight": torch.zeros(2, 2), "mask_token": torch.zeros(1, 1, 192)}
     grid = {k: v for k, v in ours.items() if k != "pos_embed"} | {"pos_embed": ours["pos_embed"][:, 1:]}
+    post = common.create_vit("vit_t16", 32, 8, post_norm=True).state_dict()
+    stem = {"local_encoder.proj.weight": post["patch_embed.proj.weight"], "local_encoder.proj.bias":
+            post["patch_embed.proj.bias"], "extra_tokens": post["cls_token"], "fixed_positional_encoder.positions":
+            post["pos_embed"][:, 1:], "context_encoder.norm.weight": post["embed_norm.weight"],
+            "context_encoder.norm.bias": post["embed_norm.bias"]}  # fairseq data2vec2.py: blocks at the top level
     others = [grid, {"cls_tokens.tokens": ours["cls_token"], **grid},
-              {foreign.DATA2VEC2_PREFIX + k: v for k, v in ours.items()}]
+              {**{foreign.DATA2VEC2_PREFIX + k: v for k, v in stem.items()},
+               **{k: v for k, v in post.items() if k.startswith("blocks.")}}]
     with_file = [common.convert_to_ours(sd) for sd in others]
     monkeypatch.setitem(sys.modules, "foreign", None)
     for sd in (ours, mae):

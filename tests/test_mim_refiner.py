@@ -192,7 +192,7 @@ def test_head_architecture_and_post_norm_detection(tmp_path):
             k, v = "fixed_positional_encoder.positions", v[:, 1:]
         for a, b in ren.items():
             k = b + k[len(a):] if k.startswith(a) else k
-        fair[foreign.DATA2VEC2_PREFIX + k] = v
+        fair[k if k.startswith("blocks.") else foreign.DATA2VEC2_PREFIX + k] = v  # fairseq: blocks at the top level
     assert mr.is_post_norm_checkpoint({"model": fair})
     mae = write_mae_release_checkpoint(tmp_path / "mae.pth", patch_size=8)
     assert not mr.is_post_norm_checkpoint(torch.load(tmp_path / "mae.pth"))
