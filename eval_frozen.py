@@ -12,7 +12,9 @@ Protocol papers
   - MSN, Assran et al., arXiv:2204.07141, official logistic_eval.py: the features of train and test are
     centred and L2-normalised row by row (cyanure preprocess centering=True, normalize=True, columns=False),
     cyanure multiclass-logistic, penalty l2, no intercept, lambda = 0.00025 / n_train, tol 1e-3, at most 300
-    epochs, seed 0. Splits: imagenet_subsets{1,2,3}/{1,2,5}imgs_class.txt, one image file name per line.
+    epochs, the duality gap checked every 10 epochs (it0=10), seed 0. Splits (one image file name per line):
+    imagenet_subsets{1,2,3}/{1,2}imgs_class.txt and imagenet_subsets{1,2}/5imgs_class.txt; split 3's five-shot
+    list is imagenet_subsets3/3imgs_class.txt (5 images per class despite its name).
 
 Equations
   preprocessing (few-shot)   x <- (x - mean_j x_j) / |x - mean_j x_j|            (per row, MSN)
@@ -30,7 +32,8 @@ ImageFolder order; `--data` is then only needed to map `--split-file` names to i
 Launch (ImageNet-1K, 8 GPUs for the extraction; the solvers run on rank 0's CPU):
   MIM-Refiner Table 2 1/2/5-shot with MSN's splits (EMA weights; cyanure; nine files):
     torchrun --nproc_per_node=8 eval_frozen.py --checkpoint CKPT --ema --data /imagenet \
-        --split-file msn/imagenet_subsets{1,2,3}/{1,2,5}imgs_class.txt --output-json lowshot.json
+        --split-file msn/imagenet_subsets{1,2,3}/{1,2}imgs_class.txt msn/imagenet_subsets{1,2}/5imgs_class.txt \
+        msn/imagenet_subsets3/3imgs_class.txt --output-json lowshot.json
   MIM-Refiner Table 3 / App. Table 9 k-means (L2-normalised val [CLS], 100 runs):
     torchrun --nproc_per_node=8 eval_frozen.py --checkpoint CKPT --ema --data /imagenet --cluster \
         --output-json cluster.json
@@ -64,7 +67,6 @@ import numpy as np
 import torch
 
 import common
-import eval_knn
 from common import UserError, build_dataset, run_main
 
 
@@ -95,8 +97,9 @@ class Args(common.Flags):
     """Images per class for the logistic regression (papers: 1 2 5), seeded splits. Default: off, unless
     --split-file is given."""
     split_file: list[str] = field(default_factory=list)
-    """MSN split files (one train image name per line, `n01440764_10026.JPEG` or `class/name`); n is read from
-    each file, files with the same n are averaged (MSN: 3 splits per n)."""
+    """MSN split files (UTF-8, one train image name per line, `n01440764_10026.JPEG` or `class/name`); n is read
+    from each file, files with the same n are averaged (MSN: 3 splits per n; split 3's 5-shot file is
+    imagenet_subsets3/3imgs_class.txt)."""
     shot_seeds: common.PosInt = 3
     """Seeded splits per n when no split file is given (MSN/MIM-Refiner: 3 splits)."""
     lambd: common.PosFloat = 0.00025
@@ -108,7 +111,8 @@ class Args(common.Flags):
     tol: common.PosFloat = 1e-3
     """cyanure relative duality-gap tolerance (MSN: 1e-3)."""
     cluster: bool = False
-    """k-means cluster metrics on the val features (k = number of classes)."""
+    """k-means on the val features (k = number of classes): ACC (Hungarian), NMI, AMI and ARI of the lowest-loss
+    run and their mean over the runs, and the silhouette and Davies-Bouldin scores of the ground-truth classes."""
     kmeans_runs: common.PosInt = 100
     """Mini-batch k-means restarts (both papers: 100; report the lowest-loss run and the mean)."""
     kmeans_batch_size: common.PosInt = 1024
@@ -167,9 +171,11 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, lambd: float, solver: str, max_ep
     if solver == "cyanure":
         need("cyanure", "cyanure")
         from cyanure.estimators import Classifier
+        # MSN logistic_eval.py fit(it0=10): cyanure >= 1.0 names it0 duality_gap_interval (default 5); the solver
+        # stops at the first check with a gap below --tol, so the interval changes where it stops
         clf = Classifier(loss="multiclass-logistic", penalty="l2", fit_intercept=False, lambda_1=lam,
                          max_iter=max_epochs, tol=tol, solver="auto", random_state=seed, verbose=False,
-                         n_threads=max(1, torch.get_num_threads()))
+                         duality_gap_interval=10, n_threads=max(1, torch.get_num_threads()))
         clf.fit(x, y)
         return clf
     need("sklearn", "scikit-learn")
@@ -197,24 +203,31 @@ def read_split_file(path: str, samples: list[tuple[str, int]], root: str) -> lis
     for i, (p, _) in enumerate(samples):
         by_name.setdefault(os.path.basename(p), []).append(i)
         by_rel[os.path.relpath(p, root).replace(os.sep, "/")] = i
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # MSN's lists are ASCII
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"--split-file {path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); pass MSN's "
+                        f"imagenet_subsets*/*imgs_class.txt or save the file as UTF-8") from None
     idx = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            name = line.strip()
-            if not name:
-                continue
-            if "/" in name:
-                if name not in by_rel:
-                    raise UserError(f"--split-file {path} line {lineno}: {name!r} is not an image of {root}")
-                idx.append(by_rel[name])
-                continue
-            hits = by_name.get(name, [])
-            if not hits:
-                raise UserError(f"--split-file {path} line {lineno}: no image named {name!r} in {root}")
-            if len(hits) > 1:
-                raise UserError(f"--split-file {path} line {lineno}: {len(hits)} images are named {name!r} in {root}; "
-                                f"write the line as class/{name}")
-            idx.append(hits[0])
+    for lineno, line in enumerate(text.splitlines(), 1):
+        name = line.strip()
+        if not name:
+            continue
+        if "/" in name:
+            if name not in by_rel:
+                raise UserError(f"--split-file {path} line {lineno}: {name!r} is not an image of {root}")
+            idx.append(by_rel[name])
+            continue
+        hits = by_name.get(name, [])
+        if not hits:
+            raise UserError(f"--split-file {path} line {lineno}: no image named {name!r} in {root}")
+        if len(hits) > 1:
+            raise UserError(f"--split-file {path} line {lineno}: {len(hits)} images are named {name!r} in {root}; "
+                            f"write the line as class/{name}")
+        idx.append(hits[0])
     if not idx:
         raise UserError(f"--split-file {path} lists no images")
     return idx
@@ -315,13 +328,20 @@ def load_saved_features(path: str) -> dict:
     val_labels, protocol}."""
     obj = common.load_file(path)
     keys = ("train_features", "train_labels", "val_features", "val_labels")
-    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    missing = [k for k in keys if not isinstance(obj, dict) or not torch.is_tensor(obj.get(k))]
     if missing:
         raise UserError(f"--features {path}: not a file of eval_knn.py --save-features (missing {', '.join(missing)})")
+    for k in ("train_features", "val_features"):  # scikit-learn would stop with a traceback on the first nan
+        t = obj[k]
+        if not all(bool(torch.isfinite(c).all()) for c in t.split(65536)):  # in chunks: ImageNet's bank is GBs
+            bad = int((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
+            raise UserError(f"--features {path}: '{k}' holds nan/inf in {bad} of {len(t)} rows; extract the features "
+                            f"again with eval_knn.py --save-features from a checkpoint that gives finite ones")
     return obj
 
 
 def main(args: Args):
+    eval_knn = common.neighbour("eval_knn", "eval_frozen.py")  # its encoder loading, extraction and JSON writer
     if bool(args.checkpoint) == bool(args.features):
         raise UserError("pass either --checkpoint PATH (features are extracted) or --features FILE "
                         "(from eval_knn.py --save-features)")
@@ -372,6 +392,9 @@ def main(args: Args):
         val_y = eval_knn.dataset_labels(val_ds)
         class_names = list(train_ds.classes)
         num_classes = len(class_names)
+    if args.cluster and len(val_y) < num_classes:  # before the extraction; scikit-learn would raise a ValueError
+        raise UserError(f"--cluster: k-means with {num_classes} clusters (one per class) needs at least {num_classes} "
+                        f"val images, there are {len(val_y)} val images; add val images or drop --cluster")
 
     splits = {}  # n -> [(description, train indices)]
     for path in args.split_file:

@@ -67,6 +67,7 @@ and the default keeps DINO's final LayerNorm (MIM-Refiner: `--no-final-norm --st
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -457,10 +458,9 @@ def main(args: Args):
         return  # rank 0 classifies; the others are done
     del encoder
     if args.save_features:
-        os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
-        torch.save({"train_features": train_banks[main_block], "train_labels": train_y,
-                    "val_features": val_banks[main_block], "val_labels": val_y,
-                    "protocol": protocol}, args.save_features)
+        feats = {"train_features": train_banks[main_block], "train_labels": train_y,
+                 "val_features": val_banks[main_block], "val_labels": val_y, "protocol": protocol}
+        write_atomic(args.save_features, "--save-features", lambda f: torch.save(feats, f))
         print(f"features saved to {args.save_features}")
 
     # ---- k-NN on the evaluated feature (and low-shot subsets)
@@ -506,11 +506,35 @@ def main(args: Args):
         write_json(args.output_json, result)
 
 
-def write_json(path: str, result: dict):
-    """`result` (every number with its protocol) as JSON at `path` (folders created), and say where."""
+def write_atomic(path: str, flag: str, write, mode: str = "wb"):
+    """`write(file opened with mode)` into PATH.tmp.<pid>, fsync, rename over `path` (folders created), as
+    common.save_checkpoint: a failed write (full disk, quota) removes the temp file, leaves a previous `path` as it
+    was and ends in one line naming `flag`, instead of a truncated file and a traceback."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    common.remove_stale_temp_files(path)  # of a killed earlier run
+    existed = os.path.isfile(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        # torch's zip writer reports a failed write as a RuntimeError with the OSError as its context
+        os_err = next((x for x in (e, e.__context__, e.__cause__) if isinstance(x, OSError)), None)
+        if os_err is None or not isinstance(e, (OSError, RuntimeError)):  # e.g. Ctrl-C: not the disk's fault
+            raise
+        kept = "the previous file is unchanged" if existed else "nothing was written there"
+        raise UserError(f"cannot write {flag} {path} ({os_err.strerror or os_err}); {kept}: free space or pass "
+                        f"another {flag}") from None
+
+
+def write_json(path: str, result: dict, flag: str = "--output-json"):
+    """`result` (every number with its protocol) as JSON at `path`, written atomically (write_atomic), and say where."""
+    write_atomic(path, flag, lambda f: json.dump(result, f, indent=2), mode="w")
     print(f"results written to {path}")
 
 

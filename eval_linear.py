@@ -10,8 +10,12 @@ Protocol papers
     minimised (each head only receives the gradient of its own term), the best classifier on val is reported.
   - MAE-CT, Lehner et al., arXiv:2304.10520, App. B, Table 9 (Table 1 "Linear probing"): a non-affine
     BatchNorm between the frozen encoder and the linear layer (it folds into the layer afterwards),
-    50 epochs, batch 1024, SGD momentum 0.9, weight decay 0, peak lr in {0.1, 0.09, ..., 0.01}, 5 warmup
+    50 epochs, batch 1024, SGD momentum 0.9, weight decay 0, lr in {0.1, 0.09, ..., 0.01}, 5 warmup
     epochs then cosine, RandomResizedCrop 224 + flip; feature: the [CLS] token after the final LayerNorm.
+    The official probe scales these lrs by batch / 256 (0.4 ... 0.04 at batch 1024), as mae_ct.py scales the
+    paper's training lrs: ml-jku/MAE-CT yamls/probe.yaml lists lr 0.1 ... 0.01, optimizers/__init__.py gives
+    every optimizer the linear_lr_scaler (lr x factor / 256) and trainers/base/trainer_base.py passes the
+    effective batch size as the factor.
 
 Equations (feature f of one image, C classes, head h = (lr_h, n_h, avg_h)):
   tokens of block b       z_b = LN(x_b) (DINOv2 get_intermediate_layers(norm=True); --no-final-norm: x_b)
@@ -19,7 +23,7 @@ Equations (feature f of one image, C classes, head h = (lr_h, n_h, avg_h)):
   head input (maect)      u = (z_L[CLS] - mu_B) / sqrt(var_B + 1e-5)  (BN, affine=False, global-batch stats)
   logits                  W_h u_h + b_h                                                        (B, C)
   loss                    sum_h CE(W_h u_h + b_h, y)  (sum over heads = every head trained alone)
-  lr of head h at step t  lr_h(t) = lr_h * s * cos_sched(t)    s = global batch / 256 (dinov2), 1 (maect)
+  lr of head h at step t  lr_h(t) = lr_h * s * cos_sched(t)    s = global batch / 256 (both protocols)
 
 Launch (ImageNet-1K, ROOT/train and ROOT/val ImageFolders, 8 GPUs, global batch 1024):
   MIM-Refiner Table 2 "Probe" (DINOv2 protocol, EMA weights):
@@ -42,7 +46,6 @@ Deviations, each deliberate:
     epochs of the train set (MIM-Refiner: 50) and one evaluation at the end;
   - DINOv2's default lr list is {1e-5, ..., 0.1} (x batch/256); the default here is MIM-Refiner's
     {1e-4, ..., 0.5} (App. C.3; official probe grid), also x batch/256;
-  - MAE-CT's peak lrs are used as stated in Table 9 (absolute, at batch 1024), not scaled by batch/256;
   - MIM-Refiner's official probe puts a parameter-free BatchNorm before each head of the DINOv2 grid
     and warms up; `--protocol dinov2` follows DINOv2's linear.py (no BN, no warmup) as App. C.3 says;
   - bf16 autocast for the encoder on CUDA (DINOv2 too), fp32 heads; fp32 everywhere on CPU.
@@ -58,7 +61,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-import eval_knn
 from common import UserError, all_gather_nograd, autocast, build_dataset, build_loader, progress, run_main
 
 DINOV2_LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.3, 0.5]  # MIM-Refiner App. C.3
@@ -82,8 +84,9 @@ class Args(common.Flags):
     """dinov2: MIM-Refiner App. C.3 grid (13 lrs x {1, 4} blocks x {CLS, CLS+avg}); maect: MAE-CT Table 9
     (non-affine BN + linear on the last block's CLS, 10 peak lrs, 5 warmup epochs)."""
     lrs: list[common.PosFloat] = field(default_factory=list)
-    """Learning rates of the grid. Default: dinov2 1e-4 2e-4 5e-4 1e-3 2e-3 5e-3 0.01 0.02 0.05 0.1 0.2 0.3 0.5
-    (x global batch / 256, DINOv2 linear.py); maect 0.1 0.09 ... 0.01 (peak, unscaled)."""
+    """Learning rates of the grid, each x global batch / 256. Default: dinov2 1e-4 2e-4 5e-4 1e-3 2e-3 5e-3 0.01
+    0.02 0.05 0.1 0.2 0.3 0.5 (DINOv2 linear.py); maect 0.1 0.09 ... 0.01 (Table 9; the official probe scales them
+    as well, ml-jku/MAE-CT optimizers/__init__.py linear_lr_scaler: peak 0.4 ... 0.04 at batch 1024)."""
     epochs: common.PosInt = 50
     """Training epochs (MIM-Refiner App. C.3: 50; MAE-CT Table 9: 50)."""
     warmup_epochs: Optional[common.NonNegInt] = None
@@ -320,6 +323,7 @@ def evaluate_grid(encoder, grid: LinearGrid, val_ds, args: Args, dist_info, n_la
 # main
 # ----------------------------------------------------------------------------------------------
 def main(args: Args):
+    eval_knn = common.neighbour("eval_knn", "eval_linear.py")  # its encoder loading and JSON writer
     if not args.checkpoint:
         raise UserError("pass --checkpoint PATH (or --checkpoint none for a randomly initialised baseline)")
     if args.output_json:
@@ -354,7 +358,7 @@ def main(args: Args):
         raise UserError(f"--batch-size {args.batch_size} is larger than the train set ({len(train_ds)} images; the "
                         f"incomplete last batch is dropped); lower --batch-size")
     num_classes = len(train_ds.classes)
-    lr_scale = args.batch_size / 256 if args.protocol == "dinov2" else 1.0
+    lr_scale = args.batch_size / 256  # DINOv2 linear.py; MAE-CT's official probe (linear_lr_scaler, divisor 256)
     specs = grid_specs(args.protocol, lrs)
 
     resize = common.eval_resize(img_size)
@@ -368,7 +372,7 @@ def main(args: Args):
                      if args.protocol == "dinov2" else "[CLS] of the last block")
                     + (" after the final LayerNorm" if args.final_norm and not encoder.post_norm else " (raw)"),
         "heads": len(specs), "base_lrs": lrs, "lr_scale": lr_scale,
-        "lr_rule": "lr x global batch / 256 (DINOv2)" if args.protocol == "dinov2" else "peak lr as given (MAE-CT)",
+        "lr_rule": f"lr x global batch / 256 ({'DINOv2' if args.protocol == 'dinov2' else 'MAE-CT official probe'})",
         "schedule": f"{warmup_epochs} warmup epochs, then cosine to 0, per iteration",
         "optimizer": f"SGD momentum {args.momentum}, weight decay {args.weight_decay}",
         "epochs": args.epochs, "batch_size": args.batch_size, "world_size": dist_info.world_size,

@@ -43,11 +43,14 @@ few-minute run uses a faster encoder EMA and larger lrs):
 
 Paper vs official code (paper is the default, official behaviour behind a flag; one exception):
   * Self-match in the NN lookup: Algorithm 1 looks up the whole queue; the official head sets the
-    similarity of queue entries with the sample's own dataset index to -1. Default here: the official
-    exclusion (a sample never picks its own older projection); `--no-exclude-self` gives the literal
-    lookup. The two differ even with a queue shorter than an epoch: a sample drawn late in one epoch can
-    meet its own entry early in the next, about (Q/N)^2/2 = 0.13% of lookups on ImageNet (Q = 65,536,
-    N = 1.28M), and on any data set smaller than the queue a sizeable fraction.
+    similarity of queue entries with the sample's own dataset index to -1 (contrastive_head_base.py
+    get_queue_similarity_matrix). Default here: that exclusion, with -inf instead of -1 (NNQueue.find_nn).
+    A cosine is never below -1, so both pick the same entries, except that the official -1 still returns
+    the own entry when it ties with entries at exactly -1 or fewer than k others are above -1; -inf never
+    does, which is what the exclusion is for. `--no-exclude-self` gives the literal lookup, which differs
+    even with a queue shorter than an epoch: a sample drawn late in one epoch can meet its own entry early
+    in the next, about (Q/N)^2/2 = 0.13% of lookups on ImageNet (Q = 65,536, N = 1.28M), and on any data
+    set smaller than the queue a sizeable fraction.
   * MAE-CT_aug ViT-H top-k: Table 8 says k=30, the official yaml uses 20 -> `--topk 20`.
   * Enqueue time: Algorithm 1 shifts z_0 in after the optimizer step, the official code before
     backward. Nothing reads the queue in between, so both give the same numbers (we do the latter).

@@ -3,6 +3,9 @@ scikit-learn's and a brute-force ACC, the logistic regression equals the referen
 scripts, torchrun 2 processes = 1 process, saved features = checkpoint, and one-line errors."""
 import importlib
 import itertools
+import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -44,6 +47,31 @@ def test_grid_heads_equal_separately_trained_heads(protocol):
         assert losses[i] == pytest.approx(alone_loss[0], abs=1e-6)
         if protocol == "maect":
             torch.testing.assert_close(grid.bn.running_var, alone.bn.running_var)
+
+
+def test_maect_head_lrs_are_table9_lrs_times_batch_over_256(setup, capsys, monkeypatch):
+    """The official probe (ml-jku/MAE-CT yamls/probe.yaml: lr 0.1 ... 0.01, 10% linear warmup, cosine;
+    optimizers/__init__.py: the default linear_lr_scaler, divisor 256; trainers/base/trainer_base.py: scaled by the
+    effective batch) trains head h at step t with lr_h * batch / 256 * warmup-cosine(t): recorded at every step."""
+    seen = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, *a, **k):
+            seen.append([g["lr"] for g in self.param_groups])
+            return super().step(*a, **k)
+    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    d, lrs, batch, epochs, warmup_epochs = setup, [0.1, 0.03], 8, 3, 1
+    code, out, err = run_inprocess(capsys, eval_linear, "--checkpoint", d / "ck.pth", "--data", d / "imgs", *TINY,
+                                   "--protocol", "maect", "--lrs", *lrs, "--batch-size", batch, "--epochs", epochs,
+                                   "--warmup-epochs", warmup_epochs)
+    assert code == 0, err
+    per_epoch = 24 // batch  # 4 classes x 6 train images
+    total, warm = per_epoch * epochs, per_epoch * warmup_epochs
+    assert len(seen) == total
+    for t, got in enumerate(seen):
+        shape = t / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))
+        assert got == pytest.approx([lr * batch / 256 * shape for lr in lrs], rel=1e-12, abs=0), t
+    assert seen[warm] == pytest.approx([0.1 * 8 / 256, 0.03 * 8 / 256])  # the peak
 
 
 def test_grid_features_and_batchnorm():
@@ -120,6 +148,64 @@ def test_logistic_regression_equals_reference_solver():
         assert np.abs(w - ref.coef_).max() < 1e-3 * np.abs(ref.coef_).max()
 
 
+def test_cyanure_gets_msns_arguments(monkeypatch):
+    """facebookresearch/msn logistic_eval.py: MultiClassifier(loss='multiclass-logistic', penalty='l2',
+    fit_intercept=False).fit(it0=10, lambd=lambd/n, tol=1e-3, solver='auto', seed=0, max_epochs=300); cyanure >= 1.0
+    names it0 duality_gap_interval (default 5). A fake cyanure records the arguments (it need not be installed)."""
+    calls = {}
+
+    class Classifier:
+        def __init__(self, **kw):
+            calls.update(kw)
+
+        def fit(self, x, y):
+            calls["n"] = len(x)
+    estimators = types.ModuleType("cyanure.estimators")
+    estimators.Classifier = Classifier
+    package = types.ModuleType("cyanure")
+    package.estimators = estimators
+    monkeypatch.setitem(sys.modules, "cyanure", package)
+    monkeypatch.setitem(sys.modules, "cyanure.estimators", estimators)
+    eval_frozen.fit_logistic(np.eye(4), np.arange(4), 0.00025, "cyanure", max_epochs=300, tol=1e-3, seed=0)
+    assert {k: calls.get(k) for k in ("loss", "penalty", "fit_intercept", "lambda_1", "duality_gap_interval",
+                                      "tol", "solver", "random_state", "max_iter", "n")} == {
+        "loss": "multiclass-logistic", "penalty": "l2", "fit_intercept": False, "lambda_1": 0.00025 / 4,
+        "duality_gap_interval": 10, "tol": 1e-3, "solver": "auto", "random_state": 0, "max_iter": 300, "n": 4}
+
+
+def test_help_and_docs_say_what_the_code_does(capsys):
+    """--help names the cluster metrics; the MSN split files named exist in facebookresearch/msn (split 3's five-shot
+    list is 3imgs_class.txt); docs/miniature.md gives mim_refiner.py's --exclude-self default; mae_ct.py's docstring
+    gives the value find_nn writes over the own entry (-inf: never picked, also where the official -1 would tie)."""
+    import re
+    from pathlib import Path
+    import mae_ct
+    import mim_refiner
+    with pytest.raises(SystemExit):
+        common.parse_args(eval_frozen.Args, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--cluster, --no-cluster")  # the flag's entry, up to the next flag's
+    cluster = text[start:text.index("--kmeans-runs KMEANS_RUNS", start)]
+    for metric in ("ACC", "NMI", "AMI", "ARI", "silhouette", "Davies-Bouldin"):
+        assert metric in cluster, (metric, cluster)
+    msn = {f"imagenet_subsets{s}/{n}imgs_class.txt" for s, ns in ((1, "125"), (2, "125"), (3, "123")) for n in ns}
+    docs = Path(common.__file__).parent / "docs"
+    for text in (eval_frozen.__doc__, (docs / "methods.md").read_text()):
+        named = set()
+        for m in re.finditer(r"imagenet_subsets(\{[\d,]+\}|\d)/(\{[\d,]+\}|\d)imgs_class\.txt", text):
+            subsets, shots = (g.strip("{}").split(",") for g in m.groups())
+            named |= {f"imagenet_subsets{s}/{n}imgs_class.txt" for s in subsets for n in shots}
+        assert named and named <= msn, named - msn
+    row = next(ln for ln in (docs / "miniature.md").read_text().splitlines() if ln.startswith("| `--queue-size`"))
+    now = row.split("|")[3].split(",")  # the "now" column: the flags the miniature runs with
+    assert len(now) == 3 and now[2].split()[0] == ("on" if mim_refiner.Args().exclude_self else "off"), row
+    q = mae_ct.NNQueue(2, 2)
+    q.queue.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))  # the sample's own entry (cosine 1), one at cosine -1
+    q.ids.copy_(torch.tensor([7, 3]))
+    _, idx = q.find_nn(torch.tensor([[1.0, 0.0]]), 1, torch.tensor([7]))
+    assert idx.item() == 1 and "-inf" in mae_ct.__doc__
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end, torchrun, errors
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +232,7 @@ def test_eval_linear_end_to_end_and_torchrun_equals_one_process(setup):
         assert "best linear probe" in p1.stdout and "linear probing protocol" in p1.stdout
         one, res = _grid_numbers(d / f"l1_{protocol}.json")
         assert len(one) == (8 if protocol == "dinov2" else 2) and res["best"]["top1"] == max(r[1] for r in one)
-        assert res["protocol"]["lr_scale"] == (8 / 256 if protocol == "dinov2" else 1.0)
+        assert res["protocol"]["lr_scale"] == 8 / 256  # both protocols: lr x batch / 256
         run_script("eval_linear.py", *args, "--output-json", d / f"l2_{protocol}.json", nproc=2)
         two, res2 = _grid_numbers(d / f"l2_{protocol}.json")
         assert res2["protocol"]["world_size"] == 2
