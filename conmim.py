@@ -53,7 +53,7 @@ Deviations (paper default here; the flag named gives the official TencentARC/Con
   * mask_token gets no weight decay (official: decayed; no flag).
   * Projector BN: SyncBN under DDP (MoCo v3); official per-GPU BN: `--no-sync-bn`.
   * Loss over the global batch's masked tokens under DDP (official: per-GPU mean; no flag).
-Official-code details and derivations: docs/official_code.md; miniature findings: docs/findings.md.
+Official-code details and derivations: docs/official_code.md; miniature findings: lab/findings.md.
 """
 from __future__ import annotations
 

@@ -51,8 +51,8 @@ Deviations (paper default here; the flag named gives the official code's behavio
   * Head BN is SyncBN under DDP (official); CPU/gloo falls back to per-process BN with a warning.
   * Official-code bugs are not copied (the `--w_b`/`--w_bc` mismatch: here `--context-weight`).
 In the CPU miniature LUT ends below MAE: MAE's reconstruction gradient vanishes and L_bc alone steers
-the encoder (benchmarks/lut_gradients.py measures it).
-Official-code details (naver-ai/lut): docs/official_code.md; miniature findings: docs/findings.md.
+the encoder (lab/lut_gradients.py measures it).
+Official-code details (naver-ai/lut): docs/official_code.md; miniature findings: lab/findings.md.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ Launch (paper setting, ViT-L/16, ImageNet-1K, 8 GPUs x 64 images x 8 accumulatio
   and switches to --fsdp, which shards parameters, gradients and AdamW states over the processes with PyTorch
   FSDP2 and still writes the plain checkpoint below, when DDP cannot fit; --plan GPUSxGB prints the plan.)
   Rerun the same command to resume from OUTPUT_DIR/checkpoint-last.pth.
-Tiny CPU run (the `make demo` / `make repro` configuration of benchmarks/mini_repro.py; its numbers are in
+Tiny CPU run (the `make demo` / `make repro` configuration of miniature/mini_repro.py; its numbers are in
 results/README.md):
   python mae.py --model vit_t16 --img-size 32 --patch-size 8 --data synthetic:2000:500 \
       --device cpu --num-workers 0 --epochs 20 --warmup-epochs 1 --batch-size 128 --blr 1.5e-3 \

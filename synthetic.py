@@ -25,7 +25,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
     appear twice, so neither cue alone suffices for every class. Grey levels rather than colours, and a
     bounded brightness nuisance (background levels in [0.4, 0.6], first fill level in [0.2, 0.8], the second
     0.35-0.65 away, wrapped): with free colours or brightness those dominate a tiny encoder's features and
-    hide every method effect the miniature is meant to show (docs/findings.md).
+    hide every method effect the miniature is meant to show (lab/findings.md).
     Deterministic: image i of split s is a pure function of (seed, s, i). Any image size.
     """
 

@@ -1,6 +1,5 @@
 """The measured memory table of docs/memory.md: every method at its paper settings on 4 x 40 GB and 4 x 80 GB,
-through each script's own `--plan GPUSxGB` (one training step on fake tensors, memplan.py), with the
-analytical formula of benchmarks/mem_estimate.py next to it as a cross-check.
+through each script's own `--plan GPUSxGB` (one training step on fake tensors, memplan.py).
 
     python benchmarks/mem_plan.py                    # the whole table (big models: ~1 min per measurement on CPU)
     python benchmarks/mem_plan.py --only mim_refiner:vit_h14
@@ -17,10 +16,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import memplan  # noqa: E402
-import mem_estimate  # noqa: E402
 
 CONFIGS = [("mae", "vit_l16"), ("mae", "vit_h14"), ("mae_ct", "vit_l16"), ("mae_ct", "vit_h14"),
            ("mim_refiner", "vit_l16"), ("mim_refiner", "vit_h14"), ("mim_refiner", "vit_2b14"),
@@ -33,9 +30,8 @@ def main():
     ap.add_argument("--only", nargs="+", default=None, help="method:model pairs, e.g. mim_refiner:vit_h14")
     a = ap.parse_args()
     configs = [c for c in CONFIGS if a.only is None or f"{c[0]}:{c[1]}" in a.only]
-    print("| method | model | GPUs x GB | plan (per GPU) | checkpointed | DDP/FSDP | measured need, GiB | fits | "
-          "measured vs formula at k = 0 or all, GiB | ratio | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | model | GPUs x GB | plan (per GPU) | checkpointed | DDP/FSDP | measured need, GiB | fits | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     real_step_memory, real_plan_memory = memplan.step_memory, memplan.plan_memory
     for method, model in configs:
         mod = importlib.import_module(method)
@@ -58,15 +54,10 @@ def main():
                 with contextlib.redirect_stdout(out):
                     mod.main(common.parse_args(mod.Args, ["--model", model, "--plan", cap]))
                 p = plans[-1]
-                spec = mem_estimate.method_spec(method, model)
-                n = spec["batch"] // 4
-                k_ref = p.n_blocks if p.n_blocks in cache else 0  # the formula knows all-or-nothing checkpointing
-                meas = memplan.plan_need(cache[k_ref], 4, p.fsdp) / 2**30
-                est = mem_estimate.estimate(spec, n, k_ref > 0, p.fsdp)["total"] / 2**30
                 what = p.what.split(", ", 1)[1].replace(" per GPU", "")
                 print(f"| {method} | {model} | {cap} | {what} | {p.checkpointed} of {p.n_blocks} | "
                       f"{'FSDP' if p.fsdp else 'DDP'} | {p.need / 2**30:.1f} | {'yes' if p.fits else 'no: ' + p.fix} | "
-                      f"k={k_ref}: {meas:.1f} vs {est:.1f} | {meas / est:.2f} | {time.time() - t0:.0f} |", flush=True)
+                      f"{time.time() - t0:.0f} |", flush=True)
         finally:
             memplan.step_memory, memplan.plan_memory = real_step_memory, real_plan_memory
 

@@ -3,8 +3,6 @@ masks of the symmetric (official) variant, the momentum update touching exactly 
 end to end to eval_knn.py (online and --ema), torchrun with 2 processes, bit-identical resume, bad flags."""
 import functools
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -235,40 +233,6 @@ def test_resume_is_bit_identical(straight_run, tmp_path):
             assert torch.equal(a[key][k], b[key][k]), f"{key}.{k}"
     p = run_script("lut.py", *FAST, *SMALL, *DATA, "--epochs", "2", "--output-dir", out)
     assert "nothing to do" in p.stdout
-
-
-def test_lut_gradients_benchmark_equals_separate_backward_passes(straight_run, capsys):
-    """benchmarks/lut_gradients.py: its losses are the training step's (lut.forward_losses with the same mask
-    seed) and its gradient norms equal those of one backward pass per loss over the encoder's parameters."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import lut_gradients
-    out, _ = straight_run
-    ck = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
-    args = lut.Args(**ck["args"])
-    torch.manual_seed(1)
-    weak, strong = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
-    r = lut_gradients.measure(args, *lut_gradients.build(args, ck), weak, strong, seed=3)
-    online, momentum = lut_gradients.build(args, ck)
-    online.train()
-    momentum.eval()
-    torch.manual_seed(3)
-    loss_mim, loss_bc = lut.forward_losses(online, momentum, weak, strong, online.encoder.num_patches,
-                                           args.mask_ratio, args.symmetric)
-    assert abs(r["loss_mim"] - float(loss_mim)) < 1e-6 and abs(r["loss_bc"] - float(loss_bc)) < 1e-6
-    norms = []
-    for loss in (args.mae_weight * loss_mim, r["context_weight"] * loss_bc):
-        online.zero_grad(set_to_none=True)
-        loss.backward(retain_graph=True)
-        norms.append(sum(float((p.grad.double() ** 2).sum()) for p in online.encoder.parameters()
-                         if p.grad is not None) ** 0.5)
-    assert norms[0] > 0 and norms[1] > 0
-    assert abs(r["grad_mim"] / norms[0] - 1) < 1e-5 and abs(r["grad_bc"] / norms[1] - 1) < 1e-5
-    assert abs(r["ratio"] - norms[1] / norms[0]) < 1e-4 * r["ratio"]
-    lut_gradients.main(["init", str(out / "checkpoint-last.pth"), "--data", "synthetic:32:32", "--batch", "8"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("init |", str(out)))]
-    assert len(rows) == 2
-    with pytest.raises(SystemExit, match="needs --args-from"):
-        lut_gradients.main(["init"])  # no checkpoint to take the flags from -> one-line message
 
 
 def test_torchrun_two_processes_symmetric(tmp_path):

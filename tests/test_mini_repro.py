@@ -1,17 +1,28 @@
-"""benchmarks/mini_repro.py: the table machinery end to end on a few-step configuration."""
+"""miniature/mini_repro.py: the table machinery end to end on a few-step configuration, the seed aggregation and
+the comparisons; miniature/official_miniature.py's conversion of the official ConMIM encoder."""
+import importlib.util
 import json
 import re
 
+import pytest
 import torch
 
 import common
-from conftest import ONE_THREAD, run_script
+from conftest import ONE_THREAD, ROOT, run_script
+
+
+def miniature(name):
+    """miniature/NAME.py as a module (a fresh copy)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "miniature" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_mini_repro_smoke_table_plot_and_numbers(tmp_path):
     out = tmp_path / "results"
     # --seed 1 (not the default 0): every run and both random-init baselines must take it
-    p = run_script("benchmarks/mini_repro.py", "--preset", "smoke", "--seed", "1", "--output-dir", out, timeout=900,
+    p = run_script("miniature/mini_repro.py", "--preset", "smoke", "--seed", "1", "--output-dir", out, timeout=900,
                    env=ONE_THREAD)
     # the child's end-of-epoch line is streamed while it trains, with the elapsed seconds
     assert re.search(r"\[mae\] epoch 0 done, mean loss [\d.]+, \d+ s \(\d+ s\)", p.stdout)
@@ -53,7 +64,7 @@ def test_mini_repro_smoke_table_plot_and_numbers(tmp_path):
 def test_mini_repro_seeds_aggregate(tmp_path):
     """--seeds: one folder per seed, the table and README give mean +- sample std of the per-seed evals."""
     out = tmp_path / "results"
-    run_script("benchmarks/mini_repro.py", "--preset", "smoke", "--seeds", "0", "3", "--methods", "random-init",
+    run_script("miniature/mini_repro.py", "--preset", "smoke", "--seeds", "0", "3", "--methods", "random-init",
                "--output-dir", out, timeout=600, env=ONE_THREAD)
     res = json.loads((out / "results.json").read_text())
     v = [json.loads((out / f"seed{s}" / "evals" / "random-init.json").read_text())["top1"]["20"] for s in (0, 3)]
@@ -69,10 +80,7 @@ def test_mini_repro_seeds_aggregate(tmp_path):
 def test_mini_repro_lift_against_mae():
     """lifts(): difference of the seed means at the last block and the head blocks, against twice the
     larger seed std; summarize() takes sample stds."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import mini_repro
+    mini_repro = miniature("mini_repro")
 
     def res(b0, b1, head_blocks=None):
         r = {"train_seconds": 1.0, "eval": {"top1": {"20": b1}, "linear_probe": 50.0,
@@ -91,53 +99,50 @@ def test_mini_repro_lift_against_mae():
     assert not lift[1]["above_2std"]
 
 
-def test_feature_stats_spectrum_and_cli(tmp_path):
-    """benchmarks/feature_stats.py: one dominant direction -> effective rank ~1, top share ~1; isotropic
-    features -> effective rank near the dimension; the CLI reads eval_knn.py feature files."""
-    import sys
-    from pathlib import Path
+def test_official_conmim_encoder_folds_layer_scale_exactly():
+    """official_miniature.to_our_layout: a BEiT encoder with layer scale and q/v biases (timm's Beit, the official
+    modeling_finetune layout and names) becomes this repository's ViT with the same tokens after the final norm."""
+    from timm.models.beit import Beit
+    mod = miniature("official_miniature")
+    torch.manual_seed(0)
+    ref = Beit(img_size=32, patch_size=8, embed_dim=192, depth=3, num_heads=3, num_classes=0, global_pool="token",
+               use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1).eval()
+    with torch.no_grad():  # trained-looking values: per-channel layer scale, non-zero table and biases
+        for n, p in ref.named_parameters():
+            if n.endswith(("gamma_1", "gamma_2", "q_bias", "v_bias", "relative_position_bias_table")):
+                p.normal_()
+    sd = {**ref.state_dict(), "mask_token": torch.zeros(1, 1, 192), "projectors.0.weight": torch.zeros(4, 192)}
+    ours = common.create_vit("vit_t16", img_size=32, patch_size=8, depth=3, rel_pos_bias=True).eval()
+    ours.load_state_dict(mod.to_our_layout(sd), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = ours.forward_features(x), ref.forward_features(x)
+    assert (a - b).abs().max() < 1e-5
+    with torch.no_grad():  # without the folding the tokens differ: the test sees the layer scale
+        plain = {k: v for k, v in sd.items()}
+        for n in list(plain):
+            if n.endswith(("gamma_1", "gamma_2")):
+                plain[n] = torch.ones_like(plain[n])
+        ours.load_state_dict(mod.to_our_layout(plain), strict=True)
+        assert (ours.forward_features(x) - b).abs().max() > 1e-2
 
-    import torch
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import feature_stats
-    g = torch.Generator().manual_seed(0)
-    direction = torch.randn(16, generator=g)
-    one = torch.randn(500, 1, generator=g) * direction + 0.01 * torch.randn(500, 16, generator=g) + 3 * direction
-    iso = torch.randn(500, 16, generator=g)
-    r1, ri = feature_stats.spectrum(one), feature_stats.spectrum(iso)
-    assert r1["top_share"] > 0.95 and r1["eff_rank"] < 1.5
-    assert ri["top_share"] < 0.2 and ri["eff_rank"] > 12
-    torch.save({"train_features": one}, tmp_path / "one.pth")
-    p = run_script("benchmarks/feature_stats.py", tmp_path / "one.pth", env=ONE_THREAD)
-    assert "| one.pth |" in p.stdout
 
+def test_mini_repro_compares_lut_and_conmim_with_their_baselines_and_needs_the_official_checkout(tmp_path):
+    mini = miniature("mini_repro")
 
-def test_refiner_diagnose_counts_self_matches_and_distances(tmp_path):
-    """benchmarks/refiner_diagnose.py: a queue longer than the data holds every sample's own older entry
-    (counted; --exclude-self never returns it), the head stage leaves the encoder and its EMA exactly at the
-    start, the refinement moves every block, the lr per block is the optimizer's layer-decayed one."""
-    from conftest import TINY, write_mae_release_checkpoint
-    write_mae_release_checkpoint(tmp_path / "mae.pth", patch_size=8)
-    flags = [*TINY, "--patch-size", 8, "--data", "synthetic:32:20", "--init", tmp_path / "mae.pth", "--batch-size", 16,
-             "--queue-size", 64, "--local-crops", 0, "--head-hidden", 32, "--pred-hidden", 32, "--head-blocks", 10, 11,
-             "--head-epochs", 1, "--epochs", 1, "--warmup-epochs", 0, "--topk", 1, "--ema-momentum", 0.9]
-    res = {}
-    for name, extra in (("plain", ["--no-exclude-self"]), ("excl", ["--exclude-self"])):
-        p = run_script("benchmarks/refiner_diagnose.py", "--output-dir", tmp_path / name, "--", *flags, *extra,
-                       env=ONE_THREAD)
-        assert "| 1 | refine |" in p.stdout
-        res[name] = json.loads((tmp_path / name / "diagnose.json").read_text())
-    for r in res.values():
-        s, pe = r["static"], r["per_epoch"]
-        assert s["queue_size"] == 64 and s["dataset_size"] == 32 and s["refine_steps"] == 2
-        assert abs(s["ema_init_weight"] - 0.81) < 1e-12
-        lr = {int(b): v for b, v in s["lr_per_block"].items()}
-        assert all(abs(lr[b] - s["peak_lr"] * 0.65 ** (12 - b)) < 1e-15 for b in range(12))
-        assert all(v == 0 for v in pe["0"]["dist_online"].values()) and all(v == 0 for v in pe["0"]["dist_ema"].values())
-        assert pe["0"]["knn_ema"] == pe["-1"]["knn_online"]  # the head stage does not touch the encoder
-        d1 = {int(b): v for b, v in pe["1"]["dist_online"].items()}
-        assert all(d1[b] > 0 for b in range(12))
-        # epoch 1: all 32 images were enqueued in epoch 0, the queue holds 64
-        assert all(v["own_in_queue"] == 100.0 for v in pe["1"]["lookup"].values())
-    assert all(v["self_match"] == 0.0 for v in res["excl"]["per_epoch"]["1"]["lookup"].values())
-    assert any(v["self_match"] > 0.0 for v in res["plain"]["per_epoch"]["1"]["lookup"].values())
+    def res(knn, lin):
+        return {"train_seconds": 1.0, "eval": {"top1": {"20": knn}, "linear_probe": 50.0, "linear_grid": lin}}
+    per_seed = {s: {"mae": res(50 + s, 40 + s), "lut": res(30 + 2 * s, 20), "lut-official": res(31 + 2 * s, 21),
+                    "random-init-rel": res(40, 45 - s), "conmim": res(46 + s, 46)} for s in range(3)}
+    rows = {(r["method"], r["baseline"]): r for r in mini.compare(mini.summarize(per_seed, "20"))}
+    assert set(rows) == {("lut", "mae"), ("lut-official", "mae"), ("lut-official", "lut"), ("conmim", "random-init-rel")}
+    r = rows[("lut", "mae")]["knn"]
+    assert r["delta"] == -19 and r["paired"] == [-20, -19, -18] and r["std"] == 2.0 and r["beyond_2std"]
+    r = rows[("lut-official", "lut")]["knn"]
+    assert r["delta"] == 1 and not r["beyond_2std"]
+    r = rows[("conmim", "random-init-rel")]["linear_grid"]
+    assert r["delta"] == 2 and r["std"] == 1.0 and not r["beyond_2std"]  # 2 is not more than 2 std
+    lines = mini.compare_lines(list(rows.values()), 3, "20")
+    assert any(line.startswith("| lut | mae | -19.0 (2.0; -20.0, -19.0, -18.0; yes) |") for line in lines)
+    with pytest.raises(SystemExit, match="lut-official need.* --official-lut PATH"):
+        mini.main(["--preset", "smoke", "--methods", "lut-official", "--output-dir", str(tmp_path / "r")])

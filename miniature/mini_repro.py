@@ -25,8 +25,8 @@ baselines use the runs' seed, so `--seed 1 --methods random-init-rel conmim` rep
 another seed.
 Re-running is cheap: every script resumes from its finished checkpoint and returns at once.
 
-    python benchmarks/mini_repro.py --preset full --output-dir results
-    python benchmarks/mini_repro.py --preset demo --seeds 0 1 2 --output-dir runs/demo
+    python miniature/mini_repro.py --preset full --output-dir results
+    python miniature/mini_repro.py --preset demo --seeds 0 1 2 --output-dir runs/demo
 """
 import argparse
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +57,7 @@ def tiny(patch: int) -> list:
 # checkpoint is the common starting point of MAE-CT and MIM-Refiner (both are post-hoc methods);
 # LUT and ConMIM train from scratch with the same epoch budget as MAE.
 # Patch 8 (16 tokens per 32 px image) rather than the tests' patch 4 (64 tokens): a step costs ~4x less,
-# and at patch 4 no method left chance level within the CPU budget (docs/findings.md).
+# and at patch 4 no method left chance level within the CPU budget (lab/findings.md).
 PRESETS = {
     "smoke": dict(data="synthetic:64:40", batch=16, patch=4,
                   methods=["raw-pixels", "random-init", "random-init-rel", "mae"],
@@ -71,9 +71,9 @@ PRESETS = {
                  k=[10, 20], seeds=[0, 1, 2]),
 }
 
-# Tiny-run flags per method (paper defaults scaled down: heads, queues, decoders, crops), found by the
-# miniature experiments in docs/miniature.md and docs/findings.md. EMA/momentum 0.99 instead of the papers' 0.9999/0.996:
-# those would leave the evaluated encoder at its starting weights within a few hundred steps.
+# Tiny-run flags per method (paper defaults scaled down: heads, queues, decoders, crops), found by the miniature
+# experiments in lab/refiner.md and lab/findings.md (summary: docs/miniature.md). EMA/momentum 0.99 instead of the
+# papers' 0.9999/0.996: those would leave the evaluated encoder at its starting weights within a few hundred steps.
 METHOD_FLAGS = {
     "mae": ["--epochs", "20", "--warmup-epochs", "1", "--blr", "1.5e-3", "--decoder-dim", "128", "--decoder-depth", "2",
             "--decoder-heads", "4", "--vis-images", "0"],
@@ -81,7 +81,7 @@ METHOD_FLAGS = {
     # below the paper's run and the encoder stays at its start; top-1 NN (Table 10: random top-20): the heads'
     # NN shares the label only ~30% of the time in this budget, a top-k pick adds more wrong positives;
     # head-blr 1e-2: 2 points more at the head blocks than 2e-3 after the same refinement
-    # (measured with benchmarks/refiner_diagnose.py and mini_repro runs: docs/miniature.md)
+    # (measured with lab/refiner_diagnose.py and mini_repro runs: lab/refiner.md)
     "mim_refiner": ["--batch-size", "64", "--head-epochs", "1", "--epochs", "8", "--warmup-epochs", "0.5", "--blr", "4e-3",
                     "--head-blr", "1e-2", "--layer-decay", "0.8", "--queue-size", "512", "--local-crops", "2",
                     "--head-hidden", "256", "--pred-hidden", "512", "--topk", "1", "--ema-momentum", "0.99"],
@@ -100,7 +100,7 @@ METHOD_FLAGS = {
 }
 
 
-# The official code's rows (benchmarks/official_miniature.py): the official model and loss with the same flags as our
+# The official code's rows (miniature/official_miniature.py): the official model and loss with the same flags as our
 # row, from a local checkout (--official-lut / --official-conmim); `official-init-rel` is the official ConMIM
 # model's own initialisation (BEiT init, layer scale), its fair baseline. Without a checkout the rows are left out.
 OFFICIAL = {"lut-official": "lut", "conmim-official": "conmim"}
@@ -174,7 +174,7 @@ def train(method, preset, out: Path, mae_ckpt, seed: int, label: str = ""):
     run_dir = out / "runs" / method
     cmd = [py, f"{method}.py", *common_flags, "--output-dir", run_dir, *flags]
     if method in OFFICIAL:
-        cmd = [py, "benchmarks/official_miniature.py", script, "--repo", preset["official"][script], "--output-dir",
+        cmd = [py, "miniature/official_miniature.py", script, "--repo", preset["official"][script], "--output-dir",
                run_dir, "--", *common_flags, *flags]
     if method in ("mae_ct", "mim_refiner"):
         cmd += ["--init", mae_ckpt]
@@ -440,7 +440,7 @@ def write_readme(out: Path, command: str, preset_name: str, preset: dict, seeds:
                  per_seed_total: dict, total: float, jobs: int, k: str, machine: str, plotted: bool):
     n = len(seeds)
     L = [f"# Miniature reproduction: preset `{preset_name}`", "",
-         "Written by `benchmarks/mini_repro.py` from the run it describes (do not edit by hand).", "",
+         "Written by `miniature/mini_repro.py` from the run it describes (do not edit by hand).", "",
          f"- command: `{command}`", f"- machine: {machine}",
          f"- data `{preset['data']}`, vit_t16 at 32 px / patch {preset['patch']}; seeds {', '.join(map(str, seeds))}"
          + (f" (mean +- sample std over the {n} seeds)" if n > 1 else ""),
@@ -471,7 +471,7 @@ def write_readme(out: Path, command: str, preset_name: str, preset: dict, seeds:
     rows = compare(summary)
     if rows:
         L += ["", "LUT against MAE from the same budget (the paper claims +2 points of linear probing over MAE, Sec. 1), "
-              "ConMIM against its own start, and the official code's rows (benchmarks/official_miniature.py: the "
+              "ConMIM against its own start, and the official code's rows (miniature/official_miniature.py: the "
               "official model and loss with the same data and schedule) beside ours; std = the larger of the two "
               "seed stds:", "", *compare_lines(rows, n, k)]
     for note in preset.get("notes", []):
@@ -495,7 +495,7 @@ def main(argv=None):
                     "cores // jobs threads; default: all seeds at once (tiny models use 1 thread best); "
                     "thread counts change floating-point order, hence the last digits")
     ap.add_argument("--official-lut", default=None, help="a checkout of naver-ai/lut: adds the row lut-official "
-                    "(the official model and loss on the same miniature; benchmarks/official_miniature.py)")
+                    "(the official model and loss on the same miniature; miniature/official_miniature.py)")
     ap.add_argument("--official-conmim", default=None, help="a checkout of TencentARC/ConMIM: adds the rows "
                     "conmim-official and official-init-rel (its initialisation)")
     a = ap.parse_args(argv)
@@ -551,7 +551,7 @@ def main(argv=None):
     (out / "table.md").write_text(table + "\n")
     plotted = plot(summary, out / "per_block_knn.png", k)
     lift = lifts(summary)
-    command = " ".join(["python", "benchmarks/mini_repro.py", *(sys.argv[1:] if argv is None else map(str, argv))])
+    command = " ".join(["python", "miniature/mini_repro.py", *(sys.argv[1:] if argv is None else map(str, argv))])
     write_readme(out, command, a.preset, preset, seeds, summary, lift, totals, total, jobs, k, machine, plotted)
     res = {"preset": a.preset, "data": preset["data"], "seeds": seeds, "machine": machine, "command": command,
            "total_seconds": total, "seed_seconds": totals, "jobs": jobs, "summary": summary, "lift_over_mae": lift,

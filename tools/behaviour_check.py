@@ -1,7 +1,7 @@
 """Tiny runs of every training script, kept or compared: the no-behaviour-change check of a refactor.
 
-    python benchmarks/behaviour_check.py --output-dir REF            # before the change: runs and keeps
-    python benchmarks/behaviour_check.py --output-dir NEW --compare REF   # after: torch.equal on every tensor of
+    python tools/behaviour_check.py --output-dir REF            # before the change: runs and keeps
+    python tools/behaviour_check.py --output-dir NEW --compare REF   # after: torch.equal on every tensor of
                                                                      # checkpoint-last.pth, the same log.jsonl
 
 Each script runs the tiny settings of tests/test_hardening.py (vit_t16, 32 px, patch 8, synthetic data, CPU,

@@ -11,13 +11,13 @@ token's keys within a short run:
              the table's largest |entry|. Observed by wrapping conmim.forward_loss and differentiating its
              loss with retain_graph (no randomness drawn, .grad untouched: the run is conmim.py's own)
   per epoch  of the online encoder ("model"): kNN top-1 (k=20, T=0.07, CLS after the final norm, eval_knn.py's
-             vote) and the val features' mean pairwise cosine and effective rank (benchmarks/feature_stats.py)
+             vote) and the val features' mean pairwise cosine and effective rank (lab/feature_stats.py)
   once       per optimizer group: the peak lr (with --rel-pos-lr-mult), weight decay and the lr summed over the
              run, which bounds how far Adam (steps of about lr) can move one table entry
 
 Writes OUTPUT_DIR/diagnose.json and prints Markdown tables.
 
-    python benchmarks/conmim_diagnose.py --output-dir runs/conmim_diag -- --model vit_t16 --img-size 32 \\
+    python lab/conmim_diagnose.py --output-dir runs/conmim_diag -- --model vit_t16 --img-size 32 \\
         --patch-size 8 --data synthetic:2000:500 --num-workers 0 --device cpu --epochs 20 ...
 """
 import argparse

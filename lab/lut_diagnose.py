@@ -11,7 +11,7 @@ lambda = 0 (`--lambda0`: plain MAE inside lut.py, same crops, masks and schedule
              is the one lut.py would do alone)
   per epoch  of the online encoder ("model"), on the val split with the evaluation transform: kNN top-1
              (k=20, T=0.07, CLS after the final norm, eval_knn.py's vote), mean pairwise cosine, effective
-             rank and top-PC share (benchmarks/feature_stats.py) of the CLS and of the pooled patch tokens
+             rank and top-PC share (lab/feature_stats.py) of the CLS and of the pooled patch tokens
              (what the context head sees); relative distance of the encoder from its initialisation; mean
              BatchNorm gain |gamma| of the projector h and the predictor
   once       peak lr, warmup steps and the lr summed over the run and over the warmup (pre-training has no
@@ -19,7 +19,7 @@ lambda = 0 (`--lambda0`: plain MAE inside lut.py, same crops, masks and schedule
 
 Writes OUTPUT_DIR/diagnose.json (and OUTPUT_DIR/lambda0/) and prints Markdown tables.
 
-    python benchmarks/lut_diagnose.py --output-dir runs/lut_diag --lambda0 -- --model vit_t16 --img-size 32 \\
+    python lab/lut_diagnose.py --output-dir runs/lut_diag --lambda0 -- --model vit_t16 --img-size 32 \\
         --patch-size 8 --data synthetic:2000:500 --num-workers 0 --device cpu --epochs 20 ...
 """
 import argparse

@@ -1,5 +1,5 @@
 """The official LUT or ConMIM model and loss, trained on the miniature with the same data and schedule as lut.py /
-conmim.py (the `lut-official` and `conmim-official` rows of benchmarks/mini_repro.py).
+conmim.py (the `lut-official` and `conmim-official` rows of miniature/mini_repro.py).
 
 Does the official code behave as ours at this scale? This script imports the model and loss code of a local
 checkout of the official repository and trains it with the hyper-parameters of the given lut.py / conmim.py
@@ -30,7 +30,7 @@ biases into qkv.bias with a zero key bias, exact, checked against the official f
 end), so eval_knn.py and eval_linear.py read it; checkpoint-init.pth holds the official initialisation.
 
     git clone https://github.com/naver-ai/lut ../lut
-    python benchmarks/official_miniature.py lut --repo ../lut --output-dir runs/lut_official -- \\
+    python miniature/official_miniature.py lut --repo ../lut --output-dir runs/lut_official -- \\
         --model vit_t16 --img-size 32 --patch-size 8 --data synthetic:2000:500 --batch-size 128 --epochs 20 ...
 """
 import argparse

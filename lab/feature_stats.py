@@ -8,7 +8,7 @@ component, and, for `--data synthetic...`, the correlation of the top two compon
 mean grey level (the synthetic data's nuisance factor).
 
     python eval_knn.py --checkpoint runs/lut/checkpoint-last.pth ... --save-features lut.pth
-    python benchmarks/feature_stats.py lut.pth mae.pth --data synthetic:2000:500 --img-size 32
+    python lab/feature_stats.py lut.pth mae.pth --data synthetic:2000:500 --img-size 32
 """
 import argparse
 import sys

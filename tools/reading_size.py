@@ -1,10 +1,12 @@
 """How much code a reader follows to read one script: its own code lines plus those of the common.py definitions
-it reaches (directly as `common.X`, then transitively inside common.py), and the same for the optional
-neighbours (memplan.py, fsdp.py, longrun.py, synthetic.py, foreign.py) whose definitions the script names (`memplan.X`).
+it reaches (as `common.X` or through `from common import X`, then transitively inside common.py), and the same for
+the optional neighbours (memplan.py, fsdp.py, longrun.py, synthetic.py, foreign.py) whose definitions the script
+names (`memplan.X`, `from memplan import X`).
 
-    python benchmarks/reading_size.py [--write docs/reading_size.md]
+    python tools/reading_size.py [--write docs/reading_size.md]
 
-Code lines: lines that are neither blank, nor comments, nor docstrings. Prints a markdown table.
+Code lines: lines that are neither blank, nor comments, nor documentation: docstrings and every other bare string
+statement, such as the string under an `Args` field that documents it. Prints a markdown table.
 """
 import argparse
 import ast
@@ -19,14 +21,13 @@ NEIGHBOURS = ("memplan.py", "fsdp.py", "longrun.py", "synthetic.py", "foreign.py
 
 
 def code_lines(source: str) -> set[int]:
-    """Line numbers holding code (tokens other than comments, newlines and docstrings)."""
+    """Line numbers holding code (tokens other than comments, newlines and documentation). Documentation is every
+    statement that is a bare string: docstrings, and the string under a dataclass field (an `Args` field's help)."""
     tree = ast.parse(source)
     doc = set()
     for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
-                isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-            doc.update(range(body[0].lineno, body[0].end_lineno + 1))
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            doc.update(range(node.lineno, node.end_lineno + 1))
     lines = set()
     skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -55,9 +56,21 @@ def definitions(path: Path) -> dict[str, tuple[int, set[str]]]:
     return out
 
 
+def named(tree: ast.AST, module: str) -> set[str]:
+    """The names of `module` that `tree` uses: `module.X` (also under `import module as m`) and
+    `from module import X` (the definition read, whatever it is bound to)."""
+    aliases = {a.asname or a.name for x in ast.walk(tree) if isinstance(x, ast.Import) for a in x.names
+               if a.name == module}
+    out = {x.attr for x in ast.walk(tree) if isinstance(x, ast.Attribute) and isinstance(x.value, ast.Name)
+           and x.value.id in aliases}
+    out |= {a.name for x in ast.walk(tree) if isinstance(x, ast.ImportFrom) and x.module == module and not x.level
+            for a in x.names}
+    return out
+
+
 def reached(tree: ast.AST, module: str, defs: dict) -> set[str]:
-    todo = {x.attr for x in ast.walk(tree) if isinstance(x, ast.Attribute) and isinstance(x.value, ast.Name)
-            and x.value.id == module and x.attr in defs}
+    """The definitions of `module` that `tree` names, and those they use in turn (transitively)."""
+    todo = named(tree, module) & defs.keys()
     seen = set()
     while todo:
         name = todo.pop()
@@ -125,7 +138,7 @@ def main():
     print(text)
     if a.write:
         a.write.write_text("# Reading size: what a reader of one script follows\n\nWritten by "
-                           "`python benchmarks/reading_size.py --write docs/reading_size.md`.\n\n" + text)
+                           "`python tools/reading_size.py --write docs/reading_size.md`.\n\n" + text)
 
 
 if __name__ == "__main__":

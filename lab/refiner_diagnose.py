@@ -16,7 +16,7 @@ refinement can change the evaluated encoder within a short run:
 The lookups are observed by wrapping NNQueue.lookup and refiner_loss (no randomness is drawn, so the run
 is the one mim_refiner.py would do alone). Writes OUTPUT_DIR/diagnose.json and prints Markdown tables.
 
-    python benchmarks/refiner_diagnose.py --output-dir runs/diag -- --init runs/demo/runs/mae/checkpoint-last.pth \
+    python lab/refiner_diagnose.py --output-dir runs/diag -- --init runs/demo/runs/mae/checkpoint-last.pth \
         --model vit_t16 --img-size 32 --patch-size 8 --data synthetic:2000:500 --num-workers 0 --device cpu ...
 """
 import argparse

@@ -9,8 +9,8 @@ targets k are across images (mean pairwise cosine; near 1 = one vector for every
 LUT miniature was diagnosed (README "Miniature reproduction", lut.py docstring).
 
     python lut.py ... --output-dir runs/lut                      # or --exit-after-epochs N for earlier points
-    python benchmarks/lut_gradients.py runs/lut/checkpoint-last.pth --data synthetic:2000:500
-    python benchmarks/lut_gradients.py init --args-from runs/lut/checkpoint-last.pth    # the same model at step 0
+    python lab/lut_gradients.py runs/lut/checkpoint-last.pth --data synthetic:2000:500
+    python lab/lut_gradients.py init --args-from runs/lut/checkpoint-last.pth    # the same model at step 0
 
 The model, heads and flags come from the checkpoint's stored "args" ("init" builds the initial model of
 --args-from, i.e. the seed's weights before any step). CPU, fp32, online model in train mode (batch-statistics
