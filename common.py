@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,33 +211,43 @@ _USER_OS_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.E
 
 def run_main(main, args_cls):
     """Parse args and run `main(args)`; a UserError (also from a data-loader worker) is one line from the rank that met
-    it and exit status 2; the other ranks, blocked in a collective with it, stop with status 2 and no traceback."""
+    it and exit status 2; the other ranks, blocked in a collective with it, stop with status 2 and no traceback. A
+    training script's rank 0 claims OUTPUT_DIR (creates it, takes longrun.OutputLock) before `main` reads anything
+    in it; a run that fails before its first checkpoint removes the folder only if it created it."""
     args = parse_args(args_cls)
     out = getattr(args, "output_dir", None)
-    new_out = out is not None and not os.path.exists(out)
+    lock, created = None, False
     try:
-        main(args)
+        try:
+            if out is not None and getattr(args, "plan", None) is None:  # --plan reads and writes nothing
+                lock, created = _claim_output_dir(out)
+            main(args)
+        except BaseException:
+            _kill_loader_workers()
+            raise
     except UserError as e:  # from a DataLoader worker it arrives with the worker's traceback in it
-        _remove_failed_output_dir(out, new_out)
+        _remove_failed_output_dir(out, created)
         _fail(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
     except OSError as e:
         if e.errno not in _USER_OS_ERRORS:
             raise
-        _remove_failed_output_dir(out, new_out)
+        _remove_failed_output_dir(out, created)
         where = f" {e.filename}" if e.filename else ""
         _fail(f"cannot write{where} ({e.strerror or e}); free space or pass a writable --output-dir / path")
     except RuntimeError as e:  # a peer died (its own error line is printed by it): stop without a traceback
         if "DataLoader worker" in str(e):
-            _remove_failed_output_dir(out, new_out)
+            _remove_failed_output_dir(out, created)
             _fail(f"a data-loading worker died ({str(e).splitlines()[0][:160]}); usually out of memory: lower "
                   f"--num-workers or --batch-size")
-        if not (_in_process_group() and _is_peer_failure(e)):
+        note = _collective_note(e) if _in_process_group() else None
+        if note is None:
             raise
-        _remove_failed_output_dir(out, new_out)
-        print(f"[rank {dist.get_rank()}] stopped: another process failed (its error line says why)",
-              file=sys.stderr, flush=True)
+        _remove_failed_output_dir(out, created)
+        print(f"[rank {dist.get_rank()}] stopped: {note}", file=sys.stderr, flush=True)
         os._exit(2)  # the group is broken: tearing it down (and interpreter exit with live gloo threads) can hang
     finally:
+        if lock is not None:
+            lock.release()
         if _in_process_group():
             # free DDP wrappers (kept alive by reference cycles) while their group exists: a gloo group torn down
             # at interpreter exit aborts now and then ("terminate called without an active exception")
@@ -244,10 +255,41 @@ def run_main(main, args_cls):
             dist.destroy_process_group()
 
 
+def _claim_output_dir(output_dir: str):
+    """On rank 0: (longrun.OutputLock or None without longrun.py, whether this run created the folder). The lock is
+    taken before the run reads the resume checkpoint: a second run never resumes a state its predecessor is still
+    replacing, and only the run that created a new folder may remove it."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None, False
+    check_output_dir(output_dir)
+    try:
+        os.makedirs(output_dir)
+        created = True
+    except FileExistsError:  # an existing folder, or one a racing run created first
+        created = False
+    try:
+        longrun = neighbour("longrun", "the output lock")
+    except UserError:  # without longrun.py no lock (run_control says so)
+        return None, created
+    return longrun.OutputLock(output_dir), created
+
+
+def _kill_loader_workers():
+    """On an error exit: DataLoader workers ignore the stop signals (`_ignore_stop_signals`), so the terminate() of
+    the exit path cannot end them and multiprocessing's exit hook would wait for them forever."""
+    import multiprocessing
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would turn each kill into a RuntimeError
+    for p in workers:
+        p.kill()
+    for p in workers:
+        p.join(timeout=10)
+
+
 def _remove_failed_output_dir(output_dir: str | None, created_by_this_run: bool):
     """A failed run that created its output folder and saved nothing removes it, so the rerun does not append to it."""
-    if (created_by_this_run and int(os.environ.get("RANK", 0)) == 0 and os.path.isdir(output_dir)
-            and not os.path.exists(checkpoint_path(output_dir))):
+    if (created_by_this_run and os.path.isdir(output_dir) and not os.path.exists(checkpoint_path(output_dir))):
         import shutil
         shutil.rmtree(output_dir, ignore_errors=True)
 
@@ -256,13 +298,17 @@ def _in_process_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _is_peer_failure(e: RuntimeError) -> bool:
-    """A collective failed because another rank exited (gloo: connection closed/reset; nccl: DistBackendError)."""
-    if type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistError"):
-        return True
+def _collective_note(e: RuntimeError) -> str | None:
+    """What a rank whose collective failed prints, or None when `e` is not such a failure. A peer that exited (gloo:
+    connection closed / reset, broken pipe) prints its own error line; any other backend error (a misconfigured
+    NCCL fails on every rank at once) is named here, as no other line says why."""
     text = str(e).lower()
-    return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",
-                                    "gloo", "nccl", "socket"))
+    if any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe")):
+        return "another process failed (its error line says why)"
+    if (type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistError")
+            or any(s in text for s in ("gloo", "nccl", "socket"))):
+        return f"a collective failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
+    return None
 
 
 def _fail(msg):
@@ -401,7 +447,7 @@ ALLOC_CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the user 
 
 
 def cuda_dtypes(device: torch.device) -> bool:
-    """The CUDA run's dtypes and policies (bf16 autocast, FSDP's policy, fused AdamW): on CUDA, and on the CPU under
+    """The CUDA run's dtypes and policies (bf16 autocast, FSDP's policy): on CUDA, and on the CPU under
     MIMREF_CUDA_DTYPES=1, so that the CUDA path runs without a GPU."""
     return device.type == "cuda" or os.environ.get(CUDA_DTYPES_ENV, "0") == "1"
 
@@ -493,7 +539,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         if attn_bias is not None:
             attn_bias = attn_bias.to(qkv.dtype)  # SDPA wants the mask in the query dtype (bf16 autocast)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_bias)  # (B, h, N, D/h), scale (D/h)^-0.5
+        q, k, v = qkv.unbind(0)  # views: indexing qkv[i] would zero-fill and copy a qkv-sized gradient three times
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # (B, h, N, D/h), scale (D/h)^-0.5
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -508,8 +555,11 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def drop_path(x, p: float, training: bool):
-    """Stochastic depth per sample (timm semantics)."""
+def drop_path(x, p: float, training: bool, keep: torch.Tensor | None = None):
+    """Stochastic depth per sample (timm semantics); `keep` (B,): the multipliers (0 or 1 / (1 - p)) drawn by the
+    caller (finetune.py draws them from the step's seed, so that N processes draw what one does)."""
+    if keep is not None:
+        return x * keep.to(x.dtype).view(-1, *(1,) * (x.ndim - 1))
     if p == 0.0 or not training:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
@@ -529,13 +579,14 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x, attn_bias=None):
+    def forward(self, x, attn_bias=None, keep=None):  # keep: None or (2, B) multipliers, attention then MLP branch
         p, t = self.drop_path, self.training
+        k1, k2 = (None, None) if keep is None else keep
         if self.post_norm:
-            x = self.norm1(x + drop_path(self.attn(x, attn_bias), p, t))
-            return self.norm2(x + drop_path(self.mlp(x), p, t))
-        x = x + drop_path(self.attn(self.norm1(x), attn_bias), p, t)
-        return x + drop_path(self.mlp(self.norm2(x)), p, t)
+            x = self.norm1(x + drop_path(self.attn(x, attn_bias), p, t, k1))
+            return self.norm2(x + drop_path(self.mlp(x), p, t, k2))
+        x = x + drop_path(self.attn(self.norm1(x), attn_bias), p, t, k1)
+        return x + drop_path(self.mlp(self.norm2(x)), p, t, k2)
 
 
 class RelativePositionBias(nn.Module):
@@ -1015,10 +1066,10 @@ def param_groups(named_params, weight_decay: float, layer_decay: float | None = 
     return list(groups.values())
 
 
-def make_adamw(groups, lr: float, betas=(0.9, 0.95), device=torch.device("cpu")) -> torch.optim.AdamW:
-    """AdamW; the fused kernel on CUDA (and on the CPU under MIMREF_CUDA_DTYPES=1)."""
-    kw = {"fused": True} if cuda_dtypes(device) else {}
-    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, **kw)
+def make_adamw(groups, lr: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CUDA and CPU: the same update as the per-tensor loop to fp32 rounding, several
+    times faster, benchmarks/bench_train.py)."""
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     set_lr(opt, lr)
     return opt
 
@@ -1033,8 +1084,8 @@ def set_lr(optimizer, lr: float, wd: float | None = None):
 @torch.no_grad()
 def ema_update(ema: nn.Module, online: nn.Module, momentum: float, copy_buffers: bool = True):
     """ema <- m * ema + (1 - m) * online over all parameters (frozen ones stay equal); buffers are copied."""
-    for pe, po in zip(ema.parameters(), online.parameters()):
-        pe.lerp_(po.detach().to(pe.dtype), 1.0 - momentum)
+    pe, po = list(ema.parameters()), [p.detach().to(e.dtype) for e, p in zip(ema.parameters(), online.parameters())]
+    torch._foreach_lerp_(pe, po, 1.0 - momentum)  # one kernel launch per dtype/device group, not per tensor
     if copy_buffers:
         for be, bo in zip(ema.buffers(), online.buffers()):
             be.copy_(bo)
@@ -1156,6 +1207,32 @@ def remove_stale_temp_files(path: str):
                 tmp.unlink()
         except PermissionError:  # alive, another user's
             pass
+
+
+def write_atomic(path: str, flag: str, write, mode: str = "wb"):
+    """`write(file opened with mode)` into PATH.tmp.<pid>, fsync, rename over `path` (folders created), as
+    save_checkpoint: a failed write (full disk, quota) removes the temp file, leaves a previous `path` as it
+    was and ends in one line naming `flag`, instead of a truncated file and a traceback."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temp_files(path)  # of a killed earlier run
+    existed = os.path.isfile(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        # torch's zip writer reports a failed write as a RuntimeError with the OSError as its context
+        os_err = next((x for x in (e, e.__context__, e.__cause__) if isinstance(x, OSError)), None)
+        if os_err is None or not isinstance(e, (OSError, RuntimeError)):  # e.g. Ctrl-C: not the disk's fault
+            raise
+        kept = "the previous file is unchanged" if existed else "nothing was written there"
+        raise UserError(f"cannot write {flag} {path} ({os_err.strerror or os_err}); {kept}: free space or pass "
+                        f"another {flag}") from None
 
 
 def load_file(path: str) -> dict:
@@ -1288,6 +1365,57 @@ def load_encoder(model: VisionTransformer, source, ema: bool = False, what: str 
     return desc
 
 
+def encoder_from_checkpoint(checkpoint: str, model: str | None = None, img_size: int | None = None,
+                            patch_size: int | None = None, *, ema: bool = False, key: str | None = None, seed: int = 0,
+                            ckpt: dict | None = None, **overrides) -> tuple[VisionTransformer, str]:
+    """(encoder with the weights of `checkpoint`, their description). The architecture comes from `model` or the file
+    ("encoder_config", else the weights' shapes); `img_size` defaults to the file's, else 224. `key` names the
+    encoder entry to take (else select_weights(ckpt, ema)); `ckpt`: the file already loaded; `checkpoint` "none": a
+    random encoder of `model` seeded `seed`. `overrides` go to the constructor (drop_path_rate)."""
+    if checkpoint.lower() == "none":
+        if ema or key:
+            raise UserError("a random encoder (checkpoint none) has no EMA or other encoder to pick; drop that flag")
+        if model is None:
+            raise UserError("a random encoder (checkpoint none) needs --model, e.g. --model vit_b16")
+        seed_everything(seed)  # the same random encoder on every rank
+        return create_vit(model, img_size, patch_size, **overrides), f"random initialisation (seed {seed})"
+    ckpt = load_file(checkpoint) if ckpt is None else ckpt
+    if key is not None:
+        if not isinstance(ckpt.get(key), dict):
+            have = [k for k in ("model", "model_ema", "model_online") if isinstance(ckpt.get(k), dict)]
+            raise UserError(f"{checkpoint} has no encoder '{key}' (it has {', '.join(have) or 'none of ours'}); pick "
+                            f"one of those")
+        ckpt = {"model": ckpt[key], **{k: ckpt[k] for k in ("encoder_config",) if isinstance(ckpt.get(k), dict)}}
+    sd, _ = select_weights(ckpt, ema)
+    found = checkpoint_encoder_config(convert_to_ours(sd))  # dim, depth, patch_size, post_norm, img_size
+    saved = ckpt.get("encoder_config") if isinstance(ckpt.get("encoder_config"), dict) else {}
+    img_size = img_size or saved.get("img_size") or found["img_size"] or 224
+    patch = patch_size or found["patch_size"]
+    kind = dict(post_norm=found["post_norm"], rel_pos_bias=found["rel_pos_bias"], **overrides)
+    if model is None:
+        heads = saved.get("num_heads")
+        if heads is None:  # foreign file: heads from the preset table by (dim, depth)
+            cands = {h for (d, L, h, _) in VIT_CONFIGS.values() if (d, L) == (found["dim"], found["depth"])}
+            if len(cands) != 1:
+                raise UserError(f"cannot infer the architecture of {checkpoint} (dim {found['dim']}, depth "
+                                f"{found['depth']}); pass --model")
+            heads = cands.pop()
+        enc = create_vit("vit_b16", img_size, patch, dim=found["dim"], depth=found["depth"], num_heads=heads, **kind)
+    else:
+        if model in VIT_CONFIGS:  # name both sides in the error (the presets differ in dim/depth/heads)
+            d, L, h, _ = VIT_CONFIGS[model]
+            heads = saved.get("num_heads", h)
+            if (d, L, h) != (found["dim"], found["depth"], heads):
+                match = [n for n, (d2, L2, h2, _) in VIT_CONFIGS.items() if (d2, L2) == (found["dim"], found["depth"])]
+                raise UserError(f"--model {model} is dim {d}, depth {L}, heads {h} but {checkpoint} holds dim "
+                                f"{found['dim']}, depth {found['depth']}, heads {saved.get('num_heads', '?')}; pass "
+                                f"{'--model ' + match[0] if match else 'the matching --model'} or drop --model")
+        # pre-/post-norm is a property of the weights (data2vec 2.0), not of the preset name
+        enc = create_vit(model, img_size, patch, **kind)
+    desc = load_encoder(enc, ckpt, ema=ema, what=f"checkpoint {checkpoint}")
+    return enc, (f"'{key}'" if key else desc)
+
+
 def checkpoint_path(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoint-last.pth")
 
@@ -1328,6 +1456,8 @@ def check_writable(path: str, flag: str, folder: bool = False):
 def load_resume_state(output_dir: str) -> dict | None:
     """The state of OUTPUT_DIR/checkpoint-last.pth (automatic resume) or None, after checking OUTPUT_DIR is writable
     and removing temp files of killed saves."""
+    if _group_size() > 1:  # rank 0 claimed OUTPUT_DIR before it got here (run_main): read nothing before that
+        dist.barrier()
     check_output_dir(output_dir)
     path = checkpoint_path(output_dir)
     if os.path.isdir(path):
@@ -1446,23 +1576,25 @@ def git_sha() -> str:
 
 
 class Logger:
-    """Rank-0 logging to stdout, log.jsonl, args.json and TensorBoard (OUTPUT_DIR/tb); holds longrun.OutputLock."""
+    """Rank-0 logging to stdout, log.jsonl, args.json and TensorBoard (OUTPUT_DIR/tb)."""
 
     def __init__(self, output_dir: str, args, dist_info: DistInfo, extra: dict | None = None):
         self.active = dist_info.is_main
         self.output_dir = output_dir
-        self.tb = self.lock = None
+        self.tb = None
         if not self.active:
             return
         os.makedirs(output_dir, exist_ok=True)
-        try:
-            longrun = neighbour("longrun", "the output lock")
-        except UserError:  # without longrun.py no lock (run_control says so)
-            longrun = None
-        self.lock = longrun and longrun.OutputLock(output_dir)
         cfg = {**dataclasses.asdict(args), **(extra or {}), "git_sha": git_sha(), "world_size": dist_info.world_size,
                "precision": precision(dist_info.device)}
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
+        args_json = os.path.join(output_dir, "args.json")
+        if os.path.isfile(checkpoint_path(output_dir)) and os.path.isfile(args_json):  # a resume: the run so far
+            with contextlib.suppress(OSError, ValueError), open(args_json) as f:
+                before = json.load(f).get("precision")
+            if before not in (None, cfg["precision"]):
+                print(f"warning: {checkpoint_path(output_dir)} was trained with {before} and goes on with "
+                      f"{cfg['precision']}: from here the numbers differ from an uninterrupted run", flush=True)
+        with open(args_json, "w") as f:
             json.dump(cfg, f, indent=2, default=str)
         print(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] git {cfg['git_sha']}, {dist_info.world_size} process(es), "
               f"device {dist_info.device}, {precision(dist_info.device)}")
@@ -1492,16 +1624,10 @@ class Logger:
         if self.active and self.tb is not None:
             self.tb.add_image(tag, img_chw, step)
 
-    def mark_stopping(self):
-        if self.lock is not None:
-            self.lock.mark_stopping()
-
     def close(self):
         if self.tb is not None:
             self.tb.close()
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+            self.tb = None
 
 
 def progress(iterable, dist_info: DistInfo, **kw):
@@ -1666,11 +1792,23 @@ def save_kept(every: int, output_dir: str, dist_info: DistInfo, epochs_done: int
 
 
 def paper_eval_command(args, flags: str = "", script: str = "eval_knn.py") -> str:
-    """The `script` (an eval_*.py) command line for OUTPUT_DIR/checkpoint-last.pth on the run's data, with `flags`."""
+    """The `script` (an eval_*.py, or finetune.py into OUTPUT_DIR/finetune) command line for
+    OUTPUT_DIR/checkpoint-last.pth on the run's labelled data, with `flags`."""
     data = args.knn_data or args.data
     seed = f" --seed {args.seed}" if is_synthetic(data) and args.seed else ""  # renders the same images
-    return (f"python {script} --checkpoint {checkpoint_path(args.output_dir)} --data {data}{seed} "
-            f"--img-size {args.img_size} {flags}").strip()
+    ck = checkpoint_path(args.output_dir)
+    src = (f"--init {ck} --output-dir {os.path.join(args.output_dir, 'finetune')}" if script == "finetune.py"
+           else f"--checkpoint {ck}")
+    return f"python {script} {src} --data {data}{seed} --img-size {args.img_size} {flags}".strip()
+
+
+def label_split(args, percent: int) -> str:
+    """finetune.py's flag for the papers' `percent` % labelled split (google-research/simclr imagenet_subsets/,
+    MAE-CT Table 1, MIM-Refiner Table 2); on synthetic data, whose images have no file names, a class-balanced
+    fraction."""
+    if is_synthetic(args.knn_data or args.data):
+        return f"--label-fraction {percent / 100:g}"
+    return f"--train-subset imagenet_subsets/{percent}percent.txt"
 
 
 # 9b. Long runs: saves inside an epoch and on stop signals live in longrun.py (optional neighbour) --------------------

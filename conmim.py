@@ -33,9 +33,10 @@ Launch (paper setting, ViT-B/16, 800 epochs, global batch 2048 = 16 GPUs x 128, 
     # Tiny CPU run: python conmim.py --model vit_t16 --img-size 32 --patch-size 4 --data synthetic \\
     #     --epochs 2 --batch-size 64 --head-hidden-dim 256 --head-out-dim 64 --device cpu
 
-Checkpoint (`OUTPUT_DIR/checkpoint-last.pth`, automatic resume): "model" = the online encoder f (the network
-the paper trains by back-propagation and transfers, Sec. 4), "model_ema" = the momentum encoder f~
-(`eval_knn.py --ema`), the projectors g, g~, the mask tokens, optimizer.
+Checkpoint (`OUTPUT_DIR/checkpoint-last.pth`, automatic resume): "model" = the online encoder f (trained by
+back-propagation), "model_ema" = the momentum encoder f~ (`eval_knn.py --ema`), the projectors g, g~, the mask
+tokens, optimizer. finetune.py fine-tunes "model_ema", as the official README does (its released
+checkpoint_copy-799.pth is the teacher; Sec. 4 does not say which); `--encoder model` takes f.
 
 Deviations (paper default here; the flag named gives the official TencentARC/ConMIM @4263955 behaviour):
   * Backbone: BEiT's shared relative position bias, no absolute positions (`--pos-embed rel`, paper and
@@ -628,8 +629,7 @@ def main(args: Args):
     teacher.to(device)
     online.encoder.grad_checkpointing = checkpointed
 
-    opt = common.make_adamw(build_param_groups(online, args), lr, betas=(0.9, 0.98),
-                            device=device)  # Table 11 betas, eps 1e-8
+    opt = common.make_adamw(build_param_groups(online, args), lr, betas=(0.9, 0.98))  # Table 11 betas, eps 1e-8
 
     # ---------------------------------------------------------------- resume
     start_epoch, step, position, rms_start = 0, 0, None, None
@@ -700,8 +700,9 @@ def main(args: Args):
             log.close()
             return
     # the ConMIM paper evaluates by fine-tuning (Sec. 4), not k-NN
-    log.print("to evaluate as the paper: fine-tune (not in this repository); k-NN with DINO's protocol: "
-              + common.paper_eval_command(args))
+    log.print("to evaluate as the paper: fine-tune (Tables 1-3; the momentum teacher 'model_ema', as the official "
+              "README): " + common.paper_eval_command(args, "--recipe conmim", "finetune.py"))
+    log.print("  k-NN with DINO's protocol: " + common.paper_eval_command(args))
     log.print(f"done: {common.checkpoint_path(args.output_dir)}")
     log.close()
 

@@ -361,7 +361,6 @@ def main(args: Args):
 
     dist_info = common.init_distributed(args.device)
     few_shot = sorted(set(args.few_shot))
-    need_train = bool(few_shot or args.split_file)
 
     # ---- data and labels (cheap: no image is decoded), the splits, then the features
     saved = load_saved_features(args.features) if args.features else None

@@ -67,7 +67,6 @@ and the default keeps DINO's final LayerNorm (MIM-Refiner: `--no-final-norm --st
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -79,10 +78,9 @@ import torch
 import torch.nn.functional as F
 
 import common
-from common import (VIT_CONFIGS, UserError, WithIndex, autocast, build_dataset, build_loader,
-                    checkpoint_encoder_config, convert_to_ours, create_vit, describe_vit, eval_transform,
-                    init_distributed, load_encoder, load_file, progress, run_main, seed_everything,
-                    select_weights, all_gather_nograd, eval_resize, knn_bank_indices, knn_classify)
+from common import (UserError, WithIndex, autocast, build_dataset, build_loader, describe_vit, eval_transform,
+                    init_distributed, progress, run_main, all_gather_nograd, eval_resize, knn_bank_indices,
+                    knn_classify)
 
 
 @dataclass
@@ -206,42 +204,8 @@ def low_shot_indices(labels: torch.Tensor, n: int, seed: int, num_classes: int, 
 # ----------------------------------------------------------------------------------------------
 def build_encoder(args: Args):
     """Returns (encoder, weights description). The architecture comes from --model or the checkpoint."""
-    if args.checkpoint.lower() == "none":
-        if args.ema:
-            raise UserError("--ema needs a checkpoint with EMA weights; drop --ema with --checkpoint none")
-        if args.model is None:
-            raise UserError("--checkpoint none (random init) needs --model, e.g. --model vit_b16")
-        seed_everything(args.seed)  # same random encoder on every rank
-        return create_vit(args.model, args.img_size, args.patch_size), f"random initialisation (seed {args.seed})"
-    ckpt = load_file(args.checkpoint)
-    sd, _ = select_weights(ckpt, args.ema)
-    found = checkpoint_encoder_config(convert_to_ours(sd))  # dim, depth, patch_size, post_norm, img_size
-    saved = ckpt.get("encoder_config") if isinstance(ckpt.get("encoder_config"), dict) else {}
-    img_size = args.img_size or saved.get("img_size") or found["img_size"] or 224
-    patch = args.patch_size or found["patch_size"]
-    if args.model is None:
-        heads = saved.get("num_heads")
-        if heads is None:  # foreign file: heads from the preset table by (dim, depth)
-            cands = {h for (d, L, h, _) in VIT_CONFIGS.values() if (d, L) == (found["dim"], found["depth"])}
-            if len(cands) != 1:
-                raise UserError(f"cannot infer the architecture of {args.checkpoint} (dim {found['dim']}, depth "
-                                f"{found['depth']}); pass --model")
-            heads = cands.pop()
-        enc = create_vit("vit_b16", img_size, patch, dim=found["dim"], depth=found["depth"], num_heads=heads,
-                         post_norm=found["post_norm"], rel_pos_bias=found["rel_pos_bias"])
-    else:
-        if args.model in VIT_CONFIGS:  # name both sides in the error (the presets differ in dim/depth/heads)
-            d, L, h, _ = VIT_CONFIGS[args.model]
-            heads = saved.get("num_heads", h)
-            if (d, L, h) != (found["dim"], found["depth"], heads):
-                match = [n for n, (d2, L2, h2, _) in VIT_CONFIGS.items() if (d2, L2) == (found["dim"], found["depth"])]
-                raise UserError(f"--model {args.model} is dim {d}, depth {L}, heads {h} but {args.checkpoint} holds dim "
-                                f"{found['dim']}, depth {found['depth']}, heads {saved.get('num_heads', '?')}; pass "
-                                f"{'--model ' + match[0] if match else 'the matching --model'} or drop --model")
-        # pre-/post-norm is a property of the weights (data2vec 2.0), not of the preset name
-        enc = create_vit(args.model, img_size, patch, post_norm=found["post_norm"], rel_pos_bias=found["rel_pos_bias"])
-    desc = load_encoder(enc, ckpt, ema=args.ema, what=f"checkpoint {args.checkpoint}")
-    return enc, desc
+    return common.encoder_from_checkpoint(args.checkpoint, args.model, args.img_size, args.patch_size, ema=args.ema,
+                                          seed=args.seed)
 
 
 def resolve_block(b: int, depth: int) -> int:
@@ -460,7 +424,7 @@ def main(args: Args):
     if args.save_features:
         feats = {"train_features": train_banks[main_block], "train_labels": train_y,
                  "val_features": val_banks[main_block], "val_labels": val_y, "protocol": protocol}
-        write_atomic(args.save_features, "--save-features", lambda f: torch.save(feats, f))
+        common.write_atomic(args.save_features, "--save-features", lambda f: torch.save(feats, f))
         print(f"features saved to {args.save_features}")
 
     # ---- k-NN on the evaluated feature (and low-shot subsets)
@@ -506,35 +470,10 @@ def main(args: Args):
         write_json(args.output_json, result)
 
 
-def write_atomic(path: str, flag: str, write, mode: str = "wb"):
-    """`write(file opened with mode)` into PATH.tmp.<pid>, fsync, rename over `path` (folders created), as
-    common.save_checkpoint: a failed write (full disk, quota) removes the temp file, leaves a previous `path` as it
-    was and ends in one line naming `flag`, instead of a truncated file and a traceback."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    common.remove_stale_temp_files(path)  # of a killed earlier run
-    existed = os.path.isfile(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        # torch's zip writer reports a failed write as a RuntimeError with the OSError as its context
-        os_err = next((x for x in (e, e.__context__, e.__cause__) if isinstance(x, OSError)), None)
-        if os_err is None or not isinstance(e, (OSError, RuntimeError)):  # e.g. Ctrl-C: not the disk's fault
-            raise
-        kept = "the previous file is unchanged" if existed else "nothing was written there"
-        raise UserError(f"cannot write {flag} {path} ({os_err.strerror or os_err}); {kept}: free space or pass "
-                        f"another {flag}") from None
-
-
 def write_json(path: str, result: dict, flag: str = "--output-json"):
-    """`result` (every number with its protocol) as JSON at `path`, written atomically (write_atomic), and say where."""
-    write_atomic(path, flag, lambda f: json.dump(result, f, indent=2), mode="w")
+    """`result` (every number with its protocol) as JSON at `path`, written atomically (common.write_atomic), and say
+    where."""
+    common.write_atomic(path, flag, lambda f: json.dump(result, f, indent=2), mode="w")
     print(f"results written to {path}")
 
 

@@ -1,6 +1,6 @@
 """Long runs: saves inside an epoch, preemption signals, exact resume from any update boundary (optional neighbour
 of common.py, imported by common.run_control; without this file a run checkpoints at epoch ends only), and the
-output-folder lock (OutputLock, taken by common.Logger; without this file nothing keeps a second run out).
+output-folder lock (OutputLock, taken by common.run_main; without this file nothing keeps a second run out).
 
 At every update boundary (after an optimizer step, never inside an accumulation cycle) RunControl.boundary asks all
 ranks, with one all-reduce, whether a stop signal arrived on any of them or the time-based save is due (rank 0's
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
-import gc
 import itertools
 import json
 import os
@@ -114,7 +113,8 @@ class RunControl:
             os._exit(130)
         if not self.signum:
             self.signum, self.first_sigint = signum, time.monotonic()
-            self.log.mark_stopping()
+            if self.dist_info.is_main:  # the lock holder (common.run_main): a requeued run may wait for this one
+                mark_stopping(self.log.output_dir)
 
     def _agree(self, due: bool) -> tuple[int, bool]:
         """(signal number seen by any rank, save due on rank 0): one all-reduce (max) over the ranks."""
@@ -168,11 +168,24 @@ class RunControl:
 LOCK_WAIT_SECONDS = 300  # how long a run waits for a predecessor that is stopping (a requeued job)
 
 
+def mark_stopping(output_dir: str):
+    """Mark OUTPUT_DIR/.lock, when this process holds it, as held by a run that is stopping (a run started meanwhile
+    waits for it instead of refusing)."""
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(output_dir, ".lock"), "r+") as f:
+        info = json.loads(f.read() or "{}")
+        if info.get("pid") == os.getpid():
+            info["state"] = "stopping"
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(info) + "\n")
+
+
 class OutputLock:
-    """OUTPUT_DIR/.lock, held (flock) by the one run that writes OUTPUT_DIR: the kernel releases it when that
-    process ends, however it ends, so a dead run leaves nothing that blocks. The file names the holder (pid, host,
-    start, command, state). A second run stops with one line naming the live one; if the live one is stopping
-    (signalled, writing its last checkpoint: a requeued job started early), it waits for it."""
+    """OUTPUT_DIR/.lock, held (flock) by the one run that writes OUTPUT_DIR (taken by common.run_main before the run
+    reads anything there): the kernel releases it when that process ends, however it ends, so a dead run leaves
+    nothing that blocks. The file names the holder (pid, host, start, command, state) and is removed on release. A
+    second run stops with one line naming the live one; if the live one is stopping (signalled, writing its last
+    checkpoint: a requeued job started early), it waits for it."""
 
     def __init__(self, output_dir: str, wait: float = LOCK_WAIT_SECONDS):
         import fcntl
@@ -180,12 +193,11 @@ class OutputLock:
         self.path = os.path.join(output_dir, ".lock")
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
                      "command": " ".join(sys.argv)[:300], "state": "running"}
-        deadline, said, collected = time.monotonic() + wait, False, False
+        deadline, said = time.monotonic() + wait, False
         while True:
             self.f = open(self.path, "a+")
             try:
                 fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # no locks on this filesystem
                     print(f"warning: cannot lock {self.path} ({e.strerror}); make sure no other run writes {output_dir}",
@@ -197,20 +209,26 @@ class OutputLock:
                 except ValueError:
                     holder = {}
                 self.f.close()
-                if holder.get("pid") == os.getpid() and not collected:  # an earlier run in this process (tests)
-                    gc.collect()  # whose Logger was not closed: its file, and with it the lock, closes when collected
-                    collected = True
-                    continue
                 who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "
                        f"{holder.get('command', '?')}")
                 if holder.get("state") != "stopping" or time.monotonic() > deadline:
                     raise common.UserError(f"{output_dir} is in use by a live run ({who}); wait for it to end, stop it, or "
-                                    f"pass another --output-dir") from None
+                                           f"pass another --output-dir") from None
                 if not said:
                     print(f"waiting for the run that is stopping in {output_dir} ({who})", flush=True)
                     said = True
                 time.sleep(1.0)
+                continue
+            if self._same_file():
+                break
+            self.f.close()  # locked a file its holder removed on release meanwhile: lock the one at the path
         self._write()
+
+    def _same_file(self) -> bool:
+        try:
+            return os.path.samestat(os.fstat(self.f.fileno()), os.stat(self.path))
+        except OSError:
+            return False
 
     def _write(self):
         self.f.seek(0)
@@ -218,11 +236,8 @@ class OutputLock:
         self.f.write(json.dumps(self.info) + "\n")
         self.f.flush()
 
-    def mark_stopping(self):
-        self.info["state"] = "stopping"
-        with contextlib.suppress(OSError, ValueError):
-            self._write()
-
     def release(self):
         with contextlib.suppress(OSError, ValueError):
+            if self._same_file():
+                os.remove(self.path)  # before unlocking: a run waiting on this file then retries the path
             self.f.close()  # closing the file releases the lock

@@ -635,7 +635,7 @@ def main(args: Args):
     online.encoder.grad_checkpointing = checkpointed
 
     groups = common.param_groups(online.named_parameters(), args.weight_decay)
-    opt = common.make_adamw(groups, lr, betas=(0.9, args.beta2), device=device)
+    opt = common.make_adamw(groups, lr, betas=(0.9, args.beta2))
 
     # ---------------------------------------------------------------- resume
     start_epoch, step, position, rms_start = 0, 0, None, None
@@ -709,9 +709,11 @@ def main(args: Args):
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
             break
     else:  # the LUT paper evaluates by fine-tuning and linear probing (Sec. 4), not k-NN
-        log.print("to evaluate as the paper: fine-tune (not in this repository) or linear-probe (MAE's recipe, the "
-                  "nearest here: " + common.paper_eval_command(args, "--protocol maect", "eval_linear.py")
-                  + "); k-NN with DINO's protocol: " + common.paper_eval_command(args))
+        log.print("to evaluate as the paper: fine-tune (Table 1): " + common.paper_eval_command(
+            args, "--recipe lut", "finetune.py"))
+        log.print("  linear probe (MAE's recipe; the nearest here, MAE-CT's): "
+                  + common.paper_eval_command(args, "--protocol maect", "eval_linear.py"))
+        log.print("  k-NN with DINO's protocol: " + common.paper_eval_command(args))
     log.print(f"done: {common.checkpoint_path(args.output_dir)}")
     log.close()
 

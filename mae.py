@@ -614,7 +614,7 @@ def main(args: Args):
         sharding.shard(decoder, list(decoder.decoder_blocks))  # fp32 parameters + autocast, as under DDP
         sharding.shard(model)
     optimizer = common.make_adamw(build_param_groups(model, args.weight_decay, args.token_weight_decay), lr=lr,
-                                  betas=(0.9, 0.95), device=device)  # App. A.1: AdamW beta2 0.95
+                                  betas=(0.9, 0.95))  # App. A.1: AdamW beta2 0.95
     if optimizer_state is not None:
         common.load_optimizer_state_dict(model, optimizer, optimizer_state)
         optimizer_state = None
@@ -650,10 +650,11 @@ def main(args: Args):
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
             break
     else:  # the MAE paper evaluates by fine-tuning and linear probing (Sec. 4), not k-NN
-        log.print("to evaluate as the paper: fine-tune (not in this repository) or linear-probe (MAE's recipe: BN, "
-                  "LARS, 90 epochs; the nearest here is MAE-CT's: " + common.paper_eval_command(
-                      args, "--protocol maect", "eval_linear.py") + "); k-NN with DINO's protocol: "
-                  + common.paper_eval_command(args))
+        log.print("to evaluate as the paper: fine-tune (Table 3): " + common.paper_eval_command(
+            args, "--recipe mae", "finetune.py"))
+        log.print("  linear probe (MAE's recipe is BN + LARS, 90 epochs; the nearest here, MAE-CT's): "
+                  + common.paper_eval_command(args, "--protocol maect", "eval_linear.py"))
+        log.print("  k-NN with DINO's protocol: " + common.paper_eval_command(args))
     log.close()
 
 

@@ -436,7 +436,7 @@ def set_trainable(model: MaeCt, stage: int, frozen_blocks: int):
         p.requires_grad_(True)
 
 
-def build_optimizer(model: MaeCt, stage: int, args: Args, enc_lr: float, head_lr: float, device) -> torch.optim.AdamW:
+def build_optimizer(model: MaeCt, stage: int, args: Args, enc_lr: float, head_lr: float) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95) (Table 7). Each group's lr_scale holds its PEAK lr (encoder: LLRD 0.65^(depth+1-layer)
     x enc_lr; heads: head_lr, wd 1e-5); set_lr multiplies in the schedule factor (lr_factor)."""
     groups = []
@@ -446,7 +446,7 @@ def build_optimizer(model: MaeCt, stage: int, args: Args, enc_lr: float, head_lr
     heads = [("projector." + n, p) for n, p in model.projector.named_parameters()] + \
             [("predictor." + n, p) for n, p in model.predictor.named_parameters()]
     groups += common.param_groups(heads, args.head_weight_decay, lr_scale=head_lr, tag="head_")
-    return common.make_adamw(groups, lr=0.0, device=device)
+    return common.make_adamw(groups, lr=0.0)
 
 
 def min_aug_transform(img_size: int, min_scale: float):
@@ -516,7 +516,7 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
         set_trainable(model, 2, args.frozen_blocks)
         # g_m: the same module as the projector (values do not matter here; deepcopy of a fake BN fails)
         target_projector = build_projector(encoder.dim, args.proj_hidden, args.proj_dim).requires_grad_(False)
-        optimizer = build_optimizer(model, 2, args, 1.0, 1.0, torch.device("cpu"))
+        optimizer = build_optimizer(model, 2, args, 1.0, 1.0)
         views = [torch.randn(n, 3, args.img_size, args.img_size) for _ in range(NUM_VIEWS)]
         ids, labels = torch.arange(n), torch.zeros(n, dtype=torch.long)
         state = TrainState(model, model, optimizer, target_projector, ema_encoder, queue)
@@ -568,7 +568,7 @@ def start_stage(model: MaeCt, resume, log, stage: Stage, *, start_epoch: int, ar
         target_projector = copy.deepcopy(model.projector).requires_grad_(False)
         if resuming_here:
             target_projector.load_state_dict(resume["target_projector"])
-    optimizer = build_optimizer(model, number, args, stage.enc_lr, stage.head_lr, device)
+    optimizer = build_optimizer(model, number, args, stage.enc_lr, stage.head_lr)
     if resuming_here:
         optimizer.load_state_dict(resume.pop("optimizer"))
     n_enc = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
@@ -757,6 +757,9 @@ def main(args: Args):
     log.print("  linear probe: " + common.paper_eval_command(args, "--protocol maect", "eval_linear.py"))
     log.print("  1/2/5-shot and k-means: " + common.paper_eval_command(
         args, "--few-shot 1 2 5 --cluster --cluster-norm standardize" + pool, "eval_frozen.py"))
+    for pct in (1, 10):  # Table 1's 1 % / 10 % columns: fine-tuned on the labelled subset (App. B)
+        log.print(f"  fine-tune with {pct} % of the labels: " + common.paper_eval_command(
+            args, f"--recipe lowshot-{pct}pct {common.label_split(args, pct)}", "finetune.py"))
     log.close()
 
 

@@ -482,7 +482,7 @@ def set_trainable(encoder: common.VisionTransformer, stage: str, freeze_blocks: 
             p.requires_grad_(True)
 
 
-def build_optimizer(model: Refiner, stage: str, args: Args, peak_lr: float, device) -> torch.optim.AdamW:
+def build_optimizer(model: Refiner, stage: str, args: Args, peak_lr: float) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95) (Table 10). Each group's lr_scale is its PEAK lr: encoder peak_lr x 0.65^(depth+1-layer)
     (stem 0.65^(depth+1), block k 0.65^(depth-k), final norm 1; official layerwise_lr_decay_modifier.py), wd 0.05; heads peak_lr, wd 1e-5.
     set_lr multiplies in the schedule factor."""
@@ -492,7 +492,7 @@ def build_optimizer(model: Refiner, stage: str, args: Args, peak_lr: float, devi
                                       model.encoder.depth, lr_scale=peak_lr, tag="encoder_")
     groups += common.param_groups(model.heads.named_parameters(), args.head_weight_decay, lr_scale=peak_lr,
                                   tag="heads_")
-    return common.make_adamw(groups, lr=0.0, betas=(0.9, 0.95), device=device)
+    return common.make_adamw(groups, lr=0.0, betas=(0.9, 0.95))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, final: float) -> float:
@@ -592,7 +592,7 @@ def plan_builder(args: Args, post_norm: bool, n: int, device=torch.device("cpu")
         set_trainable(encoder, "refine", args.freeze_blocks)
         if device.type != "cpu":  # (a fake module cannot be moved; it is on the CPU already)
             model.to(device), queues.to(device), ema.to(device)
-        optimizer = build_optimizer(model, "refine", args, 1.0, device)
+        optimizer = build_optimizer(model, "refine", args, 1.0)
         S, s, kw = args.img_size, args.local_size, dict(device=device)
         xg = torch.randn(2 * n, 3, S, S, **kw)
         xl = torch.randn(args.local_crops * n, 3, s, s, **kw) if args.local_crops else None
@@ -672,7 +672,7 @@ def start_stage(model: Refiner, encoder, resume, log, stage: Stage, *, start_epo
     when `resume`, the resume checkpoint's stage state, lies inside this stage: consumed here), one log line of the
     trainable parameters. Returns the optimizer."""
     set_trainable(encoder, stage.name, args.freeze_blocks)
-    optimizer = build_optimizer(model, stage.name, args, stage.lr, device)
+    optimizer = build_optimizer(model, stage.name, args, stage.lr)
     if resume is not None and resume["stage"] == stage.name and (start_epoch > stage.first or resume["position"]):
         common.load_optimizer_state_dict(model, optimizer, resume.pop("optimizer"))
     n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
@@ -881,6 +881,11 @@ def main(args: Args):
     log.print("to evaluate as the paper: k-NN: " + common.paper_eval_command(args, "--no-final-norm --standardize --k 10"))
     log.print("  linear probe: " + common.paper_eval_command(args, "--protocol dinov2", "eval_linear.py"))
     log.print("  1/2/5-shot and k-means: " + common.paper_eval_command(args, "--few-shot 1 2 5 --cluster", "eval_frozen.py"))
+    for pct in (1, 10):  # Table 2's 1 % / 10 % columns: fine-tuned on the labelled subset (App. C.5)
+        log.print(f"  fine-tune with {pct} % of the labels: " + common.paper_eval_command(
+            args, f"--recipe lowshot-{pct}pct {common.label_split(args, pct)}", "finetune.py"))
+    log.print("  fine-tune with all labels (Table 5; its [CLS] configuration): " + common.paper_eval_command(
+        args, "--recipe mae --pool cls", "finetune.py"))
     log.close()
 
 

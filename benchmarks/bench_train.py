@@ -58,7 +58,7 @@ def setup_mae(model, img, patch, gc, device):
     dec = mae.MaeDecoder(enc.dim, enc.grid, enc.patch_size, a.decoder_dim, a.decoder_depth, a.decoder_heads,
                          grad_checkpointing=a.decoder_depth if gc else 0)
     m = mae.MaskedAutoencoder(enc, dec, a.mask_ratio, a.norm_pix_loss).to(device)
-    opt = common.make_adamw(mae.build_param_groups(m, a.weight_decay, False), lr=1e-4, betas=(0.9, 0.95), device=device)
+    opt = common.make_adamw(mae.build_param_groups(m, a.weight_decay, False), lr=1e-4, betas=(0.9, 0.95))
     transform = common.mae_train_transform(img, (a.crop_min_scale, 1.0))
 
     def step(batch):
@@ -80,7 +80,7 @@ def setup_mae_ct(model, img, patch, gc, device):
     target = copy.deepcopy(m.projector).requires_grad_(False)
     ema = copy.deepcopy(enc).requires_grad_(False)
     mae_ct.set_trainable(m, 2, a.frozen_blocks)  # stage 2 (contrastive tuning): the expensive one
-    opt = mae_ct.build_optimizer(m, 2, a, 1e-4, 1e-4, device)
+    opt = mae_ct.build_optimizer(m, 2, a, 1e-4, 1e-4)
 
     def step(batch):
         views, labels, ids = batch
@@ -101,7 +101,7 @@ def setup_mim_refiner(model, img, patch, gc, device):
     queues = nn.ModuleList([mr.NNQueue(a.queue_size, a.head_dim) for _ in a.head_blocks]).to(device)
     ema = copy.deepcopy(enc).requires_grad_(False)
     mr.set_trainable(enc, "refine", a.freeze_blocks)  # stage "refine": the expensive one
-    opt = mr.build_optimizer(m, "refine", a, 1e-4, device)
+    opt = mr.build_optimizer(m, "refine", a, 1e-4)
 
     def step(batch):
         views, labels, ids = batch
@@ -126,7 +126,7 @@ def setup_lut(model, img, patch, gc, device):
     momentum = lut.MomentumBranch(online).to(device)
     weight = a.context_weight if a.context_weight is not None else lut.default_context_weight(enc.dim)
     opt = common.make_adamw(common.param_groups(online.named_parameters(), a.weight_decay), 1e-4,
-                            betas=(0.9, a.beta2), device=device)
+                            betas=(0.9, a.beta2))
 
     def step(batch):
         (weak, strong), _, _ = batch
@@ -147,8 +147,7 @@ def setup_conmim(model, img, patch, gc, device):
         a.mask_block = 1
     online = conmim.ConMIMBranch(enc, conmim.Projector(enc.dim, a.head_hidden_dim, a.head_out_dim)).to(device)
     teacher = copy.deepcopy(online).requires_grad_(False)
-    opt = common.make_adamw(common.param_groups(online.named_parameters(), a.weight_decay), 1e-4, betas=(0.9, 0.98),
-                            device=device)
+    opt = common.make_adamw(common.param_groups(online.named_parameters(), a.weight_decay), 1e-4, betas=(0.9, 0.98))
 
     def step(batch):
         (weak, strong, mask), _, _ = batch
@@ -176,7 +175,7 @@ def reference_step(model, img, patch, device):
     dim, depth, heads, _ = common.VIT_CONFIGS[model]
     ref = VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, num_classes=0,
                             qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6)).to(device)
-    opt = common.make_adamw([{"params": list(ref.parameters())}], lr=1e-4, device=device)
+    opt = common.make_adamw([{"params": list(ref.parameters())}], lr=1e-4)
 
     def step(x):
         with common.autocast(device):
@@ -242,7 +241,7 @@ def bench_one(method, model, img, patch, batch, a, device):
     fixed = next(iter(torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=0)))
     fixed = to_device(fixed, device)
     ref = reference_step(model, img, patch, device)
-    x_ref = torch.randn(batch, 3, img, img, device=device)
+    x_ref = torch.randn(batch, 3, img, img)
     peak = None
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -2,7 +2,7 @@
 same weights, same inputs, measured in the same run with interleaved rounds (so machine load affects
 both alike). Prints a Markdown table and the ratio ours/timm.
 
-    python benchmarks/bench_vit.py                       # CPU: vit_t16 @32/4 and vit_s16 @64/8
+    python benchmarks/bench_vit.py                       # CPU: vit_t16 @32/4 and vit_b16 @224/16
     python benchmarks/bench_vit.py --device cuda --models vit_b16 vit_h14 --img-size 224 --batch-size 64
 """
 import argparse
@@ -58,7 +58,7 @@ def bench(name, img, patch, batch, rounds, iters, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=None, help="default: vit_t16 and vit_s16 on CPU, vit_b16 vit_h14 on CUDA")
+    p.add_argument("--models", nargs="+", default=None, help="default: vit_t16 and vit_b16 on CPU, vit_b16 vit_h14 on CUDA")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -69,7 +69,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if a.models is None:
-        configs = [("vit_t16", 32, 4, 32), ("vit_s16", 64, 8, 32)] if device.type == "cpu" else \
+        configs = [("vit_t16", 32, 4, 32), ("vit_b16", 224, 16, 8)] if device.type == "cpu" else \
                   [("vit_b16", 224, 16, 128), ("vit_h14", 224, 14, 32)]
     else:
         configs = [(m, a.img_size or (32 if device.type == "cpu" else 224), a.patch_size, a.batch_size or 32) for m in a.models]

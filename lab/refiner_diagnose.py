@@ -164,7 +164,7 @@ def main(argv=None):
     model = mim_refiner.Refiner(init_enc, r.head_blocks, r.head_hidden, r.head_dim, r.pred_hidden)
     mim_refiner.set_trainable(init_enc, "refine", r.freeze_blocks)
     peak = r.lr if r.lr is not None else r.blr * r.batch_size / 256
-    opt = mim_refiner.build_optimizer(model, "refine", r, peak, torch.device("cpu"))
+    opt = mim_refiner.build_optimizer(model, "refine", r, peak)
     lr_block = {}
     for g in opt.param_groups:
         if g["name"].startswith("encoder_layer"):

@@ -6,7 +6,11 @@ import dataclasses
 import errno
 import hashlib
 import math
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 import typing
 
 import numpy as np
@@ -22,7 +26,7 @@ import lut
 import mae
 import mae_ct
 import mim_refiner
-from conftest import TINY, run_inprocess, run_script, write_image_folder, write_mae_release_checkpoint
+from conftest import ROOT, TINY, run_inprocess, run_script, write_image_folder, write_mae_release_checkpoint
 
 SCRIPTS = {"mae": mae, "mae_ct": mae_ct, "mim_refiner": mim_refiner, "lut": lut, "conmim": conmim}
 ALL = {**SCRIPTS, "eval_knn": eval_knn}
@@ -477,3 +481,31 @@ def test_dataloader_worker_death_is_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         common.run_main(main, A)
     assert_one_line_error(e.value.code, capsys.readouterr().err, "data-loading worker", "--num-workers")
+
+
+def test_a_collective_failing_on_every_rank_names_its_cause(tmp_path):
+    """A misconfigured NCCL fails the first collective on all ranks at once: no rank has an error line of its own,
+    so the note each prints must carry the backend's message (a peer that exited is named by its own line)."""
+    script = tmp_path / "fails.py"
+    script.write_text(textwrap.dedent(f"""
+        import dataclasses, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import torch, torch.distributed as dist, common
+
+        @dataclasses.dataclass
+        class A(common.Flags):
+            device: str = "cpu"
+
+        def main(args):
+            common.init_distributed("cpu")
+            raise dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error")
+
+        common.run_main(main, A)
+    """))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    notes = [x for x in p.stderr.splitlines() if "stopped: a collective failed" in x]
+    # one note at least: torchrun ends the other rank as soon as the first exits, perhaps before it prints
+    assert p.returncode != 0 and 1 <= len(notes) <= 2 and "another process failed" not in p.stderr, p.stderr[-3000:]
+    assert all("DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error" in x for x in notes)
+    assert "Traceback" not in "".join(x for x in p.stderr.splitlines() if "[rank" in x)

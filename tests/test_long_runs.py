@@ -56,6 +56,8 @@ def flags(name, init):
                 "--batch-size", "16", "--epochs", "2", "--log-every", "1"],
         "conmim": [*t, "--head-hidden-dim", "32", "--head-out-dim", "16", "--warmup-epochs", "1", "--data",
                    "synthetic:64:8", "--batch-size", "16", "--epochs", "2", "--log-every", "1"],
+        "finetune": ["--init", init, "--data", "synthetic:32:8", "--device", "cpu", "--num-workers", "0", "--epochs",
+                     "2", "--warmup-epochs", "1", "--batch-size", "8", "--blr", "1e-2"],
     }[name]
 
 
@@ -132,6 +134,8 @@ CASES = [  # (script, processes, how to stop, extra flags): every script both wa
     ("conmim", 2, "SIGUSR1", ["--grad-checkpointing", "on"]),
     ("mae_ct", 2, "SIGUSR1", ["--grad-checkpointing", "on"]),
     ("mim_refiner", 2, "SIGUSR1", ["--grad-checkpointing", "on", "--knn-every", "1"]),
+    ("finetune", 1, "kill9", ["--save-minutes", "1e-6", "--accum-steps", "2", "--num-workers", "2"]),
+    ("finetune", 2, "SIGUSR1", ["--grad-checkpointing", "on"]),
 ]
 
 
@@ -198,7 +202,7 @@ def test_a_signal_during_the_checkpoint_write_or_the_knn_monitor_stops_right_aft
 def test_a_second_sigint_aborts_at_once():
     code = textwrap.dedent("""
         import os, signal, time, common, longrun
-        log = common.Logger.__new__(common.Logger); log.active, log.lock = False, None
+        log = common.Logger.__new__(common.Logger); log.active, log.output_dir = False, "x"
         ctl = longrun.RunControl(0, common.DistInfo(), log)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1.2)
@@ -215,7 +219,7 @@ def test_the_time_based_save_fires_at_the_stated_interval_on_a_faked_clock():
     none before; the default (None, CUDA) stretches its 30 minutes to 100x the last write's duration."""
     now = [0.0]
     log = common.Logger.__new__(common.Logger)
-    log.active, log.lock, log.output_dir = False, None, "x"
+    log.active, log.output_dir = False, "x"
     saves = []
 
     def save():
@@ -399,3 +403,82 @@ def test_no_rank_keeps_the_resume_state_or_the_init_file_after_loading(tmp_path,
     assert run_inprocess(capsys, module, *args, "--exit-after-epochs", "1")[0] == 0  # from --init (or scratch)
     assert run_inprocess(capsys, module, *args)[0] == 0  # resumed
     assert len(refs) > 50 and alive and not any(alive), (len(refs), alive)
+
+
+def test_a_bad_image_with_loader_workers_ends_in_seconds(tmp_path):
+    """Loader workers ignore the stop signals (SLURM signals the whole process group): after a worker's error line
+    the exit must not wait for them forever, single process and under torchrun."""
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=16, size=32)
+    with open(data / "train" / "a" / "3.png", "wb") as f:
+        f.write(b"not a png" * 20)
+    for nproc in (1, 2):
+        t0 = time.time()
+        p = run_script("mae.py", *flags("mae", None), "--data", data, "--num-workers", "2", "--epochs", "1",
+                       "--output-dir", tmp_path / f"out{nproc}", nproc=nproc, check=False, timeout=120)
+        lines = [x for x in p.stderr.splitlines() if "error: cannot read image" in x]
+        assert p.returncode != 0 and len(lines) == 1 and "3.png" in lines[0], p.stderr[-2000:]
+        assert time.time() - t0 < 60, time.time() - t0
+        assert not (tmp_path / f"out{nproc}").exists()
+
+
+HOLD = textwrap.dedent("""
+    import os, shutil, sys, time, longrun
+    out, state, secs, new = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    os.makedirs(out, exist_ok=True)
+    lock = longrun.OutputLock(out)
+    lock.info["state"] = state; lock._write(); open(os.path.join(out, "holder.txt"), "w").write("mine")
+    print("held", flush=True)
+    time.sleep(secs)
+    if new != "-":  # the stop checkpoint of a requeued job, written while the next one waits
+        shutil.copyfile(new, os.path.join(out, "new.tmp")); os.replace(os.path.join(out, "new.tmp"),
+                                                                        os.path.join(out, "checkpoint-last.pth"))
+""")
+
+
+def test_a_run_that_loses_the_race_for_a_new_folder_removes_nothing(tmp_path, capsys, monkeypatch):
+    """The folder does not exist when run B starts; another run creates it and takes the lock while B starts up.
+    Whoever loses, the winner's folder stays."""
+    import mae
+    out, real_init = tmp_path / "run", common.init_distributed
+    holder = []
+
+    def init_then_race(device):  # the other run gets there first, between B's start and its first look inside
+        holder.append(subprocess.Popen([sys.executable, "-c", HOLD, str(out), "running", "20", "-"], cwd=ROOT,
+                                       text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        holder[0].stdout.readline()
+        return real_init(device)
+    monkeypatch.setattr(common, "init_distributed", init_then_race)
+    try:
+        code, _, err = run_inprocess(capsys, mae, *flags("mae", None), "--epochs", "1", "--output-dir", out)
+        assert out.is_dir(), (code, err[-2000:])
+        if code == 2:  # B lost: the holder's folder is intact
+            assert "in use by a live run" in err and (out / "holder.txt").is_file()
+        else:  # B won (it claims the folder first): the other run was refused
+            assert code == 0 and (out / "checkpoint-last.pth").is_file()
+    finally:
+        holder[0].kill()
+        holder[0].wait()
+
+
+def test_a_requeued_run_resumes_the_checkpoint_its_stopping_predecessor_writes(tmp_path, capsys):
+    """A requeued job starts while its predecessor writes the stop checkpoint: it waits for the lock and resumes
+    that checkpoint, not the older one that was there when it started."""
+    import mae
+    args = [*flags("mae", None), "--epochs", "3"]
+    for e in (1, 2):
+        assert run_inprocess(capsys, mae, *args, "--exit-after-epochs", e, "--output-dir", tmp_path / f"e{e}")[0] == 0
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-last.pth").write_bytes((tmp_path / "e1" / "checkpoint-last.pth").read_bytes())
+    (out / "args.json").write_bytes((tmp_path / "e1" / "args.json").read_bytes())
+    h = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "stopping", "3", str(tmp_path / "e2" / "checkpoint-last.pth")],
+                         cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert h.stdout.readline().strip() == "held"
+        code, out_text, err = run_inprocess(capsys, mae, *args, "--output-dir", out)
+        assert code == 0, err[-2000:]
+        assert "resuming" in out_text and "at epoch 2" in out_text, out_text[-2000:]
+    finally:
+        h.kill()
+        h.wait()
+    assert load(out / "checkpoint-last.pth")["epoch"] == 3

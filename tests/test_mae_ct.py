@@ -126,7 +126,7 @@ def test_frozen_split_and_optimizer_groups():
     assert trainable == expect
     assert not enc.cls_token.requires_grad and not enc.patch_embed.proj.weight.requires_grad
     args = mae_ct.Args(weight_decay=0.05, head_weight_decay=1e-5, layer_decay=0.65)
-    opt = mae_ct.build_optimizer(model, 2, args, enc_lr=1e-3, head_lr=2e-3, device=torch.device("cpu"))
+    opt = mae_ct.build_optimizer(model, 2, args, enc_lr=1e-3, head_lr=2e-3)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     heads = list(model.projector.parameters()) + list(model.predictor.parameters())
     assert in_opt == {id(p) for p in enc.parameters() if p.requires_grad} | {id(p) for p in heads}
@@ -146,7 +146,7 @@ def test_frozen_split_and_optimizer_groups():
     # stage 1: the encoder is completely frozen, only the heads are optimised
     mae_ct.set_trainable(model, 1, frozen)
     assert not any(p.requires_grad for p in enc.parameters())
-    opt = mae_ct.build_optimizer(model, 1, args, enc_lr=1e-3, head_lr=5e-4, device=torch.device("cpu"))
+    opt = mae_ct.build_optimizer(model, 1, args, enc_lr=1e-3, head_lr=5e-4)
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in heads}
     # --frozen-blocks 0 unfreezes the stem too (official freezes it only with block 0)
     mae_ct.set_trainable(model, 2, 0)

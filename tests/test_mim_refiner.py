@@ -204,7 +204,7 @@ def test_llrd_multipliers_weight_decay_and_freezing():
     enc = common.create_vit("vit_t16", img_size=32, patch_size=8)
     m = mr.Refiner(enc, [10, 11], hidden=8, out_dim=4, pred_hidden=8)
     mr.set_trainable(enc, "refine", args.freeze_blocks)
-    opt = mr.build_optimizer(m, "refine", args, peak_lr=2.0, device=torch.device("cpu"))
+    opt = mr.build_optimizer(m, "refine", args, peak_lr=2.0)
     by = {id(p): g for g in opt.param_groups for p in g["params"]}
     named = dict(m.named_parameters())
     for k in (2, 7, 11):  # block k: 0.65^(depth-k), the last block 0.65 (notes Sec. 4.2)
@@ -220,11 +220,11 @@ def test_llrd_multipliers_weight_decay_and_freezing():
     assert by[id(named["heads.1.predictor.1.weight"])]["weight_decay"] == 0.0  # BN weight
     # unfrozen stem when freeze_blocks = 0: 0.65^(depth+1)
     mr.set_trainable(enc, "refine", 0)
-    opt = mr.build_optimizer(m, "refine", args, peak_lr=1.0, device=torch.device("cpu"))
+    opt = mr.build_optimizer(m, "refine", args, peak_lr=1.0)
     by = {id(p): g for g in opt.param_groups for p in g["params"]}
     assert math.isclose(by[id(named["encoder.patch_embed.proj.weight"])]["lr_scale"], 0.65 ** 13)
     mr.set_trainable(enc, "heads", 0)
-    opt = mr.build_optimizer(m, "heads", args, peak_lr=1.0, device=torch.device("cpu"))
+    opt = mr.build_optimizer(m, "heads", args, peak_lr=1.0)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.heads.parameters()))
     # schedule: warmup from just above 0, peak 1, cosine to the absolute min lr
     assert math.isclose(mr.lr_factor(0, 100, 10, 1e-3), 1 / 11) and math.isclose(mr.lr_factor(10, 100, 10, 1e-3), 1.0)
