@@ -9,6 +9,7 @@ from typing import Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.nn as nn
 
 import common
@@ -377,3 +378,41 @@ def test_per_rank_batch_and_parse_args():
     assert a == A(4, 0.5, [3, 4, 5], False)
     assert common.parse_args(A, ["--lr", "none"]).lr is None
     assert common._field_docs(A)["batch_size"] == "global batch"
+
+
+def test_speed_ups_compute_what_the_plain_code_did():
+    """q, k, v by unbind (views) instead of indexing: the same outputs and gradients bit for bit; the EMA with one
+    foreach lerp: the loop's values bit for bit; fused AdamW: the per-tensor loop's update to fp32 rounding."""
+    torch.manual_seed(0)
+    attn = common.Attention(32, 4)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+
+    def indexed(x):  # the former forward
+        B, N, D = x.shape
+        qkv = attn.qkv(x).reshape(B, N, 3, 4, D // 4).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return attn.proj(y.transpose(1, 2).reshape(B, N, D))
+    outs = []
+    for f in (attn, indexed):
+        attn.zero_grad()
+        x.grad = None
+        y = f(x)
+        y.square().sum().backward()
+        outs.append([y.detach(), x.grad.clone(), *[p.grad.clone() for p in attn.parameters()]])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    ema, online = common.create_vit("vit_t16", 32, 8), common.create_vit("vit_t16", 32, 8)
+    want = [pe.detach().clone().lerp_(po.detach(), 0.01) for pe, po in zip(ema.parameters(), online.parameters())]
+    common.ema_update(ema, online, 0.99)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), want))
+    params = [[p.detach().clone().requires_grad_() for p in online.parameters()] for _ in range(2)]
+    opts = [common.make_adamw([{"params": params[0]}], 1e-3),
+            torch.optim.AdamW([{"params": params[1]}], 1e-3, betas=(0.9, 0.95), foreach=False)]
+    assert opts[0].defaults["fused"]
+    for _ in range(3):
+        g = [torch.randn_like(p) for p in params[0]]
+        for ps, opt in zip(params, opts):
+            for p, gi in zip(ps, g):
+                p.grad = gi.clone()
+            opt.step()
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -140,3 +140,25 @@ def test_without_foreign_ours_and_official_mae_load_and_other_layouts_name_the_f
         assert torch.equal(converted["pos_embed"], ours["pos_embed"])
         with pytest.raises(common.UserError, match="checkpoint needs foreign.py beside common.py"):
             common.convert_to_ours(sd)
+
+
+def test_finetune_and_common_alone_fine_tune_an_mae_release(tmp_path):
+    folder = copy(tmp_path, "finetune")
+    init = tmp_path / "mae.pth"
+    enc = write_mae_release_checkpoint(init, img_size=32, patch_size=8)
+    data = write_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=32)
+    assert run_copy(folder, "finetune", "--help").returncode == 0
+    flags = ["--init", init, "--data", data, "--device", "cpu", "--num-workers", "0", "--epochs", "1", "--batch-size",
+             "8", "--output-dir", folder / "out"]
+    p = run_copy(folder, "finetune", *flags)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert torch.load(folder / "out" / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
+    assert sorted(x.name for x in folder.glob("*.py")) == ["common.py", "finetune.py"]
+    release = {"state_dict": {**{k: v for k, v in enc.state_dict().items() if k not in ("cls_token", "pos_embed")},
+                              "cls_tokens.tokens": enc.cls_token, "pos_embed.embed": enc.pos_embed[:, 1:].reshape(
+                                  1, 4, 4, -1)}}
+    torch.save(release, tmp_path / "refiner.th")
+    one_error_line(run_copy(folder, "finetune", *flags[:-2], "--init", tmp_path / "refiner.th", "--output-dir",
+                            folder / "r"), "MIM-Refiner release", "foreign.py")
+    one_error_line(run_copy(folder, "finetune", *flags[:-2], "--data", "synthetic:16:8", "--output-dir", folder / "s"),
+                   "synthetic.py")

@@ -341,3 +341,27 @@ def test_the_training_scripts_print_their_papers_fine_tuning_and_it_runs_as_prin
             assert "--label-fraction 0.01" in cmds[0] and "not the papers' split" in out
         import shutil
         shutil.rmtree(tmp_path / "ft")
+
+
+@pytest.mark.parametrize("kind", ["data2vec2", "mim_refiner_release"])
+def test_release_files_of_other_codebases_fine_tune(tmp_path, capsys, kind):
+    """A fairseq data2vec 2.0 file (post-norm blocks, no final norm: avg pools the raw tokens into fc_norm) and a
+    MIM-Refiner release ({"state_dict"}: no "model" key) fine-tune with every block of their encoder."""
+    import test_foreign as tf
+    if kind == "data2vec2":
+        _, ckpt = tf.fairseq_model(12, 0)
+    else:
+        torch.manual_seed(0)
+        ckpt = {"state_dict": tf._perturb(tf.RefinerVit(post=False), seed=3).state_dict(), "ctor_kwargs": {}}
+    torch.save(ckpt, tmp_path / "release.pt")
+    want = common.create_vit("vit_t16", 32, 4, post_norm=kind == "data2vec2")
+    common.load_encoder(want, ckpt)
+    code, out, err = run_inprocess(capsys, finetune, "--init", tmp_path / "release.pt", "--data", "synthetic:16:8",
+                                   "--device", "cpu", "--num-workers", "0", "--epochs", "1", "--batch-size", "8",
+                                   "--output-dir", tmp_path / "run", "--exit-after-epochs", "1")
+    assert code == 0, err[-2000:]
+    assert ("post-norm " if kind == "data2vec2" else "") + "custom (dim 192, depth 12" in out
+    sd = load(tmp_path / "run" / "checkpoint-last.pth")["model"]
+    assert ("embed_norm.weight" in sd) == (kind == "data2vec2") and "blocks.11.mlp.fc2.weight" in sd
+    # trained from the release's weights: the first block moved only by the (layer-decayed) updates
+    assert (sd["blocks.0.attn.qkv.weight"] - want.state_dict()["blocks.0.attn.qkv.weight"]).abs().max() < 1e-2

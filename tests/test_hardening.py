@@ -305,6 +305,22 @@ def test_resume_with_changed_seed_or_epochs_warns(tmp_path, trained, capsys):
     assert "--epochs 5 (it was trained with 2)" in out[0] and "re-stretched" in out[0]
 
 
+def test_resume_in_another_precision_says_so(tmp_path, trained, capsys, init_ckpt, monkeypatch):
+    """An fp32 checkpoint resumed with the CUDA run's dtypes (bf16 autocast) goes on, with one warning line."""
+    out = tmp_path / "out"
+    shutil.copytree(trained["mae"], out)
+    monkeypatch.setenv(common.CUDA_DTYPES_ENV, "1")
+    code, stdout, err = run_inprocess(capsys, mae, *train_flags("mae", out, init_ckpt))
+    assert code == 0, err[-2000:]
+    warn = [x for x in stdout.splitlines() if x.startswith("warning:") and "bf16" in x]
+    assert len(warn) == 1 and "was trained with fp32" in warn[0], stdout[-3000:]
+    monkeypatch.delenv(common.CUDA_DTYPES_ENV)
+    shutil.rmtree(out)
+    shutil.copytree(trained["mae"], out)  # the same precision: no word
+    code, stdout, _ = run_inprocess(capsys, mae, *train_flags("mae", out, init_ckpt))
+    assert code == 0 and "was trained with" not in stdout
+
+
 # ==============================================================================================
 # class 6: checkpoint files: empty, truncated, stale temp files, failed writes, fsync
 # ==============================================================================================

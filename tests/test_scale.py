@@ -260,3 +260,12 @@ def test_bench_train_prints_a_table(capsys):
     assert len(rows) == 2
     for r in rows:
         assert float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 and float(r[5]) > 0
+
+
+def test_bench_finetune_prints_a_table(capsys):
+    sys.path.insert(0, str(common.Path(common.__file__).parent / "benchmarks"))
+    import bench_finetune
+    assert bench_finetune.main(["--models", "vit_t16", "--img-size", "32", "--patch-size", "8", "--batch-size", "4",
+                                "--rounds", "1", "--iters", "1", "--device", "cpu"]) == 0
+    rows = [l.split("|")[1:-1] for l in capsys.readouterr().out.splitlines() if l.startswith("| vit_t16 ")]
+    assert len(rows) == 1 and float(rows[0][4]) > 0 and float(rows[0][5]) > 0 and float(rows[0][6]) > 0
