@@ -228,18 +228,22 @@ def run_main(main, args_cls):
     except UserError as e:  # from a DataLoader worker it arrives with the worker's traceback in it
         _remove_failed_output_dir(out, created)
         _fail(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
-    except OSError as e:
-        if e.errno not in _USER_OS_ERRORS:
+    except (OSError, RuntimeError) as e:
+        err = _os_error(e)
+        flag = getattr(err, "mimref_flag", None)  # set by write_atomic: the write failed, the old file is intact
+        if err is not None and (flag or err.errno in _USER_OS_ERRORS):  # the filesystem refused: the user's to fix
+            _remove_failed_output_dir(out, created)
+            kept = ("; the previous file is unchanged" if getattr(err, "mimref_previous", False) else
+                    "; nothing was written there") if flag else ""
+            _fail(f"cannot write {flag + ' ' if flag else ''}{err.filename or out} ({err.strerror or err}){kept}: free "
+                  f"space or pass another {flag or '--output-dir'}")
+        if isinstance(e, OSError):
             raise
-        _remove_failed_output_dir(out, created)
-        where = f" {e.filename}" if e.filename else ""
-        _fail(f"cannot write{where} ({e.strerror or e}); free space or pass a writable --output-dir / path")
-    except RuntimeError as e:  # a peer died (its own error line is printed by it): stop without a traceback
-        if "DataLoader worker" in str(e):
+        if "DataLoader worker" in str(e):  # killed, most often by the kernel's out-of-memory killer
             _remove_failed_output_dir(out, created)
             _fail(f"a data-loading worker died ({str(e).splitlines()[0][:160]}); usually out of memory: lower "
                   f"--num-workers or --batch-size")
-        note = _collective_note(e) if _in_process_group() else None
+        note = _collective_note(e) if _in_process_group() else None  # a peer died, or the backend failed
         if note is None:
             raise
         _remove_failed_output_dir(out, created)
@@ -261,7 +265,7 @@ def _claim_output_dir(output_dir: str):
     replacing, and only the run that created a new folder may remove it."""
     if int(os.environ.get("RANK", 0)) != 0:
         return None, False
-    check_output_dir(output_dir)
+    check_output_path(output_dir, "--output-dir", folder=True)
     try:
         os.makedirs(output_dir)
         created = True
@@ -440,6 +444,73 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of one (epoch, rank): reseeded at each epoch start, a resumed run draws the masks of an uninterrupted one;
     ranks draw their own (as MAE's seed + rank)."""
     return seed + 1_000_003 * epoch + 7919 * rank
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the gradients over ranks too: rank r's share of a global statistic
+    feeds every rank's loss, and DDP's averaging of the summed gradient gives the single-process one."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GatheredBatchNorm1d(nn.BatchNorm1d):
+    """nn.SyncBatchNorm's maths for CPU/gloo (torch's runs on CUDA only): in training, mean and biased variance
+    over the rows of ALL ranks (fp32, two passes, differentiable through both, as SyncBatchNorm's backward), the
+    running variance unbiased with the global count; so N ranks with B/N rows equal one process with B rows.
+    Evaluation uses the running statistics (per sample, nothing to gather), as nn.BatchNorm1d."""
+
+    def forward(self, x):  # (B, C) or (B, C, L)
+        if not self.training and self.running_mean is not None:
+            return super().forward(x)
+        dims, shape = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+        xf = x.float()  # statistics in fp32 under bf16 autocast too, as SyncBatchNorm's CUDA kernels
+        sums = _AllReduceSum.apply(torch.cat([xf.sum(dims), xf.new_full((1,), x.numel() / x.shape[1])]))
+        n = sums[-1].detach()  # global rows (x positions), one collective with the sums
+        mean = sums[:-1] / n
+        var = _AllReduceSum.apply(((xf - mean.view(shape)) ** 2).sum(dims)) / n  # biased
+        if self.running_mean is not None:  # nn.BatchNorm1d's update: momentum None = cumulative average
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), f)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), f)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def _gathered_batchnorm(m: nn.Module) -> nn.Module:
+    if type(m) is nn.BatchNorm1d:  # the same parameter and buffer objects (as convert_sync_batchnorm): same keys
+        new = GatheredBatchNorm1d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        for name, t in (*m._parameters.items(), *m._buffers.items()):
+            setattr(new, name, t)
+        return new.train(m.training)
+    for name, child in m.named_children():
+        setattr(m, name, _gathered_batchnorm(child))
+    return m
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm statistics over the global batch (the official MAE-CT, MIM-Refiner and LUT runs, MoCo v3's
+    SyncBN), so that N processes equal one: nn.SyncBatchNorm on CUDA; on CPU/gloo every BatchNorm1d becomes a
+    GatheredBatchNorm1d; in one process `module` unchanged (plain BatchNorm, bit for bit). State-dict keys
+    stay the same in all three cases."""
+    if _group_size() == 1:
+        return module
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _gathered_batchnorm(module)
 
 
 CUDA_DTYPES_ENV = "MIMREF_CUDA_DTYPES"
@@ -740,7 +811,8 @@ def create_vit(name: str, img_size: int | None = None, patch_size: int | None = 
 
 
 def describe_vit(cfg: dict) -> str:
-    name = next((n for n, c in VIT_CONFIGS.items() if c == (cfg["dim"], cfg["depth"], cfg["num_heads"], cfg["patch_size"])), "custom")
+    name = next((n for n, c in sorted(VIT_CONFIGS.items(), key=lambda nc: nc[1][3] != cfg["patch_size"])
+                 if c[:3] == (cfg["dim"], cfg["depth"], cfg.get("num_heads"))), "custom")  # the preset's patch first
     return f"{name} (dim {cfg['dim']}, depth {cfg['depth']}, heads {cfg.get('num_heads', '?')}, patch {cfg['patch_size']})"
 
 
@@ -1107,32 +1179,6 @@ def _last_good(output_dir: str) -> str:
 
 
 # 7. Checkpoints ------------------------------------------------------------------------------------------------------
-def first_non_finite(obj, name: str = "") -> str | None:
-    """Key path of the first nan/inf floating tensor (or float) in a nested dict/list, else None."""
-    if isinstance(obj, torch.Tensor):
-        bad = (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all())
-        return name if bad else None
-    if isinstance(obj, float):
-        return None if math.isfinite(obj) else name
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for k, v in items:
-        found = first_non_finite(v, f"{name}.{k}" if name else str(k))
-        if found is not None:
-            return found
-    return None
-
-
-def to_cpu(obj):
-    """The same nested dict/list/tuple with every tensor on the CPU (CPU tensors are not copied)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
 DIVERGED_GROWTH = 100.0  # weights' RMS this many times their starting RMS: an exploded (finite) run
 
 
@@ -1145,14 +1191,34 @@ def weights_rms(sd: dict) -> float:
     return math.sqrt(total / max(count, 1))
 
 
+def checked_cpu_copy(obj) -> tuple[object, str | None]:
+    """(`obj`, nested dicts / lists of tensors and numbers, with every tensor on the CPU; the key path of its first
+    nan / inf value, checked where the tensor lives, or None): one walk over the state."""
+    bad: list[str] = []
+
+    def walk(x, name):
+        if isinstance(x, torch.Tensor):
+            if not bad and (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
+                bad.append(name)
+            return x.cpu()
+        if isinstance(x, float) and not bad and not math.isfinite(x):
+            bad.append(name)
+        if isinstance(x, dict):
+            return {k: walk(v, f"{name}.{k}" if name else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v, f"{name}.{i}" if name else str(i)) for i, v in enumerate(x))
+        return x
+    out = walk(obj, "")
+    return out, (bad[0] if bad else None)
+
+
 def save_checkpoint(path: str, state: dict, weights_rms_start: float | None = None):
-    """Atomic, durable write (temp file, fsync, rename, fsync of the folder): a crash leaves the old file or the new.
-    Refused, the old file kept as the last good one: nan/inf anywhere, or encoder weights ("model_online", else
-    "model") over DIVERGED_GROWTH x `weights_rms_start` RMS. A failed write removes its temp file and says so."""
+    """`state` with every tensor on the CPU (a file any machine loads), written atomically (write_atomic). Refused,
+    the file at `path` kept as the last good one: nan/inf anywhere, or encoder weights ("model_online", else
+    "model") over DIVERGED_GROWTH x `weights_rms_start` RMS."""
     path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
     prev = f"{path} still holds the last good state" if os.path.isfile(path) else f"no checkpoint was written yet ({path})"
-    bad = first_non_finite(state)
+    state, bad = checked_cpu_copy(state)
     if bad is not None:
         raise UserError(f"the training diverged: '{bad}' holds nan/inf, so it is not saved and {prev}; lower "
                         f"--blr/--lr, then rerun the same command")
@@ -1162,30 +1228,32 @@ def save_checkpoint(path: str, state: dict, weights_rms_start: float | None = No
             raise UserError(f"the training diverged: the encoder weights' RMS is {rms:.3g}, {rms / weights_rms_start:.0f}x "
                             f"its start ({weights_rms_start:.3g}), so it is not saved and {prev}; lower --blr/--lr, "
                             f"then rerun the same command")
-    state = to_cpu(state)  # a file that loads without CUDA (plain torch.load on any machine); freed after the write
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def write_atomic(path: str, write, mode: str = "wb", flag: str = "--output-dir"):
+    """`write(file)` into PATH.tmp.<pid>, fsync, rename over `path`, fsync of the folder: a crash or a full disk leaves
+    the previous file or the new one, never a truncated one. A failed write removes its temp file and re-raises its
+    OSError naming `path` and `flag` (run_main prints it as one line)."""
+    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    remove_stale_temp_files(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        prev = f"the previous {path} is intact" if os.path.isfile(path) else "no checkpoint was written"
-        if os.path.isdir(path):
-            raise UserError(f"cannot write checkpoint {path}: a folder is in its place; move it away, then rerun") from None
-        # torch's zip writer reports a failed write (ENOSPC, EFBIG, EIO) as a RuntimeError, the OSError as its context
-        chain = [e, e.__context__, e.__cause__]
-        os_err = next((x for x in chain if isinstance(x, OSError)), None)
-        if os_err is not None or (isinstance(e, RuntimeError) and ("write" in str(e) or "inline_container" in str(e))):
-            why = os_err.strerror if os_err is not None and os_err.strerror else str(e).strip().splitlines()[-1][-120:]
-            raise UserError(f"cannot write checkpoint {path} ({why}); {prev}: free space or pass another "
-                            f"--output-dir, then rerun the same command") from None
-        raise
+        err = _os_error(e)
+        if err is None and isinstance(e, RuntimeError) and ("write" in str(e) or "inline_container" in str(e)):
+            err = OSError(errno.EIO, str(e).strip().splitlines()[-1][-120:])  # torch's writer without its OSError
+            e = err
+        if err is not None:  # name the file being replaced (intact), not the temp file
+            err.filename, err.mimref_flag, err.mimref_previous = str(path), flag, os.path.isfile(path)
+        raise e
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every filesystem)
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -1194,9 +1262,15 @@ def save_checkpoint(path: str, state: dict, weights_rms_start: float | None = No
             os.close(fd)
 
 
-def remove_stale_temp_files(path: str):
-    """Delete `PATH.tmp.<pid>` files whose writer process is gone (killed during a save)."""
-    for tmp in Path(path).parent.glob(Path(path).name + ".tmp.*"):
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `e` or what it was raised from (torch's zip writer reports ENOSPC, EFBIG
+    or EIO as a RuntimeError with the OSError as its context)."""
+    return next((x for x in (e, e.__context__, e.__cause__) if isinstance(x, OSError)), None)
+
+
+def remove_stale_temp_files(path: Path, folder: bool = False):
+    """Delete the `*.tmp.<pid>` files (of `path`, or of every file in the folder `path`) whose writer is gone."""
+    for tmp in (path.glob("*.tmp.*") if folder else path.parent.glob(path.name + ".tmp.*")):
         pid = tmp.name.rsplit(".", 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -1209,30 +1283,34 @@ def remove_stale_temp_files(path: str):
             pass
 
 
-def write_atomic(path: str, flag: str, write, mode: str = "wb"):
-    """`write(file opened with mode)` into PATH.tmp.<pid>, fsync, rename over `path` (folders created), as
-    save_checkpoint: a failed write (full disk, quota) removes the temp file, leaves a previous `path` as it
-    was and ends in one line naming `flag`, instead of a truncated file and a traceback."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    remove_stale_temp_files(path)  # of a killed earlier run
-    existed = os.path.isfile(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
+def check_output_path(path: str, flag: str, folder: bool = False):
+    """Before any heavy work, creating nothing: one UserError unless `path` (a folder if `folder`) can be written (an
+    empty name, a dangling symlink on the way, a file where a folder belongs or the reverse, no write permission);
+    then the temp files of writers killed there are removed (once per start)."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty; pass the {'folder' if folder else 'file'} the run should write")
+    p = Path(path).absolute()
+    for q in (p, *p.parents):
+        if q.is_symlink() and not q.exists():
+            raise UserError(f"{flag} {path}: {q} is a symlink to {os.readlink(q)}, which does not exist; create its "
+                            f"target or pass another path")
+    if p.exists() and p.is_dir() != folder:
+        raise UserError(f"{flag} {path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}; "
+                        f"pass another path or move it away")
+    probe = p if folder else p.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag} {path}: {probe} is a file, not a folder; pass another path or move the file away")
+    import tempfile
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        # torch's zip writer reports a failed write as a RuntimeError with the OSError as its context
-        os_err = next((x for x in (e, e.__context__, e.__cause__) if isinstance(x, OSError)), None)
-        if os_err is None or not isinstance(e, (OSError, RuntimeError)):  # e.g. Ctrl-C: not the disk's fault
-            raise
-        kept = "the previous file is unchanged" if existed else "nothing was written there"
-        raise UserError(f"cannot write {flag} {path} ({os_err.strerror or os_err}); {kept}: free space or pass "
-                        f"another {flag}") from None
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".write_test_")
+        os.close(fd)
+        os.remove(name)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {probe} ({e.strerror or e}); pass a writable path") from None
+    if p.exists() or p.parent.exists():
+        remove_stale_temp_files(p, folder)
 
 
 def load_file(path: str) -> dict:
@@ -1334,29 +1412,33 @@ def select_weights(ckpt: dict, ema: bool = False) -> tuple[dict, str]:
     raise UserError(f"no encoder weights found in the checkpoint (keys: {', '.join(list(ckpt)[:8])})")
 
 
+def preset_heads(cfg: dict) -> int | None:
+    """The heads of the one preset of this width and depth (files of other codebases do not say), else None."""
+    heads = {h for (d, L, h, _) in VIT_CONFIGS.values() if (d, L) == (cfg["dim"], cfg["depth"])}
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _arch(cfg: dict, heads) -> str:
+    """An encoder in words, for the one architecture-mismatch message."""
+    pos = f"relative position bias at {cfg['img_size']} px" if cfg["rel_pos_bias"] else "absolute position embedding"
+    return f"{'post-norm ' if cfg['post_norm'] else ''}{describe_vit({**cfg, 'num_heads': heads})}, {pos}"
+
+
 def load_encoder(model: VisionTransformer, source, ema: bool = False, what: str = "checkpoint") -> str:
     """Encoder weights (path or loaded dict) into `model`, strictly, pos_embed interpolated to its resolution; another
-    architecture is a one-line error naming both."""
+    architecture (width, depth, heads, patch, pre-/post-norm, position scheme) is one line naming both."""
     ckpt = load_file(source) if isinstance(source, (str, Path)) else source
     sd, desc = select_weights(ckpt, ema)
     sd = convert_to_ours(sd)
-    cfg = checkpoint_encoder_config(sd)
-    mine = model.config()
-    if (cfg["dim"], cfg["depth"], cfg["patch_size"], cfg["post_norm"]) != (mine["dim"], mine["depth"], mine["patch_size"], mine["post_norm"]):
-        theirs = describe_vit({**cfg, "num_heads": ckpt.get("encoder_config", {}).get("num_heads", "?")})
-        raise UserError(f"{what} holds a {'post-norm ' if cfg['post_norm'] else ''}{theirs} but the model is "
-                        f"{'post-norm ' if mine['post_norm'] else ''}{describe_vit(mine)}; pass the matching --model/--patch-size")
-    if cfg["rel_pos_bias"] != mine["rel_pos_bias"]:
-        pos = {True: "relative position bias (BEiT, ConMIM)", False: "absolute position embedding"}
-        raise UserError(f"{what} uses {pos[cfg['rel_pos_bias']]} but the model uses {pos[mine['rel_pos_bias']]}; "
-                        f"build the model to match (conmim.py --pos-embed, or let eval_knn.py read it from the file)")
-    if cfg["rel_pos_bias"] and cfg["img_size"] != mine["img_size"]:
-        raise UserError(f"{what} is a relative-position-bias ViT for {cfg['img_size']} px but the model is for "
-                        f"{mine['img_size']} px; pass --img-size {cfg['img_size']}")
-    enc_cfg = ckpt.get("encoder_config") if isinstance(ckpt, dict) else None
-    if enc_cfg and enc_cfg.get("num_heads") not in (None, mine["num_heads"]):
-        raise UserError(f"{what} has {enc_cfg['num_heads']} attention heads but the model has {mine['num_heads']}; "
-                        f"pass the matching --model")
+    cfg, mine = checkpoint_encoder_config(sd), model.config()
+    heads = (ckpt.get("encoder_config") or {}).get("num_heads") or preset_heads(cfg) or mine["num_heads"]
+    keys = ("dim", "depth", "patch_size", "post_norm", "rel_pos_bias")
+    if ([cfg[k] for k in keys], heads) != ([mine[k] for k in keys], mine["num_heads"]) or (
+            cfg["rel_pos_bias"] and cfg["img_size"] != mine["img_size"]):
+        fix = [f"--patch-size {cfg['patch_size']}"] * (cfg["patch_size"] != mine["patch_size"]) + [
+            f"--img-size {cfg['img_size']}"] * (cfg["rel_pos_bias"] and cfg["img_size"] != mine["img_size"])
+        raise UserError(f"{what} holds a {_arch(cfg, heads)} but the model is a {_arch(mine, mine['num_heads'])}; pass "
+                        f"{' '.join(fix) or 'the matching --model'} (or no --model: the file tells)")
     if "pos_embed" in sd and model.pos_embed is not None and sd["pos_embed"].shape != model.pos_embed.shape:
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], model.grid, model.grid)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -1388,30 +1470,15 @@ def encoder_from_checkpoint(checkpoint: str, model: str | None = None, img_size:
         ckpt = {"model": ckpt[key], **{k: ckpt[k] for k in ("encoder_config",) if isinstance(ckpt.get(k), dict)}}
     sd, _ = select_weights(ckpt, ema)
     found = checkpoint_encoder_config(convert_to_ours(sd))  # dim, depth, patch_size, post_norm, img_size
-    saved = ckpt.get("encoder_config") if isinstance(ckpt.get("encoder_config"), dict) else {}
-    img_size = img_size or saved.get("img_size") or found["img_size"] or 224
-    patch = patch_size or found["patch_size"]
-    kind = dict(post_norm=found["post_norm"], rel_pos_bias=found["rel_pos_bias"], **overrides)
-    if model is None:
-        heads = saved.get("num_heads")
-        if heads is None:  # foreign file: heads from the preset table by (dim, depth)
-            cands = {h for (d, L, h, _) in VIT_CONFIGS.values() if (d, L) == (found["dim"], found["depth"])}
-            if len(cands) != 1:
-                raise UserError(f"cannot infer the architecture of {checkpoint} (dim {found['dim']}, depth "
-                                f"{found['depth']}); pass --model")
-            heads = cands.pop()
-        enc = create_vit("vit_b16", img_size, patch, dim=found["dim"], depth=found["depth"], num_heads=heads, **kind)
-    else:
-        if model in VIT_CONFIGS:  # name both sides in the error (the presets differ in dim/depth/heads)
-            d, L, h, _ = VIT_CONFIGS[model]
-            heads = saved.get("num_heads", h)
-            if (d, L, h) != (found["dim"], found["depth"], heads):
-                match = [n for n, (d2, L2, h2, _) in VIT_CONFIGS.items() if (d2, L2) == (found["dim"], found["depth"])]
-                raise UserError(f"--model {model} is dim {d}, depth {L}, heads {h} but {checkpoint} holds dim "
-                                f"{found['dim']}, depth {found['depth']}, heads {saved.get('num_heads', '?')}; pass "
-                                f"{'--model ' + match[0] if match else 'the matching --model'} or drop --model")
-        # pre-/post-norm is a property of the weights (data2vec 2.0), not of the preset name
-        enc = create_vit(model, img_size, patch, **kind)
+    heads = (ckpt.get("encoder_config") or {}).get("num_heads") or preset_heads(found)
+    if model is None and heads is None:
+        raise UserError(f"cannot infer the architecture of {checkpoint} (dim {found['dim']}, depth {found['depth']}); "
+                        f"pass --model")
+    # pre-/post-norm and the position scheme are properties of the weights (data2vec 2.0, ConMIM), not of a preset
+    arch = dict(dim=found["dim"], depth=found["depth"], num_heads=heads) if model is None else {}
+    enc = create_vit(model or "vit_b16", img_size or (ckpt.get("encoder_config") or {}).get("img_size")
+                     or found["img_size"] or 224, patch_size or found["patch_size"], post_norm=found["post_norm"],
+                     rel_pos_bias=found["rel_pos_bias"], **arch, **overrides)
     desc = load_encoder(enc, ckpt, ema=ema, what=f"checkpoint {checkpoint}")
     return enc, (f"'{key}'" if key else desc)
 
@@ -1420,51 +1487,14 @@ def checkpoint_path(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoint-last.pth")
 
 
-def check_output_dir(output_dir: str):
-    """Fail before any heavy work, creating nothing, when `output_dir` cannot be written (a file in its place or above,
-    a dangling symlink, a read-only folder, an empty name)."""
-    if not str(output_dir).strip():
-        raise UserError("--output-dir is empty; pass the folder the run should write to")
-    p = Path(output_dir)
-    for q in (p, *p.parents):
-        if q.is_symlink() and not q.exists():
-            raise UserError(f"--output-dir {output_dir}: {q} is a symlink to {os.readlink(q)}, which does not exist; "
-                            f"create its target or pass another folder")
-    check_writable(output_dir, "--output-dir", folder=True)
-
-
-def check_writable(path: str, flag: str, folder: bool = False):
-    """One-line UserError unless `path` (a folder if `folder`) can be written: probes the nearest existing folder."""
-    import tempfile
-    p = Path(path).absolute()
-    if p.exists() and p.is_dir() != folder:
-        raise UserError(f"{flag} {path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}; "
-                        f"pass another path or move it away")
-    probe = p if folder else p.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"{flag} {path}: {probe} is a file, not a folder; pass another path or move the file away")
-    try:
-        fd, name = tempfile.mkstemp(dir=probe, prefix=".write_test_")
-        os.close(fd)
-        os.remove(name)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {probe} ({e.strerror or e}); pass a writable path") from None
-
-
 def load_resume_state(output_dir: str) -> dict | None:
-    """The state of OUTPUT_DIR/checkpoint-last.pth (automatic resume) or None, after checking OUTPUT_DIR is writable
-    and removing temp files of killed saves."""
+    """The state of OUTPUT_DIR/checkpoint-last.pth (automatic resume) or None (OUTPUT_DIR was checked and claimed by
+    run_main on rank 0)."""
     if _group_size() > 1:  # rank 0 claimed OUTPUT_DIR before it got here (run_main): read nothing before that
         dist.barrier()
-    check_output_dir(output_dir)
     path = checkpoint_path(output_dir)
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; the run writes its checkpoint there: move the folder away")
-    if os.path.isdir(output_dir):  # temp files of killed saves: checkpoint-last and the kept epoch files
-        for name in {p.name.split(".tmp.")[0] for p in Path(output_dir).glob("*.pth.tmp.*")}:
-            remove_stale_temp_files(os.path.join(output_dir, name))
     if not os.path.isfile(path):
         return None
     try:
@@ -1476,56 +1506,56 @@ def load_resume_state(output_dir: str) -> dict | None:
     return state
 
 
-# Flags compared by check_resume_args. Not compared: those that change neither the maths nor the data order.
-RESUME_IGNORED = ("output_dir", "device", "num_workers", "compile", "grad_checkpointing", "exit_after_epochs",
-                  "init", "log_every", "vis_images", "fsdp", "plan", "knn_every", "knn_data", "knn_subset",
-                  "save_every", "save_minutes")
-RESUME_RETIRED = ("fsdp",)  # flags a script no longer has: its older checkpoints still resume
-RESUME_SHAPE = ("model", "img_size", "patch_size")  # change parameter shapes / position tables
-RESUME_REFUSED = {  # not shapes, but the saved state no longer fits
-    "batch_size": "it sets the steps per epoch and the lr (linear scaling rule), so the saved step and lr schedule "
-                  "no longer line up",
-}
-RESUME_WARN = {
-    "epochs": "the lr/momentum schedules are re-stretched to the new length from the resumed step on",
-    "warmup_epochs": "the warmup ends at another step than in the run so far",
-    "seed": "the remaining epochs draw other crops/masks than the uninterrupted run would",
-    "data": "the remaining epochs train on other data",
+# What a changed flag does to the checkpoint it resumes: ignore (neither the maths nor the data order; also flags a
+# script no longer has, so that its older checkpoints resume), refuse (the saved state no longer fits) or warn.
+SHAPES = "it changes parameter shapes or the optimizer's parameter groups"
+RESUME_POLICY = {
+    **{k: ("ignore", "") for k in ("output_dir", "device", "num_workers", "compile", "grad_checkpointing", "init",
+                                   "exit_after_epochs", "log_every", "vis_images", "fsdp", "plan", "knn_every",
+                                   "knn_data", "knn_subset", "save_every", "save_minutes")},
+    **{k: ("refuse", SHAPES) for k in ("model", "img_size", "patch_size")},
+    "batch_size": ("refuse", "it sets the steps per epoch and the lr (linear scaling rule), so the saved step and lr "
+                             "schedule no longer line up"),
+    "epochs": ("warn", "the lr/momentum schedules are re-stretched to the new length from the resumed step on"),
+    "warmup_epochs": ("warn", "the warmup ends at another step than in the run so far"),
+    "seed": ("warn", "the remaining epochs draw other crops/masks than the uninterrupted run would"),
+    "data": ("warn", "the remaining epochs train on other data"),
 }
 
 
 def check_resume_args(state: dict, args, output_dir: str, state_keys=(), shape=(), refuse: dict | None = None):
-    """Before any weights load: a checkpoint of another script (its flags or `state_keys`) or a changed flag in
-    RESUME_SHAPE + `shape` or RESUME_REFUSED + `refuse` is a one-line UserError naming both values; other changed flags
-    (not RESUME_IGNORED) are warnings with their reason (RESUME_WARN)."""
+    """Before any weights load: a checkpoint of another script (its flags or `state_keys`) or a flag that RESUME_POLICY,
+    `shape` (SHAPES) or `refuse` ({flag: why}) refuses is a one-line UserError naming both values; other changed
+    flags are warnings with their reason."""
     path = checkpoint_path(output_dir)
     script = os.path.basename(sys.argv[0]) or "this script"
+    policy = {**RESUME_POLICY, **{k: ("refuse", SHAPES) for k in shape}, **{k: ("refuse", w) for k, w in (refuse or {}).items()}}
     stored = state.get("args")
     current = dataclasses.asdict(args)
     missing = [k for k in state_keys if k not in state]
-    foreign = sorted(set(stored) - set(current) - set(RESUME_RETIRED)) if isinstance(stored, dict) else []
+    foreign = sorted(k for k in set(stored) - set(current) if policy.get(k, ("",))[0] != "ignore") \
+        if isinstance(stored, dict) else []
     if not isinstance(stored, dict) or missing or foreign:
         why = (f"its flags --{', --'.join(f.replace('_', '-') for f in foreign[:4])} are not flags of {script}"
                if foreign else f"it has no {', '.join(repr(k) for k in (missing or ['args'])[:4])}")
         raise UserError(f"{path} was not written by {script} ({why}); pass another --output-dir (or move the file "
                         f"away to start from scratch)")
-    refused = {**{k: "it changes parameter shapes or the optimizer's parameter groups" for k in (*RESUME_SHAPE, *shape)},
-               **RESUME_REFUSED, **(refuse or {})}
     for k, now in current.items():
-        if k in RESUME_IGNORED or k not in stored or now is None:  # None: resolved later from the same defaults
-            continue
-        was = stored[k]
-        if isinstance(was, tuple):
-            was = list(was)
-        if was == now or (isinstance(now, tuple) and list(now) == was):
-            continue
+        was = stored.get(k)
+        kind, why = policy.get(k, ("warn", "the resumed run differs from the one the checkpoint started"))
+        if kind == "ignore" or k not in stored or now is None or list_or(was) == list_or(now):
+            continue  # None: resolved later from the same defaults
         flag = "--" + k.replace("_", "-")
-        if k in refused:
-            raise UserError(f"{path} was trained with {flag} {was} but this run asks for {flag} {now}; {refused[k]}: "
-                            f"rerun with {flag} {was}, or pass another --output-dir to start a new run")
+        if kind == "refuse":
+            raise UserError(f"{path} was trained with {flag} {list_or(was)} but this run asks for {flag} {list_or(now)}; "
+                            f"{why}: rerun with {flag} {list_or(was)}, or pass another --output-dir to start a new run")
         if int(os.environ.get("RANK", 0)) == 0:
-            why = RESUME_WARN.get(k, "the resumed run differs from the one the checkpoint started")
-            print(f"warning: resuming {path} with {flag} {now} (it was trained with {was}): {why}", flush=True)
+            print(f"warning: resuming {path} with {flag} {list_or(now)} (it was trained with {list_or(was)}): {why}",
+                  flush=True)
+
+
+def list_or(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 # 7b. Sharded modules: --fsdp lives in fsdp.py (optional neighbour); the checkpoint writer calls it for them ----------
@@ -1637,146 +1667,16 @@ def progress(iterable, dist_info: DistInfo, **kw):
     return tqdm(iterable, disable=not dist_info.is_main, dynamic_ncols=True, delay=kw.pop("delay", 1.0), **kw)
 
 
-# 9. During training: kNN monitor, kept checkpoints, the paper's evaluation command -----------------------------------
-# The monitor is a cheap collapse / too-high-lr alarm (MIM-Refiner App. E; the official MIM-Refiner and MAE-CT code
-# run a k-NN on 10% of ImageNet every epoch): eval_knn.py's protocol at one k (`eval_knn.py --k 20 --block B
-# --train-subset F --seed S` gives the same top-1, tests/test_knn_monitor.py).
-KNN_MONITOR_K = 20  # DINO eval_knn.py: "20 is usually working the best"
-KNN_TEMPERATURE = 0.07  # DINO eval_knn.py; Wu et al. 2018 Sec. 3.4
-
-
-def knn_bank_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
-    """Sorted indices of the k-NN bank: round(fraction * n) (at least 1) of n, drawn with a generator seeded `seed`."""
-    if fraction == 1.0:
-        return torch.arange(n)
-    m = max(1, int(round(fraction * n)))
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].sort().values
-
-
-@torch.no_grad()
-def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-                 ks, T: float, num_classes: int, chunk: int = 256) -> dict:
-    """Weighted k-NN vote on cosine similarity (DINO eval_knn.knn_classifier; Wu et al. 2018 Eq. 7-8): score_c = sum
-    over the k nearest of exp(s_i / T) [y_i = c], as exp((s_i - s_max) / T) (no overflow, same vote). train_f (N, D)
-    of any float dtype and scale (never copied), test_f (M, D); k clipped to N.
-    Returns {"top1": {k: %}, "top5": {k: %} (when num_classes > 5)}."""
-    n_train, device = train_f.shape[0], train_f.device
-    if n_train == 0 or test_f.shape[0] == 0:
-        raise UserError("k-NN needs at least one train and one val image")
-    train_y = train_y.to(device)
-    # 1/|t_i| in fp32, chunked so that no fp32 copy of a half bank is made   # (N,)
-    inv_norm = torch.cat([c.float().norm(dim=1) for c in train_f.split(max(chunk, 4096))]).clamp_min(1e-12).reciprocal()
-    kmax = min(max(ks), n_train)
-    correct1, correct5 = {k: 0 for k in ks}, {k: 0 for k in ks}
-    for start in range(0, test_f.shape[0], chunk):
-        q = F.normalize(test_f[start:start + chunk].to(device).float(), dim=1)  # (C, D)
-        y = test_y[start:start + chunk].to(device)  # (C,)
-        sim = (q.to(train_f.dtype) @ train_f.T).float() * inv_norm  # (C, N) cosine
-        top_sim, top_idx = sim.topk(kmax, dim=1)  # (C, kmax), sorted descending
-        top_lab = train_y[top_idx]  # (C, kmax)
-        weight = ((top_sim - top_sim[:, :1]) / T).exp()  # (C, kmax)
-        for k in ks:
-            kk = min(k, n_train)
-            votes = torch.zeros(q.shape[0], num_classes, device=device)
-            votes.scatter_add_(1, top_lab[:, :kk], weight[:, :kk])  # (C, classes): sum of one-hot x weight
-            val, pred = votes.topk(min(5, num_classes), dim=1)
-            correct1[k] += (pred[:, 0] == y).sum().item()
-            if num_classes > 5:
-                correct5[k] += ((pred == y[:, None]) & (val > 0)).any(dim=1).sum().item()
-    m = test_f.shape[0]
-    return {"top1": {k: 100.0 * correct1[k] / m for k in ks},
-            "top5": {k: 100.0 * correct5[k] / m for k in ks} if num_classes > 5 else {}}
-
-
-@torch.no_grad()
-def knn_features(encoder: VisionTransformer, dataset, blocks: list[int], dist_info: DistInfo, batch_size: int,
-                 num_workers: int, pool: str = "cls") -> tuple[dict | None, torch.Tensor | None]:
-    """({block: (N, D) fp32}, labels (N,)) on rank 0, (None, None) elsewhere; a collective. The last block after the
-    final norm, the others raw, pooled `cls` or `avg` of the patches (eval_knn.py's feature); rows placed by dataset
-    index, so the sampler's padded duplicates land on their own rows."""
-    depth, device = encoder.depth, dist_info.device
-    raw = [b for b in blocks if b != depth - 1]
-    loader = build_loader(WithIndex(dataset), batch_size, dist_info, shuffle=False, drop_last=False,
-                          num_workers=num_workers)
-    n = len(dataset)
-    banks = {b: torch.zeros(n, encoder.dim) for b in blocks} if dist_info.is_main else None
-    labels = torch.zeros(n, dtype=torch.long) if dist_info.is_main else None
-    for img, y, idx in loader:
-        with autocast(device):
-            out = encoder.forward_features(img.to(device, non_blocking=True), return_blocks=raw or None)
-        final, outs = (out, []) if not raw else out
-        toks = [final if b == depth - 1 else outs[raw.index(b)] for b in blocks]  # each (B, 1+N, D)
-        f = torch.cat([(t[:, 0] if pool == "cls" else t[:, 1:].mean(dim=1)).float() for t in toks], dim=1)
-        f = all_gather_nograd(f)  # (W*B, len(blocks)*D)
-        meta = all_gather_nograd(torch.stack([idx, y], dim=1).to(device))  # (W*B, 2): dataset index, label
-        if dist_info.is_main:
-            f, meta = f.cpu(), meta.cpu()
-            for i, b in enumerate(blocks):
-                banks[b].index_copy_(0, meta[:, 0], f[:, i * encoder.dim:(i + 1) * encoder.dim])
-            labels.index_copy_(0, meta[:, 0], meta[:, 1])
-    return banks, labels
-
-
-def _labelled_splits(data: str) -> bool:
-    """True when `data` is synthetic (labelled train and val) or a folder with labelled train/ and val/."""
-    if is_synthetic(data):
-        return True
-    root = Path(data)
-    return all((root / s).is_dir() and any(d.is_dir() for d in (root / s).iterdir()) for s in ("train", "val"))
-
-
-class KnnMonitor:
-    """k-NN top-1 (k 20, T 0.07) every `every` epochs (0: off) of `blocks`: bank a seeded `subset` of the train split,
-    queries the val split, both eval_transform. `data` (--knn-data) None: the training root when it has labelled
-    train/ and val/, else off with one line. Built and called on every rank (after the epoch's checkpoint, with
-    the encoder its "model" holds); logs `knn/top1_block{B}` and prints one line."""
-
-    def __init__(self, dist_info: DistInfo, log: "Logger", *, every: int, data: str | None, train_data: str,
-                 subset: float, img_size: int, batch_size: int, num_workers: int, seed: int, blocks=(-1,),
-                 pool: str = "cls"):
-        self.every, self.dist_info, self.log, self.blocks, self.pool = every, dist_info, log, list(blocks), pool
-        if every and data is None:
-            if not _labelled_splits(train_data):
-                log.print(f"k-NN monitor off: {train_data} has no labelled train/ and val/ splits "
-                          f"(pass --knn-data ROOT with ROOT/train/<class>/ and ROOT/val/<class>/)")
-                self.every = 0
-            data = train_data
-        if not self.every:
-            return
-        tf = eval_transform(img_size)
-        train = build_dataset(data, "train", tf, img_size=img_size, seed=seed, require_labels=True)
-        self.bank = torch.utils.data.Subset(train, knn_bank_indices(len(train), subset, seed).tolist())
-        self.val = build_dataset(data, "val", tf, img_size=img_size, seed=seed, require_labels=True)
-        self.batch, self.num_workers = batch_size, num_workers
-        self.desc = f"{len(self.bank)} train images ({subset:g} of {data} train) as bank, {len(self.val)} val"
-
-    def __call__(self, epochs_done: int, encoder: nn.Module, step: int) -> dict | None:
-        """Evaluate when epochs_done is a multiple of `every`; returns {block: top-1 %} on rank 0."""
-        if not self.every or epochs_done % self.every:
-            return None
-        enc = unwrap(encoder)
-        blocks = sorted({b % enc.depth for b in self.blocks})
-        was_training = enc.training
-        enc.eval()
-        t0 = datetime.datetime.now()
-        bank, bank_y = knn_features(enc, self.bank, blocks, self.dist_info, self.batch, self.num_workers, self.pool)
-        val, val_y = knn_features(enc, self.val, blocks, self.dist_info, self.batch, self.num_workers, self.pool)
-        enc.train(was_training)
-        if is_sharded(enc):  # FSDP2 leaves the root unit gathered after a forward without backward
-            for m in enc.modules():
-                if callable(getattr(m, "reshard", None)):
-                    m.reshard()
-        if not self.dist_info.is_main:
-            return None
-        num_classes = int(max(bank_y.max(), val_y.max())) + 1
-        dev = self.dist_info.device  # the vote on the accelerator: ImageNet is 50k x 128k similarities per block
-        top1 = {b: knn_classify(bank[b].to(dev), bank_y, val[b].to(dev), val_y, [KNN_MONITOR_K], KNN_TEMPERATURE,
-                                num_classes)["top1"][KNN_MONITOR_K] for b in blocks}
-        secs = (datetime.datetime.now() - t0).total_seconds()
-        self.log.log({**{f"knn/top1_block{b}": v for b, v in top1.items()}, "knn/seconds": secs}, step=step)
-        self.log.print(f"epoch {epochs_done - 1} k-NN top-1 (k={KNN_MONITOR_K}, {self.pool}, {self.desc}): "
-                       + ", ".join(f"block {b} {v:.2f}" for b, v in top1.items()) + f" ({secs:.1f} s)")
-        return top1
+# 9. During training: the k-NN monitor (eval_knn.py), kept checkpoints, the paper's evaluation command -----------
+def knn_monitor(dist_info: DistInfo, log: "Logger", *, every: int, **kw):
+    """eval_knn.KnnMonitor (k-NN top-1 every `every` epochs, the protocol of eval_knn.py) or, with `every` 0 or
+    without eval_knn.py beside common.py, a monitor that does nothing (the latter says so in one line)."""
+    try:
+        eval_knn = neighbour("eval_knn", "the k-NN monitor") if every else None
+    except UserError:
+        log.print("k-NN monitor off: add eval_knn.py beside common.py")
+        eval_knn = None
+    return eval_knn.KnnMonitor(dist_info, log, every=every, **kw) if eval_knn else lambda epochs_done, enc, step: None
 
 
 def save_kept(every: int, output_dir: str, dist_info: DistInfo, epochs_done: int, model_sd: dict,
@@ -1818,8 +1718,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # data-loading w
 class EpochEndSaves:
     """The run control without longrun.py: checkpoints at epoch ends only, a stop signal ends the process."""
 
-    def boundary(self, epoch: int, update: int, steps_per_epoch: int, save):
-        pass
+    def at_update(self, update: int, steps_per_epoch: int) -> tuple[bool, bool]:
+        return False, False  # (save, stop)
 
     def epoch_done(self, epochs_done: int):
         pass
@@ -1839,8 +1739,9 @@ def run_control(save_minutes: float | None, dist_info: DistInfo, log: "Logger"):
     return EpochEndSaves()
 
 
-def start_epoch_rngs(seed: int, epoch: int, dist_info: DistInfo, position: dict | None, log=None) -> int:
-    """Seed this rank for the start of `epoch`, or restore a mid-epoch `position` (longrun.py); the updates done."""
+def epoch_start(seed: int, epoch: int, dist_info: DistInfo, position: dict | None, log=None) -> int:
+    """The update `epoch` starts at: 0, this rank seeded for the epoch's start, or the updates already done of a
+    mid-epoch `position` (longrun.py), the RNG states it saved restored."""
     if not position or not position["update"]:
         seed_everything(epoch_seed(seed, epoch, dist_info.rank))
         return 0

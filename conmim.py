@@ -168,15 +168,15 @@ class Args(common.Flags):
     clip_grad: Optional[common.PosFloat] = 3.0
     """max gradient norm; paper 3 (S, B), 1 (L) (Table 11); none disables (official default)"""
     sync_bn: bool = True
-    """SyncBatchNorm in the projectors under DDP on CUDA (MoCo v3); --no-sync-bn = official per-GPU BN.
-    On CPU (gloo) BN is always per process (torch's SyncBN is CUDA-only)"""
+    """BatchNorm statistics of the projectors over the global batch under DDP (MoCo v3's SyncBatchNorm; on
+    CPU/gloo common.GatheredBatchNorm1d, the same maths); --no-sync-bn = official per-GPU BN"""
     log_every: common.PosInt = 20
     """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
     exit_after_epochs: Optional[common.PosInt] = None
     """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
     resume"""
     knn_every: common.NonNegInt = 0
-    """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. The ConMIM paper reports no k-NN."""
     knn_data: Optional[str] = None
     """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
@@ -495,8 +495,8 @@ def load_conmim_state(online: ConMIMBranch, teacher: ConMIMBranch, state: dict, 
 
 
 @dataclass
-class Loop:
-    """What the training loop keeps fixed for the run."""
+class Run:
+    """The run: what its epochs share (ranks, log, run control, data, batch, schedules)."""
     dist_info: common.DistInfo  # ranks and the device
     log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
     ctl: longrun.RunControl | common.EpochEndSaves  # common.run_control: saves and stops at update boundaries
@@ -509,19 +509,19 @@ class Loop:
     rms_start: float  # the initial encoder weights' RMS, the divergence check's reference (save_checkpoint)
 
 
-def train_one_epoch(state: TrainState, loop: Loop, epoch: int, step: int, *, position: Optional[dict], save,
+def train_one_epoch(state: TrainState, run: Run, epoch: int, step: int, *, position: Optional[dict],
                     args: Args) -> int:
-    """One epoch of loop.steps_per_epoch updates of accum_steps micro-batches of loop.micro (weak, strong, mask)
+    """One epoch of run.steps_per_epoch updates of accum_steps micro-batches of run.micro (weak, strong, mask)
     triples each: lr and momentum coefficient from the schedules at the global optimizer step, train_step per
-    micro-batch, the rank-mean loss logged every --log-every updates and for the epoch, loop.ctl.boundary after
-    each update (time-based save, stop signals: `save(update, step, sums)`). `position`: the mid-epoch
-    checkpoint's resume point inside this epoch, or None. `step` counts the optimizer steps done before this epoch
+    micro-batch, the rank-mean loss logged every --log-every updates and for the epoch; after each update the run
+    control decides whether to save (save_state) and stop. `position`: the mid-epoch checkpoint's resume point
+    inside this epoch, or None. `step` counts the optimizer steps done before this epoch
     (or before `position`); returns the count after it."""
-    dist_info, log, micro, steps_per_epoch = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
+    dist_info, log, micro, steps_per_epoch = run.dist_info, run.log, run.micro, run.steps_per_epoch
     device = dist_info.device
-    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
+    start = common.epoch_start(args.seed, epoch, dist_info, position, log)
     sums = dict(position["sums"]) if start else {"loss": 0.0, "micro": 0}
-    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
+    loader = common.build_loader(run.dataset, micro, dist_info, shuffle=True, drop_last=True,
                                  num_workers=args.num_workers, seed=args.seed, epoch=epoch,
                                  skip=start * args.accum_steps * micro)
     state.model.train()
@@ -536,9 +536,9 @@ def train_one_epoch(state: TrainState, loop: Loop, epoch: int, step: int, *, pos
         mask = mask.to(device, non_blocking=True)  # (n, N) bool
         last = (micro_step + 1) % args.accum_steps == 0
         if it_acc == 0:
-            cur_lr = loop.lr_schedule(step)
+            cur_lr = run.lr_schedule(step)
             common.set_lr(state.opt, cur_lr)
-        m = loop.momentum_schedule(step)
+        m = run.momentum_schedule(step)
         loss, grad_norm = train_step(state, weak, strong, mask, world=dist_info.world_size, sync=last, m=m, step=step,
                                      args=args)
         sums["loss"] += float(common.all_reduce_mean(loss.detach()))
@@ -552,13 +552,18 @@ def train_one_epoch(state: TrainState, loop: Loop, epoch: int, step: int, *, pos
         if dist_info.is_main:
             ips = (micro_step + 1 - start * args.accum_steps) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
             bar.set_postfix(loss=f"{ep_loss:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
-        if step % args.log_every == 0 or step == loop.total_steps:
+        if step % args.log_every == 0 or step == run.total_steps:
             log.log({"train/loss": ep_loss, "train/lr": cur_lr, "train/momentum": m,
                      "train/grad_norm": float(grad_norm), "train/masked_frac": float(mask.float().mean()),
                      "train/rel_pos_bias_absmax": rel_pos_absmax(state.online.encoder),
                      "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
         update = (micro_step + 1) // args.accum_steps
-        loop.ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, step, sums))
+        save, stop = run.ctl.at_update(update, steps_per_epoch)  # one all-reduce: a stop signal anywhere, the timer
+        if save:
+            with run.ctl.saving(epoch, update, steps_per_epoch):
+                save_state(state, run, epoch, update, step, position=run.ctl.position(update, sums), args=args)
+        if stop:
+            run.ctl.stop(f"at epoch {epoch} step {update}")
 
     ep_loss = sums["loss"] / max(sums["micro"], 1)
     log.log({"train/epoch_loss": ep_loss, "train/epoch_time_s": time.time() - t0, "epoch": epoch + 1}, step)
@@ -566,17 +571,17 @@ def train_one_epoch(state: TrainState, loop: Loop, epoch: int, step: int, *, pos
     return step
 
 
-def save_state(state: TrainState, loop: Loop, epoch: int, update: int, step: int, *, position: Optional[dict],
+def save_state(state: TrainState, run: Run, epoch: int, update: int, step: int, *, position: Optional[dict],
                args: Args):
     """OUTPUT_DIR/checkpoint-last.pth (rank 0 writes) after `update` updates of `epoch`: both branches, the
-    optimizer, the counters; at the epoch's end (update == loop.steps_per_epoch) first the kept epoch file when
+    optimizer, the counters; at the epoch's end (update == run.steps_per_epoch) first the kept epoch file when
     due, inside it `position` (what the exact resume needs, longrun.RunControl.position)."""
     online, teacher = state.online, state.teacher
-    done = update == loop.steps_per_epoch
+    done = update == run.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args.save_every, args.output_dir, loop.dist_info, epoch + 1,
+        common.save_kept(args.save_every, args.output_dir, run.dist_info, epoch + 1,
                          common.encoder_state_dict(online.encoder), online.encoder.config(), model_is_ema=False)
-    if loop.dist_info.is_main:
+    if run.dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": common.encoder_state_dict(online.encoder),
             "encoder_config": online.encoder.config(),
@@ -590,9 +595,9 @@ def save_state(state: TrainState, loop: Loop, epoch: int, update: int, step: int
             "epoch": epoch + done,
             "step": step,
             "resume": None if done else position,
-            "weights_rms_start": loop.rms_start,
+            "weights_rms_start": run.rms_start,
             "args": dataclasses.asdict(args),
-        }, weights_rms_start=loop.rms_start)
+        }, weights_rms_start=run.rms_start)
 
 
 def main(args: Args):
@@ -620,11 +625,8 @@ def main(args: Args):
                         f"patches to mask; lower it")
     online = ConMIMBranch(encoder, Projector(encoder.dim, args.head_hidden_dim, args.head_out_dim))
     teacher = momentum_copy(online)
-    # SyncBN needs CUDA under DDP; on CPU (gloo) each rank normalises its own batch (= official behaviour)
-    use_sync_bn = dist_info.enabled and args.sync_bn and device.type == "cuda"
-    if use_sync_bn:
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    if args.sync_bn:  # the projectors' BN over the global batch (MoCo v3 SyncBN); one process: unchanged
+        online, teacher = common.sync_batchnorm(online, device), common.sync_batchnorm(teacher, device)
     online.to(device)
     teacher.to(device)
     online.encoder.grad_checkpointing = checkpointed
@@ -647,8 +649,6 @@ def main(args: Args):
     log.print(f"global batch {args.batch_size} = {micro} per rank x {args.accum_steps} accum x {world} processes; "
               f"peak lr {lr:.3e} ({'--lr' if args.lr is not None else f'blr {args.blr:.3e} x {args.batch_size}/256'}), "
               f"min lr {min_lr:.3e}; masking {args.mask_type} {args.mask_ratio:.2f} on a {grid}x{grid} grid")
-    if dist_info.enabled and args.sync_bn and not use_sync_bn:
-        log.print("note: SyncBatchNorm needs CUDA; the projector BN normalises per process on CPU (as --no-sync-bn)")
     if args.accum_steps > 1:
         log.print("warning: --accum-steps > 1: the projector BatchNorm normalises over micro-batches only, "
                   "which changes the dynamics compared with the full batch")
@@ -680,19 +680,17 @@ def main(args: Args):
     # momentum coefficient (Sec. 4): theta~ <- m theta~ + (1 - m) theta, m: cosine 0.996 -> 1 over all steps
     momentum_schedule = functools.partial(common.momentum_schedule, total_steps=total_steps, base=args.momentum,
                                           final=args.momentum_final)
-    knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
+    knn = common.knn_monitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed)
     ctl = common.run_control(args.save_minutes, dist_info, log)
     train_state = TrainState(model, online, teacher, opt)
-    loop = Loop(dist_info, log, ctl, ds, micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                lr_schedule=lr_schedule, momentum_schedule=momentum_schedule, rms_start=rms_start)
+    run = Run(dist_info, log, ctl, ds, micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              lr_schedule=lr_schedule, momentum_schedule=momentum_schedule, rms_start=rms_start)
     for epoch in range(start_epoch, args.epochs):
-        save = functools.partial(save_state, train_state, loop, epoch, args=args)
-        step = train_one_epoch(
-            train_state, loop, epoch, step, args=args, position=position if epoch == start_epoch else None,
-            save=lambda update, step, sums: save(update, step, position=ctl.position(update, sums)))
-        save(steps_per_epoch, step, position=None)
+        step = train_one_epoch(train_state, run, epoch, step, args=args,
+                               position=position if epoch == start_epoch else None)
+        save_state(train_state, run, epoch, steps_per_epoch, step, position=None, args=args)
         knn(epoch + 1, online.encoder, step)
         ctl.epoch_done(epoch + 1)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:

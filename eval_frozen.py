@@ -348,7 +348,7 @@ def main(args: Args):
     if not (args.few_shot or args.split_file or args.cluster):
         raise UserError("nothing to evaluate: pass --few-shot 1 2 5, --split-file FILE ... and/or --cluster")
     if args.output_json:
-        common.check_writable(args.output_json, "--output-json")
+        common.check_output_path(args.output_json, "--output-json")
     # optional packages first, before any extraction
     need("sklearn", "scikit-learn")
     need("scipy", "scipy")
@@ -415,12 +415,12 @@ def main(args: Args):
         block = eval_knn.resolve_block(args.block if args.block is not None else -1, depth)
         encoder.to(dist_info.device).eval()
         needed = torch.unique(torch.cat([i for runs in splits.values() for _, i in runs])) if splits else None
-        val_banks, val_y2 = eval_knn.extract_features(encoder, val_ds, [block], args, dist_info, torch.float32,
-                                                      "val features")
+        kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, pool=args.pool, final_norm=args.final_norm)
+        val_banks, val_y2 = eval_knn.extract_features(encoder, val_ds, [block], dist_info, desc="val features", **kw)
         train_f = None
         if needed is not None:  # only the few-shot images are encoded
             sub = torch.utils.data.Subset(train_ds, needed.tolist())
-            banks, _ = eval_knn.extract_features(encoder, sub, [block], args, dist_info, torch.float32, "train features")
+            banks, _ = eval_knn.extract_features(encoder, sub, [block], dist_info, desc="train features", **kw)
             if dist_info.is_main:
                 train_f = torch.zeros(len(train_ds), encoder.dim)
                 train_f[needed] = banks[block]

@@ -70,6 +70,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from pathlib import Path
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -79,8 +81,7 @@ import torch.nn.functional as F
 
 import common
 from common import (UserError, WithIndex, autocast, build_dataset, build_loader, describe_vit, eval_transform,
-                    init_distributed, progress, run_main, all_gather_nograd, eval_resize, knn_bank_indices,
-                    knn_classify)
+                    init_distributed, progress, run_main, all_gather_nograd, eval_resize)
 
 
 @dataclass
@@ -149,12 +150,12 @@ class Args(common.Flags):
     seed: int = 0
     """Seed of the random init (--checkpoint none), the synthetic data, the low-shot subsets and --train-subset."""
     train_subset: common.PosUnit = 1.0
-    """Fraction of the train split used as the k-NN bank, drawn with --seed (common.knn_bank_indices); the
+    """Fraction of the train split used as the k-NN bank, drawn with --seed (knn_bank_indices); the
     training scripts' monitor uses --knn-subset with their --seed, so the same values reproduce its number."""
 
 
 # ----------------------------------------------------------------------------------------------
-# Feature preparation (pure functions; tests import them); the vote is common.knn_classify
+# Feature preparation (pure functions; tests import them)
 # ----------------------------------------------------------------------------------------------
 def standardize_stats(train_f: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dim train mean and unbiased std (+1e-6) as MIM-Refiner knn.py, accumulated in fp64 by chunks."""
@@ -235,8 +236,10 @@ def pool_tokens(x: torch.Tensor, pool: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder, dataset, blocks: list[int], args: Args, dist_info, dtype, desc: str):
-    """Pooled features of every block in `blocks` from ONE pass over `dataset`.
+def extract_features(encoder, dataset, blocks: list[int], dist_info, *, batch_size: int, num_workers: int,
+                     pool: str, final_norm: bool = True, dtype=torch.float32, desc: str = "features"):
+    """Pooled features of every block in `blocks` from ONE pass over `dataset`, `batch_size` images per step over all
+    ranks; the last block's after the final norm if `final_norm`, the others' raw.
 
     Every rank runs its DistributedSampler(shuffle=False) shard; features, labels and dataset indices
     are all-gathered each batch and written with index_copy_ into the bank on rank 0, so the samples the
@@ -244,11 +247,11 @@ def extract_features(encoder, dataset, blocks: list[int], args: Args, dist_info,
     on rank 0, (None, None) elsewhere."""
     depth, device = encoder.depth, dist_info.device
     # the last block's output after the final LN is forward_features' main output; others are raw
-    from_main = {b: b == depth - 1 and (args.final_norm or encoder.post_norm) for b in blocks}
+    from_main = {b: b == depth - 1 and (final_norm or encoder.post_norm) for b in blocks}
     raw = [b for b in blocks if not from_main[b]]
-    per_rank = max(1, math.ceil(args.batch_size / dist_info.world_size))
+    per_rank = max(1, math.ceil(batch_size / dist_info.world_size))
     loader = build_loader(WithIndex(dataset), per_rank, dist_info, shuffle=False, drop_last=False,
-                          num_workers=args.num_workers, seed=args.seed)
+                          num_workers=num_workers)
     n = len(dataset)
     banks = labels = filled = None
     if dist_info.is_main:
@@ -260,7 +263,7 @@ def extract_features(encoder, dataset, blocks: list[int], args: Args, dist_info,
         with autocast(device):
             out = encoder.forward_features(img, return_blocks=raw or None)
         final, outs = (out, []) if not raw else out
-        feats = [pool_tokens(final if from_main[b] else outs[raw.index(b)], args.pool).float() for b in blocks]
+        feats = [pool_tokens(final if from_main[b] else outs[raw.index(b)], pool).float() for b in blocks]
         f = all_gather_nograd(torch.cat(feats, dim=1))  # (W*B, len(blocks)*D)
         meta = all_gather_nograd(torch.stack([idx, y], dim=1).to(device))  # (W*B, 2): index, label
         if dist_info.is_main:
@@ -274,6 +277,123 @@ def extract_features(encoder, dataset, blocks: list[int], args: Args, dist_info,
         if bool((labels < 0).any()):
             raise UserError("the evaluation data has unlabelled images; k-NN needs ROOT/train/<class>/ and ROOT/val/<class>/")
     return banks, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# The vote (DINO), and the training scripts' k-NN monitor (common.knn_monitor builds it)
+# ----------------------------------------------------------------------------------------------
+# The monitor is a cheap collapse / too-high-lr alarm (MIM-Refiner App. E; the official MIM-Refiner and MAE-CT code
+# run a k-NN on 10% of ImageNet every epoch): eval_knn.py's protocol at one k (`eval_knn.py --k 20 --block B
+# --train-subset F --seed S` gives the same top-1, tests/test_knn_monitor.py).
+KNN_MONITOR_K = 20  # DINO eval_knn.py: "20 is usually working the best"
+KNN_TEMPERATURE = 0.07  # DINO eval_knn.py; Wu et al. 2018 Sec. 3.4
+
+
+def knn_bank_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of the k-NN bank: round(fraction * n) (at least 1) of n, drawn with a generator seeded `seed`."""
+    if fraction == 1.0:
+        return torch.arange(n)
+    m = max(1, int(round(fraction * n)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].sort().values
+
+
+@torch.no_grad()
+def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                 ks, T: float, num_classes: int, chunk: int = 256) -> dict:
+    """Weighted k-NN vote on cosine similarity (DINO eval_knn.knn_classifier; Wu et al. 2018 Eq. 7-8): score_c = sum
+    over the k nearest of exp(s_i / T) [y_i = c], as exp((s_i - s_max) / T) (no overflow, same vote). train_f (N, D)
+    of any float dtype and scale (never copied), test_f (M, D); k clipped to N.
+    Returns {"top1": {k: %}, "top5": {k: %} (when num_classes > 5)}."""
+    n_train, device = train_f.shape[0], train_f.device
+    if n_train == 0 or test_f.shape[0] == 0:
+        raise UserError("k-NN needs at least one train and one val image")
+    train_y = train_y.to(device)
+    # 1/|t_i| in fp32, chunked so that no fp32 copy of a half bank is made   # (N,)
+    inv_norm = torch.cat([c.float().norm(dim=1) for c in train_f.split(max(chunk, 4096))]).clamp_min(1e-12).reciprocal()
+    kmax = min(max(ks), n_train)
+    correct1, correct5 = {k: 0 for k in ks}, {k: 0 for k in ks}
+    for start in range(0, test_f.shape[0], chunk):
+        q = F.normalize(test_f[start:start + chunk].to(device).float(), dim=1)  # (C, D)
+        y = test_y[start:start + chunk].to(device)  # (C,)
+        sim = (q.to(train_f.dtype) @ train_f.T).float() * inv_norm  # (C, N) cosine
+        top_sim, top_idx = sim.topk(kmax, dim=1)  # (C, kmax), sorted descending
+        top_lab = train_y[top_idx]  # (C, kmax)
+        weight = ((top_sim - top_sim[:, :1]) / T).exp()  # (C, kmax)
+        for k in ks:
+            kk = min(k, n_train)
+            votes = torch.zeros(q.shape[0], num_classes, device=device)
+            votes.scatter_add_(1, top_lab[:, :kk], weight[:, :kk])  # (C, classes): sum of one-hot x weight
+            val, pred = votes.topk(min(5, num_classes), dim=1)
+            correct1[k] += (pred[:, 0] == y).sum().item()
+            if num_classes > 5:
+                correct5[k] += ((pred == y[:, None]) & (val > 0)).any(dim=1).sum().item()
+    m = test_f.shape[0]
+    return {"top1": {k: 100.0 * correct1[k] / m for k in ks},
+            "top5": {k: 100.0 * correct5[k] / m for k in ks} if num_classes > 5 else {}}
+
+
+def labelled_splits(data: str) -> bool:
+    """True when `data` is synthetic (labelled train and val) or a folder with labelled train/ and val/."""
+    if common.is_synthetic(data):
+        return True
+    root = Path(data)
+    return all((root / s).is_dir() and any(d.is_dir() for d in (root / s).iterdir()) for s in ("train", "val"))
+
+
+class KnnMonitor:
+    """k-NN top-1 (k 20, T 0.07) every `every` epochs (0: off) of `blocks`: bank a seeded `subset` of the train split,
+    queries the val split, both eval_transform. `data` (--knn-data) None: the training root when it has labelled
+    train/ and val/, else off with one line. Built and called on every rank (after the epoch's checkpoint, with
+    the encoder its "model" holds); logs `knn/top1_block{B}` and prints one line."""
+
+    def __init__(self, dist_info: common.DistInfo, log: common.Logger, *, every: int, data: str | None, train_data: str,
+                 subset: float, img_size: int, batch_size: int, num_workers: int, seed: int, blocks=(-1,),
+                 pool: str = "cls"):
+        self.every, self.dist_info, self.log, self.blocks, self.pool = every, dist_info, log, list(blocks), pool
+        if every and data is None:
+            if not labelled_splits(train_data):
+                log.print(f"k-NN monitor off: {train_data} has no labelled train/ and val/ splits "
+                          f"(pass --knn-data ROOT with ROOT/train/<class>/ and ROOT/val/<class>/)")
+                self.every = 0
+            data = train_data
+        if not self.every:
+            return
+        tf = eval_transform(img_size)
+        train = build_dataset(data, "train", tf, img_size=img_size, seed=seed, require_labels=True)
+        self.bank = torch.utils.data.Subset(train, knn_bank_indices(len(train), subset, seed).tolist())
+        self.val = build_dataset(data, "val", tf, img_size=img_size, seed=seed, require_labels=True)
+        self.batch, self.num_workers = batch_size, num_workers
+        self.desc = f"{len(self.bank)} train images ({subset:g} of {data} train) as bank, {len(self.val)} val"
+
+    def __call__(self, epochs_done: int, encoder, step: int) -> dict | None:
+        """Evaluate when epochs_done is a multiple of `every`; returns {block: top-1 %} on rank 0."""
+        if not self.every or epochs_done % self.every:
+            return None
+        enc = common.unwrap(encoder)
+        blocks = sorted({b % enc.depth for b in self.blocks})
+        was_training = enc.training
+        enc.eval()
+        t0 = time.time()
+        kw = dict(batch_size=self.batch * self.dist_info.world_size, num_workers=self.num_workers, pool=self.pool)
+        bank, bank_y = extract_features(enc, self.bank, blocks, self.dist_info, desc="k-NN bank", **kw)
+        val, val_y = extract_features(enc, self.val, blocks, self.dist_info, desc="k-NN val", **kw)
+        enc.train(was_training)
+        if common.is_sharded(enc):  # FSDP2 leaves the root unit gathered after a forward without backward
+            for m in enc.modules():
+                if callable(getattr(m, "reshard", None)):
+                    m.reshard()
+        if not self.dist_info.is_main:
+            return None
+        num_classes = int(max(bank_y.max(), val_y.max())) + 1
+        dev = self.dist_info.device  # the vote on the accelerator: ImageNet is 50k x 128k similarities per block
+        top1 = {b: knn_classify(bank[b].to(dev), bank_y, val[b].to(dev), val_y, [KNN_MONITOR_K], KNN_TEMPERATURE,
+                                num_classes)["top1"][KNN_MONITOR_K] for b in blocks}
+        secs = time.time() - t0
+        self.log.log({**{f"knn/top1_block{b}": v for b, v in top1.items()}, "knn/seconds": secs}, step=step)
+        self.log.print(f"epoch {epochs_done - 1} k-NN top-1 (k={KNN_MONITOR_K}, {self.pool}, {self.desc}): "
+                       + ", ".join(f"block {b} {v:.2f}" for b, v in top1.items()) + f" ({secs:.1f} s)")
+        return top1
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +468,7 @@ def main(args: Args):
     for flag, path in (("--save-features", args.save_features), ("--output-json", args.output_json),
                        ("--plot", args.plot)):
         if path:  # before the feature extraction, not after it
-            common.check_writable(path, flag)
+            common.check_output_path(path, flag)
     args.k = sorted(set(args.k))
 
     dist_info = init_distributed(args.device)
@@ -416,15 +536,17 @@ def main(args: Args):
         print(flush=True)
 
     # ---- features: all needed blocks in one pass over each split
-    train_banks, train_y = extract_features(encoder, train_ds, blocks, args, dist_info, dtype, "train features")
-    val_banks, val_y = extract_features(encoder, val_ds, blocks, args, dist_info, dtype, "val features")
+    kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, pool=args.pool, final_norm=args.final_norm,
+              dtype=dtype)
+    train_banks, train_y = extract_features(encoder, train_ds, blocks, dist_info, desc="train features", **kw)
+    val_banks, val_y = extract_features(encoder, val_ds, blocks, dist_info, desc="val features", **kw)
     if not dist_info.is_main:
         return  # rank 0 classifies; the others are done
     del encoder
     if args.save_features:
         feats = {"train_features": train_banks[main_block], "train_labels": train_y,
                  "val_features": val_banks[main_block], "val_labels": val_y, "protocol": protocol}
-        common.write_atomic(args.save_features, "--save-features", lambda f: torch.save(feats, f))
+        common.write_atomic(args.save_features, lambda f: torch.save(feats, f), flag="--save-features")
         print(f"features saved to {args.save_features}")
 
     # ---- k-NN on the evaluated feature (and low-shot subsets)
@@ -473,7 +595,7 @@ def main(args: Args):
 def write_json(path: str, result: dict, flag: str = "--output-json"):
     """`result` (every number with its protocol) as JSON at `path`, written atomically (common.write_atomic), and say
     where."""
-    common.write_atomic(path, flag, lambda f: json.dump(result, f, indent=2), mode="w")
+    common.write_atomic(path, lambda f: json.dump(result, f, indent=2), mode="w", flag=flag)
     print(f"results written to {path}")
 
 

@@ -327,7 +327,7 @@ def main(args: Args):
     if not args.checkpoint:
         raise UserError("pass --checkpoint PATH (or --checkpoint none for a randomly initialised baseline)")
     if args.output_json:
-        common.check_writable(args.output_json, "--output-json")
+        common.check_output_path(args.output_json, "--output-json")
     lrs = args.lrs or (DINOV2_LRS if args.protocol == "dinov2" else MAECT_LRS)
     warmup_epochs = args.warmup_epochs if args.warmup_epochs is not None else (0 if args.protocol == "dinov2" else 5)
     if warmup_epochs >= args.epochs and warmup_epochs > 0:

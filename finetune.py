@@ -320,6 +320,8 @@ class TrainState:
     ddp: nn.Module  # the classifier as the step runs it: DDP-wrapped (and compiled) or plain
     model: Classifier  # unwrapped: saved, evaluated
     optimizer: torch.optim.Optimizer
+    best: dict = dataclasses.field(default_factory=lambda: {"top1": None, "epoch": None})  # val top-1, rank 0
+    last: dict = dataclasses.field(default_factory=dict)  # the last evaluation's top-1 / top-5 / epoch
 
 
 def train_step(state: TrainState, imgs, labels, *, sync: bool, step: int, micro: int, num_classes: int,
@@ -568,8 +570,8 @@ def peak_lr(args: Args) -> float:
 # Training loop
 # ==============================================================================================
 @dataclass
-class Loop:
-    """What the loop keeps fixed for the run."""
+class Run:
+    """The run: what its epochs share (ranks, log, run control, data, batch, schedules)."""
     dist_info: common.DistInfo
     log: common.Logger
     ctl: object  # common.run_control: saves and stops at update boundaries
@@ -582,13 +584,14 @@ class Loop:
     rms_start: float  # the initial weights' RMS (save_checkpoint's divergence check)
 
 
-def train_one_epoch(state: TrainState, loop: Loop, epoch: int, *, position: Optional[dict], save, args: Args) -> float:
+def train_one_epoch(state: TrainState, run: Run, epoch: int, *, position: Optional[dict], args: Args) -> float:
     """One epoch of steps_per_epoch updates (lr set per update, util/lr_sched.py), the rank-mean loss logged per
-    update, the run control asked after each (time-based save, stop signals). Returns the epoch's mean loss."""
-    dist_info, log, micro, spe = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
-    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
+    update; after each the run control decides whether to save (save_state) and stop. Returns the epoch's mean
+    loss."""
+    dist_info, log, micro, spe = run.dist_info, run.log, run.micro, run.steps_per_epoch
+    start = common.epoch_start(args.seed, epoch, dist_info, position, log)
     sums = dict(position["sums"]) if start else {"loss": 0.0}
-    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
+    loader = common.build_loader(run.dataset, micro, dist_info, shuffle=True, drop_last=True,
                                  num_workers=args.num_workers, seed=args.seed, epoch=epoch,
                                  skip=start * args.accum_steps * micro)
     state.ddp.train()
@@ -600,12 +603,12 @@ def train_one_epoch(state: TrainState, loop: Loop, epoch: int, *, position: Opti
         step = epoch * spe + it // args.accum_steps
         last_micro = (it + 1) % args.accum_steps == 0
         if it % args.accum_steps == 0:
-            cur_lr = loop.lr_schedule(step)
+            cur_lr = run.lr_schedule(step)
             common.set_lr(state.optimizer, cur_lr)
         imgs = imgs.to(dist_info.device, non_blocking=True)
         labels = labels.to(dist_info.device, non_blocking=True)
         loss = train_step(state, imgs, labels, sync=last_micro, step=step, micro=it % args.accum_steps,
-                          num_classes=len(loop.classes), dist_info=dist_info, args=args)
+                          num_classes=len(run.classes), dist_info=dist_info, args=args)
         accum_loss += loss.detach() / args.accum_steps
         if not last_micro:
             continue
@@ -616,24 +619,46 @@ def train_one_epoch(state: TrainState, loop: Loop, epoch: int, *, position: Opti
             bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{cur_lr:.2e}")
             log.log({"train/loss": loss_v, "train/lr": cur_lr}, step=step)
         update = (it + 1) // args.accum_steps
-        loop.ctl.boundary(epoch, update, spe, functools.partial(save, update, sums))
+        save, stop = run.ctl.at_update(update, spe)  # one all-reduce: a stop signal anywhere, the timer
+        if save:
+            with run.ctl.saving(epoch, update, spe):
+                save_state(state, run, epoch, update, position=run.ctl.position(update, sums), args=args)
+        if stop:
+            run.ctl.stop(f"at epoch {epoch} step {update}")
     return sums["loss"] / spe
 
 
-def save_state(state: TrainState, loop: Loop, epoch: int, update: int, *, position: Optional[dict], best: dict,
-               last: dict, args: Args):
+def save_state(state: TrainState, run: Run, epoch: int, update: int, *, position: Optional[dict], args: Args):
     """OUTPUT_DIR/checkpoint-last.pth after `update` updates of `epoch` (its end: update == steps_per_epoch, or
     inside it with `position` for the exact resume). Rank 0 writes; every rank calls it (position is gathered)."""
-    if not loop.dist_info.is_main:
+    if not run.dist_info.is_main:
         return
-    done = update == loop.steps_per_epoch
+    done = update == run.steps_per_epoch
     common.save_checkpoint(common.checkpoint_path(args.output_dir), {
-        "model": timm_state_dict(state.model), "classes": loop.classes, "num_classes": len(loop.classes),
+        "model": timm_state_dict(state.model), "classes": run.classes, "num_classes": len(run.classes),
         "pool": args.pool, "encoder_config": state.model.encoder.config(), "model_is_ema": False,
         "optimizer": state.optimizer.state_dict(), "epoch": epoch + done,
-        "step": epoch * loop.steps_per_epoch + update, "resume": None if done else position, "best": best,
-        "last": last, "weights_rms_start": loop.rms_start, "args": dataclasses.asdict(args)},
-        weights_rms_start=loop.rms_start)
+        "step": epoch * run.steps_per_epoch + update, "resume": None if done else position, "best": state.best,
+        "last": state.last, "weights_rms_start": run.rms_start, "args": dataclasses.asdict(args)},
+        weights_rms_start=run.rms_start)
+
+
+def end_epoch_eval(state: TrainState, run: Run, epoch: int, loss: float, *, args: Args):
+    """Val top-1 / top-5 after `epoch` (every rank: a collective); on rank 0 the last and best results, the best
+    epoch's classifier as OUTPUT_DIR/checkpoint-best.pth, and the epoch's log line."""
+    res = evaluate(state.model, run.val, run.micro, run.dist_info, args.num_workers)
+    if not run.dist_info.is_main:
+        return
+    state.last = {"top1": res["top1"], "top5": res["top5"], "epoch": epoch}
+    if state.best["top1"] is None or res["top1"] > state.best["top1"]:
+        state.best = dict(state.last)
+        common.save_checkpoint(os.path.join(args.output_dir, "checkpoint-best.pth"), {
+            "model": timm_state_dict(state.model), "classes": run.classes, "pool": args.pool,
+            "encoder_config": state.model.encoder.config(), **state.best})
+    run.log.log({"val/top1": res["top1"], "val/top5": res["top5"], "val/top1_best": state.best["top1"],
+                 "train/epoch_loss": loss}, step=(epoch + 1) * run.steps_per_epoch)
+    run.log.print(f"epoch {epoch}: train loss {loss:.4f}; val top-1 {res['top1']:.2f}, top-5 {res['top5']:.2f} "
+                  f"(best {state.best['top1']:.2f}, epoch {state.best['epoch']})")
 
 
 def main(args: Args):
@@ -641,7 +666,7 @@ def main(args: Args):
         raise UserError("pass --init CHECKPOINT (the pre-trained encoder), or --init none --model NAME for the "
                         "supervised-from-scratch control")
     if args.output_json:
-        common.check_writable(args.output_json, "--output-json")
+        common.check_output_path(args.output_json, "--output-json")
     if args.train_subset and args.label_fraction:
         raise UserError("--train-subset and --label-fraction both choose the labelled images; pass one")
     dist_info = common.init_distributed(args.device)
@@ -728,12 +753,11 @@ def main(args: Args):
     model = Classifier(encoder, len(classes), args.pool, checkpointed)
     groups = layer_decay_groups(model, args.weight_decay, args.layer_decay)
     log.print(describe_groups(model, groups, args.layer_decay, args.weight_decay))
-    best, last = {"top1": None, "epoch": None}, {}
-    optimizer_state = rms_start = None
+    optimizer_state = rms_start = record = None
     if resume is not None:
         load_timm_state_dict(model, resume["model"])
         optimizer_state, rms_start = resume["optimizer"], resume.get("weights_rms_start")
-        best, last = resume.get("best", best), resume.get("last", last)
+        record = dict(best=resume["best"], last=resume["last"])
         log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}"
                   + (f", step {position['update']} of {steps_per_epoch}" if position else ""))
     resume = None
@@ -748,49 +772,37 @@ def main(args: Args):
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         ddp = torch.compile(ddp)
-    state = TrainState(ddp, model, optimizer)
-    loop = Loop(dist_info, log, common.run_control(args.save_minutes, dist_info, log), train, val, classes, micro,
-                steps_per_epoch, lr_schedule, rms_start)
+    state = TrainState(ddp, model, optimizer, **(record or {}))
+    run = Run(dist_info, log, common.run_control(args.save_minutes, dist_info, log), train, val, classes, micro,
+              steps_per_epoch, lr_schedule, rms_start)
 
     if start_epoch >= args.epochs:
         log.print(f"{common.checkpoint_path(args.output_dir)} already holds all {args.epochs} epochs")
     for epoch in range(start_epoch, args.epochs):
-        save = functools.partial(save_state, state, loop, epoch, args=args)
-        loss = train_one_epoch(state, loop, epoch, args=args, position=position if epoch == start_epoch else None,
-                               save=lambda update, sums: save(update, position=loop.ctl.position(update, sums),
-                                                              best=best, last=last))
+        loss = train_one_epoch(state, run, epoch, args=args, position=position if epoch == start_epoch else None)
         position = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            res = evaluate(model, val, micro, dist_info, args.num_workers)
-            if dist_info.is_main:
-                last = {"top1": res["top1"], "top5": res["top5"], "epoch": epoch}
-                if best["top1"] is None or res["top1"] > best["top1"]:
-                    best = dict(last)
-                    common.save_checkpoint(os.path.join(args.output_dir, "checkpoint-best.pth"), {
-                        "model": timm_state_dict(model), "classes": classes, "pool": args.pool,
-                        "encoder_config": encoder.config(), **{k: best[k] for k in ("top1", "top5", "epoch")}})
-                log.log({"val/top1": res["top1"], "val/top5": res["top5"], "val/top1_best": best["top1"],
-                         "train/epoch_loss": loss}, step=(epoch + 1) * steps_per_epoch)
-                log.print(f"epoch {epoch}: train loss {loss:.4f}; val top-1 {res['top1']:.2f}, top-5 "
-                          f"{res['top5']:.2f} (best {best['top1']:.2f}, epoch {best['epoch']})")
-        save(steps_per_epoch, position=None, best=best, last=last)
-        loop.ctl.epoch_done(epoch + 1)
+            end_epoch_eval(state, run, epoch, loss, args=args)
+        save_state(state, run, epoch, steps_per_epoch, position=None, args=args)
+        run.ctl.epoch_done(epoch + 1)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
             log.close()
             return
+    best, last = state.best, state.last
     if dist_info.is_main:
         log.print(f"fine-tuned top-1 on {len(val)} val images: last epoch ({last['epoch']}) {last['top1']:.2f}, "
                   f"best epoch ({best['epoch']}) {best['top1']:.2f} (the maximum over epochs on val, which the "
                   f"official scripts report)")
         if args.output_json:
-            common.write_atomic(args.output_json, "--output-json", lambda f: json.dump({
+            common.write_atomic(args.output_json, lambda f: json.dump({
                 "protocol": {**{f: getattr(args, f) for f in RECIPE_FIELDS}, "recipe": args.recipe,
                              "recipe_line": recipe_line, "init": args.init, "weights": weights, "effective_lr": lr,
                              "labelled": labelled, "n_train": len(train), "n_val": len(val), "img_size": img_size,
                              "world_size": world, "seed": args.seed},
                 "top1_last": last["top1"], "top5_last": last["top5"], "epoch_last": last["epoch"],
-                "top1_best": best["top1"], "top5_best": best["top5"], "epoch_best": best["epoch"]}, f, indent=2), mode="w")
+                "top1_best": best["top1"], "top5_best": best["top5"], "epoch_best": best["epoch"]}, f, indent=2), mode="w",
+                flag="--output-json")
             log.print(f"results written to {args.output_json}")
     log.close()
 

@@ -2,11 +2,12 @@
 of common.py, imported by common.run_control; without this file a run checkpoints at epoch ends only), and the
 output-folder lock (OutputLock, taken by common.run_main; without this file nothing keeps a second run out).
 
-At every update boundary (after an optimizer step, never inside an accumulation cycle) RunControl.boundary asks all
-ranks, with one all-reduce, whether a stop signal arrived on any of them or the time-based save is due (rank 0's
-clock); all ranks then save and/or stop at the same boundary. A mid-epoch checkpoint holds, besides the epoch-end
-state, "resume": the updates done in the epoch, every rank's RNG states and the epoch's running sums, so that the
-resumed run (sampler skip + per-item seeds, common.build_loader) continues exactly. Only the checkpoint write itself
+At every update boundary (after an optimizer step, never inside an accumulation cycle) the training loop asks
+RunControl.at_update, one all-reduce over the ranks, whether a stop signal arrived on any of them or the time-based
+save is due (rank 0's clock); all ranks then save (the loop calls its save_state) and/or stop at the same boundary.
+A mid-epoch checkpoint holds, besides the epoch-end state, "resume": the updates done in the epoch, every rank's RNG
+states and the epoch's running sums, so that the resumed run (sampler skip + per-item seeds, common.build_loader)
+continues exactly. Only the checkpoint write itself
 is done at a signal: a signal during a write or the k-NN monitor takes effect right after.
 """
 from __future__ import annotations
@@ -135,32 +136,39 @@ class RunControl:
         states = common.gather_per_rank(self.dist_info, rng_state(self.dist_info.device))
         return {"update": update, "rng": states, "sums": dict(sums)} if self.dist_info.is_main else None
 
-    def boundary(self, epoch: int, update: int, steps_per_epoch: int, save):
-        """After update `update` (1-based) of `epoch`: save (`save()`, every rank) if a stop or the timer asks, then
-        stop if asked. The epoch's last update is left to the epoch-end save and `epoch_done`."""
+    def at_update(self, update: int, steps_per_epoch: int) -> tuple[bool, bool]:
+        """After update `update` (1-based) of an epoch, on every rank: (save now, stop after that save), the same on
+        all ranks (one all-reduce: a stop signal on any rank, or rank 0's save timer). The epoch's last update is
+        left to the epoch-end save and `epoch_done`."""
         if update >= steps_per_epoch:
-            return
+            return False, False
         signum, due = self._agree(self._due())
-        if signum or due:
-            t0 = self.clock()
-            save()
-            self.last_save, self.write_s = self.clock(), self.clock() - t0
-            self.log.print(f"saved {common.checkpoint_path(self.log.output_dir)} at epoch {epoch} step {update} of "
-                           f"{steps_per_epoch} ({self.write_s:.1f} s)")
-        if signum:
-            self._stop(signum, f"at epoch {epoch} step {update}")
+        if signum:  # another rank's signal: this one stops too, and says which
+            self.signum = signum
+        return bool(signum or due), bool(signum)
+
+    @contextlib.contextmanager
+    def saving(self, epoch: int, update: int, steps_per_epoch: int):
+        """Around a save inside an epoch: its duration (the timer stretches to it) and one line."""
+        t0 = self.clock()
+        yield
+        self.last_save, self.write_s = self.clock(), self.clock() - t0
+        self.log.print(f"saved {common.checkpoint_path(self.log.output_dir)} at epoch {epoch} step {update} of "
+                       f"{steps_per_epoch} ({self.write_s:.1f} s)")
 
     def epoch_done(self, epochs_done: int):
         """After the epoch-end checkpoint (and the k-NN monitor): stop if any rank was signalled meanwhile."""
         self.last_save = self.clock()
         signum, _ = self._agree(False)
         if signum:
-            self._stop(signum, f"after epoch {epochs_done - 1}")
+            self.signum = signum
+            self.stop(f"after epoch {epochs_done - 1}")
 
-    def _stop(self, signum: int, where: str):
+    def stop(self, where: str):
+        """Every rank, after the save: wait for rank 0's write, say so, exit with STOPPED_EXIT."""
         if self.dist_info.in_group and self.dist_info.world_size > 1:
             dist.barrier()  # no rank exits before rank 0's write is done: torchrun kills the others when one exits
-        self.log.print(f"stopped by {signal.Signals(signum).name} {where}; rerun the same command to resume")
+        self.log.print(f"stopped by {signal.Signals(self.signum).name} {where}; rerun the same command to resume")
         self.log.close()
         raise SystemExit(STOPPED_EXIT)
 

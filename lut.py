@@ -48,7 +48,7 @@ Deviations (paper default here; the flag named gives the official code's behavio
   * Momentum head BN: running statistics, as official (paper silent); BYOL's target BN: `--momentum-bn batch`.
   * The momentum reaches exactly 1.0 at the last step (official: just below 1; no flag).
   * cls_token and mask_token get no weight decay (official: decayed; no flag).
-  * Head BN is SyncBN under DDP (official); CPU/gloo falls back to per-process BN with a warning.
+  * Head BN over the global batch under DDP (official SyncBN; common.sync_batchnorm, also on CPU/gloo).
   * Official-code bugs are not copied (the `--w_b`/`--w_bc` mismatch: here `--context-weight`).
 In the CPU miniature LUT ends below MAE: MAE's reconstruction gradient vanishes and L_bc alone steers
 the encoder (lab/lut_gradients.py measures it).
@@ -152,8 +152,8 @@ class Args(common.Flags):
     """official two-sided formulation (both views masked with disjoint visible sets, loss both ways,
     reconstruction of the weak view only); default: the paper's one-sided description"""
     sync_bn: bool = True
-    """SyncBatchNorm in the heads under DDP on CUDA (official); CPU runs use per-process BN (torch's SyncBN
-    is CUDA-only)"""
+    """BatchNorm statistics of the heads over the global batch under DDP (official SyncBatchNorm; on CPU/gloo
+    common.GatheredBatchNorm1d, the same maths); --no-sync-bn: each process normalises its own batch"""
     momentum_bn: Literal["running", "batch"] = "running"
     """BatchNorm of the momentum head h~: running (official: the momentum model stays in eval mode and its BN
     normalises with running statistics EMA'd from the online head's) or batch (BYOL, which Sec. 5.1.1
@@ -181,7 +181,7 @@ class Args(common.Flags):
     """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
     resume"""
     knn_every: common.NonNegInt = 0
-    """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. The LUT paper reports no k-NN."""
     knn_data: Optional[str] = None
     """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
@@ -494,8 +494,8 @@ def peak_lr(args: Args) -> tuple[float, str]:
 
 
 @dataclass
-class Loop:
-    """What the training loop keeps fixed for the run."""
+class Run:
+    """The run: what its epochs share (ranks, log, run control, data, batch, schedules)."""
     dist_info: common.DistInfo  # ranks and the device
     log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
     ctl: longrun.RunControl | common.EpochEndSaves  # common.run_control: saves and stops at update boundaries
@@ -509,19 +509,19 @@ class Loop:
     rms_start: float  # the initial encoder weights' RMS, the divergence check's reference (save_checkpoint)
 
 
-def train_one_epoch(state: TrainState, loop: Loop, epoch: int, step: int, *, position: Optional[dict], save,
+def train_one_epoch(state: TrainState, run: Run, epoch: int, step: int, *, position: Optional[dict],
                     args: Args) -> int:
-    """One epoch of loop.steps_per_epoch updates of accum_steps micro-batches of loop.micro image pairs each: lr
+    """One epoch of run.steps_per_epoch updates of accum_steps micro-batches of run.micro image pairs each: lr
     and momentum coefficient from the schedules at the global optimizer step, train_step per micro-batch, the
-    rank-mean losses logged every --log-every updates and for the epoch, loop.ctl.boundary after each update
-    (time-based save, stop signals: `save(update, step, sums)`). `position`: the mid-epoch checkpoint's resume
-    point inside this epoch, or None. `step` counts the optimizer steps done before this epoch (or before
+    rank-mean losses logged every --log-every updates and for the epoch; after each update the run control decides
+    whether to save (save_state) and stop. `position`: the mid-epoch checkpoint's resume point inside this epoch,
+    or None. `step` counts the optimizer steps done before this epoch (or before
     `position`); returns the count after it."""
-    dist_info, log, micro, steps_per_epoch = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
+    dist_info, log, micro, steps_per_epoch = run.dist_info, run.log, run.micro, run.steps_per_epoch
     device = dist_info.device
-    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
+    start = common.epoch_start(args.seed, epoch, dist_info, position, log)
     sums = dict(position["sums"]) if start else {"loss": 0.0, "mim": 0.0, "context": 0.0, "micro": 0}
-    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
+    loader = common.build_loader(run.dataset, micro, dist_info, shuffle=True, drop_last=True,
                                  num_workers=args.num_workers, seed=args.seed, epoch=epoch,
                                  skip=start * args.accum_steps * micro)
     state.model.train()
@@ -537,10 +537,10 @@ def train_one_epoch(state: TrainState, loop: Loop, epoch: int, step: int, *, pos
         weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)  # (n, 3, S, S)
         last = (micro_step + 1) % args.accum_steps == 0
         if it_acc == 0:
-            cur_lr = loop.lr_schedule(step)
+            cur_lr = run.lr_schedule(step)
             common.set_lr(state.opt, cur_lr)
-        m = loop.momentum_schedule(step)
-        loss, loss_mim, loss_bc = train_step(state, weak, strong, weight=loop.weight, sync=last, m=m, step=step,
+        m = run.momentum_schedule(step)
+        loss, loss_mim, loss_bc = train_step(state, weak, strong, weight=run.weight, sync=last, m=m, step=step,
                                              args=args)
         for k, v in zip(("loss", "mim", "context"), (loss, loss_mim, loss_bc)):
             sums[k] += float(common.all_reduce_mean(v.detach()))
@@ -555,12 +555,17 @@ def train_one_epoch(state: TrainState, loop: Loop, epoch: int, step: int, *, pos
             ips = (micro_step + 1 - start * args.accum_steps) * micro * dist_info.world_size / max(time.time() - t0, 1e-9)
             bar.set_postfix(loss=f"{sums['loss'] / n:.4f}", mim=f"{sums['mim'] / n:.4f}",
                             bc=f"{sums['context'] / n:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
-        if step % args.log_every == 0 or step == loop.total_steps:
+        if step % args.log_every == 0 or step == run.total_steps:
             log.log({"train/loss": sums["loss"] / n, "train/loss_mim": sums["mim"] / n,
                      "train/loss_context": sums["context"] / n, "train/lr": cur_lr, "train/momentum": m,
                      "train/epoch": epoch + (micro_step + 1) / (steps_per_epoch * args.accum_steps)}, step)
         update = (micro_step + 1) // args.accum_steps
-        loop.ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, step, sums))
+        save, stop = run.ctl.at_update(update, steps_per_epoch)  # one all-reduce: a stop signal anywhere, the timer
+        if save:
+            with run.ctl.saving(epoch, update, steps_per_epoch):
+                save_state(state, run, epoch, update, step, position=run.ctl.position(update, sums), args=args)
+        if stop:
+            run.ctl.stop(f"at epoch {epoch} step {update}")
 
     ep = [sums[k] / max(sums["micro"], 1) for k in ("loss", "mim", "context")]
     log.log({"train/epoch_loss": ep[0], "train/epoch_loss_mim": ep[1], "train/epoch_loss_context": ep[2],
@@ -570,18 +575,18 @@ def train_one_epoch(state: TrainState, loop: Loop, epoch: int, step: int, *, pos
     return step
 
 
-def save_state(state: TrainState, loop: Loop, epoch: int, update: int, step: int, *, position: Optional[dict],
+def save_state(state: TrainState, run: Run, epoch: int, update: int, step: int, *, position: Optional[dict],
                args: Args):
     """OUTPUT_DIR/checkpoint-last.pth (rank 0 writes) after `update` updates of `epoch`: both branches, the
-    optimizer, the counters; at the epoch's end (update == loop.steps_per_epoch) first the kept epoch file when
+    optimizer, the counters; at the epoch's end (update == run.steps_per_epoch) first the kept epoch file when
     due, inside it `position` (what the exact resume needs, longrun.RunControl.position)."""
-    online, momentum, dist_info = state.online, state.momentum, loop.dist_info
-    done = update == loop.steps_per_epoch
+    online, momentum, dist_info = state.online, state.momentum, run.dist_info
+    done = update == run.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
         common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
                          common.encoder_state_dict(online.encoder), online.encoder.config(), model_is_ema=False)
     # h~'s BN statistics are copied from each rank's online head after its own batch: they differ by rank unless
-    # SyncBatchNorm runs (CUDA), and h~ normalises with them (--momentum-bn running), so each rank's are kept
+    # --sync-bn (the default) runs, and h~ normalises with them (--momentum-bn running), so each rank's are kept
     head_ema_per_rank = common.gather_per_rank(dist_info, {k: v.cpu() for k, v in momentum.head.state_dict().items()
                                                            if not v.is_floating_point() or "running" in k})
     if dist_info.is_main:
@@ -599,9 +604,9 @@ def save_state(state: TrainState, loop: Loop, epoch: int, update: int, step: int
             "epoch": epoch + done,
             "step": step,
             "resume": None if done else position,
-            "weights_rms_start": loop.rms_start,
+            "weights_rms_start": run.rms_start,
             "args": dataclasses.asdict(args),
-        }, weights_rms_start=loop.rms_start)
+        }, weights_rms_start=run.rms_start)
 
 
 def main(args: Args):
@@ -613,7 +618,7 @@ def main(args: Args):
     device, world = dist_info.device, dist_info.world_size
     checkpointed, _ = common.plan_run(args, device, world, n_blocks(args), functools.partial(memory_plan, args))
     micro = common.per_rank_batch(args.batch_size, args.accum_steps, world)
-    if micro < 2 and not (dist_info.enabled and args.sync_bn and device.type == "cuda"):
+    if micro < 2 and not (dist_info.enabled and args.sync_bn):
         raise UserError(f"--batch-size {args.batch_size} gives {micro} image per process and step; the heads' "
                         f"BatchNorm needs at least 2: raise --batch-size")
     lr, rule = peak_lr(args)
@@ -626,9 +631,8 @@ def main(args: Args):
     if int(encoder.num_patches * (1 - args.mask_ratio)) < 1:
         raise UserError(f"--mask-ratio {args.mask_ratio} leaves no visible patch of {encoder.num_patches}; lower it")
     online = LUTOnline(encoder, args)
-    sync_bn = dist_info.enabled and args.sync_bn and device.type == "cuda"  # torch's SyncBN is CUDA-only
-    if sync_bn:
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+    if args.sync_bn:  # the heads' BN over the global batch (official SyncBatchNorm); one process: unchanged
+        online = common.sync_batchnorm(online, device)
     momentum = MomentumBranch(online)  # f~, h~ start as exact copies (official deepcopy)
     online.to(device)
     momentum.to(device)
@@ -657,8 +661,6 @@ def main(args: Args):
     log.print(f"global batch {args.batch_size} = {micro} per rank x {args.accum_steps} accum x {world} processes; "
               f"peak lr {lr:.3e} ({rule}); context weight {weight}; "
               f"{'symmetric (official)' if args.symmetric else 'one-sided (paper)'} LUT, mask ratio {args.mask_ratio}")
-    if dist_info.enabled and args.sync_bn and not sync_bn:
-        log.print("warning: SyncBatchNorm needs CUDA; on CPU each process's head BN uses its own batch statistics")
     if args.accum_steps > 1:
         log.print("warning: --accum-steps > 1: the head BatchNorm normalises over micro-batches only, "
                   "which changes the dynamics compared with the full batch")
@@ -690,19 +692,17 @@ def main(args: Args):
     # momentum coefficient (Sec. 5.1.2): 0.996 at the first optimizer step -> exactly 1 at the last one
     momentum_schedule = functools.partial(common.momentum_schedule, total_steps=max(total_steps - 1, 1),
                                           base=args.momentum, final=args.momentum_final)
-    knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
+    knn = common.knn_monitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed)
     ctl = common.run_control(args.save_minutes, dist_info, log)
     train_state = TrainState(model, online, momentum, opt)
-    loop = Loop(dist_info, log, ctl, ds, micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                lr_schedule=lr_schedule, momentum_schedule=momentum_schedule, weight=weight, rms_start=rms_start)
+    run = Run(dist_info, log, ctl, ds, micro=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              lr_schedule=lr_schedule, momentum_schedule=momentum_schedule, weight=weight, rms_start=rms_start)
     for epoch in range(start_epoch, args.epochs):
-        save = functools.partial(save_state, train_state, loop, epoch, args=args)
-        step = train_one_epoch(
-            train_state, loop, epoch, step, args=args, position=position if epoch == start_epoch else None,
-            save=lambda update, step, sums: save(update, step, position=ctl.position(update, sums)))
-        save(steps_per_epoch, step, position=None)
+        step = train_one_epoch(train_state, run, epoch, step, args=args,
+                               position=position if epoch == start_epoch else None)
+        save_state(train_state, run, epoch, steps_per_epoch, step, position=None, args=args)
         knn(epoch + 1, online.encoder, step)
         ctl.epoch_done(epoch + 1)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:

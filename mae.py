@@ -145,7 +145,7 @@ class Args(common.Flags):
     """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
     resume"""
     knn_every: common.NonNegInt = 0
-    """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. The MAE paper reports no k-NN."""
     knn_data: Optional[str] = None
     """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
@@ -439,8 +439,8 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
 # Training loop: one epoch, the epoch-end checkpoint, main
 # ==============================================================================================
 @dataclass
-class Loop:
-    """What the training loop keeps fixed for the run."""
+class Run:
+    """The run: what its epochs share (ranks, log, run control, data, batch, schedules)."""
     dist_info: common.DistInfo  # ranks and the device
     log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
     ctl: longrun.RunControl | common.EpochEndSaves  # common.run_control: saves and stops at update boundaries
@@ -453,17 +453,17 @@ class Loop:
     vis_noise: Optional[torch.Tensor] = None  # (V, N) their masking noise
 
 
-def train_one_epoch(state: TrainState, loop: Loop, epoch: int, *, position: Optional[dict], save,
+def train_one_epoch(state: TrainState, run: Run, epoch: int, *, position: Optional[dict],
                     args: Args) -> tuple[float, float]:
-    """One epoch of loop.steps_per_epoch AdamW updates of accum_steps micro-batches of loop.micro images each: the
-    lr of every update from loop.lr_schedule(global step), train_step per micro-batch, the rank-mean loss logged
-    per update, loop.ctl.boundary after each update (time-based save, stop signals: `save(update, sums)`).
+    """One epoch of run.steps_per_epoch AdamW updates of accum_steps micro-batches of run.micro images each: the
+    lr of every update from run.lr_schedule(global step), train_step per micro-batch, the rank-mean loss logged
+    per update; after each update the run control decides whether to save (save_state) and stop.
     `position`: the mid-epoch checkpoint's resume point inside this epoch, or None. Returns (mean loss of the
     epoch, start time)."""
-    dist_info, log, micro, steps_per_epoch = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
-    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)  # CRUCIAL for exact resume
+    dist_info, log, micro, steps_per_epoch = run.dist_info, run.log, run.micro, run.steps_per_epoch
+    start = common.epoch_start(args.seed, epoch, dist_info, position, log)  # CRUCIAL for exact resume
     sums = dict(position["sums"]) if start else {"loss": 0.0}
-    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
+    loader = common.build_loader(run.dataset, micro, dist_info, shuffle=True, drop_last=True,
                                  num_workers=args.num_workers, seed=args.seed, epoch=epoch,
                                  skip=start * args.accum_steps * micro)
     state.ddp.train()
@@ -475,7 +475,7 @@ def train_one_epoch(state: TrainState, loop: Loop, epoch: int, *, position: Opti
         step = epoch * steps_per_epoch + it // args.accum_steps  # global optimizer step
         last_micro = (it + 1) % args.accum_steps == 0
         if it % args.accum_steps == 0:  # per iteration (fractional epoch), at the first micro-batch of an update
-            cur_lr = loop.lr_schedule(step)
+            cur_lr = run.lr_schedule(step)
             common.set_lr(state.optimizer, cur_lr)
         imgs = imgs.to(dist_info.device, non_blocking=True)  # (n, 3, H, W)
         loss = train_step(state, imgs, sync=last_micro, step=step, args=args)
@@ -491,51 +491,56 @@ def train_one_epoch(state: TrainState, loop: Loop, epoch: int, *, position: Opti
             log.log({"train/loss": loss_v, "train/lr": cur_lr, "train/epoch": epoch + (it + 1) / (steps_per_epoch * args.accum_steps)},
                     step=step)
         update = (it + 1) // args.accum_steps
-        loop.ctl.boundary(epoch, update, steps_per_epoch, functools.partial(save, update, sums))
+        save, stop = run.ctl.at_update(update, steps_per_epoch)  # one all-reduce: a stop signal anywhere, the timer
+        if save:
+            with run.ctl.saving(epoch, update, steps_per_epoch):
+                save_state(state, run, epoch, update, position=run.ctl.position(update, sums), args=args)
+        if stop:
+            run.ctl.stop(f"at epoch {epoch} step {update}")
     return sums["loss"] / steps_per_epoch, t0
 
 
-def save_state(state: TrainState, loop: Loop, epoch: int, update: int, *, position: Optional[dict],
+def save_state(state: TrainState, run: Run, epoch: int, update: int, *, position: Optional[dict],
                args: Args) -> dict:
     """OUTPUT_DIR/checkpoint-last.pth (the format of the module docstring) after `update` updates of `epoch`: at
-    its end (update == loop.steps_per_epoch) first the kept epoch file when due, or inside it with `position` (what
+    its end (update == run.steps_per_epoch) first the kept epoch file when due, or inside it with `position` (what
     the exact resume needs, longrun.RunControl.position). Every rank calls it: under --fsdp the state dicts are
     collectives. Returns the encoder state dict."""
     encoder = state.encoder
     enc_sd, dec_sd = common.full_state_dict(encoder), common.full_state_dict(state.decoder)
     opt_sd = common.full_optimizer_state_dict(state.model, state.optimizer)
-    done = update == loop.steps_per_epoch
+    done = update == run.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args.save_every, args.output_dir, loop.dist_info, epoch + 1,
+        common.save_kept(args.save_every, args.output_dir, run.dist_info, epoch + 1,
                          enc_sd, encoder.config(), model_is_ema=False)
-    if loop.dist_info.is_main:
+    if run.dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": enc_sd, "encoder_config": encoder.config(), "model_is_ema": False,
             "decoder": dec_sd,
             "decoder_config": dict(dim=args.decoder_dim, depth=args.decoder_depth, num_heads=args.decoder_heads),
             "norm_pix_loss": args.norm_pix_loss, "mask_ratio": args.mask_ratio,
-            "optimizer": opt_sd, "epoch": epoch + done, "step": epoch * loop.steps_per_epoch + update,
-            "resume": None if done else position, "weights_rms_start": loop.rms_start,
-            "args": dataclasses.asdict(args)}, weights_rms_start=loop.rms_start)
+            "optimizer": opt_sd, "epoch": epoch + done, "step": epoch * run.steps_per_epoch + update,
+            "resume": None if done else position, "weights_rms_start": run.rms_start,
+            "args": dataclasses.asdict(args)}, weights_rms_start=run.rms_start)
     return enc_sd
 
 
-def end_epoch(state: TrainState, loop: Loop, epoch: int, epoch_loss: float, t0: float, *, args: Args):
-    """After the epoch's checkpoint: the epoch loss and the reconstruction figure (when loop.vis_imgs is given;
+def end_epoch(state: TrainState, run: Run, epoch: int, epoch_loss: float, t0: float, *, args: Args):
+    """After the epoch's checkpoint: the epoch loss and the reconstruction figure (when run.vis_imgs is given;
     under --fsdp its forward is a collective, every rank calls this)."""
     grid = None
-    if loop.vis_imgs is not None:
-        grid = reconstruction_grid(state.model, loop.vis_imgs, loop.vis_noise, loop.dist_info.device)
-    step = (epoch + 1) * loop.steps_per_epoch
-    if loop.dist_info.is_main:
-        loop.log.log({"train/epoch_loss": epoch_loss}, step=step)
+    if run.vis_imgs is not None:
+        grid = reconstruction_grid(state.model, run.vis_imgs, run.vis_noise, run.dist_info.device)
+    step = (epoch + 1) * run.steps_per_epoch
+    if run.dist_info.is_main:
+        run.log.log({"train/epoch_loss": epoch_loss}, step=step)
         msg = f"epoch {epoch} done, mean loss {epoch_loss:.4f}, {time.time() - t0:.0f} s; saved {common.checkpoint_path(args.output_dir)}"
         if grid is not None:
             png = os.path.join(args.output_dir, f"recon_epoch{epoch:03d}.png")
             torchvision.utils.save_image(grid, png)
-            loop.log.image("train/reconstruction", grid, step)
+            run.log.image("train/reconstruction", grid, step)
             msg += f" and {png}"
-        loop.log.print(msg)
+        run.log.print(msg)
 
 
 def main(args: Args):
@@ -630,31 +635,30 @@ def main(args: Args):
     if (dist_info.is_main or fsdp) and args.vis_images > 0:  # under --fsdp every rank runs the (collective) forward
         vis_imgs, vis_noise = reconstruction_batch(args, N)
 
-    knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
+    knn = common.knn_monitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed)
     ctl = common.run_control(args.save_minutes, dist_info, log)
     train_state = TrainState(ddp, encoder, decoder, model, optimizer)
-    loop = Loop(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, lr_schedule=lr_schedule,
-                rms_start=rms_start, vis_imgs=vis_imgs, vis_noise=vis_noise)
+    run = Run(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, lr_schedule=lr_schedule,
+              rms_start=rms_start, vis_imgs=vis_imgs, vis_noise=vis_noise)
     for epoch in range(start_epoch, args.epochs):
-        save = functools.partial(save_state, train_state, loop, epoch, args=args)
-        epoch_loss, t0 = train_one_epoch(
-            train_state, loop, epoch, args=args, position=position if epoch == start_epoch else None,
-            save=lambda update, sums: save(update, position=ctl.position(update, sums)))
-        save(steps_per_epoch, position=None)
-        end_epoch(train_state, loop, epoch, epoch_loss, t0, args=args)
+        epoch_loss, t0 = train_one_epoch(train_state, run, epoch, args=args,
+                                         position=position if epoch == start_epoch else None)
+        save_state(train_state, run, epoch, steps_per_epoch, position=None, args=args)
+        end_epoch(train_state, run, epoch, epoch_loss, t0, args=args)
         knn(epoch + 1, encoder, (epoch + 1) * steps_per_epoch)
         ctl.epoch_done(epoch + 1)
         if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs and epoch + 1 < args.epochs:
             log.print(f"--exit-after-epochs {args.exit_after_epochs}: stopping; rerun to resume")
-            break
-    else:  # the MAE paper evaluates by fine-tuning and linear probing (Sec. 4), not k-NN
-        log.print("to evaluate as the paper: fine-tune (Table 3): " + common.paper_eval_command(
-            args, "--recipe mae", "finetune.py"))
-        log.print("  linear probe (MAE's recipe is BN + LARS, 90 epochs; the nearest here, MAE-CT's): "
-                  + common.paper_eval_command(args, "--protocol maect", "eval_linear.py"))
-        log.print("  k-NN with DINO's protocol: " + common.paper_eval_command(args))
+            log.close()
+            return
+    # the MAE paper evaluates by fine-tuning and linear probing (Sec. 4), not k-NN
+    log.print("to evaluate as the paper: fine-tune (Table 3): " + common.paper_eval_command(
+        args, "--recipe mae", "finetune.py"))
+    log.print("  linear probe (MAE's recipe is BN + LARS, 90 epochs; the nearest here, MAE-CT's): "
+              + common.paper_eval_command(args, "--protocol maect", "eval_linear.py"))
+    log.print("  k-NN with DINO's protocol: " + common.paper_eval_command(args))
     log.close()
 
 

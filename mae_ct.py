@@ -176,7 +176,7 @@ class Args(common.Flags):
     """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
     resume"""
     knn_every: common.NonNegInt = 1
-    """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. Official: k-NN after every epoch, both stages."""
     knn_data: Optional[str] = None
     """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
@@ -257,58 +257,6 @@ def build_predictor(dim: int, hidden: int) -> nn.Sequential:
     """2-layer MLP, no biases, BN+ReLU after the first layer only (App. A.2)."""
     return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                          nn.Linear(hidden, dim, bias=False))
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the backward sums the gradients over ranks too (the global objective is the sum
-    of the ranks' losses, whose DDP-averaged gradient is the single-process one)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad)
-        return grad
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d with batch statistics over ALL ranks (nn.SyncBatchNorm maths: biased variance for
-    normalising, unbiased for the running estimate), written with the differentiable all_reduce so it
-    also runs on CPU/gloo, where DDP rejects nn.SyncBatchNorm. Every rank must have the same batch."""
-
-    def forward(self, x):  # (B, C)
-        if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-            return super().forward(x)
-        n = x.shape[0] * torch.distributed.get_world_size()
-        dtype, x = x.dtype, x.float()  # statistics in fp32 under bf16 autocast too, as nn.SyncBatchNorm's CUDA kernels
-        mean = _AllReduceSum.apply(x.sum(0)) / n  # (C,)
-        var = _AllReduceSum.apply(((x - mean) ** 2).sum(0)) / n  # (C,) two-pass, biased
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), self.momentum)
-        y = (x - mean) * torch.rsqrt(var + self.eps)
-        return (y * self.weight + self.bias if self.affine else y).to(dtype)
-
-
-def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """BN statistics over the global batch under DDP (official: sync_batchnorm=True). CUDA:
-    nn.SyncBatchNorm (fused kernels); CPU: GlobalBatchNorm1d (same maths, DDP-on-CPU compatible)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
-            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            new.load_state_dict(child.state_dict())
-            setattr(module, name, new)
-        else:
-            sync_batchnorm(child, device)
-    return module
 
 
 class MaeCt(nn.Module):
@@ -544,8 +492,8 @@ class Stage:
 
 
 @dataclass
-class Loop:
-    """What the training loop keeps fixed for the run."""
+class Run:
+    """The run: what its epochs share (ranks, log, run control, data, batch, schedules)."""
     dist_info: common.DistInfo  # ranks and the device
     log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
     ctl: longrun.RunControl | common.EpochEndSaves  # common.run_control: saves and stops at update boundaries
@@ -578,20 +526,19 @@ def start_stage(model: MaeCt, resume, log, stage: Stage, *, start_epoch: int, ar
     return optimizer, target_projector
 
 
-def train_one_epoch(state: TrainState, loop: Loop, stage: Stage, epoch: int, *, position, save,
-                    args: Args) -> float:
+def train_one_epoch(state: TrainState, run: Run, stage: Stage, epoch: int, *, position, args: Args) -> float:
     """One epoch of `stage`: the epoch's seed and loader (or the state of the mid-epoch checkpoint's `position`),
-    the lr of every update (warmup + cosine over the stage), train_step per batch, the per-update log line,
-    loop.ctl.boundary after each update (time-based save, stop signals: `save(update, sums)`). Returns the last
-    update's loss (mean over ranks)."""
-    dist_info, log, micro, steps_per_epoch = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
+    the lr of every update (warmup + cosine over the stage), train_step per batch, the per-update log line; after
+    each update the run control decides whether to save (save_state) and stop. Returns the last update's loss (mean
+    over ranks)."""
+    dist_info, log, micro, steps_per_epoch = run.dist_info, run.log, run.micro, run.steps_per_epoch
     device, number, enc_lr, head_lr = dist_info.device, stage.number, stage.enc_lr, stage.head_lr
     stage_steps = (stage.last - stage.first) * steps_per_epoch
     temperature = args.head_init_temperature if number == 1 else args.temperature
     topk = 1 if number == 1 else args.topk  # App. A.2: top-1 during initialisation
-    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
+    start = common.epoch_start(args.seed, epoch, dist_info, position, log)
     sums = dict(position["sums"]) if start else {"loss": float("nan")}
-    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
+    loader = common.build_loader(run.dataset, micro, dist_info, shuffle=True, drop_last=True,
                                  num_workers=args.num_workers, seed=args.seed, epoch=epoch, skip=start * micro)
     state.model.train()
     bar = common.progress(loader, dist_info, total=steps_per_epoch - start, desc=f"stage {number} epoch {epoch}")
@@ -613,21 +560,27 @@ def train_one_epoch(state: TrainState, loop: Loop, stage: Stage, epoch: int, *, 
                      "train/lr": enc_lr * factor if number == 2 else 0.0,
                      "train/head_lr": head_lr * factor, "train/epoch": epoch},
                     step=epoch * steps_per_epoch + it)
-        loop.ctl.boundary(epoch, it + 1, steps_per_epoch, functools.partial(save, it + 1, sums))
+        save, stop = run.ctl.at_update(it + 1, steps_per_epoch)  # one all-reduce: a stop signal anywhere, the timer
+        if save:
+            with run.ctl.saving(epoch, it + 1, steps_per_epoch):
+                save_state(state, run, stage, epoch, it + 1, loss_v=sums["loss"],
+                           position=run.ctl.position(it + 1, sums), args=args)
+        if stop:
+            run.ctl.stop(f"at epoch {epoch} step {it + 1}")
     return sums["loss"]
 
 
-def save_state(state: TrainState, loop: Loop, stage: Stage, epoch: int, update: int, *, loss_v: float, position,
+def save_state(state: TrainState, run: Run, stage: Stage, epoch: int, update: int, *, loss_v: float, position,
                args: Args):
     """OUTPUT_DIR/checkpoint-last.pth (encoder EMA f_m as "model", what eval_knn.py reads; all the resume needs)
-    after `update` updates of `epoch`: at its end (update == loop.steps_per_epoch) first the kept EMA-only copy
+    after `update` updates of `epoch`: at its end (update == run.steps_per_epoch) first the kept EMA-only copy
     every --save-every epochs, inside it `position` (what the exact resume needs, longrun.RunControl.position)."""
     model, ema_encoder, target_projector = state.model, state.ema_encoder, state.target_projector
-    done = update == loop.steps_per_epoch
+    done = update == run.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
-        common.save_kept(args.save_every, args.output_dir, loop.dist_info, epoch + 1,
+        common.save_kept(args.save_every, args.output_dir, run.dist_info, epoch + 1,
                          common.encoder_state_dict(ema_encoder), model.encoder.config(), model_is_ema=True)
-    if loop.dist_info.is_main:
+    if run.dist_info.is_main:
         common.save_checkpoint(common.checkpoint_path(args.output_dir), {
             "model": common.encoder_state_dict(ema_encoder), "model_is_ema": True,
             "model_online": common.encoder_state_dict(model.encoder),
@@ -635,12 +588,12 @@ def save_state(state: TrainState, loop: Loop, stage: Stage, epoch: int, update: 
             "projector": model.projector.state_dict(), "predictor": model.predictor.state_dict(),
             "target_projector": target_projector.state_dict() if target_projector is not None else None,
             "queue": state.queue.state_dict(), "optimizer": state.optimizer.state_dict(),
-            "epoch": epoch + done, "step": epoch * loop.steps_per_epoch + update, "stage": stage.number,
-            "resume": None if done else position, "weights_rms_start": loop.rms_start,
-            "args": dataclasses.asdict(args)}, weights_rms_start=loop.rms_start)
+            "epoch": epoch + done, "step": epoch * run.steps_per_epoch + update, "stage": stage.number,
+            "resume": None if done else position, "weights_rms_start": run.rms_start,
+            "args": dataclasses.asdict(args)}, weights_rms_start=run.rms_start)
         if done:
-            loop.log.print(f"epoch {epoch} (stage {stage.number}) done, loss {loss_v:.4f}; "
-                           f"saved {common.checkpoint_path(args.output_dir)}")
+            run.log.print(f"epoch {epoch} (stage {stage.number}) done, loss {loss_v:.4f}; "
+                          f"saved {common.checkpoint_path(args.output_dir)}")
 
 
 def main(args: Args):
@@ -708,17 +661,16 @@ def main(args: Args):
     state = None  # loaded into the modules: no second copy on the host for the whole run
     if rms_start is None:
         rms_start = common.weights_rms(encoder.state_dict())  # the divergence check's reference (save_checkpoint)
-    if dist_info.enabled:  # one BN batch over all ranks (official: sync_batchnorm=True)
-        model = sync_batchnorm(model, device)
+    model = common.sync_batchnorm(model, device)  # one BN batch over all ranks (official: sync_batchnorm=True)
     model.to(device), ema_encoder.to(device), queue.to(device)
     if args.compile:
         encoder.forward_features = torch.compile(encoder.forward_features)
 
-    knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
+    knn = common.knn_monitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed, pool=args.pool)
     ctl = common.run_control(args.save_minutes, dist_info, log)
-    loop = Loop(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, rms_start=rms_start)
+    run = Run(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, rms_start=rms_start)
     for number, (first, last) in ((1, (0, args.head_epochs)), (2, (args.head_epochs, total_epochs))):
         if start_epoch >= last:
             continue
@@ -729,7 +681,7 @@ def main(args: Args):
         stage = Stage(number, first, last, enc_lr, head_lr if number == 2 else head_init_lr, warmup_steps)
         optimizer, target_projector = start_stage(model, resume, log, stage, start_epoch=start_epoch, args=args,
                                                   device=device)
-        ddp = train_state = save = None
+        ddp = train_state = None
         gc.collect()  # the previous stage's DDP wrapper (held by its TrainState) sits in a reference cycle: free it now
         ddp = model
         if dist_info.enabled:
@@ -738,12 +690,8 @@ def main(args: Args):
 
         for epoch in range(max(start_epoch, first), last):
             position = resume["position"] if resume is not None and epoch == start_epoch else None
-            save = functools.partial(save_state, train_state, loop, stage, epoch, args=args)
-            loss_v = train_one_epoch(
-                train_state, loop, stage, epoch, position=position, args=args,
-                save=lambda update, sums: save(update, loss_v=sums["loss"],
-                                               position=ctl.position(update, sums)))
-            save(steps_per_epoch, loss_v=loss_v, position=None)
+            loss_v = train_one_epoch(train_state, run, stage, epoch, position=position, args=args)
+            save_state(train_state, run, stage, epoch, steps_per_epoch, loss_v=loss_v, position=None, args=args)
             knn(epoch + 1, ema_encoder, (epoch + 1) * steps_per_epoch)
             ctl.epoch_done(epoch + 1)
             if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:

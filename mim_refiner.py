@@ -56,7 +56,7 @@ Deviations (paper default here; the flag named gives the official ml-jku/MIM-Ref
   * Every local view is a target (the paper); official predicted[:, l] indexing: `--official-local-indexing`.
   * BYOL's augmentation order, grayscale before blur/solarize (official kappadata: after; no flag).
   * The NN lookup skips the sample's own dataset index (the one official default); Eq. 2: `--no-exclude-self`.
-  * Encoder EMA on every rank, both stages in one run, GatherBatchNorm1d on CPU/gloo: same maths as official.
+  * Encoder EMA on every rank, both stages in one run, common.sync_batchnorm on CPU/gloo: same maths as official.
 Memory per GPU, measured: docs/memory.md; `--plan 4x40` prints this run's plan (no data, no GPU needed).
 Official-code details: docs/official_code.md.
 """
@@ -74,7 +74,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -187,7 +186,7 @@ class Args(common.Flags):
     """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
     resume"""
     knn_every: common.NonNegInt = 1
-    """k-NN monitor every N epochs (common.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
     "model"); 0 = off. Official: k-NN on a 10% ImageNet subset after every epoch, both stages (App. E)."""
     knn_data: Optional[str] = None
     """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
@@ -307,36 +306,6 @@ class IDHead(nn.Module):
     def forward(self, f: torch.Tensor):  # (M, D) -> z (M, 256), p (M, 256)
         z = self.projector(f)
         return z, self.predictor(z)
-
-
-class GatherBatchNorm1d(nn.BatchNorm1d):
-    """SyncBatchNorm for CPU/gloo (torch's nn.SyncBatchNorm only runs on GPUs): training-mode statistics
-    over the rows of all ranks, via all_gather with gradient, so 2 ranks x n rows == 1 rank x 2n rows."""
-
-    def forward(self, x):  # (M, C)
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return super().forward(x)
-        xf = x.float()  # statistics in fp32 under bf16 autocast too, as nn.SyncBatchNorm's CUDA kernels
-        count = common.all_gather_grad(xf.new_full((1, 1), float(x.shape[0]))).sum()
-        mean = common.all_gather_grad(xf.sum(0, keepdim=True)).sum(0) / count  # (C,)
-        var = common.all_gather_grad(((xf - mean) ** 2).sum(0, keepdim=True)).sum(0) / count  # biased, (C,)
-        with torch.no_grad():  # running stats as nn.BatchNorm1d: unbiased variance, momentum 0.1
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
-            self.num_batches_tracked.add_(1)
-        return ((xf - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
-
-
-def convert_gather_batchnorm(module: nn.Module) -> nn.Module:
-    """Swap every BatchNorm1d for GatherBatchNorm1d (same parameters/buffers, same state_dict keys)."""
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
-            new = GatherBatchNorm1d(child.num_features, child.eps, child.momentum)
-            new.load_state_dict(child.state_dict())
-            setattr(module, name, new)
-        else:
-            convert_gather_batchnorm(child)
-    return module
 
 
 class Refiner(nn.Module):
@@ -655,8 +624,8 @@ class Stage:
 
 
 @dataclass
-class Loop:
-    """What the training loop keeps fixed for the run."""
+class Run:
+    """The run: what its epochs share (ranks, log, run control, data, batch, schedules)."""
     dist_info: common.DistInfo  # ranks and the device
     log: common.Logger  # log.jsonl, TensorBoard, rank-0 printing
     ctl: longrun.RunControl | common.EpochEndSaves  # common.run_control: saves and stops at update boundaries
@@ -682,18 +651,17 @@ def start_stage(model: Refiner, encoder, resume, log, stage: Stage, *, start_epo
     return optimizer
 
 
-def train_one_epoch(state: TrainState, loop: Loop, stage: Stage, epoch: int, *, position, save,
-                    args: Args) -> float:
+def train_one_epoch(state: TrainState, run: Run, stage: Stage, epoch: int, *, position, args: Args) -> float:
     """One epoch of `stage` ("heads" or "refine"): the epoch's seed and loader (or the state of the mid-epoch
     checkpoint's `position`), the lr of every update (warmup + cosine over the stage, peak stage.lr), train_step
-    per micro-batch, the per-update log line, loop.ctl.boundary after each update (time-based save, stop signals:
-    `save(update, sums)`). Returns the last update's loss (mean over ranks)."""
-    dist_info, log, micro, steps_per_epoch = loop.dist_info, loop.log, loop.micro, loop.steps_per_epoch
+    per micro-batch, the per-update log line; after each update the run control decides whether to save
+    (save_state, every rank) and stop. Returns the last update's loss (mean over ranks)."""
+    dist_info, log, micro, steps_per_epoch = run.dist_info, run.log, run.micro, run.steps_per_epoch
     device, world, rank = dist_info.device, dist_info.world_size, dist_info.rank
     lr, stage_steps = stage.lr, (stage.last - stage.first) * steps_per_epoch
-    start = common.start_epoch_rngs(args.seed, epoch, dist_info, position, log)
+    start = common.epoch_start(args.seed, epoch, dist_info, position, log)
     sums = dict(position["sums"]) if start else {"loss": float("nan")}
-    loader = common.build_loader(loop.dataset, micro, dist_info, shuffle=True, drop_last=True,
+    loader = common.build_loader(run.dataset, micro, dist_info, shuffle=True, drop_last=True,
                                  num_workers=args.num_workers, seed=args.seed, epoch=epoch,
                                  skip=start * args.accum_steps * micro)
     state.model.train()
@@ -729,21 +697,27 @@ def train_one_epoch(state: TrainState, loop: Loop, stage: Stage, epoch: int, *, 
                 metrics[f"train/loss_block{b}"] = hl.item()
                 metrics[f"train/nn_acc_block{b}"] = acc.item()
             log.log(metrics, step=global_step)
-        loop.ctl.boundary(epoch, update + 1, steps_per_epoch, functools.partial(save, update + 1, sums))
+        save, stop = run.ctl.at_update(update + 1, steps_per_epoch)  # one all-reduce: a stop signal anywhere, the timer
+        if save:
+            with run.ctl.saving(epoch, update + 1, steps_per_epoch):
+                save_state(state, run, stage, epoch, update + 1, loss_v=sums["loss"],
+                           position=run.ctl.position(update + 1, sums), args=args)
+        if stop:
+            run.ctl.stop(f"at epoch {epoch} step {update + 1}")
     return sums["loss"]
 
 
-def save_state(state: TrainState, loop: Loop, stage: Stage, epoch: int, update: int, *, loss_v: float, position,
+def save_state(state: TrainState, run: Run, stage: Stage, epoch: int, update: int, *, loss_v: float, position,
                args: Args):
     """OUTPUT_DIR/checkpoint-last.pth (EMA as "model", what eval_knn.py reads; all the resume needs) after `update`
-    updates of `epoch`: at its end (update == loop.steps_per_epoch) first the kept EMA-only copy every --save-every
+    updates of `epoch`: at its end (update == run.steps_per_epoch) first the kept EMA-only copy every --save-every
     epochs, inside it `position` (what the exact resume needs, longrun.RunControl.position). Every rank calls it
     (collectives)."""
-    model, encoder, dist_info = state.model, state.encoder, loop.dist_info
+    model, encoder, dist_info = state.model, state.encoder, run.dist_info
     # gathered on every rank under --fsdp (collectives), plain state dicts otherwise
     ema_sd, online_sd = common.full_state_dict(state.ema), common.full_state_dict(encoder)
     heads_sd, opt_sd = common.full_state_dict(model.heads), common.full_optimizer_state_dict(model, state.optimizer)
-    done = update == loop.steps_per_epoch
+    done = update == run.steps_per_epoch
     if done:  # before checkpoint-last: a run killed between the two redoes the epoch and rewrites both
         common.save_kept(args.save_every, args.output_dir, dist_info, epoch + 1,
                          ema_sd, encoder.config(), model_is_ema=True)
@@ -753,12 +727,12 @@ def save_state(state: TrainState, loop: Loop, stage: Stage, epoch: int, update: 
             "model_online": online_sd, "encoder_config": encoder.config(),
             "heads": heads_sd, "head_blocks": list(args.head_blocks),
             "queues": state.queues.state_dict(), "optimizer": opt_sd,
-            "epoch": epoch + done, "step": epoch * loop.steps_per_epoch + update, "stage": stage.name,
-            "resume": None if done else position, "weights_rms_start": loop.rms_start,
-            "args": dataclasses.asdict(args)}, weights_rms_start=loop.rms_start)
+            "epoch": epoch + done, "step": epoch * run.steps_per_epoch + update, "stage": stage.name,
+            "resume": None if done else position, "weights_rms_start": run.rms_start,
+            "args": dataclasses.asdict(args)}, weights_rms_start=run.rms_start)
         if done:
-            loop.log.print(f"epoch {epoch} ({stage.name}) done, loss {loss_v:.4f}; "
-                           f"saved {common.checkpoint_path(args.output_dir)}")
+            run.log.print(f"epoch {epoch} ({stage.name}) done, loss {loss_v:.4f}; "
+                          f"saved {common.checkpoint_path(args.output_dir)}")
 
 
 def main(args: Args):
@@ -824,9 +798,7 @@ def main(args: Args):
     state = init_ckpt = None  # loaded into the modules: no second copy on the host for the whole run
     if rms_start is None:
         rms_start = common.weights_rms(encoder.state_dict())  # the divergence check's reference (save_checkpoint)
-    if dist_info.enabled:  # BN statistics over the global batch (official sync_batchnorm)
-        model.heads = (nn.SyncBatchNorm.convert_sync_batchnorm(model.heads) if device.type == "cuda"
-                       else convert_gather_batchnorm(model.heads))
+    model.heads = common.sync_batchnorm(model.heads, device)  # BN over the global batch (official sync_batchnorm)
     model.to(device), ema.to(device), queues.to(device)
     fsdp = use_fsdp and dist_info.in_group
     if use_fsdp and not fsdp:
@@ -839,11 +811,11 @@ def main(args: Args):
     if args.compile:
         model.features_fn = torch.compile(model.features)
 
-    knn = common.KnnMonitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
+    knn = common.knn_monitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
                              num_workers=args.num_workers, seed=args.seed, blocks=[*args.head_blocks, -1])  # the refined blocks
     ctl = common.run_control(args.save_minutes, dist_info, log)
-    loop = Loop(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, rms_start=rms_start)
+    run = Run(dist_info, log, ctl, dataset, micro=micro, steps_per_epoch=steps_per_epoch, rms_start=rms_start)
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
     stages = (Stage("heads", 0, args.head_epochs, head_stage_lr, warmup_steps),
               Stage("refine", args.head_epochs, total_epochs, peak_lr, warmup_steps))
@@ -851,7 +823,7 @@ def main(args: Args):
         if start_epoch >= stage.last:
             continue
         optimizer = start_stage(model, encoder, resume, log, stage, start_epoch=start_epoch, args=args, device=device)
-        ddp = train_state = save = None
+        ddp = train_state = None
         gc.collect()  # the previous stage's DDP wrapper (held by its TrainState) sits in a reference cycle: free it now
         ddp = model
         if dist_info.enabled and not fsdp:
@@ -863,12 +835,8 @@ def main(args: Args):
 
         for epoch in range(max(start_epoch, stage.first), stage.last):
             position = resume["position"] if resume is not None and epoch == start_epoch else None
-            save = functools.partial(save_state, train_state, loop, stage, epoch, args=args)
-            loss_v = train_one_epoch(
-                train_state, loop, stage, epoch, position=position, args=args,
-                save=lambda update, sums: save(update, loss_v=sums["loss"],
-                                               position=ctl.position(update, sums)))
-            save(steps_per_epoch, loss_v=loss_v, position=None)
+            loss_v = train_one_epoch(train_state, run, stage, epoch, position=position, args=args)
+            save_state(train_state, run, stage, epoch, steps_per_epoch, loss_v=loss_v, position=None, args=args)
             knn(epoch + 1, ema, (epoch + 1) * steps_per_epoch)
             ctl.epoch_done(epoch + 1)
             if args.exit_after_epochs is not None and epoch + 1 >= args.exit_after_epochs:

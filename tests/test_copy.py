@@ -57,6 +57,16 @@ def test_method_file_and_common_alone_run_the_tiny_command(tmp_path, script):
                    "--data synthetic", "synthetic.py")
     if script in ("mae", "mim_refiner"):
         one_error_line(run_copy(folder, script, *train_flags(script, folder / "f", init, data=data), "--fsdp"), "fsdp.py")
+    if script == "mim_refiner":  # the k-NN monitor is eval_knn.py's: without it off in one line, with it on
+        for with_knn in (False, True):
+            if with_knn:
+                shutil.copy(ROOT / "eval_knn.py", folder / "eval_knn.py")
+            p = run_copy(folder, script, *train_flags(script, folder / f"k{with_knn}", init, data=data), "--epochs",
+                         "1", "--knn-every", "1")
+            assert p.returncode == 0, p.stderr[-3000:]
+            off = [x for x in p.stdout.splitlines() if "k-NN monitor off: add eval_knn.py beside common.py" in x]
+            on = [x for x in p.stdout.splitlines() if "k-NN top-1" in x]
+            assert (len(off), bool(on)) == ((0, True) if with_knn else (1, False)), p.stdout[-3000:]
 
 
 @pytest.mark.parametrize("script", ["mae", "mim_refiner"])
@@ -99,12 +109,12 @@ def test_without_longrun_a_mid_epoch_checkpoint_names_the_file(monkeypatch):
     import common
     monkeypatch.setitem(sys.modules, "longrun", None)
     info = common.DistInfo()
-    assert common.start_epoch_rngs(3, 1, info, None) == 0
+    assert common.epoch_start(3, 1, info, None) == 0
     first = torch.rand(3)
     common.seed_everything(common.epoch_seed(3, 1, 0))
     assert torch.equal(first, torch.rand(3))
     with pytest.raises(common.UserError, match="inside an epoch.*longrun.py"):
-        common.start_epoch_rngs(3, 1, info, {"update": 2, "rng": [], "sums": {}})
+        common.epoch_start(3, 1, info, {"update": 2, "rng": [], "sums": {}})
 
     class Log:
         lines = []

@@ -122,10 +122,10 @@ def test_per_block_features_one_pass_and_last_block_equals_default():
     torch.manual_seed(0)
     enc = common.create_vit("vit_t16", img_size=32, patch_size=8).eval()
     ds = common.build_dataset("synthetic:13:5", "train", common.eval_transform(32), img_size=32)
-    args = eval_knn.Args(checkpoint="none", batch_size=5, num_workers=0)
+    kw = dict(batch_size=5, num_workers=0, pool="cls")
     info = common.DistInfo()
-    default, y = eval_knn.extract_features(enc, ds, [11], args, info, torch.float32, "x")
-    multi, y2 = eval_knn.extract_features(enc, ds, [3, 11], args, info, torch.float32, "x")
+    default, y = eval_knn.extract_features(enc, ds, [11], info, **kw)
+    multi, y2 = eval_knn.extract_features(enc, ds, [3, 11], info, **kw)
     ref = _cls_features(enc, ds)
     assert torch.allclose(default[11], ref, atol=1e-5) and torch.equal(multi[11], default[11])
     assert torch.equal(y, torch.tensor(ds.targets)) and torch.equal(y, y2)
@@ -133,8 +133,7 @@ def test_per_block_features_one_pass_and_last_block_equals_default():
         x = torch.stack([ds[i][0] for i in range(len(ds))])
         _, (b3, b11) = enc.forward_features(x, return_blocks=[3, -1])
     assert torch.allclose(multi[3], b3[:, 0], atol=1e-5)  # raw block output, no LN
-    args.final_norm, args.pool = False, "avg"
-    raw, _ = eval_knn.extract_features(enc, ds, [11], args, info, torch.float32, "x")
+    raw, _ = eval_knn.extract_features(enc, ds, [11], info, **{**kw, "pool": "avg"}, final_norm=False)
     assert torch.allclose(raw[11], b11[:, 1:].mean(1), atol=1e-5) and not torch.allclose(raw[11], ref[:, :192], atol=1e-2)
 
 

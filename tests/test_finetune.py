@@ -271,7 +271,7 @@ def test_bad_inputs_end_in_one_line(tmp_path, capsys, init, monkeypatch):
     cases = [
         ([*base], "pass --init CHECKPOINT"),
         (["--init", "none", *base], "needs --model"),
-        (["--init", init, "--model", "vit_s16", "--data", data, *base], "--model vit_s16 is dim 384"),
+        (["--init", init, "--model", "vit_s16", "--data", data, *base], "but the model is a vit_s16"),
         (["--init", init, "--patch-size", "16", "--data", data, *base], "patch"),
         (["--init", init, "--data", other, *base], "different classes"),
         ([*ok, "--train-subset", tmp_path / "imagenet.txt"], "2 of 2 names are not in the train data"),
@@ -360,7 +360,7 @@ def test_release_files_of_other_codebases_fine_tune(tmp_path, capsys, kind):
                                    "--device", "cpu", "--num-workers", "0", "--epochs", "1", "--batch-size", "8",
                                    "--output-dir", tmp_path / "run", "--exit-after-epochs", "1")
     assert code == 0, err[-2000:]
-    assert ("post-norm " if kind == "data2vec2" else "") + "custom (dim 192, depth 12" in out
+    assert ("post-norm " if kind == "data2vec2" else "") + "vit_t16 (dim 192, depth 12" in out
     sd = load(tmp_path / "run" / "checkpoint-last.pth")["model"]
     assert ("embed_norm.weight" in sd) == (kind == "data2vec2") and "blocks.11.mlp.fc2.weight" in sd
     # trained from the release's weights: the first block moved only by the (layer-decayed) updates

@@ -1,5 +1,5 @@
-"""The training scripts' k-NN monitor (common.KnnMonitor) equals eval_knn.py on the same checkpoint, bank and k
-(every script, and under torchrun x2); --save-every files load in eval_knn.py and strictly into timm; the
+"""The training scripts' k-NN monitor (eval_knn.KnnMonitor, built by common.knn_monitor) equals eval_knn.py on the same
+checkpoint, bank and k (every script, and under torchrun x2); --save-every files load in eval_knn.py and strictly into timm; the
 official self-exclusion is the default of MAE-CT and MIM-Refiner; the paper's evaluation command is printed;
 the evaluation resize follows timm's (floor(S / crop_pct))."""
 import dataclasses
@@ -131,16 +131,17 @@ def test_vote_matches_dino_formula(k):
     tr, ytr, te, yte, classes = _features_with_spread()
     ref, _ = dino_knn_formula(tr, ytr, te, yte, k, 0.07, classes)
     assert 30.0 < ref < 95.0  # spread: neither chance nor separable
-    assert common.knn_classify(tr, ytr, te, yte, [k], 0.07, classes)["top1"][k] == pytest.approx(ref, abs=1e-9)
+    assert eval_knn.knn_classify(tr, ytr, te, yte, [k], 0.07, classes)["top1"][k] == pytest.approx(ref, abs=1e-9)
     full = eval_knn.knn_classify(F.normalize(tr, dim=1), ytr, te, yte, [k], 0.07, classes)
-    assert eval_knn.knn_classify is common.knn_classify and full["top1"][k] == pytest.approx(ref, abs=1e-9)
+    assert full["top1"][k] == pytest.approx(ref, abs=1e-9)
 
 
 def test_bank_subset_is_seeded_and_sized():
-    a, b = common.knn_bank_indices(1000, 0.1, 3), common.knn_bank_indices(1000, 0.1, 3)
+    import eval_knn
+    a, b = eval_knn.knn_bank_indices(1000, 0.1, 3), eval_knn.knn_bank_indices(1000, 0.1, 3)
     assert torch.equal(a, b) and len(a) == 100 and len(set(a.tolist())) == 100 and torch.equal(a, a.sort().values)
-    assert not torch.equal(a, common.knn_bank_indices(1000, 0.1, 4))
-    assert torch.equal(common.knn_bank_indices(7, 1.0, 0), torch.arange(7))
+    assert not torch.equal(a, eval_knn.knn_bank_indices(1000, 0.1, 4))
+    assert torch.equal(eval_knn.knn_bank_indices(7, 1.0, 0), torch.arange(7))
 
 
 class _Log:
@@ -154,7 +155,7 @@ class _Log:
 def _monitor(log, **kw):
     base = dict(every=1, data=None, train_data="synthetic:8:4", subset=0.5, img_size=32, batch_size=8,
                 num_workers=0, seed=0)
-    return common.KnnMonitor(common.DistInfo(), log, **{**base, **kw})
+    return common.knn_monitor(common.DistInfo(), log, **{**base, **kw})
 
 
 def test_monitor_off_without_labelled_val_and_errors(tmp_path):

@@ -170,8 +170,9 @@ def test_a_signal_during_the_checkpoint_write_or_the_knn_monitor_stops_right_aft
     import mim_refiner
     args = [*flags("mim_refiner", init), "--knn-every", "1", "--save-minutes", "1e-6"]
     assert run_inprocess(capsys, mim_refiner, *args, "--output-dir", tmp_path / "u")[0] == 0
-    real_save, real_vote = torch.save, common.knn_classify
-    for name, target, patch in (("write", "torch", "save"), ("knn", "common", "knn_classify")):
+    import eval_knn
+    real_save, real_vote = torch.save, eval_knn.knn_classify
+    for name, target, patch in (("write", "torch", "save"), ("knn", "eval_knn", "knn_classify")):
         fired = []
 
         def save(obj, f, *a, **kw):  # the signal lands in the middle of the write of the 3rd save
@@ -186,10 +187,10 @@ def test_a_signal_during_the_checkpoint_write_or_the_knn_monitor_stops_right_aft
                 fired.append(1)
                 os.kill(os.getpid(), signal.SIGUSR1)
             return real_vote(*a, **kw)
-        monkeypatch.setattr(torch if target == "torch" else common, patch, save if name == "write" else vote)
+        monkeypatch.setattr(torch if target == "torch" else eval_knn, patch, save if name == "write" else vote)
         code, out, err = run_inprocess(capsys, mim_refiner, *args, "--output-dir", tmp_path / name)
         monkeypatch.setattr(torch, "save", real_save)
-        monkeypatch.setattr(common, "knn_classify", real_vote)
+        monkeypatch.setattr(eval_knn, "knn_classify", real_vote)
         assert code == longrun.STOPPED_EXIT, err[-2000:]
         stop = [x for x in out.splitlines() if x.startswith("stopped by")]
         assert len(stop) == 1 and ("SIGTERM" if name == "write" else "SIGUSR1") in stop[0], out[-2000:]
@@ -226,13 +227,19 @@ def test_the_time_based_save_fires_at_the_stated_interval_on_a_faked_clock():
         saves.append(now[0])
         now[0] += 3.0  # the write takes 3 s
     handlers = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
+    def boundary(ctl, update, steps_per_epoch):  # what a script's loop does after an update
+        due, stop = ctl.at_update(update, steps_per_epoch)
+        assert not stop
+        if due:
+            with ctl.saving(0, update, steps_per_epoch):
+                save()
     try:
         ctl = longrun.RunControl(2.0, common.DistInfo(), log, clock=lambda: now[0])
         for t in range(0, 400, 10):  # a boundary every 10 s
             now[0] = max(now[0], float(t))
-            ctl.boundary(0, 1, 100, save)
+            boundary(ctl, 1, 100)
         assert saves == [120.0, 250.0, 380.0]  # 120 s after the last save ended (at 0, 123, 253)
-        ctl.boundary(0, 100, 100, save)  # the epoch's last update: left to the epoch-end save
+        boundary(ctl, 100, 100)  # the epoch's last update: left to the epoch-end save
         assert len(saves) == 3
         ctl.epoch_done(1)  # the epoch-end save resets the timer
         assert ctl.last_save == now[0]

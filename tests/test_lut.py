@@ -2,7 +2,10 @@
 masks of the symmetric (official) variant, the momentum update touching exactly the intended tensors,
 end to end to eval_knn.py (online and --ema), torchrun with 2 processes, bit-identical resume, bad flags."""
 import functools
+import gc
 import json
+import os
+import socket
 
 import pytest
 import torch
@@ -243,6 +246,68 @@ def test_torchrun_two_processes_symmetric(tmp_path):
     ck = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 1 and ck["step"] == 2 and ck["args"]["symmetric"] is True
     assert ck["args"]["momentum_bn"] == "batch"
+    # the heads' BN gathers over the ranks (common.sync_batchnorm; the maths: the test below), so h~'s batch
+    # and running statistics are the same on both ranks, and nothing warns about per-process BN
+    assert "BatchNorm" not in p.stdout + p.stderr
+    per_rank = ck["head_ema_buffers_per_rank"]
+    assert len(per_rank) == 2 and all(torch.equal(per_rank[0][k], per_rank[1][k]) for k in per_rank[0])
+
+
+def _bn_step(rank, world, weak, strong, masks):
+    """One symmetric LUT step (--sync-bn, --momentum-bn batch: every BN of h, h_pred and h~ normalises with the
+    batch) on this rank's rows of the global batch and of its masks; DDP-wrapped under a process group."""
+    torch.manual_seed(0)
+    online = common.sync_batchnorm(_tiny_online(), torch.device("cpu"))
+    momentum = lut.MomentumBranch(online).eval()
+    momentum.head.train()
+    model = nn.parallel.DistributedDataParallel(online) if world > 1 else online
+    n = weak.shape[0] // world
+    sl = slice(rank * n, (rank + 1) * n)
+    mine = tuple(t[sl] for t in masks)
+    lut.random_masking = lambda *a, **kw: mine  # ranks draw their own masks in a run: here the global batch's
+    mim, bc = lut.forward_losses(model, momentum, weak[sl], strong[sl], online.encoder.num_patches, 0.5, True)
+    (mim + bc).backward()
+    buffers = {**{f"online.{k}": b for k, b in online.named_buffers()},
+               **{f"momentum.{k}": b for k, b in momentum.named_buffers()}}
+    return {"loss": (mim + bc).detach(), "kinds": sorted({type(m).__name__ for m in online.modules()}),
+            "keys": list(online.state_dict()), "buffers": buffers,
+            "grads": {k: p.grad for k, p in online.named_parameters() if p.grad is not None}}, model
+
+
+def _bn_worker(rank, world, port, out_dir, weak, strong, masks):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    res, model = _bn_step(rank, world, weak, strong, masks)
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    del model  # a DDP wrapper outliving its gloo group can abort the process at exit
+    gc.collect()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_sync_bn_equal_one_process(tmp_path, monkeypatch):
+    """common.sync_batchnorm on CPU/gloo: 2 processes with 4 image pairs each give the loss, the gradients and
+    the BN running statistics (h, h_pred, h~) of 1 process with the 8 pairs and the same masks."""
+    torch.manual_seed(3)
+    weak, strong = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    masks = lut.random_masking(8, 4, 0.5, "cpu", True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_bn_worker, args=(2, port, str(tmp_path), weak, strong, masks), nprocs=2)
+    r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    monkeypatch.setattr(lut, "random_masking", lut.random_masking)  # _bn_step replaces it: restored after
+    one, _ = _bn_step(0, 1, weak, strong, masks)
+    assert "GatheredBatchNorm1d" in r[0]["kinds"] and "GatheredBatchNorm1d" not in one["kinds"]
+    assert r[0]["keys"] == one["keys"]  # checkpoints load either way
+    assert (r[0]["loss"] + r[1]["loss"]).item() / 2 == pytest.approx(one["loss"].item(), rel=1e-5)
+    assert one["grads"].keys() == r[0]["grads"].keys() and len(one["grads"]) > 20
+    for i in range(2):
+        for k, g in one["grads"].items():
+            torch.testing.assert_close(r[i]["grads"][k], g, rtol=1e-4, atol=1e-6, msg=k)
+        assert one["buffers"]["momentum.head.1.num_batches_tracked"] == 2  # h~ ran on both views
+        for k, b in one["buffers"].items():
+            torch.testing.assert_close(r[i]["buffers"][k].float(), b.float(), rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_momentum_bn_running_vs_batch():

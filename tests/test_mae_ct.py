@@ -188,7 +188,7 @@ def _ddp_worker(rank, world, port, out_dir, views, ids, labels):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    model = mae_ct.sync_batchnorm(tiny_model(), torch.device("cpu"))
+    model = common.sync_batchnorm(tiny_model(), torch.device("cpu"))
     target = mae_ct.copy.deepcopy(model.projector)
     torch.manual_seed(1)
     queue = mae_ct.NNQueue(32, 8)

@@ -68,8 +68,7 @@ def _step(rank, world, x, ids, labels, n, state):
     head.load_state_dict(state["head"])
     queue = mr.NNQueue(16, 5)
     queue.load_state_dict(state["queue"])
-    if world > 1:
-        head = mr.convert_gather_batchnorm(head)
+    head = common.sync_batchnorm(head, torch.device("cpu"))  # GatheredBatchNorm1d under 2 ranks, plain BN in one
     f = enc(x.reshape(-1, x.shape[-1]))  # (V*n, 6) view-major [g0; g1; l0; ...]
     z, p = head(f)
     loss, _, _ = mr.refiner_loss([(z, p)], nn.ModuleList([queue]), ids, labels, n, topk=1, temperature=0.2,

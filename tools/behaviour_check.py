@@ -5,7 +5,7 @@
                                                                      # checkpoint-last.pth, the same log.jsonl
 
 Each script runs the tiny settings of tests/test_hardening.py (vit_t16, 32 px, patch 8, synthetic data, CPU,
-fp32); MAE-CT and MIM-Refiner start from the MAE run's checkpoint. log.jsonl is compared on every logged value
+fp32); MAE-CT, MIM-Refiner and finetune.py start from the MAE run's checkpoint. log.jsonl is compared on every logged value
 except wall-clock ones (time, img/s). Prints a table; exits 1 on any difference.
 """
 import argparse
@@ -21,12 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from test_hardening import train_flags  # noqa: E402  (the tests' tiny settings: one source)
 
-SCRIPTS = ("mae", "mae_ct", "mim_refiner", "lut", "conmim")
+SCRIPTS = ("mae", "mae_ct", "mim_refiner", "lut", "conmim", "finetune")
 CLOCK_KEYS = ("time", "img_s", "ips", "wall", "seconds", "elapsed")
 
 
+def flags(name: str, out: Path, init: Path | None) -> list:
+    if name == "finetune":  # the mae recipe: RandAugment, erasing, mixup / cutmix, drop path, layer decay
+        return ["--init", init, "--data", "synthetic:32:8", "--device", "cpu", "--num-workers", "0", "--epochs", "2",
+                "--warmup-epochs", "1", "--batch-size", "8", "--blr", "1e-2", "--output-dir", out]
+    return train_flags(name, out, init)
+
+
 def run(name: str, out: Path, init: Path | None):
-    cmd = [sys.executable, str(ROOT / f"{name}.py"), *map(str, train_flags(name, out, init))]
+    cmd = [sys.executable, str(ROOT / f"{name}.py"), *map(str, flags(name, out, init))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if p.returncode:
@@ -64,16 +71,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output-dir", required=True, type=Path)
     ap.add_argument("--compare", type=Path, help="a --output-dir of an earlier invocation")
+    ap.add_argument("--scripts", nargs="+", default=SCRIPTS, choices=SCRIPTS, help="a subset (MAE runs first when needed)")
     a = ap.parse_args()
-    for name in SCRIPTS:
-        init = a.output_dir / "mae" / "checkpoint-last.pth" if name in ("mae_ct", "mim_refiner") else None
+    for name in a.scripts:
+        init = a.output_dir / "mae" / "checkpoint-last.pth" if name in ("mae_ct", "mim_refiner", "finetune") else None
+        if init is not None and not init.exists():
+            run("mae", a.output_dir / "mae", None)
         run(name, a.output_dir / name, init)
     if a.compare is None:
-        print(f"kept tiny runs of {', '.join(SCRIPTS)} in {a.output_dir}")
+        print(f"kept tiny runs of {', '.join(a.scripts)} in {a.output_dir}")
         return
     print("| script | tensors in checkpoint-last.pth | entries that differ | log.jsonl |\n|---|---|---|---|")
     bad = 0
-    for name in SCRIPTS:
+    for name in a.scripts:
         n_t, n_diff, log = compare(a.output_dir / name, a.compare / name)
         bad += n_diff + (not log.startswith("same"))
         print(f"| {name} | {n_t} | {n_diff} | {log} |")
