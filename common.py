@@ -170,24 +170,19 @@ def parse_args(cls, argv=None):
         flag = "--" + f.name.replace("_", "-")
         doc = docs.get(f.name, "") + "".join(f" [must {m}]" for m in meta if isinstance(m, Range))
         kw = dict(default=default, help=doc.replace("%", "%%"), dest=f.name)  # argparse %-formats help
+        def none_or(s, tp=tp):  # an Optional field's `none` is None
+            return None if s.lower() == "none" else tp(s)
+        none_or.__name__ = tp.__name__  # argparse's "invalid int value" names it
+        conv = none_or if optional else tp
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif is_list:
-            parser.add_argument(flag, nargs="+", type=_none_or(tp) if optional else tp, **kw)
         else:
-            parser.add_argument(flag, type=_none_or(tp) if optional else tp, **kw)
+            parser.add_argument(flag, type=conv, **({"nargs": "+"} if is_list else {}), **kw)
     ns = parser.parse_args(argv)
     try:
         return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(ns).items()})
     except UserError as e:
         _fail(str(e))
-
-
-def _none_or(tp):
-    def conv(s):
-        return None if s.lower() == "none" else tp(s)
-    conv.__name__ = tp.__name__
-    return conv
 
 
 # 2. Errors a user can cause -> one line that names the fix -----------------------------------------------------------
@@ -523,15 +518,6 @@ def cuda_dtypes(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get(CUDA_DTYPES_ENV, "0") == "1"
 
 
-def precision(device: torch.device) -> str:
-    """How the run computes, in words (printed at start-up)."""
-    if device.type == "cuda":
-        return "bf16 autocast, fp32 weights"
-    if cuda_dtypes(device):
-        return f"bf16 CPU autocast, fp32 weights ({CUDA_DTYPES_ENV}=1: the CUDA run's dtypes)"
-    return "fp32"
-
-
 def autocast(device: torch.device):
     """bf16 autocast (no grad scaler needed) where `cuda_dtypes`, else fp32."""
     if cuda_dtypes(device):
@@ -798,11 +784,16 @@ VIT_CONFIGS = {
 }
 
 
-def create_vit(name: str, img_size: int | None = None, patch_size: int | None = None, **overrides) -> VisionTransformer:
-    """A registered ViT (img_size 224 and its own patch size by default); `overrides` go to the constructor."""
+def vit_config(name: str) -> tuple[int, int, int, int]:
+    """(dim, depth, heads, patch) of a registered ViT."""
     if name not in VIT_CONFIGS:
         raise UserError(f"unknown --model {name!r}; choose one of {', '.join(VIT_CONFIGS)}")
-    dim, depth, heads, patch = VIT_CONFIGS[name]
+    return VIT_CONFIGS[name]
+
+
+def create_vit(name: str, img_size: int | None = None, patch_size: int | None = None, **overrides) -> VisionTransformer:
+    """A registered ViT (img_size 224 and its own patch size by default); `overrides` go to the constructor."""
+    dim, depth, heads, patch = vit_config(name)
     kw = dict(img_size=img_size or 224, patch_size=patch_size or patch, dim=dim, depth=depth, num_heads=heads)
     kw.update(overrides)
     if kw["img_size"] % kw["patch_size"]:
@@ -1615,8 +1606,11 @@ class Logger:
         if not self.active:
             return
         os.makedirs(output_dir, exist_ok=True)
+        dev = dist_info.device
+        precision = ("bf16 autocast, fp32 weights" if dev.type == "cuda" else "fp32" if not cuda_dtypes(dev) else
+                     f"bf16 CPU autocast, fp32 weights ({CUDA_DTYPES_ENV}=1: the CUDA run's dtypes)")
         cfg = {**dataclasses.asdict(args), **(extra or {}), "git_sha": git_sha(), "world_size": dist_info.world_size,
-               "precision": precision(dist_info.device)}
+               "precision": precision}
         args_json = os.path.join(output_dir, "args.json")
         if os.path.isfile(checkpoint_path(output_dir)) and os.path.isfile(args_json):  # a resume: the run so far
             with contextlib.suppress(OSError, ValueError), open(args_json) as f:
@@ -1627,7 +1621,7 @@ class Logger:
         with open(args_json, "w") as f:
             json.dump(cfg, f, indent=2, default=str)
         print(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}] git {cfg['git_sha']}, {dist_info.world_size} process(es), "
-              f"device {dist_info.device}, {precision(dist_info.device)}")
+              f"device {dev}, {precision}")
         print("\n".join(f"  {k}: {v}" for k, v in sorted(cfg.items())), flush=True)
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -400,12 +400,8 @@ def build_modules(args: Args, checkpointed):
     """Encoder, decoder and MaskedAutoencoder; `checkpointed` k: the first k encoder blocks, then decoder blocks."""
     enc_depth = common.VIT_CONFIGS.get(args.model, (0, 0))[1]
     enc_k, dec_k = min(checkpointed, enc_depth), max(0, checkpointed - enc_depth)
-    try:
-        common.seed_everything(args.seed)  # same initial weights on every rank
-        encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                                    grad_checkpointing=enc_k)
-    except AssertionError as e:  # sin-cos table needs dim % 4 == 0
-        raise UserError(f"cannot build --model {args.model}: {e}") from None
+    common.seed_everything(args.seed)  # same initial weights on every rank
+    encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size, grad_checkpointing=enc_k)
     decoder = MaeDecoder(encoder.dim, encoder.grid, encoder.patch_size, args.decoder_dim, args.decoder_depth,
                          args.decoder_heads, grad_checkpointing=dec_k)
     return encoder, decoder, MaskedAutoencoder(encoder, decoder, args.mask_ratio, args.norm_pix_loss)

@@ -207,18 +207,11 @@ NUM_VIEWS = 2  # Algorithm 1: two augmented views per image
 
 
 def resolve_args(args: Args) -> Args:
-    """Fill the None defaults from Tables 7/8 (per model size and --aug) and validate the flags (each flag's
-    range is declared on its Args field, checked by common.Flags)."""
-    if args.model not in MODEL_SIZE:
-        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(MODEL_SIZE)}")
-    size = MODEL_SIZE[args.model]
-    fill = {k: v for k, v in PAPER_DEFAULTS[(args.aug, size)].items() if getattr(args, k) is None}
-    if args.pool is None:
-        fill["pool"] = "avg" if size == "B" else "cls"
-    if args.frozen_blocks is None:
-        fill["frozen_blocks"] = common.VIT_CONFIGS[args.model][1] // 2
-    args = dataclasses.replace(args, **fill)
-    depth = common.VIT_CONFIGS[args.model][1]
+    """The None defaults in one merge (Tables 7/8 per model size and --aug; the average-pooled ViT-B, the [CLS] of
+    larger ones; half the blocks frozen), then the rules between flags (each flag's own range is on its Args field)."""
+    depth, size = common.vit_config(args.model)[1], MODEL_SIZE[args.model]
+    defaults = {"pool": "avg" if size == "B" else "cls", "frozen_blocks": depth // 2, **PAPER_DEFAULTS[(args.aug, size)]}
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     if args.accum_steps != 1:
         raise UserError("--accum-steps must be 1 for MAE-CT: accumulation shrinks the BatchNorm batch and the "
                         "negatives of the NNCLR loss; lower --batch-size or use more GPUs instead")

@@ -215,13 +215,6 @@ PRESETS = {
 }
 
 
-def default_head_blocks(model: str, depth: int) -> list[int]:
-    """App. A.1: heads on the last 8 (L, 2B) / 12 (H) blocks; other models: the last third."""
-    if model in PRESETS:
-        return list(PRESETS[model]["head_blocks"])
-    return list(range(depth - max(1, depth // 3), depth))
-
-
 def default_local_size(img_size: int, patch_size: int) -> int:
     """Table 10: 96 px (/16) and 98 px (/14) local views at 224 px, i.e. 3/7 of the global grid side,
     rounded to whole patches (6x6 resp. 7x7 patches); the same rule scales tiny runs (32/4 -> 12)."""
@@ -230,29 +223,16 @@ def default_local_size(img_size: int, patch_size: int) -> int:
 
 
 def resolve_args(args: Args, post_norm: bool) -> Args:
-    """Fill the None defaults (Table 10 per model; 20 epochs for data2vec 2.0) and validate flags (each flag's
-    range is declared on its Args field, checked by common.Flags)."""
-    if args.model not in common.VIT_CONFIGS:
-        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(common.VIT_CONFIGS)}")
-    _, depth, _, own_patch = common.VIT_CONFIGS[args.model]
-    preset = PRESETS.get(args.model, {})
+    """The None defaults in one merge (Table 10 per model, PRESETS; 20 epochs for data2vec 2.0 and ViT-2B/14, else
+    30; App. A.1's heads on the last third of the blocks of other models; local views of 3/7 of the global side),
+    then the rules between flags (each flag's own range is on its Args field; the image size: common.create_vit)."""
+    _, depth, _, own_patch = common.vit_config(args.model)
     patch = args.patch_size or own_patch
-    fill = {}
-    if args.epochs is None:
-        fill["epochs"] = 20 if (post_norm or args.model == "vit_2b14") else 30
-    if args.batch_size is None:
-        fill["batch_size"] = preset.get("batch_size", 1024)
-    if args.temperature is None:
-        fill["temperature"] = preset.get("temperature", 0.2)
-    if args.freeze_blocks is None:
-        fill["freeze_blocks"] = preset.get("freeze_blocks", 0)
-    if args.head_blocks is None:
-        fill["head_blocks"] = default_head_blocks(args.model, depth)
-    if args.local_size is None:
-        fill["local_size"] = default_local_size(args.img_size, patch)
-    args = dataclasses.replace(args, **fill)
-    if args.img_size % patch:
-        raise UserError(f"--img-size {args.img_size} is not a multiple of the patch size {patch}")
+    defaults = {"epochs": 20 if (post_norm or args.model == "vit_2b14") else 30, "batch_size": 1024,
+                "temperature": 0.2, "freeze_blocks": 0, "head_blocks": list(range(depth - max(1, depth // 3), depth)),
+                "local_size": default_local_size(args.img_size, patch),
+                **{k: v for k, v in PRESETS.get(args.model, {}).items() if k != "init"}}
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     if args.local_crops > 0 and (args.local_size < patch or args.local_size % patch):
         raise UserError(f"--local-size {args.local_size} must be a positive multiple of the patch size {patch}")
     bad = [b for b in args.head_blocks if not -depth <= b < depth]
@@ -318,7 +298,6 @@ class Refiner(nn.Module):
         super().__init__()
         self.encoder, self.head_blocks = encoder, list(head_blocks)
         self.heads = nn.ModuleList([IDHead(encoder.dim, hidden, out_dim, pred_hidden) for _ in head_blocks])
-        self.features_fn = self.features  # replaced by a compiled version under --compile
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """CLS token per head (B, D): raw block output; the last block's head reads the encoder output
@@ -331,9 +310,9 @@ class Refiner(nn.Module):
         """x_global (2n, 3, S, S) = [g0; g1]; x_local (L*n, 3, s, s) = [l0; ...; l(L-1)] or None.
         Returns per head (z, p), each (V*n, 256) in view-major order [g0; g1; l0; ...]."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):  # stage "heads": no graph
-            feats = self.features_fn(x_global)
+            feats = self.features(x_global)
             if x_local is not None:
-                feats = [torch.cat([fg, fl]) for fg, fl in zip(feats, self.features_fn(x_local))]
+                feats = [torch.cat([fg, fl]) for fg, fl in zip(feats, self.features(x_local))]
         return [head(f if train_encoder else f.detach()) for head, f in zip(self.heads, feats)]
 
 
@@ -809,7 +788,7 @@ def main(args: Args):
         sharding.shard(model)
         sharding.shard_vit(ema)  # never run; sharded storage, EMA on the shards
     if args.compile:
-        model.features_fn = torch.compile(model.features)
+        encoder.forward_features = torch.compile(encoder.forward_features)
 
     knn = common.knn_monitor(dist_info, log, every=args.knn_every, data=args.knn_data, train_data=args.data,
                              subset=args.knn_subset, img_size=args.img_size, batch_size=micro,
