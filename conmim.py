@@ -77,122 +77,6 @@ import common
 from common import UserError
 
 
-@dataclass
-class Args(common.Flags):
-    # ---------------------------------------------------------------- common flags
-    model: str = "vit_b16"
-    """encoder architecture (common.VIT_CONFIGS); paper: vit_s16 / vit_b16 / vit_l16 (Table 11)"""
-    img_size: common.PosInt = 224
-    """training crop size in pixels; paper 224 (Table 11)"""
-    patch_size: Optional[common.PosInt] = None
-    """patch size in pixels; none = the model's own (16, Table 11)"""
-    data: str = "data/imagenet"
-    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper ImageNet-1K"""
-    output_dir: str = "runs/conmim"
-    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
-    resumes"""
-    epochs: common.PosInt = 800
-    """pre-training epochs; paper 300 (S) / 800 (B, L) (Table 11)"""
-    warmup_epochs: common.NonNegInt = 10
-    """linear lr warmup epochs; paper 10 (Table 11; official parser default 5)"""
-    batch_size: common.PosInt = 2048
-    """GLOBAL batch size (all processes and accumulation steps); paper 2048 (Table 11)"""
-    accum_steps: common.PosInt = 1
-    """gradient accumulation steps (projector BN then sees only the micro-batch; a warning is printed)"""
-    blr: common.PosFloat = 6.25e-5
-    """base lr per 256 images: lr = blr * batch_size / 256 = 5e-4 at the paper's batch 2048 (Table 11)"""
-    lr: Optional[common.PosFloat] = None
-    """absolute peak lr; none -> blr * batch_size / 256. The official code uses --lr 5e-4 unscaled"""
-    min_lr: common.NonNegFloat = 1e-5
-    """final lr of the cosine schedule; paper 1e-5 (Table 11); clipped to the peak lr"""
-    weight_decay: common.NonNegFloat = 0.05
-    """AdamW weight decay; paper 0.05 (Table 11)"""
-    num_workers: common.NonNegInt = 8
-    """DataLoader worker processes per rank"""
-    seed: int = 0
-    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
-    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """activation checkpointing of the online encoder: auto (on CUDA: as many blocks as the measured memory plan
-    needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
-    plan: Optional[str] = None
-    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
-    data and no initial checkpoint: one training step on fake tensors)"""
-    compile: bool = False
-    """torch.compile the encoders' forward_features"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
-    # ---------------------------------------------------------------- ConMIM
-    pos_embed: Literal["rel", "abs"] = "rel"
-    """rel: BEiT's shared relative position bias, no absolute position embedding (the paper's backbone; blocks
-    Eq. (3)'s positional shortcut, see the docstring); abs: the shared fixed sin-cos ViT (official MAE/timm
-    layout, loads into timm's VisionTransformer)"""
-    mask_type: Literal["grid", "beit"] = "grid"
-    """grid: random masking in units of mask_block x mask_block patches (paper Sec. 4 + Table 11 = official
-    random_mps32); beit: BEiT block-wise masking (official parser default 'block')"""
-    mask_ratio: common.OpenUnit = 0.75
-    """fraction of patches (grid: of mask_block cells, rounded up) replaced by the mask token; paper 0.75
-    (Sec. 4, Table 15)"""
-    mask_block: common.PosInt = 2
-    """grid masking cell size in patches: Table 11 masking patch size 32 px / patch 16 px = 2 for ViT-B/L,
-    16/16 = 1 for ViT-S"""
-    beit_min_patches: common.PosInt = 16
-    """beit masking: minimum patches per block (BEiT: 16 at a 14x14 grid)"""
-    beit_min_aspect: common.PosUnit = 0.3
-    """beit masking: block aspect ratio in [a, 1/a] (BEiT: 0.3)"""
-    crop_min_scale: common.PosUnit = 0.08
-    """RandomResizedCrop minimum area fraction, shared by both inputs; official/BEiT (0.08, 1)"""
-    jitter_p: common.Prob = 0.8
-    """strong (full-image) view: probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (Table 11; official p 0.8)"""
-    gray_p: common.Prob = 0.2
-    """strong view: grayscale probability (official code; SimCLR colour distortion cited in Sec. 4)"""
-    blur_p: common.Prob = 0.1
-    """strong view: Gaussian blur probability (Table 11 'GaussianBlur(0.1)')"""
-    solarize_p: common.Prob = 0.2
-    """strong view: solarization probability (Table 11 'Solarization(0.2)')"""
-    temperature: common.PosFloat = 0.1
-    """tau of Eq. (3); paper 0.1 (Table 11, Table 16)"""
-    momentum: common.Prob = 0.996
-    """initial momentum coefficient alpha; paper 0.996 (Table 11, Table 17)"""
-    momentum_final: common.Prob = 1.0
-    """final momentum coefficient (cosine schedule); paper 1 (Table 11)"""
-    head_hidden_dim: common.PosInt = 4096
-    """projector hidden width (MoCo v3 head: D-4096-4096-256; official code)"""
-    head_out_dim: common.PosInt = 256
-    """projector output width (MoCo v3 / official code: 256)"""
-    drop_path: Annotated[float, common.Range(0, 1, hi_open=True)] = 0.0
-    """stochastic depth of the online encoder; paper 0.1 (S), none (B, L) (Table 11)"""
-    rel_pos_lr_mult: common.PosFloat = 1.0
-    """lr multiplier of the shared relative position bias table (--pos-embed rel); paper 1 (one lr for all,
-    Table 11). The table is the only thing that can tell the identical mask tokens apart (docstring), and
-    Adam moves it by about lr per step: a 300-step miniature needs a larger multiplier"""
-    clip_grad: Optional[common.PosFloat] = 3.0
-    """max gradient norm; paper 3 (S, B), 1 (L) (Table 11); none disables (official default)"""
-    sync_bn: bool = True
-    """BatchNorm statistics of the projectors over the global batch under DDP (MoCo v3's SyncBatchNorm; on
-    CPU/gloo common.GatheredBatchNorm1d, the same maths); --no-sync-bn = official per-GPU BN"""
-    log_every: common.PosInt = 20
-    """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
-    exit_after_epochs: Optional[common.PosInt] = None
-    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
-    resume"""
-    knn_every: common.NonNegInt = 0
-    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
-    "model"); 0 = off. The ConMIM paper reports no k-NN."""
-    knn_data: Optional[str] = None
-    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
-    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
-    knn_subset: common.PosUnit = 0.1
-    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
-    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
-    save_every: common.NonNegInt = 20
-    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
-    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official README run: every 20 epochs."""
-    save_minutes: Optional[common.NonNegFloat] = None
-    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
-    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
-    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
-
-
 # ================================================================================================
 # Masking (paper Sec. 4 / Table 11; official masking_generator.py). Convention: True = masked.
 # ================================================================================================
@@ -454,6 +338,125 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
     what = f"ConMIM {args.model}, {n} images x 2 views per GPU"
     return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, False, False,
                               "the projector BatchNorm normalises per micro-batch")
+
+
+# ================================================================================================
+# Flags (each field: its paper default and source)
+# ================================================================================================
+@dataclass
+class Args(common.Flags):
+    # ---------------------------------------------------------------- common flags
+    model: str = "vit_b16"
+    """encoder architecture (common.VIT_CONFIGS); paper: vit_s16 / vit_b16 / vit_l16 (Table 11)"""
+    img_size: common.PosInt = 224
+    """training crop size in pixels; paper 224 (Table 11)"""
+    patch_size: Optional[common.PosInt] = None
+    """patch size in pixels; none = the model's own (16, Table 11)"""
+    data: str = "data/imagenet"
+    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper ImageNet-1K"""
+    output_dir: str = "runs/conmim"
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
+    resumes"""
+    epochs: common.PosInt = 800
+    """pre-training epochs; paper 300 (S) / 800 (B, L) (Table 11)"""
+    warmup_epochs: common.NonNegInt = 10
+    """linear lr warmup epochs; paper 10 (Table 11; official parser default 5)"""
+    batch_size: common.PosInt = 2048
+    """GLOBAL batch size (all processes and accumulation steps); paper 2048 (Table 11)"""
+    accum_steps: common.PosInt = 1
+    """gradient accumulation steps (projector BN then sees only the micro-batch; a warning is printed)"""
+    blr: common.PosFloat = 6.25e-5
+    """base lr per 256 images: lr = blr * batch_size / 256 = 5e-4 at the paper's batch 2048 (Table 11)"""
+    lr: Optional[common.PosFloat] = None
+    """absolute peak lr; none -> blr * batch_size / 256. The official code uses --lr 5e-4 unscaled"""
+    min_lr: common.NonNegFloat = 1e-5
+    """final lr of the cosine schedule; paper 1e-5 (Table 11); clipped to the peak lr"""
+    weight_decay: common.NonNegFloat = 0.05
+    """AdamW weight decay; paper 0.05 (Table 11)"""
+    num_workers: common.NonNegInt = 8
+    """DataLoader worker processes per rank"""
+    seed: int = 0
+    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
+    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """activation checkpointing of the online encoder: auto (on CUDA: as many blocks as the measured memory plan
+    needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data and no initial checkpoint: one training step on fake tensors)"""
+    compile: bool = False
+    """torch.compile the encoders' forward_features"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    # ---------------------------------------------------------------- ConMIM
+    pos_embed: Literal["rel", "abs"] = "rel"
+    """rel: BEiT's shared relative position bias, no absolute position embedding (the paper's backbone; blocks
+    Eq. (3)'s positional shortcut, see the docstring); abs: the shared fixed sin-cos ViT (official MAE/timm
+    layout, loads into timm's VisionTransformer)"""
+    mask_type: Literal["grid", "beit"] = "grid"
+    """grid: random masking in units of mask_block x mask_block patches (paper Sec. 4 + Table 11 = official
+    random_mps32); beit: BEiT block-wise masking (official parser default 'block')"""
+    mask_ratio: common.OpenUnit = 0.75
+    """fraction of patches (grid: of mask_block cells, rounded up) replaced by the mask token; paper 0.75
+    (Sec. 4, Table 15)"""
+    mask_block: common.PosInt = 2
+    """grid masking cell size in patches: Table 11 masking patch size 32 px / patch 16 px = 2 for ViT-B/L,
+    16/16 = 1 for ViT-S"""
+    beit_min_patches: common.PosInt = 16
+    """beit masking: minimum patches per block (BEiT: 16 at a 14x14 grid)"""
+    beit_min_aspect: common.PosUnit = 0.3
+    """beit masking: block aspect ratio in [a, 1/a] (BEiT: 0.3)"""
+    crop_min_scale: common.PosUnit = 0.08
+    """RandomResizedCrop minimum area fraction, shared by both inputs; official/BEiT (0.08, 1)"""
+    jitter_p: common.Prob = 0.8
+    """strong (full-image) view: probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (Table 11; official p 0.8)"""
+    gray_p: common.Prob = 0.2
+    """strong view: grayscale probability (official code; SimCLR colour distortion cited in Sec. 4)"""
+    blur_p: common.Prob = 0.1
+    """strong view: Gaussian blur probability (Table 11 'GaussianBlur(0.1)')"""
+    solarize_p: common.Prob = 0.2
+    """strong view: solarization probability (Table 11 'Solarization(0.2)')"""
+    temperature: common.PosFloat = 0.1
+    """tau of Eq. (3); paper 0.1 (Table 11, Table 16)"""
+    momentum: common.Prob = 0.996
+    """initial momentum coefficient alpha; paper 0.996 (Table 11, Table 17)"""
+    momentum_final: common.Prob = 1.0
+    """final momentum coefficient (cosine schedule); paper 1 (Table 11)"""
+    head_hidden_dim: common.PosInt = 4096
+    """projector hidden width (MoCo v3 head: D-4096-4096-256; official code)"""
+    head_out_dim: common.PosInt = 256
+    """projector output width (MoCo v3 / official code: 256)"""
+    drop_path: Annotated[float, common.Range(0, 1, hi_open=True)] = 0.0
+    """stochastic depth of the online encoder; paper 0.1 (S), none (B, L) (Table 11)"""
+    rel_pos_lr_mult: common.PosFloat = 1.0
+    """lr multiplier of the shared relative position bias table (--pos-embed rel); paper 1 (one lr for all,
+    Table 11). The table is the only thing that can tell the identical mask tokens apart (docstring), and
+    Adam moves it by about lr per step: a 300-step miniature needs a larger multiplier"""
+    clip_grad: Optional[common.PosFloat] = 3.0
+    """max gradient norm; paper 3 (S, B), 1 (L) (Table 11); none disables (official default)"""
+    sync_bn: bool = True
+    """BatchNorm statistics of the projectors over the global batch under DDP (MoCo v3's SyncBatchNorm; on
+    CPU/gloo common.GatheredBatchNorm1d, the same maths); --no-sync-bn = official per-GPU BN"""
+    log_every: common.PosInt = 20
+    """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
+    exit_after_epochs: Optional[common.PosInt] = None
+    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
+    resume"""
+    knn_every: common.NonNegInt = 0
+    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    "model"); 0 = off. The ConMIM paper reports no k-NN."""
+    knn_data: Optional[str] = None
+    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
+    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
+    knn_subset: common.PosUnit = 0.1
+    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
+    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
+    save_every: common.NonNegInt = 20
+    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
+    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official README run: every 20 epochs."""
+    save_minutes: Optional[common.NonNegFloat] = None
+    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
+    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
+    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
 
 
 # ================================================================================================

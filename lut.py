@@ -75,129 +75,6 @@ import common
 from common import UserError
 
 
-@dataclass
-class Args(common.Flags):
-    # ---------------------------------------------------------------- common flags
-    model: str = "vit_b16"
-    """encoder architecture (common.VIT_CONFIGS); paper: vit_s16 / vit_b16 / vit_l16 (Table 1)"""
-    img_size: common.PosInt = 224
-    """training crop size in pixels; paper 224 (Sec. 5.1.2)"""
-    patch_size: Optional[common.PosInt] = None
-    """patch size in pixels; none = the model's own (16, Sec. 5.1.1)"""
-    data: str = "data/imagenet"
-    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper ImageNet-1K"""
-    output_dir: str = "runs/lut"
-    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
-    resumes"""
-    epochs: common.PosInt = 1600
-    """pre-training epochs; paper 1600 (Sec. 5.1.2; ablations 400, Sec. 6.1)"""
-    warmup_epochs: common.NonNegInt = 40
-    """linear lr warmup epochs; paper 40 (Sec. 5.1.2)"""
-    batch_size: common.PosInt = 4096
-    """GLOBAL batch size (all processes and accumulation steps); paper 4096 (Sec. 5.1.2)"""
-    accum_steps: common.PosInt = 1
-    """gradient accumulation steps (head BN then sees only the micro-batch; a warning is printed);
-    official ViT-B command: 4"""
-    blr: common.PosFloat = 1.5e-4
-    """base lr: lr = blr * batch_size / 256 (MAE protocol, Sec. 5.1.2) or blr * sqrt(batch_size) / 4
-    (--lr-scaling sqrt, official); 1.5e-4 (official PRETRAIN.md, MAE)"""
-    lr: Optional[common.PosFloat] = None
-    """absolute peak lr; none -> from --blr and --lr-scaling"""
-    min_lr: common.NonNegFloat = 0.0
-    """final lr of the cosine schedule; MAE/official 0"""
-    weight_decay: common.NonNegFloat = 0.05
-    """AdamW weight decay; paper 0.05 (MAE protocol, official)"""
-    num_workers: common.NonNegInt = 10
-    """DataLoader worker processes per rank"""
-    seed: int = 0
-    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
-    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """activation checkpointing of the online encoder: auto (on CUDA: as many blocks as the measured memory plan
-    needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
-    plan: Optional[str] = None
-    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
-    data and no initial checkpoint: one training step on fake tensors)"""
-    compile: bool = False
-    """torch.compile the encoders' forward_features"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
-    # ---------------------------------------------------------------- MAE branch (Eq. 1)
-    mask_ratio: common.OpenUnit = 0.75
-    """fraction of patches removed from the online encoder's input; paper 0.75 (Sec. 5.1.2)"""
-    norm_pix_loss: bool = True
-    """reconstruct per-patch normalised pixels (MAE; official PRETRAIN.md --norm_pix_loss)"""
-    decoder_dim: common.PosInt = 512
-    """decoder width; paper 512 (MAE 8-block decoder, Sec. 5.1.1; official dec512d8b)"""
-    decoder_depth: common.PosInt = 8
-    """decoder blocks; paper 8 (Sec. 5.1.1)"""
-    decoder_heads: common.PosInt = 16
-    """decoder attention heads; official 16"""
-    mae_weight: common.NonNegFloat = 1.0
-    """weight of L_mim in Eq. (3); official --w_mae 1.0"""
-    # ---------------------------------------------------------------- context branch (Eq. 2)
-    context_weight: Optional[common.NonNegFloat] = None
-    """lambda of Eq. (3); none -> 1.0 for ViT-S and smaller, 0.25 for ViT-B and larger (Sec. 5.1.2;
-    0.25 also for L, as the official ViT-B command)"""
-    head_hidden_dim: common.PosInt = 4096
-    """hidden width of the projector h / h~; paper 4096 (Sec. 5.1.1)"""
-    head_out_dim: Optional[common.PosInt] = None
-    """output width of h / h~ and the predictor; none = the encoder width D (official)"""
-    pred_hidden_dim: common.PosInt = 4096
-    """hidden width of the online-only predictor; paper 4096 (Sec. 5.1.1)"""
-    momentum: common.Prob = 0.996
-    """initial momentum of f~ / h~; paper 0.996 (Sec. 5.1.2)"""
-    momentum_final: common.Prob = 1.0
-    """final momentum (half-cosine schedule); official 1.0"""
-    symmetric: bool = False
-    """official two-sided formulation (both views masked with disjoint visible sets, loss both ways,
-    reconstruction of the weak view only); default: the paper's one-sided description"""
-    sync_bn: bool = True
-    """BatchNorm statistics of the heads over the global batch under DDP (official SyncBatchNorm; on CPU/gloo
-    common.GatheredBatchNorm1d, the same maths); --no-sync-bn: each process normalises its own batch"""
-    momentum_bn: Literal["running", "batch"] = "running"
-    """BatchNorm of the momentum head h~: running (official: the momentum model stays in eval mode and its BN
-    normalises with running statistics EMA'd from the online head's) or batch (BYOL, which Sec. 5.1.1
-    follows for the heads: the statistics of the current batch of full views); the paper does not say"""
-    # ---------------------------------------------------------------- augmentation (Sec. 3.0.4, 5.1.2)
-    crop: Literal["src", "rrc"] = "src"
-    """geometric augmentation of both views: src (simple resized crop, DeiT III; paper) or rrc
-    (RandomResizedCrop, MAE; paper Table 4 ablation)"""
-    src_padding: common.NonNegInt = 4
-    """SRC: reflect padding of the random crop in pixels (DeiT III / official 4)"""
-    rrc_min_scale: common.PosUnit = 0.2
-    """--crop rrc: minimum crop area fraction (MAE 0.2)"""
-    jitter_p: common.Prob = 0.8
-    """strong view: probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (official 0.8)"""
-    three_augment: bool = True
-    """strong view: apply exactly one of grayscale / solarize / blur (DeiT III 3-augment, Sec. 5.1.2)"""
-    # ---------------------------------------------------------------- optimiser details
-    lr_scaling: Literal["linear", "sqrt"] = "linear"
-    """linear: lr = blr * batch / 256 (MAE protocol, paper); sqrt: lr = blr * sqrt(batch) / 4 (official)"""
-    beta2: Annotated[float, common.Range(0, 1, hi_open=True)] = 0.95
-    """AdamW beta2; MAE/official 0.95 (the paper's text lists 0.999, the fine-tuning value)"""
-    log_every: common.PosInt = 20
-    """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
-    exit_after_epochs: Optional[common.PosInt] = None
-    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
-    resume"""
-    knn_every: common.NonNegInt = 0
-    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
-    "model"); 0 = off. The LUT paper reports no k-NN."""
-    knn_data: Optional[str] = None
-    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
-    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
-    knn_subset: common.PosUnit = 0.1
-    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
-    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
-    save_every: common.NonNegInt = 100
-    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
-    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: every 100 epochs (ModelSaver every_100_epochs)."""
-    save_minutes: Optional[common.NonNegFloat] = None
-    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
-    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
-    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
-
-
 # ================================================================================================
 # MAE branch (re-stated from mae.py / He et al. 2022 so that this file reads on its own)
 # ================================================================================================
@@ -469,6 +346,132 @@ def memory_plan(args: Args, gpus: int, capacity, mode: str):
     what = f"LUT {args.model}, {n} images x 2 views per GPU"
     return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, False, False,
                               "the head BatchNorm normalises per micro-batch")
+
+
+# ================================================================================================
+# Flags (each field: its paper default and source)
+# ================================================================================================
+@dataclass
+class Args(common.Flags):
+    # ---------------------------------------------------------------- common flags
+    model: str = "vit_b16"
+    """encoder architecture (common.VIT_CONFIGS); paper: vit_s16 / vit_b16 / vit_l16 (Table 1)"""
+    img_size: common.PosInt = 224
+    """training crop size in pixels; paper 224 (Sec. 5.1.2)"""
+    patch_size: Optional[common.PosInt] = None
+    """patch size in pixels; none = the model's own (16, Sec. 5.1.1)"""
+    data: str = "data/imagenet"
+    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper ImageNet-1K"""
+    output_dir: str = "runs/lut"
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
+    resumes"""
+    epochs: common.PosInt = 1600
+    """pre-training epochs; paper 1600 (Sec. 5.1.2; ablations 400, Sec. 6.1)"""
+    warmup_epochs: common.NonNegInt = 40
+    """linear lr warmup epochs; paper 40 (Sec. 5.1.2)"""
+    batch_size: common.PosInt = 4096
+    """GLOBAL batch size (all processes and accumulation steps); paper 4096 (Sec. 5.1.2)"""
+    accum_steps: common.PosInt = 1
+    """gradient accumulation steps (head BN then sees only the micro-batch; a warning is printed);
+    official ViT-B command: 4"""
+    blr: common.PosFloat = 1.5e-4
+    """base lr: lr = blr * batch_size / 256 (MAE protocol, Sec. 5.1.2) or blr * sqrt(batch_size) / 4
+    (--lr-scaling sqrt, official); 1.5e-4 (official PRETRAIN.md, MAE)"""
+    lr: Optional[common.PosFloat] = None
+    """absolute peak lr; none -> from --blr and --lr-scaling"""
+    min_lr: common.NonNegFloat = 0.0
+    """final lr of the cosine schedule; MAE/official 0"""
+    weight_decay: common.NonNegFloat = 0.05
+    """AdamW weight decay; paper 0.05 (MAE protocol, official)"""
+    num_workers: common.NonNegInt = 10
+    """DataLoader worker processes per rank"""
+    seed: int = 0
+    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
+    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """activation checkpointing of the online encoder: auto (on CUDA: as many blocks as the measured memory plan
+    needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data and no initial checkpoint: one training step on fake tensors)"""
+    compile: bool = False
+    """torch.compile the encoders' forward_features"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    # ---------------------------------------------------------------- MAE branch (Eq. 1)
+    mask_ratio: common.OpenUnit = 0.75
+    """fraction of patches removed from the online encoder's input; paper 0.75 (Sec. 5.1.2)"""
+    norm_pix_loss: bool = True
+    """reconstruct per-patch normalised pixels (MAE; official PRETRAIN.md --norm_pix_loss)"""
+    decoder_dim: common.PosInt = 512
+    """decoder width; paper 512 (MAE 8-block decoder, Sec. 5.1.1; official dec512d8b)"""
+    decoder_depth: common.PosInt = 8
+    """decoder blocks; paper 8 (Sec. 5.1.1)"""
+    decoder_heads: common.PosInt = 16
+    """decoder attention heads; official 16"""
+    mae_weight: common.NonNegFloat = 1.0
+    """weight of L_mim in Eq. (3); official --w_mae 1.0"""
+    # ---------------------------------------------------------------- context branch (Eq. 2)
+    context_weight: Optional[common.NonNegFloat] = None
+    """lambda of Eq. (3); none -> 1.0 for ViT-S and smaller, 0.25 for ViT-B and larger (Sec. 5.1.2;
+    0.25 also for L, as the official ViT-B command)"""
+    head_hidden_dim: common.PosInt = 4096
+    """hidden width of the projector h / h~; paper 4096 (Sec. 5.1.1)"""
+    head_out_dim: Optional[common.PosInt] = None
+    """output width of h / h~ and the predictor; none = the encoder width D (official)"""
+    pred_hidden_dim: common.PosInt = 4096
+    """hidden width of the online-only predictor; paper 4096 (Sec. 5.1.1)"""
+    momentum: common.Prob = 0.996
+    """initial momentum of f~ / h~; paper 0.996 (Sec. 5.1.2)"""
+    momentum_final: common.Prob = 1.0
+    """final momentum (half-cosine schedule); official 1.0"""
+    symmetric: bool = False
+    """official two-sided formulation (both views masked with disjoint visible sets, loss both ways,
+    reconstruction of the weak view only); default: the paper's one-sided description"""
+    sync_bn: bool = True
+    """BatchNorm statistics of the heads over the global batch under DDP (official SyncBatchNorm; on CPU/gloo
+    common.GatheredBatchNorm1d, the same maths); --no-sync-bn: each process normalises its own batch"""
+    momentum_bn: Literal["running", "batch"] = "running"
+    """BatchNorm of the momentum head h~: running (official: the momentum model stays in eval mode and its BN
+    normalises with running statistics EMA'd from the online head's) or batch (BYOL, which Sec. 5.1.1
+    follows for the heads: the statistics of the current batch of full views); the paper does not say"""
+    # ---------------------------------------------------------------- augmentation (Sec. 3.0.4, 5.1.2)
+    crop: Literal["src", "rrc"] = "src"
+    """geometric augmentation of both views: src (simple resized crop, DeiT III; paper) or rrc
+    (RandomResizedCrop, MAE; paper Table 4 ablation)"""
+    src_padding: common.NonNegInt = 4
+    """SRC: reflect padding of the random crop in pixels (DeiT III / official 4)"""
+    rrc_min_scale: common.PosUnit = 0.2
+    """--crop rrc: minimum crop area fraction (MAE 0.2)"""
+    jitter_p: common.Prob = 0.8
+    """strong view: probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (official 0.8)"""
+    three_augment: bool = True
+    """strong view: apply exactly one of grayscale / solarize / blur (DeiT III 3-augment, Sec. 5.1.2)"""
+    # ---------------------------------------------------------------- optimiser details
+    lr_scaling: Literal["linear", "sqrt"] = "linear"
+    """linear: lr = blr * batch / 256 (MAE protocol, paper); sqrt: lr = blr * sqrt(batch) / 4 (official)"""
+    beta2: Annotated[float, common.Range(0, 1, hi_open=True)] = 0.95
+    """AdamW beta2; MAE/official 0.95 (the paper's text lists 0.999, the fine-tuning value)"""
+    log_every: common.PosInt = 20
+    """log train/* metrics to log.jsonl/TensorBoard every this many optimizer steps"""
+    exit_after_epochs: Optional[common.PosInt] = None
+    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
+    resume"""
+    knn_every: common.NonNegInt = 0
+    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    "model"); 0 = off. The LUT paper reports no k-NN."""
+    knn_data: Optional[str] = None
+    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
+    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
+    knn_subset: common.PosUnit = 0.1
+    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
+    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
+    save_every: common.NonNegInt = 100
+    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
+    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: every 100 epochs (ModelSaver every_100_epochs)."""
+    save_minutes: Optional[common.NonNegFloat] = None
+    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
+    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
+    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
 
 
 # ================================================================================================

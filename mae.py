@@ -72,96 +72,6 @@ import common
 from common import UserError
 
 
-@dataclass
-class Args(common.Flags):
-    # ---- common flags ----
-    model: str = "vit_l16"
-    """encoder architecture (common.VIT_CONFIGS); the paper pre-trains vit_b16, vit_l16 (main ablations), vit_h14"""
-    img_size: common.PosInt = 224
-    """training crop size (paper: 224, App. A.1)"""
-    patch_size: Optional[common.PosInt] = None
-    """patch size p; None -> the model's own (16, or 14 for H/14)"""
-    data: str = "data/imagenet"
-    """ImageFolder root (ROOT/train), a flat folder of images (no labels needed), or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py);
-    paper: ImageNet-1K train"""
-    output_dir: str = "runs/mae"
-    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
-    resumes"""
-    epochs: common.NonNegInt = 800
-    """pre-training epochs (paper: 800 for the Table 1 ablations, 1600 for the released models; official default 400)"""
-    warmup_epochs: common.NonNegFloat = 40
-    """linear lr warmup epochs, starting from lr 0 (App. A.1 Table 8: 40)"""
-    batch_size: common.PosInt = 4096
-    """GLOBAL batch = per-rank micro-batch x accum_steps x processes (App. A.1 Table 8: 4096)"""
-    accum_steps: common.PosInt = 1
-    """gradient accumulation micro-steps per optimizer step (official --accum_iter; safe for MAE: no BN, no negatives)"""
-    blr: common.PosFloat = 1.5e-4
-    """base learning rate; lr = blr * global_batch / 256 (App. A.1 Table 8: 1.5e-4; official argparse default 1e-3)"""
-    lr: Optional[common.PosFloat] = None
-    """absolute peak lr; None -> blr * batch_size / 256 (linear scaling rule, App. A.1)"""
-    weight_decay: common.NonNegFloat = 0.05
-    """AdamW weight decay (App. A.1 Table 8: 0.05); tokens, biases and norms get 0 (see --token-weight-decay)"""
-    num_workers: common.NonNegInt = 10
-    """DataLoader worker processes per rank"""
-    seed: int = 0
-    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
-    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """activation checkpointing: auto (on CUDA: the first k encoder, then decoder, blocks the measured memory plan
-    needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
-    plan: Optional[str] = None
-    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
-    data and no initial checkpoint: one training step on fake tensors)"""
-    compile: bool = False
-    """torch.compile the encoder's forward_features and the decoder's forward"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
-    fsdp: bool = False
-    """shard encoder, decoder, gradients and AdamW states over the processes with PyTorch FSDP2 (fully_shard)
-    instead of DDP (ViT-2B/14 and larger; --plan GPUSxGB says when it is needed). Checkpoints keep the plain format"""
-    # ---- MAE flags ----
-    mask_ratio: common.OpenUnit = 0.75
-    """fraction r of patches removed per image (Sec. 3 'Masking'; Sec. 4.1 / Fig. 5: 0.75)"""
-    norm_pix_loss: bool = True
-    """per-patch normalised pixel targets (Sec. 3 'Reconstruction target', Table 1d; official --norm_pix_loss,
-    used for the released encoders); --no-norm-pix-loss regresses raw (ImageNet-normalised) pixels"""
-    decoder_dim: common.PosInt = 512
-    """decoder width (Table 1b: 512; official mae_vit_*_dec512d8b)"""
-    decoder_depth: common.NonNegInt = 8
-    """decoder blocks (Table 1a: 8)"""
-    decoder_heads: common.PosInt = 16
-    """decoder attention heads (not in the paper; official: 16)"""
-    min_lr: common.NonNegFloat = 0.0
-    """lr at the end of the cosine schedule (official --min_lr default 0)"""
-    crop_min_scale: common.PosUnit = 0.2
-    """lower bound of RandomResizedCrop's area scale (Table 8 / Table 1e: RandomResizedCrop; 0.2 from the official code)"""
-    token_weight_decay: bool = False
-    """official-code behaviour: apply weight decay to cls_token and mask_token too (timm 0.3.2 rule)"""
-    init: Optional[str] = None
-    """optional encoder to start from (our checkpoint or an official mae_pretrain_*/_full file); a decoder in the
-    file with the same shape is loaded too. Ignored when OUTPUT_DIR already holds a checkpoint (resume)"""
-    vis_images: common.NonNegInt = 8
-    """train images (fixed, center-cropped) shown in recon_epochEEE.png each epoch; 0 disables"""
-    exit_after_epochs: Optional[common.PosInt] = None
-    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
-    resume"""
-    knn_every: common.NonNegInt = 0
-    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
-    "model"); 0 = off. The MAE paper reports no k-NN."""
-    knn_data: Optional[str] = None
-    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
-    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
-    knn_subset: common.PosUnit = 0.1
-    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
-    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
-    save_every: common.NonNegInt = 20
-    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
-    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: a checkpoint every 20 epochs (main_pretrain.py)."""
-    save_minutes: Optional[common.NonNegFloat] = None
-    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
-    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
-    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
-
-
 # ==============================================================================================
 # Masking and patch layout (Sec. 3 "Masking"; official random_masking / patchify)
 # ==============================================================================================
@@ -350,22 +260,6 @@ def reconstruction_batch(args: Args, num_patches: int) -> tuple[torch.Tensor, to
 
 
 # ==============================================================================================
-# Flags
-# ==============================================================================================
-def validate(args: Args):
-    """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
-    is declared on its Args field (checked by common.Flags)."""
-    if args.decoder_dim % args.decoder_heads:
-        raise UserError(f"--decoder-dim {args.decoder_dim} is not divisible by --decoder-heads {args.decoder_heads}")
-    if args.decoder_dim % 4:
-        raise UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 (2-D sin-cos positions)")
-    if args.fsdp and args.compile:
-        raise UserError("--fsdp with --compile is not supported; drop one of them")
-    if args.fsdp:
-        common.neighbour("fsdp", "--fsdp")  # optional neighbour: one line if it is missing
-
-
-# ==============================================================================================
 # ALGO LOGIC: one training step (Sec. 3)
 # ==============================================================================================
 @dataclass
@@ -391,6 +285,112 @@ def train_step(state: TrainState, imgs: torch.Tensor, *, sync: bool, step: int, 
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+# ==============================================================================================
+# Flags: each field names its paper default and source (--help is the reference)
+# ==============================================================================================
+@dataclass
+class Args(common.Flags):
+    # ---- common flags ----
+    model: str = "vit_l16"
+    """encoder architecture (common.VIT_CONFIGS); the paper pre-trains vit_b16, vit_l16 (main ablations), vit_h14"""
+    img_size: common.PosInt = 224
+    """training crop size (paper: 224, App. A.1)"""
+    patch_size: Optional[common.PosInt] = None
+    """patch size p; None -> the model's own (16, or 14 for H/14)"""
+    data: str = "data/imagenet"
+    """ImageFolder root (ROOT/train), a flat folder of images (no labels needed), or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py);
+    paper: ImageNet-1K train"""
+    output_dir: str = "runs/mae"
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
+    resumes"""
+    epochs: common.NonNegInt = 800
+    """pre-training epochs (paper: 800 for the Table 1 ablations, 1600 for the released models; official default 400)"""
+    warmup_epochs: common.NonNegFloat = 40
+    """linear lr warmup epochs, starting from lr 0 (App. A.1 Table 8: 40)"""
+    batch_size: common.PosInt = 4096
+    """GLOBAL batch = per-rank micro-batch x accum_steps x processes (App. A.1 Table 8: 4096)"""
+    accum_steps: common.PosInt = 1
+    """gradient accumulation micro-steps per optimizer step (official --accum_iter; safe for MAE: no BN, no negatives)"""
+    blr: common.PosFloat = 1.5e-4
+    """base learning rate; lr = blr * global_batch / 256 (App. A.1 Table 8: 1.5e-4; official argparse default 1e-3)"""
+    lr: Optional[common.PosFloat] = None
+    """absolute peak lr; None -> blr * batch_size / 256 (linear scaling rule, App. A.1)"""
+    weight_decay: common.NonNegFloat = 0.05
+    """AdamW weight decay (App. A.1 Table 8: 0.05); tokens, biases and norms get 0 (see --token-weight-decay)"""
+    num_workers: common.NonNegInt = 10
+    """DataLoader worker processes per rank"""
+    seed: int = 0
+    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
+    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """activation checkpointing: auto (on CUDA: the first k encoder, then decoder, blocks the measured memory plan
+    needs, printed before step 1; off on CPU), on (every block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data and no initial checkpoint: one training step on fake tensors)"""
+    compile: bool = False
+    """torch.compile the encoder's forward_features and the decoder's forward"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    fsdp: bool = False
+    """shard encoder, decoder, gradients and AdamW states over the processes with PyTorch FSDP2 (fully_shard)
+    instead of DDP (ViT-2B/14 and larger; --plan GPUSxGB says when it is needed). Checkpoints keep the plain format"""
+    # ---- MAE flags ----
+    mask_ratio: common.OpenUnit = 0.75
+    """fraction r of patches removed per image (Sec. 3 'Masking'; Sec. 4.1 / Fig. 5: 0.75)"""
+    norm_pix_loss: bool = True
+    """per-patch normalised pixel targets (Sec. 3 'Reconstruction target', Table 1d; official --norm_pix_loss,
+    used for the released encoders); --no-norm-pix-loss regresses raw (ImageNet-normalised) pixels"""
+    decoder_dim: common.PosInt = 512
+    """decoder width (Table 1b: 512; official mae_vit_*_dec512d8b)"""
+    decoder_depth: common.NonNegInt = 8
+    """decoder blocks (Table 1a: 8)"""
+    decoder_heads: common.PosInt = 16
+    """decoder attention heads (not in the paper; official: 16)"""
+    min_lr: common.NonNegFloat = 0.0
+    """lr at the end of the cosine schedule (official --min_lr default 0)"""
+    crop_min_scale: common.PosUnit = 0.2
+    """lower bound of RandomResizedCrop's area scale (Table 8 / Table 1e: RandomResizedCrop; 0.2 from the official code)"""
+    token_weight_decay: bool = False
+    """official-code behaviour: apply weight decay to cls_token and mask_token too (timm 0.3.2 rule)"""
+    init: Optional[str] = None
+    """optional encoder to start from (our checkpoint or an official mae_pretrain_*/_full file); a decoder in the
+    file with the same shape is loaded too. Ignored when OUTPUT_DIR already holds a checkpoint (resume)"""
+    vis_images: common.NonNegInt = 8
+    """train images (fixed, center-cropped) shown in recon_epochEEE.png each epoch; 0 disables"""
+    exit_after_epochs: Optional[common.PosInt] = None
+    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
+    resume"""
+    knn_every: common.NonNegInt = 0
+    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    "model"); 0 = off. The MAE paper reports no k-NN."""
+    knn_data: Optional[str] = None
+    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
+    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
+    knn_subset: common.PosUnit = 0.1
+    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
+    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
+    save_every: common.NonNegInt = 20
+    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
+    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: a checkpoint every 20 epochs (main_pretrain.py)."""
+    save_minutes: Optional[common.NonNegFloat] = None
+    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
+    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
+    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
+
+
+def validate(args: Args):
+    """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
+    is declared on its Args field (checked by common.Flags)."""
+    if args.decoder_dim % args.decoder_heads:
+        raise UserError(f"--decoder-dim {args.decoder_dim} is not divisible by --decoder-heads {args.decoder_heads}")
+    if args.decoder_dim % 4:
+        raise UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of 4 (2-D sin-cos positions)")
+    if args.fsdp and args.compile:
+        raise UserError("--fsdp with --compile is not supported; drop one of them")
+    if args.fsdp:
+        common.neighbour("fsdp", "--fsdp")  # optional neighbour: one line if it is missing
 
 
 # ==============================================================================================

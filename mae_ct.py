@@ -84,156 +84,6 @@ import common
 from common import UserError
 
 
-@dataclass
-class Args(common.Flags):
-    # ---- common flags ----
-    model: str = "vit_l16"
-    """encoder architecture (common.VIT_CONFIGS); the paper tunes vit_b16, vit_l16, vit_h16, vit_h14"""
-    img_size: common.PosInt = 224
-    """training resolution (paper 224); the MAE pos_embed is interpolated if --init differs"""
-    patch_size: Optional[common.PosInt] = None
-    """patch size; None -> the model's own (16, or 14 for H/14). Must match the --init checkpoint"""
-    data: str = "data/imagenet"
-    """ImageFolder root (ROOT/train), a flat folder of images, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper: ImageNet-1K train"""
-    output_dir: str = "runs/mae_ct"
-    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
-    resumes"""
-    epochs: Optional[common.NonNegInt] = None
-    """contrastive-tuning (stage 2) epochs; None -> Table 7 (min aug: B 20, L 20, H 30) or Table 8 (aug: 80, 40, 40)"""
-    warmup_epochs: Optional[common.NonNegFloat] = None
-    """stage-2 warmup epochs; None -> --warmup-fraction of the stage-2 updates (Table 7: 20 percent)"""
-    batch_size: Optional[Annotated[int, common.Range(2, why="BatchNorm in the heads needs 2 samples per view")]] = None
-    """GLOBAL batch (images, each gives 2 views); None -> Table 7/8: 1024 (B/L), 512 (H)"""
-    accum_steps: common.PosInt = 1
-    """gradient accumulation; must stay 1: accumulating shrinks the BatchNorm batch and the negatives of Eq. 2"""
-    blr: common.PosFloat = 1e-4
-    """encoder base lr, scaled by global_batch*2 views/256 (Table 7/8: 1e-4; official LinearLrScaler)"""
-    lr: Optional[common.PosFloat] = None
-    """absolute peak encoder lr; None -> blr * batch_size * 2 / 256"""
-    weight_decay: common.NonNegFloat = 0.05
-    """encoder AdamW weight decay (Table 7/8: 0.05); biases and 1-D params get 0"""
-    num_workers: common.NonNegInt = 10
-    """DataLoader worker processes per rank"""
-    seed: int = 0
-    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
-    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """activation checkpointing of the encoder blocks: auto (on CUDA: as many trainable blocks as the measured
-    memory plan needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
-    plan: Optional[str] = None
-    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
-    data and no initial checkpoint: one training step on fake tensors)"""
-    compile: bool = False
-    """torch.compile the encoder's forward_features"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
-    # ---- MAE-CT flags ----
-    init: Optional[str] = None
-    """MAE encoder to tune (required): our mae.py checkpoint or an official MAE release file (mae_pretrain_vit_*.pth)"""
-    aug: Literal["min", "byol"] = "min"
-    """'min': MAE-CT_min, 2 views of RandomResizedCrop(0.08-1)+flip (Table 7); 'byol': MAE-CT_aug, BYOL's
-    asymmetric colour/blur/solarize views (Table 8). Also selects the per-model defaults"""
-    min_scale: common.PosUnit = 0.08
-    """lower bound of the RandomResizedCrop area scale for both views (official: 0.08)"""
-    pool: Optional[Literal["cls", "avg"]] = None
-    """head input: 'cls' (CLS token) or 'avg' (mean of the patch tokens), after the final LayerNorm;
-    None -> 'avg' for ViT-B (and T/S), 'cls' for L/H (App. A.2)"""
-    head_epochs: common.NonNegInt = 20
-    """stage-1 NNCLR head initialisation epochs on the frozen encoder (App. A.2: 20); 0 skips stage 1"""
-    head_init_blr: common.PosFloat = 1e-4
-    """stage-1 head base lr, scaled like --blr (App. A.2: 1e-4)"""
-    head_init_temperature: common.PosFloat = 0.15
-    """stage-1 temperature tau (App. A.2: 0.15)"""
-    head_blr: Optional[common.PosFloat] = None
-    """stage-2 head base lr, scaled like --blr; None -> Table 7: 1e-4 (min), Table 8: 5e-4 (aug)"""
-    head_weight_decay: common.NonNegFloat = 1e-5
-    """AdamW weight decay of projector/predictor in both stages (Table 7/8: 1e-5)"""
-    warmup_fraction: common.Prob = 0.2
-    """warmup length as a fraction of each stage's updates (Table 7/8 and App. A.2: 20 percent)"""
-    layer_decay: common.PosUnit = 0.65
-    """layer-wise lr decay of the encoder in stage 2 (Table 7/8: 0.65; MAE util/lr_decay rule)"""
-    frozen_blocks: Optional[common.NonNegInt] = None
-    """stage-2 frozen lower blocks (plus patch_embed and cls_token); None -> depth/2 (Table 7: 6/12/16)"""
-    temperature: Optional[common.PosFloat] = None
-    """stage-2 tau of Eq. 2; None -> Table 7 (0.15/0.2/0.3 for B/L/H) or Table 8 (0.15/0.15/0.35)"""
-    topk: Optional[common.PosInt] = None
-    """stage-2 k of the topk-NN lookup (Eq. 1); None -> Table 7 (20/20/20) or Table 8 (10/10/30; official H: 20)"""
-    projector_ema: Optional[common.Prob] = None
-    """stage-2 momentum t2 of the projector EMA g_m (Alg. 1); None -> Table 7/8: 0.99 (B/L), 0.995 (H)"""
-    encoder_ema: common.Prob = 0.9999
-    """momentum t1 of the encoder EMA f_m, the encoder released/evaluated (Alg. 1, Table 7/8: 0.9999)"""
-    queue_size: common.PosInt = 65536
-    """length of the NN queue Q (Sec. 4 / Alg. 1: 65,536); initialised with random unit vectors (official)"""
-    exclude_self: bool = True
-    """official-code behaviour: never return the sample's own (older) queue entry as its NN; --no-exclude-self:
-    Alg. 1's literal lookup of the whole queue (differs on ~0.13% of ImageNet lookups, more on small data)"""
-    proj_hidden: common.PosInt = 2048
-    """projector hidden width (Alg. 1: 2048)"""
-    proj_dim: common.PosInt = 256
-    """projector / predictor output width (Alg. 1: 256)"""
-    pred_hidden: common.PosInt = 4096
-    """predictor hidden width (Alg. 1: 4096)"""
-    exit_after_epochs: Optional[common.PosInt] = None
-    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
-    resume"""
-    knn_every: common.NonNegInt = 1
-    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
-    "model"); 0 = off. Official: k-NN after every epoch, both stages."""
-    knn_data: Optional[str] = None
-    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
-    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
-    knn_subset: common.PosUnit = 0.1
-    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
-    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
-    save_every: common.NonNegInt = 0
-    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
-    epochs; 0 = none. checkpoint-last.pth stays the full resumable state."""
-    save_minutes: Optional[common.NonNegFloat] = None
-    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
-    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
-    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
-
-
-# Tables 7 (MAE-CT_min) and 8 (MAE-CT_aug): column per model size.
-PAPER_DEFAULTS = {  # (aug, size) -> epochs, batch, temperature, topk, projector EMA, head base lr
-    ("min", "B"): dict(epochs=20, batch_size=1024, temperature=0.15, topk=20, projector_ema=0.99, head_blr=1e-4),
-    ("min", "L"): dict(epochs=20, batch_size=1024, temperature=0.2, topk=20, projector_ema=0.99, head_blr=1e-4),
-    ("min", "H"): dict(epochs=30, batch_size=512, temperature=0.3, topk=20, projector_ema=0.995, head_blr=1e-4),
-    ("byol", "B"): dict(epochs=80, batch_size=1024, temperature=0.15, topk=10, projector_ema=0.99, head_blr=5e-4),
-    ("byol", "L"): dict(epochs=40, batch_size=1024, temperature=0.15, topk=10, projector_ema=0.99, head_blr=5e-4),
-    ("byol", "H"): dict(epochs=40, batch_size=512, temperature=0.35, topk=30, projector_ema=0.995, head_blr=5e-4),
-}
-MODEL_SIZE = {"vit_t16": "B", "vit_s16": "B", "vit_b16": "B", "vit_l16": "L", "vit_h14": "H", "vit_h16": "H", "vit_2b14": "H"}
-NUM_VIEWS = 2  # Algorithm 1: two augmented views per image
-
-
-def resolve_args(args: Args) -> Args:
-    """The None defaults in one merge (Tables 7/8 per model size and --aug; the average-pooled ViT-B, the [CLS] of
-    larger ones; half the blocks frozen), then the rules between flags (each flag's own range is on its Args field)."""
-    depth, size = common.vit_config(args.model)[1], MODEL_SIZE[args.model]
-    defaults = {"pool": "avg" if size == "B" else "cls", "frozen_blocks": depth // 2, **PAPER_DEFAULTS[(args.aug, size)]}
-    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
-    if args.accum_steps != 1:
-        raise UserError("--accum-steps must be 1 for MAE-CT: accumulation shrinks the BatchNorm batch and the "
-                        "negatives of the NNCLR loss; lower --batch-size or use more GPUs instead")
-    if not 0 <= args.frozen_blocks <= depth:
-        raise UserError(f"--frozen-blocks {args.frozen_blocks} is outside [0, {depth}] for {args.model}")
-    if args.topk > args.queue_size:
-        raise UserError(f"--topk {args.topk} exceeds --queue-size {args.queue_size}; lower --topk")
-    return args
-
-
-def scaled_lr(base_lr: float, global_batch: int, views: int = NUM_VIEWS) -> float:
-    """lr = base * global_batch * views / 256 (official LinearLrScaler; Table 7 'Learning rate')."""
-    return base_lr * global_batch * views / 256
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Per-update schedule multiplier in [0, 1]: official warmup (s+1)/(W+1) (never 0), then half-cosine
-    to 0 over the remaining updates (Table 7: 'warmup -> cosine', warmup fraction 20%)."""
-    return common.cosine_schedule(step, total_steps, base=1.0, final=0.0, warmup_steps=warmup_steps,
-                                  warmup_start=1.0 / (warmup_steps + 1))
-
-
 # ==============================================================================================
 # NNCLR head: projector g, predictor h (App. A.2 "NNCLR architecture"; official ContrastiveHeadBase)
 # ==============================================================================================
@@ -433,6 +283,159 @@ def train_step(state: TrainState, views: list[torch.Tensor], ids, labels, *, sta
         common.ema_update(state.target_projector, state.model.projector, args.projector_ema)
         common.ema_update(state.ema_encoder, state.model.encoder, args.encoder_ema)
     return loss, metrics
+
+
+# ==============================================================================================
+# Flags (each field: its paper default and source), the Tables 7 / 8 presets, the lr rules
+# ==============================================================================================
+@dataclass
+class Args(common.Flags):
+    # ---- common flags ----
+    model: str = "vit_l16"
+    """encoder architecture (common.VIT_CONFIGS); the paper tunes vit_b16, vit_l16, vit_h16, vit_h14"""
+    img_size: common.PosInt = 224
+    """training resolution (paper 224); the MAE pos_embed is interpolated if --init differs"""
+    patch_size: Optional[common.PosInt] = None
+    """patch size; None -> the model's own (16, or 14 for H/14). Must match the --init checkpoint"""
+    data: str = "data/imagenet"
+    """ImageFolder root (ROOT/train), a flat folder of images, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper: ImageNet-1K train"""
+    output_dir: str = "runs/mae_ct"
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
+    resumes"""
+    epochs: Optional[common.NonNegInt] = None
+    """contrastive-tuning (stage 2) epochs; None -> Table 7 (min aug: B 20, L 20, H 30) or Table 8 (aug: 80, 40, 40)"""
+    warmup_epochs: Optional[common.NonNegFloat] = None
+    """stage-2 warmup epochs; None -> --warmup-fraction of the stage-2 updates (Table 7: 20 percent)"""
+    batch_size: Optional[Annotated[int, common.Range(2, why="BatchNorm in the heads needs 2 samples per view")]] = None
+    """GLOBAL batch (images, each gives 2 views); None -> Table 7/8: 1024 (B/L), 512 (H)"""
+    accum_steps: common.PosInt = 1
+    """gradient accumulation; must stay 1: accumulating shrinks the BatchNorm batch and the negatives of Eq. 2"""
+    blr: common.PosFloat = 1e-4
+    """encoder base lr, scaled by global_batch*2 views/256 (Table 7/8: 1e-4; official LinearLrScaler)"""
+    lr: Optional[common.PosFloat] = None
+    """absolute peak encoder lr; None -> blr * batch_size * 2 / 256"""
+    weight_decay: common.NonNegFloat = 0.05
+    """encoder AdamW weight decay (Table 7/8: 0.05); biases and 1-D params get 0"""
+    num_workers: common.NonNegInt = 10
+    """DataLoader worker processes per rank"""
+    seed: int = 0
+    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
+    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """activation checkpointing of the encoder blocks: auto (on CUDA: as many trainable blocks as the measured
+    memory plan needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data and no initial checkpoint: one training step on fake tensors)"""
+    compile: bool = False
+    """torch.compile the encoder's forward_features"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    # ---- MAE-CT flags ----
+    init: Optional[str] = None
+    """MAE encoder to tune (required): our mae.py checkpoint or an official MAE release file (mae_pretrain_vit_*.pth)"""
+    aug: Literal["min", "byol"] = "min"
+    """'min': MAE-CT_min, 2 views of RandomResizedCrop(0.08-1)+flip (Table 7); 'byol': MAE-CT_aug, BYOL's
+    asymmetric colour/blur/solarize views (Table 8). Also selects the per-model defaults"""
+    min_scale: common.PosUnit = 0.08
+    """lower bound of the RandomResizedCrop area scale for both views (official: 0.08)"""
+    pool: Optional[Literal["cls", "avg"]] = None
+    """head input: 'cls' (CLS token) or 'avg' (mean of the patch tokens), after the final LayerNorm;
+    None -> 'avg' for ViT-B (and T/S), 'cls' for L/H (App. A.2)"""
+    head_epochs: common.NonNegInt = 20
+    """stage-1 NNCLR head initialisation epochs on the frozen encoder (App. A.2: 20); 0 skips stage 1"""
+    head_init_blr: common.PosFloat = 1e-4
+    """stage-1 head base lr, scaled like --blr (App. A.2: 1e-4)"""
+    head_init_temperature: common.PosFloat = 0.15
+    """stage-1 temperature tau (App. A.2: 0.15)"""
+    head_blr: Optional[common.PosFloat] = None
+    """stage-2 head base lr, scaled like --blr; None -> Table 7: 1e-4 (min), Table 8: 5e-4 (aug)"""
+    head_weight_decay: common.NonNegFloat = 1e-5
+    """AdamW weight decay of projector/predictor in both stages (Table 7/8: 1e-5)"""
+    warmup_fraction: common.Prob = 0.2
+    """warmup length as a fraction of each stage's updates (Table 7/8 and App. A.2: 20 percent)"""
+    layer_decay: common.PosUnit = 0.65
+    """layer-wise lr decay of the encoder in stage 2 (Table 7/8: 0.65; MAE util/lr_decay rule)"""
+    frozen_blocks: Optional[common.NonNegInt] = None
+    """stage-2 frozen lower blocks (plus patch_embed and cls_token); None -> depth/2 (Table 7: 6/12/16)"""
+    temperature: Optional[common.PosFloat] = None
+    """stage-2 tau of Eq. 2; None -> Table 7 (0.15/0.2/0.3 for B/L/H) or Table 8 (0.15/0.15/0.35)"""
+    topk: Optional[common.PosInt] = None
+    """stage-2 k of the topk-NN lookup (Eq. 1); None -> Table 7 (20/20/20) or Table 8 (10/10/30; official H: 20)"""
+    projector_ema: Optional[common.Prob] = None
+    """stage-2 momentum t2 of the projector EMA g_m (Alg. 1); None -> Table 7/8: 0.99 (B/L), 0.995 (H)"""
+    encoder_ema: common.Prob = 0.9999
+    """momentum t1 of the encoder EMA f_m, the encoder released/evaluated (Alg. 1, Table 7/8: 0.9999)"""
+    queue_size: common.PosInt = 65536
+    """length of the NN queue Q (Sec. 4 / Alg. 1: 65,536); initialised with random unit vectors (official)"""
+    exclude_self: bool = True
+    """official-code behaviour: never return the sample's own (older) queue entry as its NN; --no-exclude-self:
+    Alg. 1's literal lookup of the whole queue (differs on ~0.13% of ImageNet lookups, more on small data)"""
+    proj_hidden: common.PosInt = 2048
+    """projector hidden width (Alg. 1: 2048)"""
+    proj_dim: common.PosInt = 256
+    """projector / predictor output width (Alg. 1: 256)"""
+    pred_hidden: common.PosInt = 4096
+    """predictor hidden width (Alg. 1: 4096)"""
+    exit_after_epochs: Optional[common.PosInt] = None
+    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
+    resume"""
+    knn_every: common.NonNegInt = 1
+    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    "model"); 0 = off. Official: k-NN after every epoch, both stages."""
+    knn_data: Optional[str] = None
+    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
+    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
+    knn_subset: common.PosUnit = 0.1
+    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
+    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
+    save_every: common.NonNegInt = 0
+    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
+    epochs; 0 = none. checkpoint-last.pth stays the full resumable state."""
+    save_minutes: Optional[common.NonNegFloat] = None
+    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
+    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
+    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
+
+
+# Tables 7 (MAE-CT_min) and 8 (MAE-CT_aug): column per model size.
+PAPER_DEFAULTS = {  # (aug, size) -> epochs, batch, temperature, topk, projector EMA, head base lr
+    ("min", "B"): dict(epochs=20, batch_size=1024, temperature=0.15, topk=20, projector_ema=0.99, head_blr=1e-4),
+    ("min", "L"): dict(epochs=20, batch_size=1024, temperature=0.2, topk=20, projector_ema=0.99, head_blr=1e-4),
+    ("min", "H"): dict(epochs=30, batch_size=512, temperature=0.3, topk=20, projector_ema=0.995, head_blr=1e-4),
+    ("byol", "B"): dict(epochs=80, batch_size=1024, temperature=0.15, topk=10, projector_ema=0.99, head_blr=5e-4),
+    ("byol", "L"): dict(epochs=40, batch_size=1024, temperature=0.15, topk=10, projector_ema=0.99, head_blr=5e-4),
+    ("byol", "H"): dict(epochs=40, batch_size=512, temperature=0.35, topk=30, projector_ema=0.995, head_blr=5e-4),
+}
+MODEL_SIZE = {"vit_t16": "B", "vit_s16": "B", "vit_b16": "B", "vit_l16": "L", "vit_h14": "H", "vit_h16": "H", "vit_2b14": "H"}
+NUM_VIEWS = 2  # Algorithm 1: two augmented views per image
+
+
+def resolve_args(args: Args) -> Args:
+    """The None defaults in one merge (Tables 7/8 per model size and --aug; the average-pooled ViT-B, the [CLS] of
+    larger ones; half the blocks frozen), then the rules between flags (each flag's own range is on its Args field)."""
+    depth, size = common.vit_config(args.model)[1], MODEL_SIZE[args.model]
+    defaults = {"pool": "avg" if size == "B" else "cls", "frozen_blocks": depth // 2, **PAPER_DEFAULTS[(args.aug, size)]}
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    if args.accum_steps != 1:
+        raise UserError("--accum-steps must be 1 for MAE-CT: accumulation shrinks the BatchNorm batch and the "
+                        "negatives of the NNCLR loss; lower --batch-size or use more GPUs instead")
+    if not 0 <= args.frozen_blocks <= depth:
+        raise UserError(f"--frozen-blocks {args.frozen_blocks} is outside [0, {depth}] for {args.model}")
+    if args.topk > args.queue_size:
+        raise UserError(f"--topk {args.topk} exceeds --queue-size {args.queue_size}; lower --topk")
+    return args
+
+
+def scaled_lr(base_lr: float, global_batch: int, views: int = NUM_VIEWS) -> float:
+    """lr = base * global_batch * views / 256 (official LinearLrScaler; Table 7 'Learning rate')."""
+    return base_lr * global_batch * views / 256
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Per-update schedule multiplier in [0, 1]: official warmup (s+1)/(W+1) (never 0), then half-cosine
+    to 0 over the remaining updates (Table 7: 'warmup -> cosine', warmup fraction 20%)."""
+    return common.cosine_schedule(step, total_steps, base=1.0, final=0.0, warmup_steps=warmup_steps,
+                                  warmup_start=1.0 / (warmup_steps + 1))
 
 
 # ==============================================================================================

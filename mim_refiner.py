@@ -81,188 +81,6 @@ import common
 from common import UserError
 
 
-BATCH_WHY = ("the NNA loss contrasts each image with the other images of the step's batch over all ranks "
-             "(Eq. 1): with one image it is exactly 0; --batch-size / --accum-steps must be >= 2")
-
-
-@dataclass
-class Args(common.Flags):
-    # ---- common flags ----
-    model: str = "vit_l16"
-    """encoder architecture (common.VIT_CONFIGS); the paper refines vit_l16, vit_h14, vit_2b14"""
-    img_size: common.PosInt = 224
-    """global-view resolution (Table 10: 224); the --init pos_embed is interpolated if it differs"""
-    patch_size: Optional[common.PosInt] = None
-    """patch size; None -> the model's own (16, or 14 for H/14 and 2B/14). Must match --init"""
-    data: str = "data/imagenet"
-    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper: ImageNet-1K train"""
-    output_dir: str = "runs/mim_refiner"
-    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
-    resumes"""
-    epochs: Optional[common.NonNegInt] = None
-    """refinement epochs; None -> Table 10: 30 (MAE L/H), 20 (MAE 2B, data2vec 2.0)"""
-    warmup_epochs: common.NonNegFloat = 4
-    """linear lr warmup epochs at the start of each stage (Table 10: 4)"""
-    batch_size: Optional[Annotated[int, common.Range(2, why=BATCH_WHY)]] = None
-    """GLOBAL batch of images (each gives 2 global + --local-crops views); None -> Table 10: 1024 (L), 512 (H, 2B)"""
-    accum_steps: common.PosInt = 1
-    """gradient accumulation; >1 makes BN statistics, negatives and queue updates per micro-batch (warned)"""
-    blr: common.PosFloat = 4e-4
-    """refinement base lr for encoder and heads, scaled by global_batch/256 (Table 10: 4e-4; LinearLrScaler)"""
-    lr: Optional[common.PosFloat] = None
-    """absolute peak refinement lr; None -> blr * batch_size / 256"""
-    weight_decay: common.NonNegFloat = 0.05
-    """encoder AdamW weight decay (Table 10: 0.05); biases, 1-D params and cls_token get 0"""
-    num_workers: common.NonNegInt = 10
-    """DataLoader worker processes per rank"""
-    seed: int = 0
-    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
-    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """activation checkpointing of the encoder blocks: auto (on CUDA: as many blocks as the measured memory plan
-    needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
-    plan: Optional[str] = None
-    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
-    data and no initial checkpoint: one training step on fake tensors)"""
-    compile: bool = False
-    """torch.compile the encoder's forward_features"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
-    fsdp: bool = False
-    """shard encoder, EMA encoder, heads, gradients and AdamW states over the processes with PyTorch FSDP2
-    (fully_shard) instead of DDP; selected by --grad-checkpointing auto when DDP cannot fit (docs/memory.md). Checkpoints keep the plain format"""
-    # ---- MIM-Refiner flags ----
-    init: Optional[str] = None
-    """pre-trained MIM encoder: our mae.py checkpoint, an official MAE / MAWS / data2vec 2.0 file; None ->
-    checkpoints/mae_pretrain_vit_{large,huge}.pth (L, H), checkpoints/mae_in1k/vit_2b14.pt (2B)"""
-    post_norm: bool = False
-    """force the post-norm (data2vec 2.0) ViT; a data2vec 2.0 --init selects it automatically (App. B.1)"""
-    head_blocks: Optional[list[int]] = None
-    """0-based blocks with an ID head (negatives count from the end); None -> App. A.1: last 8 blocks for
-    L/16 and 2B/14, last 12 for H/14, last depth//3 otherwise. The last block's head reads the final-norm output"""
-    head_hidden: common.PosInt = 2048
-    """projector hidden width (App. B.2: 2048)"""
-    head_dim: common.PosInt = 256
-    """projector/predictor output width = queue width (official: 256)"""
-    pred_hidden: common.PosInt = 4096
-    """predictor hidden width (App. B.2: 4096)"""
-    queue_size: common.PosInt = 65536
-    """FIFO queue length per head (official: 65,536); initialised with randn"""
-    topk: common.PosInt = 20
-    """refinement NN lookup: uniform pick among the top-k (Table 10: 20)"""
-    head_topk: common.PosInt = 1
-    """head-stage NN lookup k (App. B.3: top-1)"""
-    temperature: Optional[common.PosFloat] = None
-    """tau of Eq. 1; None -> Table 10: 0.2 (L), 0.3 (H), 0.35 (2B); 0.2 for smaller models"""
-    local_crops: common.NonNegInt = 10
-    """number of local views (Table 10: 10)"""
-    local_size: Optional[common.PosInt] = None
-    """local view resolution; None -> Table 10: 96 for /16, 98 for /14 at 224, i.e. patch*round(3/7*img/patch)"""
-    global_scale: list[common.PosUnit] = field(default_factory=lambda: [0.25, 1.0])
-    """RandomResizedCrop area scale of the 2 global views (Table 10: [0.25, 1.0])"""
-    local_scale: list[common.PosUnit] = field(default_factory=lambda: [0.05, 0.25])
-    """RandomResizedCrop area scale of the local views (Table 10: [0.05, 0.25])"""
-    color_aug: bool = True
-    """BYOL colour jitter, grayscale, blur, solarize (Table 10); --no-color-aug: crop+flip only (App. A.2)"""
-    head_epochs: common.NonNegInt = 20
-    """head-stage epochs on the frozen encoder (App. B.3: 20); 0 skips the stage"""
-    head_blr: common.PosFloat = 2e-4
-    """head-stage base lr, scaled by global_batch/256 (App. B.3: 2e-4)"""
-    head_weight_decay: common.NonNegFloat = 1e-5
-    """AdamW weight decay of the ID heads in both stages (Table 10: 1e-5)"""
-    min_lr: common.NonNegFloat = 1e-6
-    """lr at the end of the cosine of each stage (official wupcos schedule: absolute 1e-6)"""
-    layer_decay: common.PosUnit = 0.65
-    """layer-wise lr decay of the encoder (Table 10: 0.65): block k gets 0.65^(depth-k), the final norm 1"""
-    freeze_blocks: Optional[common.NonNegInt] = None
-    """refinement: freeze patch_embed, cls_token and blocks [0, k) (Table 10: 6 for 2B/14, else 0)"""
-    ema_momentum: common.Prob = 0.9999
-    """encoder EMA momentum per update during refinement (Table 10: 0.9999); the EMA is saved as "model\""""
-    official_local_indexing: bool = False
-    """official loss indexing (official nnclr_loss.py): local targets predicted[:, l] instead of [:, 2+l]"""
-    exclude_self: bool = True
-    """official lookup: never return the sample's own (older) queue entry as its NN; --no-exclude-self: Eq. 2's
-    literal lookup of the whole queue (differs on ~0.13% of ImageNet lookups, far more on small data)"""
-    exit_after_epochs: Optional[common.PosInt] = None
-    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
-    resume"""
-    knn_every: common.NonNegInt = 1
-    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
-    "model"); 0 = off. Official: k-NN on a 10% ImageNet subset after every epoch, both stages (App. E)."""
-    knn_data: Optional[str] = None
-    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
-    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
-    knn_subset: common.PosUnit = 0.1
-    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
-    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
-    save_every: common.NonNegInt = 10
-    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
-    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: one kept every 10 epochs."""
-    save_minutes: Optional[common.NonNegFloat] = None
-    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
-    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
-    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
-
-
-# Table 10 and App. A.1 per model; init file names from the official src/initializers/pretrained_initializer.py.
-PRESETS = {
-    "vit_l16": dict(head_blocks=list(range(16, 24)), temperature=0.2, batch_size=1024, freeze_blocks=0,
-                    init="checkpoints/mae_pretrain_vit_large.pth"),
-    "vit_h14": dict(head_blocks=list(range(20, 32)), temperature=0.3, batch_size=512, freeze_blocks=0,
-                    init="checkpoints/mae_pretrain_vit_huge.pth"),
-    "vit_h16": dict(head_blocks=list(range(20, 32)), temperature=0.3, batch_size=512, freeze_blocks=0, init=None),
-    "vit_2b14": dict(head_blocks=list(range(16, 24)), temperature=0.35, batch_size=512, freeze_blocks=6,
-                     init="checkpoints/mae_in1k/vit_2b14.pt"),
-}
-
-
-def default_local_size(img_size: int, patch_size: int) -> int:
-    """Table 10: 96 px (/16) and 98 px (/14) local views at 224 px, i.e. 3/7 of the global grid side,
-    rounded to whole patches (6x6 resp. 7x7 patches); the same rule scales tiny runs (32/4 -> 12)."""
-    grid = img_size // patch_size
-    return patch_size * max(1, int(grid * 96 / 224 + 0.5))
-
-
-def resolve_args(args: Args, post_norm: bool) -> Args:
-    """The None defaults in one merge (Table 10 per model, PRESETS; 20 epochs for data2vec 2.0 and ViT-2B/14, else
-    30; App. A.1's heads on the last third of the blocks of other models; local views of 3/7 of the global side),
-    then the rules between flags (each flag's own range is on its Args field; the image size: common.create_vit)."""
-    _, depth, _, own_patch = common.vit_config(args.model)
-    patch = args.patch_size or own_patch
-    defaults = {"epochs": 20 if (post_norm or args.model == "vit_2b14") else 30, "batch_size": 1024,
-                "temperature": 0.2, "freeze_blocks": 0, "head_blocks": list(range(depth - max(1, depth // 3), depth)),
-                "local_size": default_local_size(args.img_size, patch),
-                **{k: v for k, v in PRESETS.get(args.model, {}).items() if k != "init"}}
-    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
-    if args.local_crops > 0 and (args.local_size < patch or args.local_size % patch):
-        raise UserError(f"--local-size {args.local_size} must be a positive multiple of the patch size {patch}")
-    bad = [b for b in args.head_blocks if not -depth <= b < depth]
-    if bad or not args.head_blocks:
-        raise UserError(f"--head-blocks {bad or '(none)'}: {args.model} has blocks 0..{depth - 1}")
-    blocks = [b % depth for b in args.head_blocks]
-    if len(set(blocks)) != len(blocks):
-        raise UserError(f"--head-blocks {args.head_blocks} names a block twice")
-    args = dataclasses.replace(args, head_blocks=blocks)
-    if not 0 <= args.freeze_blocks <= depth:
-        raise UserError(f"--freeze-blocks {args.freeze_blocks} is outside [0, {depth}] for {args.model}")
-    if max(args.topk, args.head_topk) > args.queue_size:
-        raise UserError(f"need 1 <= --topk/--head-topk <= --queue-size (got {args.topk}/{args.head_topk}, "
-                        f"{args.queue_size})")
-    if args.epochs + args.head_epochs == 0:
-        raise UserError("--epochs and --head-epochs are both 0; nothing to train")
-    for name in ("global_scale", "local_scale"):
-        lo_hi = getattr(args, name)
-        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
-            raise UserError(f"--{name.replace('_', '-')} needs two numbers 0 < lo <= hi <= 1")
-    if args.batch_size // args.accum_steps < 2:
-        raise UserError(f"--batch-size {args.batch_size} / --accum-steps {args.accum_steps} leaves "
-                        f"{args.batch_size // args.accum_steps} image per step; {BATCH_WHY}")
-    if args.fsdp and args.compile:
-        raise UserError("--fsdp with --compile is not supported; drop one of them")
-    if args.fsdp:
-        common.neighbour("fsdp", "--fsdp")  # optional neighbour: one line if it is missing
-    return args
-
-
 # ==============================================================================================
 # ID heads (App. B.2; official nnclr_head.py)
 # ==============================================================================================
@@ -515,6 +333,191 @@ def train_step(state: TrainState, x_global, x_local, ids, labels, *, stage: str,
         if train_encoder:
             common.ema_update(state.ema, state.encoder, args.ema_momentum)
     return loss, head_losses, nn_accs
+
+
+# ==============================================================================================
+# Flags (each field: its paper default and source), the Table 10 presets
+# ==============================================================================================
+BATCH_WHY = ("the NNA loss contrasts each image with the other images of the step's batch over all ranks "
+             "(Eq. 1): with one image it is exactly 0; --batch-size / --accum-steps must be >= 2")
+
+
+@dataclass
+class Args(common.Flags):
+    # ---- common flags ----
+    model: str = "vit_l16"
+    """encoder architecture (common.VIT_CONFIGS); the paper refines vit_l16, vit_h14, vit_2b14"""
+    img_size: common.PosInt = 224
+    """global-view resolution (Table 10: 224); the --init pos_embed is interpolated if it differs"""
+    patch_size: Optional[common.PosInt] = None
+    """patch size; None -> the model's own (16, or 14 for H/14 and 2B/14). Must match --init"""
+    data: str = "data/imagenet"
+    """ImageFolder root (ROOT/train), a flat image folder, or synthetic[:N_TRAIN[:N_VAL]] (synthetic.py); paper: ImageNet-1K train"""
+    output_dir: str = "runs/mim_refiner"
+    """where checkpoint-last.pth, log.jsonl, args.json and TensorBoard logs go; rerunning the same command
+    resumes"""
+    epochs: Optional[common.NonNegInt] = None
+    """refinement epochs; None -> Table 10: 30 (MAE L/H), 20 (MAE 2B, data2vec 2.0)"""
+    warmup_epochs: common.NonNegFloat = 4
+    """linear lr warmup epochs at the start of each stage (Table 10: 4)"""
+    batch_size: Optional[Annotated[int, common.Range(2, why=BATCH_WHY)]] = None
+    """GLOBAL batch of images (each gives 2 global + --local-crops views); None -> Table 10: 1024 (L), 512 (H, 2B)"""
+    accum_steps: common.PosInt = 1
+    """gradient accumulation; >1 makes BN statistics, negatives and queue updates per micro-batch (warned)"""
+    blr: common.PosFloat = 4e-4
+    """refinement base lr for encoder and heads, scaled by global_batch/256 (Table 10: 4e-4; LinearLrScaler)"""
+    lr: Optional[common.PosFloat] = None
+    """absolute peak refinement lr; None -> blr * batch_size / 256"""
+    weight_decay: common.NonNegFloat = 0.05
+    """encoder AdamW weight decay (Table 10: 0.05); biases, 1-D params and cls_token get 0"""
+    num_workers: common.NonNegInt = 10
+    """DataLoader worker processes per rank"""
+    seed: int = 0
+    """random seed (reseeded per epoch and rank via common.epoch_seed, so a resumed run is exact)"""
+    grad_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """activation checkpointing of the encoder blocks: auto (on CUDA: as many blocks as the measured memory plan
+    needs, printed before step 1; off on CPU), on (every trainable block) or off (docs/memory.md)"""
+    plan: Optional[str] = None
+    """GPUSxGB, e.g. 4x80: print the memory plan of this run on that many GPUs of that size and exit (reads no
+    data and no initial checkpoint: one training step on fake tensors)"""
+    compile: bool = False
+    """torch.compile the encoder's forward_features"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' (CUDA if visible), 'cpu' or 'cuda'"""
+    fsdp: bool = False
+    """shard encoder, EMA encoder, heads, gradients and AdamW states over the processes with PyTorch FSDP2
+    (fully_shard) instead of DDP; selected by --grad-checkpointing auto when DDP cannot fit (docs/memory.md). Checkpoints keep the plain format"""
+    # ---- MIM-Refiner flags ----
+    init: Optional[str] = None
+    """pre-trained MIM encoder: our mae.py checkpoint, an official MAE / MAWS / data2vec 2.0 file; None ->
+    checkpoints/mae_pretrain_vit_{large,huge}.pth (L, H), checkpoints/mae_in1k/vit_2b14.pt (2B)"""
+    post_norm: bool = False
+    """force the post-norm (data2vec 2.0) ViT; a data2vec 2.0 --init selects it automatically (App. B.1)"""
+    head_blocks: Optional[list[int]] = None
+    """0-based blocks with an ID head (negatives count from the end); None -> App. A.1: last 8 blocks for
+    L/16 and 2B/14, last 12 for H/14, last depth//3 otherwise. The last block's head reads the final-norm output"""
+    head_hidden: common.PosInt = 2048
+    """projector hidden width (App. B.2: 2048)"""
+    head_dim: common.PosInt = 256
+    """projector/predictor output width = queue width (official: 256)"""
+    pred_hidden: common.PosInt = 4096
+    """predictor hidden width (App. B.2: 4096)"""
+    queue_size: common.PosInt = 65536
+    """FIFO queue length per head (official: 65,536); initialised with randn"""
+    topk: common.PosInt = 20
+    """refinement NN lookup: uniform pick among the top-k (Table 10: 20)"""
+    head_topk: common.PosInt = 1
+    """head-stage NN lookup k (App. B.3: top-1)"""
+    temperature: Optional[common.PosFloat] = None
+    """tau of Eq. 1; None -> Table 10: 0.2 (L), 0.3 (H), 0.35 (2B); 0.2 for smaller models"""
+    local_crops: common.NonNegInt = 10
+    """number of local views (Table 10: 10)"""
+    local_size: Optional[common.PosInt] = None
+    """local view resolution; None -> Table 10: 96 for /16, 98 for /14 at 224, i.e. patch*round(3/7*img/patch)"""
+    global_scale: list[common.PosUnit] = field(default_factory=lambda: [0.25, 1.0])
+    """RandomResizedCrop area scale of the 2 global views (Table 10: [0.25, 1.0])"""
+    local_scale: list[common.PosUnit] = field(default_factory=lambda: [0.05, 0.25])
+    """RandomResizedCrop area scale of the local views (Table 10: [0.05, 0.25])"""
+    color_aug: bool = True
+    """BYOL colour jitter, grayscale, blur, solarize (Table 10); --no-color-aug: crop+flip only (App. A.2)"""
+    head_epochs: common.NonNegInt = 20
+    """head-stage epochs on the frozen encoder (App. B.3: 20); 0 skips the stage"""
+    head_blr: common.PosFloat = 2e-4
+    """head-stage base lr, scaled by global_batch/256 (App. B.3: 2e-4)"""
+    head_weight_decay: common.NonNegFloat = 1e-5
+    """AdamW weight decay of the ID heads in both stages (Table 10: 1e-5)"""
+    min_lr: common.NonNegFloat = 1e-6
+    """lr at the end of the cosine of each stage (official wupcos schedule: absolute 1e-6)"""
+    layer_decay: common.PosUnit = 0.65
+    """layer-wise lr decay of the encoder (Table 10: 0.65): block k gets 0.65^(depth-k), the final norm 1"""
+    freeze_blocks: Optional[common.NonNegInt] = None
+    """refinement: freeze patch_embed, cls_token and blocks [0, k) (Table 10: 6 for 2B/14, else 0)"""
+    ema_momentum: common.Prob = 0.9999
+    """encoder EMA momentum per update during refinement (Table 10: 0.9999); the EMA is saved as "model\""""
+    official_local_indexing: bool = False
+    """official loss indexing (official nnclr_loss.py): local targets predicted[:, l] instead of [:, 2+l]"""
+    exclude_self: bool = True
+    """official lookup: never return the sample's own (older) queue entry as its NN; --no-exclude-self: Eq. 2's
+    literal lookup of the whole queue (differs on ~0.13% of ImageNet lookups, far more on small data)"""
+    exit_after_epochs: Optional[common.PosInt] = None
+    """testing: stop after this many completed epochs (all stages counted), as if the run was killed; rerun to
+    resume"""
+    knn_every: common.NonNegInt = 1
+    """k-NN monitor every N epochs (eval_knn.KnnMonitor: top-1 at k=20, T=0.07, DINO's vote, on the encoder saved as
+    "model"); 0 = off. Official: k-NN on a 10% ImageNet subset after every epoch, both stages (App. E)."""
+    knn_data: Optional[str] = None
+    """labelled data for the monitor: ROOT with ROOT/train/<class>/ and ROOT/val/<class>/, or synthetic[:N[:M]];
+    None -> --data when it has labelled train/ and val/ splits, else the monitor is off (one-line note)"""
+    knn_subset: common.PosUnit = 0.1
+    """fraction of the k-NN data's train split used as the monitor's bank, drawn with --seed (official MIM-Refiner
+    / MAE-CT monitors: a 10% ImageNet subset); the whole val split is queried"""
+    save_every: common.NonNegInt = 10
+    """keep OUTPUT_DIR/checkpoint-epochNNN.pth ("model" + "encoder_config" only, NNN = epochs done) every N
+    epochs; 0 = none. checkpoint-last.pth stays the full resumable state. Official: one kept every 10 epochs."""
+    save_minutes: Optional[common.NonNegFloat] = None
+    """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
+    exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
+    0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
+
+
+# Table 10 and App. A.1 per model; init file names from the official src/initializers/pretrained_initializer.py.
+PRESETS = {
+    "vit_l16": dict(head_blocks=list(range(16, 24)), temperature=0.2, batch_size=1024, freeze_blocks=0,
+                    init="checkpoints/mae_pretrain_vit_large.pth"),
+    "vit_h14": dict(head_blocks=list(range(20, 32)), temperature=0.3, batch_size=512, freeze_blocks=0,
+                    init="checkpoints/mae_pretrain_vit_huge.pth"),
+    "vit_h16": dict(head_blocks=list(range(20, 32)), temperature=0.3, batch_size=512, freeze_blocks=0, init=None),
+    "vit_2b14": dict(head_blocks=list(range(16, 24)), temperature=0.35, batch_size=512, freeze_blocks=6,
+                     init="checkpoints/mae_in1k/vit_2b14.pt"),
+}
+
+
+def default_local_size(img_size: int, patch_size: int) -> int:
+    """Table 10: 96 px (/16) and 98 px (/14) local views at 224 px, i.e. 3/7 of the global grid side,
+    rounded to whole patches (6x6 resp. 7x7 patches); the same rule scales tiny runs (32/4 -> 12)."""
+    grid = img_size // patch_size
+    return patch_size * max(1, int(grid * 96 / 224 + 0.5))
+
+
+def resolve_args(args: Args, post_norm: bool) -> Args:
+    """The None defaults in one merge (Table 10 per model, PRESETS; 20 epochs for data2vec 2.0 and ViT-2B/14, else
+    30; App. A.1's heads on the last third of the blocks of other models; local views of 3/7 of the global side),
+    then the rules between flags (each flag's own range is on its Args field; the image size: common.create_vit)."""
+    _, depth, _, own_patch = common.vit_config(args.model)
+    patch = args.patch_size or own_patch
+    defaults = {"epochs": 20 if (post_norm or args.model == "vit_2b14") else 30, "batch_size": 1024,
+                "temperature": 0.2, "freeze_blocks": 0, "head_blocks": list(range(depth - max(1, depth // 3), depth)),
+                "local_size": default_local_size(args.img_size, patch),
+                **{k: v for k, v in PRESETS.get(args.model, {}).items() if k != "init"}}
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    if args.local_crops > 0 and (args.local_size < patch or args.local_size % patch):
+        raise UserError(f"--local-size {args.local_size} must be a positive multiple of the patch size {patch}")
+    bad = [b for b in args.head_blocks if not -depth <= b < depth]
+    if bad or not args.head_blocks:
+        raise UserError(f"--head-blocks {bad or '(none)'}: {args.model} has blocks 0..{depth - 1}")
+    blocks = [b % depth for b in args.head_blocks]
+    if len(set(blocks)) != len(blocks):
+        raise UserError(f"--head-blocks {args.head_blocks} names a block twice")
+    args = dataclasses.replace(args, head_blocks=blocks)
+    if not 0 <= args.freeze_blocks <= depth:
+        raise UserError(f"--freeze-blocks {args.freeze_blocks} is outside [0, {depth}] for {args.model}")
+    if max(args.topk, args.head_topk) > args.queue_size:
+        raise UserError(f"need 1 <= --topk/--head-topk <= --queue-size (got {args.topk}/{args.head_topk}, "
+                        f"{args.queue_size})")
+    if args.epochs + args.head_epochs == 0:
+        raise UserError("--epochs and --head-epochs are both 0; nothing to train")
+    for name in ("global_scale", "local_scale"):
+        lo_hi = getattr(args, name)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise UserError(f"--{name.replace('_', '-')} needs two numbers 0 < lo <= hi <= 1")
+    if args.batch_size // args.accum_steps < 2:
+        raise UserError(f"--batch-size {args.batch_size} / --accum-steps {args.accum_steps} leaves "
+                        f"{args.batch_size // args.accum_steps} image per step; {BATCH_WHY}")
+    if args.fsdp and args.compile:
+        raise UserError("--fsdp with --compile is not supported; drop one of them")
+    if args.fsdp:
+        common.neighbour("fsdp", "--fsdp")  # optional neighbour: one line if it is missing
+    return args
 
 
 # ==============================================================================================
