@@ -441,23 +441,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed + 1_000_003 * epoch + 7919 * rank
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the backward sums the gradients over ranks too: rank r's share of a global statistic
-    feeds every rank's loss, and DDP's averaging of the summed gradient gives the single-process one."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 class GatheredBatchNorm1d(nn.BatchNorm1d):
     """nn.SyncBatchNorm's maths for CPU/gloo (torch's runs on CUDA only): in training, mean and biased variance
     over the rows of ALL ranks (fp32, two passes, differentiable through both, as SyncBatchNorm's backward), the
@@ -469,10 +452,11 @@ class GatheredBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         dims, shape = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
         xf = x.float()  # statistics in fp32 under bf16 autocast too, as SyncBatchNorm's CUDA kernels
-        sums = _AllReduceSum.apply(torch.cat([xf.sum(dims), xf.new_full((1,), x.numel() / x.shape[1])]))
+        # sums over all ranks, differentiable: the gather's backward sums every rank's gradient of its share
+        sums = all_gather_grad(torch.cat([xf.sum(dims), xf.new_full((1,), x.numel() / x.shape[1])])[None]).sum(0)
         n = sums[-1].detach()  # global rows (x positions), one collective with the sums
         mean = sums[:-1] / n
-        var = _AllReduceSum.apply(((xf - mean.view(shape)) ** 2).sum(dims)) / n  # biased
+        var = all_gather_grad(((xf - mean.view(shape)) ** 2).sum(dims)[None]).sum(0) / n  # biased
         if self.running_mean is not None:  # nn.BatchNorm1d's update: momentum None = cumulative average
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -304,42 +304,6 @@ def train_step(state: TrainState, weak: torch.Tensor, strong: torch.Tensor, mask
     return loss, grad_norm
 
 
-def n_blocks(args: Args) -> int:
-    """Blocks the memory plan may checkpoint: every encoder block."""
-    return common.VIT_CONFIGS[args.model][1]
-
-
-def memory_plan(args: Args, gpus: int, capacity, mode: str):
-    """memplan.plan_memory (optional neighbour memplan.py) for ConMIM (online branch with its projector,
-    momentum branch) at the per-GPU batch."""
-    import memplan
-    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
-
-    def build(k):
-        encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
-                                    drop_path_rate=args.drop_path, rel_pos_bias=args.pos_embed == "rel")
-        trunc_normal = nn.init.trunc_normal_  # its data-dependent range check cannot run on fake tensors, and
-        nn.init.trunc_normal_ = lambda t, *a, **kw: t  # the values do not change the memory
-        try:
-            online = ConMIMBranch(encoder, Projector(encoder.dim, args.head_hidden_dim, args.head_out_dim))
-        finally:
-            nn.init.trunc_normal_ = trunc_normal
-        teacher = momentum_copy(online)
-        online.encoder.grad_checkpointing = k
-        opt = common.make_adamw(build_param_groups(online, args), 1.0, betas=(0.9, 0.98))
-        x = torch.randn(n, 3, args.img_size, args.img_size)
-        mask = torch.zeros(n, encoder.num_patches, dtype=torch.bool)
-        mask[:, :int(args.mask_ratio * encoder.num_patches)] = True  # the masked count is all the step depends on
-        state = TrainState(online, online, teacher, opt)
-        step = lambda: train_step(state, x, x.clone(), mask, world=1, sync=True, m=0.996, step=0,  # noqa: E731
-                                  args=args)
-        return [online, teacher], [opt], step, list(encoder.blocks)
-
-    what = f"ConMIM {args.model}, {n} images x 2 views per GPU"
-    return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, False, False,
-                              "the projector BatchNorm normalises per micro-batch")
-
-
 # ================================================================================================
 # Flags (each field: its paper default and source)
 # ================================================================================================
@@ -457,6 +421,45 @@ class Args(common.Flags):
     """also write checkpoint-last.pth inside an epoch every M minutes, at an update boundary (a resume continues
     exactly there); None -> 30 on CUDA (stretched so that a save costs at most 1 % of the run), off on the CPU;
     0 = at epoch ends only. SIGTERM/SIGUSR1/SIGINT save and stop at the next boundary (docs/scale.md)"""
+
+
+# ================================================================================================
+# The memory plan (--plan, --grad-checkpointing auto)
+# ================================================================================================
+def n_blocks(args: Args) -> int:
+    """Blocks the memory plan may checkpoint: every encoder block."""
+    return common.VIT_CONFIGS[args.model][1]
+
+
+def memory_plan(args: Args, gpus: int, capacity, mode: str):
+    """memplan.plan_memory (optional neighbour memplan.py) for ConMIM (online branch with its projector,
+    momentum branch) at the per-GPU batch."""
+    import memplan
+    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
+
+    def build(k):
+        encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                                    drop_path_rate=args.drop_path, rel_pos_bias=args.pos_embed == "rel")
+        trunc_normal = nn.init.trunc_normal_  # its data-dependent range check cannot run on fake tensors, and
+        nn.init.trunc_normal_ = lambda t, *a, **kw: t  # the values do not change the memory
+        try:
+            online = ConMIMBranch(encoder, Projector(encoder.dim, args.head_hidden_dim, args.head_out_dim))
+        finally:
+            nn.init.trunc_normal_ = trunc_normal
+        teacher = momentum_copy(online)
+        online.encoder.grad_checkpointing = k
+        opt = common.make_adamw(build_param_groups(online, args), 1.0, betas=(0.9, 0.98))
+        x = torch.randn(n, 3, args.img_size, args.img_size)
+        mask = torch.zeros(n, encoder.num_patches, dtype=torch.bool)
+        mask[:, :int(args.mask_ratio * encoder.num_patches)] = True  # the masked count is all the step depends on
+        state = TrainState(online, online, teacher, opt)
+        step = lambda: train_step(state, x, x.clone(), mask, world=1, sync=True, m=0.996, step=0,  # noqa: E731
+                                  args=args)
+        return [online, teacher], [opt], step, list(encoder.blocks)
+
+    what = f"ConMIM {args.model}, {n} images x 2 views per GPU"
+    return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, False, False,
+                              "the projector BatchNorm normalises per micro-batch")
 
 
 # ================================================================================================

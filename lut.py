@@ -228,20 +228,6 @@ def momentum_update(momentum: MomentumBranch, online: LUTOnline, m: float):
                 t.mul_(m).add_(src[name].to(t.dtype), alpha=1.0 - m)
 
 
-def load_lut_state(online: LUTOnline, momentum: MomentumBranch, state: dict, dist_info):
-    """A checkpoint's model entries (written by save_state) into the online model and the momentum branch; h~'s
-    BN statistics of this rank when the checkpoint has them for this number of processes."""
-    online.encoder.load_state_dict(state["model"])
-    online.decoder.load_state_dict(state["decoder"])
-    online.head.load_state_dict(state["head"])
-    online.predictor.load_state_dict(state["predictor"])
-    momentum.encoder.load_state_dict(state["model_ema"])
-    momentum.head.load_state_dict(state["head_ema"])
-    per_rank = state.get("head_ema_buffers_per_rank") or []
-    if len(per_rank) == dist_info.world_size:
-        momentum.head.load_state_dict({**momentum.head.state_dict(), **per_rank[dist_info.rank]})
-
-
 def default_context_weight(dim: int) -> float:
     """lambda of Eq. (3): 1.0 for ViT-S (D 384) and smaller, 0.25 for ViT-B (D 768) and larger (Sec. 5.1.2)."""
     return 1.0 if dim <= 384 else 0.25
@@ -316,36 +302,6 @@ def train_step(state: TrainState, weak: torch.Tensor, strong: torch.Tensor, *, w
         state.opt.zero_grad(set_to_none=True)
         momentum_update(state.momentum, state.online, m)
     return loss, loss_mim, loss_bc
-
-
-def n_blocks(args: Args) -> int:
-    """Blocks the memory plan may checkpoint: every encoder block."""
-    return common.VIT_CONFIGS[args.model][1]
-
-
-def memory_plan(args: Args, gpus: int, capacity, mode: str):
-    """memplan.plan_memory (optional neighbour memplan.py) for LUT (online branch with decoder and head,
-    momentum branch) at the per-GPU batch."""
-    import memplan
-    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
-
-    def build(k):
-        encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size)
-        weight = args.context_weight if args.context_weight is not None else default_context_weight(encoder.dim)
-        online = LUTOnline(encoder, args)
-        momentum = MomentumBranch(online).eval()
-        online.encoder.grad_checkpointing = k
-        opt = common.make_adamw(common.param_groups(online.named_parameters(), args.weight_decay), 1.0,
-                                betas=(0.9, args.beta2))
-        weak, strong = torch.randn(n, 3, args.img_size, args.img_size), torch.randn(n, 3, args.img_size, args.img_size)
-        state = TrainState(online, online, momentum, opt)
-        step = lambda: train_step(state, weak, strong, weight=weight, sync=True, m=args.momentum,  # noqa: E731
-                                  step=0, args=args)
-        return [online, momentum], [opt], step, list(encoder.blocks)
-
-    what = f"LUT {args.model}, {n} images x 2 views per GPU"
-    return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, False, False,
-                              "the head BatchNorm normalises per micro-batch")
 
 
 # ================================================================================================
@@ -475,8 +431,55 @@ class Args(common.Flags):
 
 
 # ================================================================================================
+# The memory plan (--plan, --grad-checkpointing auto)
+# ================================================================================================
+def n_blocks(args: Args) -> int:
+    """Blocks the memory plan may checkpoint: every encoder block."""
+    return common.VIT_CONFIGS[args.model][1]
+
+
+def memory_plan(args: Args, gpus: int, capacity, mode: str):
+    """memplan.plan_memory (optional neighbour memplan.py) for LUT (online branch with decoder and head,
+    momentum branch) at the per-GPU batch."""
+    import memplan
+    n = common.per_rank_batch(args.batch_size, args.accum_steps, gpus)
+
+    def build(k):
+        encoder = common.create_vit(args.model, img_size=args.img_size, patch_size=args.patch_size)
+        weight = args.context_weight if args.context_weight is not None else default_context_weight(encoder.dim)
+        online = LUTOnline(encoder, args)
+        momentum = MomentumBranch(online).eval()
+        online.encoder.grad_checkpointing = k
+        opt = common.make_adamw(common.param_groups(online.named_parameters(), args.weight_decay), 1.0,
+                                betas=(0.9, args.beta2))
+        weak, strong = torch.randn(n, 3, args.img_size, args.img_size), torch.randn(n, 3, args.img_size, args.img_size)
+        state = TrainState(online, online, momentum, opt)
+        step = lambda: train_step(state, weak, strong, weight=weight, sync=True, m=args.momentum,  # noqa: E731
+                                  step=0, args=args)
+        return [online, momentum], [opt], step, list(encoder.blocks)
+
+    what = f"LUT {args.model}, {n} images x 2 views per GPU"
+    return memplan.plan_memory(build, what, n_blocks(args), gpus, capacity, mode, False, False,
+                              "the head BatchNorm normalises per micro-batch")
+
+
+# ================================================================================================
 # Training loop: flags, one epoch, the epoch-end checkpoint, main
 # ================================================================================================
+def load_lut_state(online: LUTOnline, momentum: MomentumBranch, state: dict, dist_info):
+    """A checkpoint's model entries (written by save_state) into the online model and the momentum branch; h~'s
+    BN statistics of this rank when the checkpoint has them for this number of processes."""
+    online.encoder.load_state_dict(state["model"])
+    online.decoder.load_state_dict(state["decoder"])
+    online.head.load_state_dict(state["head"])
+    online.predictor.load_state_dict(state["predictor"])
+    momentum.encoder.load_state_dict(state["model_ema"])
+    momentum.head.load_state_dict(state["head_ema"])
+    per_rank = state.get("head_ema_buffers_per_rank") or []
+    if len(per_rank) == dist_info.world_size:
+        momentum.head.load_state_dict({**momentum.head.state_dict(), **per_rank[dist_info.rank]})
+
+
 def validate(args: Args):
     """Flag combinations that cannot work, as one-line errors (before any heavy work); each flag's own range
     is declared on its Args field (checked by common.Flags)."""

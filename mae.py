@@ -197,69 +197,6 @@ class MaskedAutoencoder(nn.Module):
 
 
 # ==============================================================================================
-# Optimisation
-# ==============================================================================================
-def build_param_groups(model: MaskedAutoencoder, weight_decay: float, token_weight_decay: bool) -> list[dict]:
-    """AdamW groups over the official flat parameter names (encoder keys + decoder keys). The frozen
-    pos_embeds are skipped. Default: no decay on tokens, biases, norms (common.param_groups); with
-    token_weight_decay the official timm-0.3.2 rule (only 1-D parameters and biases exempt)."""
-    named = list(model.encoder.named_parameters()) + list(model.decoder.named_parameters())
-    if not token_weight_decay:
-        return common.param_groups(named, weight_decay)
-    decay, no_decay = [], []
-    for n, p in named:
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
-    return [dict(params=no_decay, weight_decay=0.0, lr_scale=1.0, name="no_wd"),
-            dict(params=decay, weight_decay=weight_decay, lr_scale=1.0, name="wd")]
-
-
-# ==============================================================================================
-# Reconstruction figure (original / masked / reconstruction / reconstruction + visible)
-# ==============================================================================================
-@torch.no_grad()
-def reconstruction_grid(model: MaskedAutoencoder, imgs: torch.Tensor, noise: torch.Tensor, device) -> torch.Tensor:
-    """A (3, H', W') image in [0, 1]: one column per image, rows original / masked (removed patches
-    grey) / reconstruction of every patch / reconstruction with the visible patches pasted back.
-    Norm-pix predictions are mapped back to pixels with each patch's own target mean and std."""
-    p = model.encoder.patch_size
-    was_training = model.training
-    model.eval()
-    imgs = imgs.to(device)
-    with common.autocast(device):
-        _, pred, mask = model(imgs, noise=noise.to(device))
-    pred = pred.float()  # (B, N, p*p*3)
-    _, mean, std = patch_targets(imgs, p, model.norm_pix)
-    if model.norm_pix:
-        pred = pred * std + mean  # de-normalise per patch (mae#174)
-    m = mask[..., None]  # (B, N, 1)
-    patches = patchify(imgs, p).float()
-    grey = torch.zeros_like(patches)  # 0 in ImageNet-normalised space = the mean colour (grey)
-    rows = [patches, patches * (1 - m) + grey * m, pred, patches * (1 - m) + pred * m]
-    mean_c = torch.tensor(common.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std_c = torch.tensor(common.IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    rows = [(unpatchify(r, p) * std_c + mean_c).clamp(0, 1) for r in rows]  # un-normalise to [0, 1]
-    scale = max(1, 96 // imgs.shape[-1])  # tiny images are upscaled (nearest) so the PNG is readable
-    out = torch.cat(rows)  # (4B, 3, H, W)
-    if scale > 1:
-        out = torch.nn.functional.interpolate(out, scale_factor=scale, mode="nearest")
-    model.train(was_training)
-    return torchvision.utils.make_grid(out.cpu(), nrow=imgs.shape[0], padding=2, pad_value=1.0)
-
-
-def reconstruction_batch(args: Args, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The figure's fixed inputs: --vis-images train images spread over the (sorted) dataset, un-augmented,
-    (V, 3, H, W), and their masking noise (V, N) from a generator of its own (the training RNG is untouched)."""
-    vis_ds = common.build_dataset(args.data, "train", common.eval_transform(args.img_size), img_size=args.img_size,
-                                  seed=args.seed)
-    n_vis = min(args.vis_images, len(vis_ds))
-    picks = torch.linspace(0, len(vis_ds) - 1, n_vis).long().tolist()
-    vis_imgs = torch.stack([vis_ds[i][0] for i in picks])  # (V, 3, H, W)
-    vis_noise = torch.rand(n_vis, num_patches, generator=torch.Generator().manual_seed(args.seed))  # (V, N)
-    return vis_imgs, vis_noise
-
-
-# ==============================================================================================
 # ALGO LOGIC: one training step (Sec. 3)
 # ==============================================================================================
 @dataclass
@@ -391,6 +328,69 @@ def validate(args: Args):
         raise UserError("--fsdp with --compile is not supported; drop one of them")
     if args.fsdp:
         common.neighbour("fsdp", "--fsdp")  # optional neighbour: one line if it is missing
+
+
+# ==============================================================================================
+# Optimisation
+# ==============================================================================================
+def build_param_groups(model: MaskedAutoencoder, weight_decay: float, token_weight_decay: bool) -> list[dict]:
+    """AdamW groups over the official flat parameter names (encoder keys + decoder keys). The frozen
+    pos_embeds are skipped. Default: no decay on tokens, biases, norms (common.param_groups); with
+    token_weight_decay the official timm-0.3.2 rule (only 1-D parameters and biases exempt)."""
+    named = list(model.encoder.named_parameters()) + list(model.decoder.named_parameters())
+    if not token_weight_decay:
+        return common.param_groups(named, weight_decay)
+    decay, no_decay = [], []
+    for n, p in named:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
+    return [dict(params=no_decay, weight_decay=0.0, lr_scale=1.0, name="no_wd"),
+            dict(params=decay, weight_decay=weight_decay, lr_scale=1.0, name="wd")]
+
+
+# ==============================================================================================
+# Reconstruction figure (original / masked / reconstruction / reconstruction + visible)
+# ==============================================================================================
+@torch.no_grad()
+def reconstruction_grid(model: MaskedAutoencoder, imgs: torch.Tensor, noise: torch.Tensor, device) -> torch.Tensor:
+    """A (3, H', W') image in [0, 1]: one column per image, rows original / masked (removed patches
+    grey) / reconstruction of every patch / reconstruction with the visible patches pasted back.
+    Norm-pix predictions are mapped back to pixels with each patch's own target mean and std."""
+    p = model.encoder.patch_size
+    was_training = model.training
+    model.eval()
+    imgs = imgs.to(device)
+    with common.autocast(device):
+        _, pred, mask = model(imgs, noise=noise.to(device))
+    pred = pred.float()  # (B, N, p*p*3)
+    _, mean, std = patch_targets(imgs, p, model.norm_pix)
+    if model.norm_pix:
+        pred = pred * std + mean  # de-normalise per patch (mae#174)
+    m = mask[..., None]  # (B, N, 1)
+    patches = patchify(imgs, p).float()
+    grey = torch.zeros_like(patches)  # 0 in ImageNet-normalised space = the mean colour (grey)
+    rows = [patches, patches * (1 - m) + grey * m, pred, patches * (1 - m) + pred * m]
+    mean_c = torch.tensor(common.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std_c = torch.tensor(common.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    rows = [(unpatchify(r, p) * std_c + mean_c).clamp(0, 1) for r in rows]  # un-normalise to [0, 1]
+    scale = max(1, 96 // imgs.shape[-1])  # tiny images are upscaled (nearest) so the PNG is readable
+    out = torch.cat(rows)  # (4B, 3, H, W)
+    if scale > 1:
+        out = torch.nn.functional.interpolate(out, scale_factor=scale, mode="nearest")
+    model.train(was_training)
+    return torchvision.utils.make_grid(out.cpu(), nrow=imgs.shape[0], padding=2, pad_value=1.0)
+
+
+def reconstruction_batch(args: Args, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The figure's fixed inputs: --vis-images train images spread over the (sorted) dataset, un-augmented,
+    (V, 3, H, W), and their masking noise (V, N) from a generator of its own (the training RNG is untouched)."""
+    vis_ds = common.build_dataset(args.data, "train", common.eval_transform(args.img_size), img_size=args.img_size,
+                                  seed=args.seed)
+    n_vis = min(args.vis_images, len(vis_ds))
+    picks = torch.linspace(0, len(vis_ds) - 1, n_vis).long().tolist()
+    vis_imgs = torch.stack([vis_ds[i][0] for i in picks])  # (V, 3, H, W)
+    vis_noise = torch.rand(n_vis, num_patches, generator=torch.Generator().manual_seed(args.seed))  # (V, N)
+    return vis_imgs, vis_noise
 
 
 # ==============================================================================================

@@ -231,44 +231,6 @@ def refiner_loss(outputs, queues: nn.ModuleList, ids: torch.Tensor, labels: torc
 
 
 # ==============================================================================================
-# Freezing, optimisation, schedules
-# ==============================================================================================
-def set_trainable(encoder: common.VisionTransformer, stage: str, freeze_blocks: int):
-    """Stage "heads": the whole encoder is frozen. Stage "refine": blocks [0, freeze_blocks) and, if any
-    block is frozen, the stem (patch_embed, cls_token, embed_norm) are frozen (official vit_block_freezer);
-    pos_embed is always fixed (sin-cos)."""
-    for n, p in encoder.named_parameters():
-        if stage == "heads" or n == "pos_embed":
-            p.requires_grad_(False)
-        elif n.startswith("blocks."):
-            p.requires_grad_(int(n.split(".")[1]) >= freeze_blocks)
-        elif n.startswith(("patch_embed.", "cls_token", "embed_norm.")):
-            p.requires_grad_(freeze_blocks == 0)
-        else:  # final norm
-            p.requires_grad_(True)
-
-
-def build_optimizer(model: Refiner, stage: str, args: Args, peak_lr: float) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95) (Table 10). Each group's lr_scale is its PEAK lr: encoder peak_lr x 0.65^(depth+1-layer)
-    (stem 0.65^(depth+1), block k 0.65^(depth-k), final norm 1; official layerwise_lr_decay_modifier.py), wd 0.05; heads peak_lr, wd 1e-5.
-    set_lr multiplies in the schedule factor."""
-    groups = []
-    if stage == "refine":
-        groups += common.param_groups(model.encoder.named_parameters(), args.weight_decay, args.layer_decay,
-                                      model.encoder.depth, lr_scale=peak_lr, tag="encoder_")
-    groups += common.param_groups(model.heads.named_parameters(), args.head_weight_decay, lr_scale=peak_lr,
-                                  tag="heads_")
-    return common.make_adamw(groups, lr=0.0, betas=(0.9, 0.95))
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, final: float) -> float:
-    """Per-update multiplier of the peak lr: linear warmup starting just above 0 ((s+1)/(W+1), official
-    kappaschedules), then half-cosine down to `final` (= 1e-6 / peak lr) at the end of the stage."""
-    return common.cosine_schedule(step, total_steps, base=1.0, final=final, warmup_steps=warmup_steps,
-                                  warmup_start=1.0 / (warmup_steps + 1))
-
-
-# ==============================================================================================
 # Data: 2 global + L local BYOL views (Table 10)
 # ==============================================================================================
 def build_views(args: Args) -> common.MultiView:
@@ -287,13 +249,6 @@ def build_views(args: Args) -> common.MultiView:
     g1 = view(args.img_size, args.global_scale, 0.1, 0.2)
     local = view(args.local_size, args.local_scale, 0.5, 0.0)
     return common.MultiView([g0, g1] + [local] * args.local_crops)
-
-
-def is_post_norm_checkpoint(ckpt: dict) -> bool:
-    """True for a data2vec 2.0 encoder (fairseq file, or any file with an `embed_norm` and no final norm):
-    App. B.1, the refined model keeps the architecture of the MIM model (post-norm for data2vec 2.0)."""
-    sd, _ = common.select_weights(ckpt)
-    return common.checkpoint_encoder_config(common.convert_to_ours(sd))["post_norm"]
 
 
 # ==============================================================================================
@@ -521,6 +476,44 @@ def resolve_args(args: Args, post_norm: bool) -> Args:
 
 
 # ==============================================================================================
+# Freezing, optimisation, schedules
+# ==============================================================================================
+def set_trainable(encoder: common.VisionTransformer, stage: str, freeze_blocks: int):
+    """Stage "heads": the whole encoder is frozen. Stage "refine": blocks [0, freeze_blocks) and, if any
+    block is frozen, the stem (patch_embed, cls_token, embed_norm) are frozen (official vit_block_freezer);
+    pos_embed is always fixed (sin-cos)."""
+    for n, p in encoder.named_parameters():
+        if stage == "heads" or n == "pos_embed":
+            p.requires_grad_(False)
+        elif n.startswith("blocks."):
+            p.requires_grad_(int(n.split(".")[1]) >= freeze_blocks)
+        elif n.startswith(("patch_embed.", "cls_token", "embed_norm.")):
+            p.requires_grad_(freeze_blocks == 0)
+        else:  # final norm
+            p.requires_grad_(True)
+
+
+def build_optimizer(model: Refiner, stage: str, args: Args, peak_lr: float) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95) (Table 10). Each group's lr_scale is its PEAK lr: encoder peak_lr x 0.65^(depth+1-layer)
+    (stem 0.65^(depth+1), block k 0.65^(depth-k), final norm 1; official layerwise_lr_decay_modifier.py), wd 0.05; heads peak_lr, wd 1e-5.
+    set_lr multiplies in the schedule factor."""
+    groups = []
+    if stage == "refine":
+        groups += common.param_groups(model.encoder.named_parameters(), args.weight_decay, args.layer_decay,
+                                      model.encoder.depth, lr_scale=peak_lr, tag="encoder_")
+    groups += common.param_groups(model.heads.named_parameters(), args.head_weight_decay, lr_scale=peak_lr,
+                                  tag="heads_")
+    return common.make_adamw(groups, lr=0.0, betas=(0.9, 0.95))
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, final: float) -> float:
+    """Per-update multiplier of the peak lr: linear warmup starting just above 0 ((s+1)/(W+1), official
+    kappaschedules), then half-cosine down to `final` (= 1e-6 / peak lr) at the end of the stage."""
+    return common.cosine_schedule(step, total_steps, base=1.0, final=final, warmup_steps=warmup_steps,
+                                  warmup_start=1.0 / (warmup_steps + 1))
+
+
+# ==============================================================================================
 # Models and the memory plan (--plan, --grad-checkpointing auto)
 # ==============================================================================================
 def build_modules(args: Args, post_norm: bool, grad_checkpointing):
@@ -574,6 +567,13 @@ def memory_plan(args: Args, post_norm: bool, gpus: int, capacity, mode: str):
 # ==============================================================================================
 # Training loop: the initial weights, one stage's set-up, one epoch, the epoch-end checkpoint, main
 # ==============================================================================================
+def is_post_norm_checkpoint(ckpt: dict) -> bool:
+    """True for a data2vec 2.0 encoder (fairseq file, or any file with an `embed_norm` and no final norm):
+    App. B.1, the refined model keeps the architecture of the MIM model (post-norm for data2vec 2.0)."""
+    sd, _ = common.select_weights(ckpt)
+    return common.checkpoint_encoder_config(common.convert_to_ours(sd))["post_norm"]
+
+
 def resolve_init(args: Args, state):
     """The pre-trained encoder to start from (none on resume) and whether the ViT is post-norm; with the data
     root, checked to exist first: one line that says what to put where. Returns (args, init_ckpt, post_norm)."""

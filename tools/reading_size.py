@@ -5,6 +5,9 @@ names (`memplan.X`, `from memplan import X`).
 
     python tools/reading_size.py [--write docs/reading_size.md]
 
+A method file's method path: its definitions before `class Args` (the method comes first: masking, heads, queue,
+loss, views, model, step) and the common.py definitions they reach.
+
 Code lines: lines that are neither blank, nor comments, nor documentation: docstrings and every other bare string
 statement, such as the string under an `Args` field that documents it. Prints a markdown table.
 """
@@ -16,7 +19,8 @@ import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("mae.py", "mae_ct.py", "mim_refiner.py", "lut.py", "conmim.py", "eval_knn.py")
+SCRIPTS = ("mae.py", "mae_ct.py", "mim_refiner.py", "lut.py", "conmim.py", "finetune.py", "eval_knn.py")
+METHODS = SCRIPTS[:5]
 NEIGHBOURS = ("memplan.py", "fsdp.py", "longrun.py", "synthetic.py", "foreign.py")
 
 
@@ -105,6 +109,17 @@ def sections(path: Path, defs: dict, reached_by: set[str]) -> list[str]:
     return rows
 
 
+def method_path(src: str, common: dict) -> int:
+    """Code lines of the definitions above `class Args` and of the common.py definitions they reach."""
+    tree = ast.parse(src)
+    end = next(n.lineno for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    method = [n for n in tree.body if n.lineno < end and not isinstance(n, (ast.Import, ast.ImportFrom, ast.Expr))]
+    start = min(n.lineno for n in method)
+    own = len([i for i in code_lines(src) if start <= i < end])
+    imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]  # how `common` is named
+    return own + sum(common[n][0] for n in reached(ast.Module(body=imports + method, type_ignores=[]), "common", common))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", type=Path, help="also write the table to this markdown file")
@@ -113,7 +128,7 @@ def main():
     neighbours = {n: definitions(ROOT / n) for n in NEIGHBOURS}
     total = len(code_lines((ROOT / "common.py").read_text()))
     rows = ["| script | own code lines | common.py definitions reached | their code lines | file + common.py | "
-            "+ neighbours (definitions, code lines) |", "|---|---|---|---|---|---|"]
+            "+ neighbours (definitions, code lines) | method path |", "|---|---|---|---|---|---|---|"]
     for script in SCRIPTS:
         src = (ROOT / script).read_text()
         tree = ast.parse(src)
@@ -127,7 +142,7 @@ def main():
             extra_lines += sum(defs[u][0] for u in used)
         lines = sum(common[n][0] for n in names)
         rows.append(f"| {script} | {own} | {len(names)} of {len(common)} | {lines} | {own + lines} | "
-                    f"{extra_defs}, {extra_lines} |")
+                    f"{extra_defs}, {extra_lines} | {method_path(src, common) if script in METHODS else ''} |")
     refiner = reached(ast.parse((ROOT / "mim_refiner.py").read_text()), "common", common)
     rows += ["", "common.py by section (the module docstring and imports count with section 1):", "",
              "| section | lines | code lines | code lines mim_refiner.py reaches |", "|---|---|---|---|",
