@@ -365,3 +365,17 @@ def test_release_files_of_other_codebases_fine_tune(tmp_path, capsys, kind):
     assert ("embed_norm.weight" in sd) == (kind == "data2vec2") and "blocks.11.mlp.fc2.weight" in sd
     # trained from the release's weights: the first block moved only by the (layer-decayed) updates
     assert (sd["blocks.0.attn.qkv.weight"] - want.state_dict()["blocks.0.attn.qkv.weight"]).abs().max() < 1e-2
+
+
+def test_a_nan_never_reaches_the_checkpoint(tmp_path, capsys, init, monkeypatch):
+    """NaN weights after the last update of an epoch: the epoch-end save is refused in one line and the previous
+    checkpoint stays the last good one."""
+    from test_hardening import _inject_nan_on_step
+    out = tmp_path / "run"
+    assert run_inprocess(capsys, finetune, *ft_flags(init, out), "--exit-after-epochs", "1")[0] == 0
+    before = (out / "checkpoint-last.pth").read_bytes()
+    _inject_nan_on_step(monkeypatch, 4)  # the resumed epoch's 4th (last) update
+    code, _, err = run_inprocess(capsys, finetune, *ft_flags(init, out))
+    lines = [x for x in err.splitlines() if "error:" in x]
+    assert code == 2 and len(lines) == 1 and "diverged" in lines[0] and "still holds the last good state" in lines[0]
+    assert (out / "checkpoint-last.pth").read_bytes() == before
