@@ -641,13 +641,13 @@ def main(args: Args):
 
     # ---------------------------------------------------------------- resume
     start_epoch, step, position, rms_start = 0, 0, None, None
-    state = common.load_resume_state(args.output_dir)
-    if state is not None:
-        load_conmim_state(online, teacher, state, args)
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"], state["step"]
-        position, rms_start = state.get("resume"), state.get("weights_rms_start")  # inside epoch start_epoch, or None
-    state = None  # loaded into the modules: no second copy on the host for the whole run
+    resume_ckpt = common.load_resume_state(args.output_dir)
+    if resume_ckpt is not None:
+        load_conmim_state(online, teacher, resume_ckpt, args)
+        opt.load_state_dict(resume_ckpt["optimizer"])
+        start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
+        position, rms_start = resume_ckpt.get("resume"), resume_ckpt.get("weights_rms_start")  # inside epoch start_epoch, or None
+    resume_ckpt = None  # loaded into the modules: no second copy on the host for the whole run
     if rms_start is None:
         rms_start = common.weights_rms(online.encoder.state_dict())  # the divergence check's reference
 

@@ -649,16 +649,16 @@ def main(args: Args):
 
     # ---------------------------------------------------------------- resume
     start_epoch, step, position, rms_start = 0, 0, None, None
-    state = common.load_resume_state(args.output_dir)
-    if state is not None:
-        common.check_resume_args(state, args, args.output_dir, shape=(
+    resume_ckpt = common.load_resume_state(args.output_dir)
+    if resume_ckpt is not None:
+        common.check_resume_args(resume_ckpt, args, args.output_dir, shape=(
             "decoder_dim", "decoder_depth", "decoder_heads", "head_hidden_dim", "head_out_dim", "pred_hidden_dim"),
             state_keys=("model", "decoder", "head", "predictor", "model_ema", "head_ema", "optimizer", "epoch", "step"))
-        load_lut_state(online, momentum, state, dist_info)
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"], state["step"]
-        position, rms_start = state.get("resume"), state.get("weights_rms_start")  # inside epoch start_epoch, or None
-    state = None  # loaded into the modules: no second copy on the host for the whole run
+        load_lut_state(online, momentum, resume_ckpt, dist_info)
+        opt.load_state_dict(resume_ckpt["optimizer"])
+        start_epoch, step = resume_ckpt["epoch"], resume_ckpt["step"]
+        position, rms_start = resume_ckpt.get("resume"), resume_ckpt.get("weights_rms_start")  # inside epoch start_epoch, or None
+    resume_ckpt = None  # loaded into the modules: no second copy on the host for the whole run
     if rms_start is None:
         rms_start = common.weights_rms(online.encoder.state_dict())  # the divergence check's reference
 

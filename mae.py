@@ -568,12 +568,12 @@ def main(args: Args):
     lr_schedule = functools.partial(common.cosine_schedule, total_steps=total_steps, base=lr, final=args.min_lr,
                                     warmup_steps=warmup_steps)  # per update: warmup + cosine (official lr_sched)
 
-    state = common.load_resume_state(args.output_dir)
-    if state is not None:
-        common.check_resume_args(state, args, args.output_dir, state_keys=("model", "decoder", "optimizer", "epoch"),
+    resume_ckpt = common.load_resume_state(args.output_dir)
+    if resume_ckpt is not None:
+        common.check_resume_args(resume_ckpt, args, args.output_dir, state_keys=("model", "decoder", "optimizer", "epoch"),
                                  shape=("decoder_dim", "decoder_depth", "decoder_heads", "token_weight_decay"))
-    start_epoch = state["epoch"] if state is not None else 0
-    position = state.get("resume") if state is not None else None  # inside epoch start_epoch, or None
+    start_epoch = resume_ckpt["epoch"] if resume_ckpt is not None else 0
+    position = resume_ckpt.get("resume") if resume_ckpt is not None else None  # inside epoch start_epoch, or None
     log = common.Logger(args.output_dir, args, dist_info, extra=dict(
         effective_batch=args.batch_size, per_rank_batch=micro, lr=lr, steps_per_epoch=steps_per_epoch,
         num_patches=N, len_keep=len_keep, fsdp_chosen_by_plan=use_fsdp and not args.fsdp))
@@ -586,10 +586,10 @@ def main(args: Args):
         return
 
     optimizer_state = rms_start = None
-    if state is not None:
-        common.load_encoder(encoder, state["model"], what="the resume checkpoint")
-        decoder.load_state_dict(state["decoder"])
-        optimizer_state, rms_start = state["optimizer"], state.get("weights_rms_start")
+    if resume_ckpt is not None:
+        common.load_encoder(encoder, resume_ckpt["model"], what="the resume checkpoint")
+        decoder.load_state_dict(resume_ckpt["decoder"])
+        optimizer_state, rms_start = resume_ckpt["optimizer"], resume_ckpt.get("weights_rms_start")
         at = f", step {position['update']} of {steps_per_epoch}" if position else ""
         log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}{at}")
     elif args.init is not None:
@@ -597,7 +597,7 @@ def main(args: Args):
         desc = common.load_encoder(encoder, ckpt, what="--init")
         log.print(f"loaded {desc} from {args.init}; " + load_init_decoder(decoder, ckpt))
         del ckpt
-    state = None  # the weights live in the modules now: no second copy on the host for the whole run
+    resume_ckpt = None  # the weights live in the modules now: no second copy on the host for the whole run
     if rms_start is None:
         rms_start = common.weights_rms(encoder.state_dict())  # the divergence check's reference (save_checkpoint)
     n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)

@@ -605,16 +605,16 @@ def main(args: Args):
     head_lr = scaled_lr(args.head_blr, args.batch_size)
     head_init_lr = scaled_lr(args.head_init_blr, args.batch_size)
 
-    state = common.load_resume_state(args.output_dir)
-    if state is not None:
-        common.check_resume_args(state, args, args.output_dir, shape=(
+    resume_ckpt = common.load_resume_state(args.output_dir)
+    if resume_ckpt is not None:
+        common.check_resume_args(resume_ckpt, args, args.output_dir, shape=(
             "pool", "proj_hidden", "proj_dim", "pred_hidden", "queue_size", "frozen_blocks"),
             state_keys=("model", "model_online", "projector", "predictor", "queue", "stage", "optimizer", "epoch"))
-    if state is None and args.init is None:
+    if resume_ckpt is None and args.init is None:
         raise UserError("MAE-CT tunes a pre-trained MAE encoder: pass --init PATH (mae.py checkpoint or "
                         "official mae_pretrain_vit_*.pth)")
     total_epochs = args.head_epochs + args.epochs
-    start_epoch = state["epoch"] if state is not None else 0
+    start_epoch = resume_ckpt["epoch"] if resume_ckpt is not None else 0
 
     dataset = common.WithIndex(common.build_dataset(args.data, "train", build_views(args), img_size=args.img_size,
                                                     seed=args.seed))
@@ -639,22 +639,22 @@ def main(args: Args):
     model = MaeCt(encoder, args.pool, args.proj_hidden, args.proj_dim, args.pred_hidden)
     queue = NNQueue(args.queue_size, args.proj_dim)
     resume = rms_start = None  # what the stage to resume needs from the checkpoint, once its weights are loaded
-    if state is not None:
-        common.load_encoder(encoder, state["model_online"], what="the resume checkpoint")
-        model.projector.load_state_dict(state["projector"])
-        model.predictor.load_state_dict(state["predictor"])
-        queue.load_state_dict(state["queue"])
-        resume = {k: state.get(k) for k in ("stage", "optimizer", "target_projector")}
-        resume["position"], rms_start = state.get("resume"), state.get("weights_rms_start")
+    if resume_ckpt is not None:
+        common.load_encoder(encoder, resume_ckpt["model_online"], what="the resume checkpoint")
+        model.projector.load_state_dict(resume_ckpt["projector"])
+        model.predictor.load_state_dict(resume_ckpt["predictor"])
+        queue.load_state_dict(resume_ckpt["queue"])
+        resume = {k: resume_ckpt.get(k) for k in ("stage", "optimizer", "target_projector")}
+        resume["position"], rms_start = resume_ckpt.get("resume"), resume_ckpt.get("weights_rms_start")
         at = f", step {resume['position']['update']} of {steps_per_epoch}" if resume["position"] else ""
-        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}{at} (stage {state['stage']})")
+        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}{at} (stage {resume_ckpt['stage']})")
     else:
         desc = common.load_encoder(encoder, args.init, what="--init")
         log.print(f"loaded {desc} from {args.init}")
     ema_encoder = copy.deepcopy(encoder).requires_grad_(False)  # f_m (Alg. 1); equals f until stage 2 starts
-    if state is not None:
-        common.load_encoder(ema_encoder, state["model"], what="the resume checkpoint")
-    state = None  # loaded into the modules: no second copy on the host for the whole run
+    if resume_ckpt is not None:
+        common.load_encoder(ema_encoder, resume_ckpt["model"], what="the resume checkpoint")
+    resume_ckpt = None  # loaded into the modules: no second copy on the host for the whole run
     if rms_start is None:
         rms_start = common.weights_rms(encoder.state_dict())  # the divergence check's reference (save_checkpoint)
     model = common.sync_batchnorm(model, device)  # one BN batch over all ranks (official: sync_batchnorm=True)

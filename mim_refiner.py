@@ -724,11 +724,11 @@ def main(args: Args):
         return
     dist_info = common.init_distributed(args.device)
     device, world = dist_info.device, dist_info.world_size
-    state = common.load_resume_state(args.output_dir)
-    args, init_ckpt, post_norm = resolve_init(args, state)
+    resume_ckpt = common.load_resume_state(args.output_dir)
+    args, init_ckpt, post_norm = resolve_init(args, resume_ckpt)
     args = resolve_args(args, post_norm)
-    if state is not None:  # after resolve_args: compares the filled-in values, as stored
-        common.check_resume_args(state, args, args.output_dir, shape=(
+    if resume_ckpt is not None:  # after resolve_args: compares the filled-in values, as stored
+        common.check_resume_args(resume_ckpt, args, args.output_dir, shape=(
             "head_blocks", "head_hidden", "head_dim", "pred_hidden", "queue_size", "post_norm", "freeze_blocks"),
             state_keys=("model", "model_online", "heads", "queues", "stage", "optimizer", "epoch", "encoder_config"))
     if args.accum_steps > 1:
@@ -740,7 +740,7 @@ def main(args: Args):
     peak_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     head_stage_lr = args.head_blr * args.batch_size / 256
     total_epochs = args.head_epochs + args.epochs
-    start_epoch = state["epoch"] if state is not None else 0
+    start_epoch = resume_ckpt["epoch"] if resume_ckpt is not None else 0
 
     dataset = common.WithIndex(common.build_dataset(args.data, "train", build_views(args), img_size=args.img_size,
                                                     seed=args.seed))
@@ -763,21 +763,21 @@ def main(args: Args):
     common.seed_everything(args.seed)
     encoder, model, queues = build_modules(args, post_norm, checkpointed)
     resume = rms_start = None  # what the stage to resume needs from the checkpoint, once its weights are loaded
-    if state is not None:
-        common.load_encoder(encoder, state["model_online"], what="the resume checkpoint")
-        model.heads.load_state_dict(state["heads"])
-        queues.load_state_dict(state["queues"])
-        resume = {"stage": state["stage"], "optimizer": state["optimizer"], "position": state.get("resume")}
-        rms_start = state.get("weights_rms_start")
+    if resume_ckpt is not None:
+        common.load_encoder(encoder, resume_ckpt["model_online"], what="the resume checkpoint")
+        model.heads.load_state_dict(resume_ckpt["heads"])
+        queues.load_state_dict(resume_ckpt["queues"])
+        resume = {"stage": resume_ckpt["stage"], "optimizer": resume_ckpt["optimizer"], "position": resume_ckpt.get("resume")}
+        rms_start = resume_ckpt.get("weights_rms_start")
         at = f", step {resume['position']['update']} of {steps_per_epoch}" if resume["position"] else ""
-        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}{at} (stage {state['stage']})")
+        log.print(f"resuming {common.checkpoint_path(args.output_dir)} at epoch {start_epoch}{at} (stage {resume_ckpt['stage']})")
     else:
         desc = common.load_encoder(encoder, init_ckpt, what="--init")
         log.print(f"loaded {desc} from {args.init} ({'post' if post_norm else 'pre'}-norm ViT)")
     ema = copy.deepcopy(encoder).requires_grad_(False)  # evaluated encoder (Table 10 EMA); = encoder until "refine"
-    if state is not None:
-        common.load_encoder(ema, state["model"], what="the resume checkpoint")
-    state = init_ckpt = None  # loaded into the modules: no second copy on the host for the whole run
+    if resume_ckpt is not None:
+        common.load_encoder(ema, resume_ckpt["model"], what="the resume checkpoint")
+    resume_ckpt = init_ckpt = None  # loaded into the modules: no second copy on the host for the whole run
     if rms_start is None:
         rms_start = common.weights_rms(encoder.state_dict())  # the divergence check's reference (save_checkpoint)
     model.heads = common.sync_batchnorm(model.heads, device)  # BN over the global batch (official sync_batchnorm)
