@@ -395,10 +395,27 @@ def train_transform(args: Args, img_size: int):
                         "--reprob 0 for crop and flip only") from None
     # torchvision's RandAugment is another operation set and magnitude scale; MAE passes these values explicitly
     # (timm's defaults: bilinear, constant erasing); re_device 'cpu' as the transform runs in loader workers
-    return create_transform(img_size, is_training=True, scale=(args.crop_min_scale, 1.0), color_jitter=None,
-                            auto_augment=None if args.rand_aug == "off" else args.rand_aug, interpolation="bicubic",
-                            re_prob=args.reprob, re_mode="pixel", re_count=1, mean=common.IMAGENET_MEAN,
-                            std=common.IMAGENET_STD)
+    tf = create_transform(img_size, is_training=True, scale=(args.crop_min_scale, 1.0), color_jitter=None,
+                          auto_augment=None if args.rand_aug == "off" else args.rand_aug, interpolation="bicubic",
+                          re_prob=args.reprob, re_mode="pixel", re_count=1, mean=common.IMAGENET_MEAN,
+                          std=common.IMAGENET_STD)
+    # At magnitude 10 (N(9, 0.5) clipped at 10: about 2 % of draws) timm's PosterizeIncreasing keeps 0 bits, which
+    # Pillow >= 13 refuses (ValueError), ending a run at random in its first epoch; the Pillow the recipe ran with
+    # made those images black, and so does this
+    import timm.data.auto_augment as timm_aa
+    for t in getattr(tf, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "aug_fn", None) is timm_aa.posterize:
+                op.aug_fn = posterize_zero_bits_black
+    return tf
+
+
+def posterize_zero_bits_black(img, bits_to_keep, **kwargs):
+    """timm.data.auto_augment.posterize, with 0 bits kept giving what Pillow < 13 gave: every channel 0."""
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    import timm.data.auto_augment as timm_aa
+    return timm_aa.posterize(img, bits_to_keep, **kwargs)
 
 
 def read_subset(path: str, train_ds) -> list[int]:

@@ -141,6 +141,25 @@ def test_stochastic_depth_is_drawn_per_sample_alike_for_any_number_of_processes(
     assert big.mean().item() == pytest.approx(1.0, abs=0.02)
 
 
+def test_randaugment_at_magnitude_10_posterizes_to_black_instead_of_raising():
+    """rand-m9-mstd0.5-inc1 reaches magnitude 10, where timm's PosterizeIncreasing keeps 0 bits: Pillow >= 13 raises
+    (ValueError), Pillow < 13 gave a black image. The transform finetune.py builds gives the black image."""
+    from PIL import Image
+    args = finetune.Args(rand_aug="rand-m10-mstd0-inc1", reprob=0.0)
+    tf = finetune.train_transform(args, 32)
+    ops = [op for t in tf.transforms for op in getattr(t, "ops", []) if op.name == "PosterizeIncreasing"]
+    assert len(ops) == 1
+    ops[0].prob = 1.0
+    img = Image.fromarray(np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8))
+    out = ops[0](img)
+    assert out.mode == "RGB" and out.size == img.size and np.asarray(out).max() == 0
+    ops[0].magnitude = 5  # 2 bits kept: Pillow's own posterize, unchanged
+    assert np.array_equal(np.asarray(ops[0](img)), np.asarray(img) & 0b11000000)
+    for _ in range(100):  # the whole transform: posterize at 0 bits in about 1 image of 15
+        assert tf(img).shape == (3, 32, 32)
+
+
+
 # ---------------------------------------------------------------------------------------------
 # the classifier against timm
 # ---------------------------------------------------------------------------------------------
