@@ -109,7 +109,9 @@ def stop_at_random_step(script, args, out, nproc, how, total_updates, env):
     proc = subprocess.Popen(command(script, [*args, "--output-dir", out], nproc), cwd=ROOT, env=full_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
-    while updates_logged(out) < target and proc.poll() is None and time.time() < deadline:
+    # kill -9 comes after a time-based save: an update is logged before the save that follows it
+    saved = (lambda: (out / "checkpoint-last.pth").exists()) if how == "kill9" else (lambda: True)
+    while (updates_logged(out) < target or not saved()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, f"the run ended before update {target}:\n{proc.stdout.read()[-3000:]}"
     if how == "kill9":
