@@ -19,7 +19,7 @@ demo: .venv/stamp
 test: .venv/stamp
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
-# The papers' claims in miniature (all methods, seeds 0 1 2, mean +- std; about 45 minutes on 2 cores). With checkouts
+# The papers' claims in miniature (all methods, seeds 0 1 2, mean +- std, fine-tuning included; about 2 hours on 2 cores). With checkouts
 # of the official LUT / ConMIM code at these paths, their rows are added (miniature/official_miniature.py).
 OFFICIAL_LUT ?= ../official/lut
 OFFICIAL_CONMIM ?= ../official/ConMIM

@@ -1,8 +1,11 @@
-"""miniature/mini_repro.py: the table machinery end to end on a few-step configuration, the seed aggregation and
-the comparisons; miniature/official_miniature.py's conversion of the official ConMIM encoder."""
+"""miniature/mini_repro.py: the table machinery end to end on a few-step configuration (fine-tuning and CPU seconds
+included), the seed aggregation, the comparisons and the fine-tuning verdicts, the per-process CPU seconds under
+parallel seeds; miniature/official_miniature.py's conversion of the official ConMIM encoder."""
 import importlib.util
 import json
 import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -59,6 +62,23 @@ def test_mini_repro_smoke_table_plot_and_numbers(tmp_path):
     readme = (out / "README.md").read_text()  # written from the same run: command, machine, the table
     assert "--preset smoke --seed 1" in readme and "cores, torch" in readme
     assert f"| mae | {res['results']['mae']['eval']['top1']['20']:.1f} |" in readme
+    # fine-tuning: finetune.py run on each checkpoint (scratch: --init none), the column its last epoch's top-1
+    for m in ("random-init", "random-init-rel", "mae"):
+        ft = res["results"][m]["finetune"][""]
+        out_json = json.loads((out / "evals" / f"{m}_finetune.json").read_text())
+        assert ft["top1_last"] == out_json["top1_last"] and ft["top1_best"] == out_json["top1_best"]
+        assert out_json["protocol"]["seed"] == 1 and out_json["protocol"]["epochs"] == 1
+        assert "--init none" in ft["cmd"] if m == "random-init" else f"--init {out / 'runs' / m}" in ft["cmd"]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {m} |"))
+        assert f"| {ft['top1_last']:.1f} |" in row
+        assert 0 < ft["cpu_seconds"] < 1.5 * ft["seconds"] + 1  # one thread: the child's own CPU seconds
+    assert "finetune" not in res["results"]["raw-pixels"] and "| mae fine-tuned | scratch fine-tuned |" in readme
+    # CPU seconds of the training beside the wall seconds, stored with the checkpoint for reruns
+    mae = res["results"]["mae"]
+    assert 0 < mae["train_cpu_seconds"] < 1.5 * mae["train_seconds"] + 1
+    wall, cpu = map(float, (out / "runs" / "mae" / "mini_repro_train_seconds.txt").read_text().split())
+    assert (wall, cpu) == (round(mae["train_seconds"], 1), round(mae["train_cpu_seconds"], 1))
+    assert re.search(rf"\| mae \|.* \| {mae['train_cpu_seconds']:.0f} s \| {mae['train_seconds']:.0f} s \|", table)
 
 
 def test_mini_repro_seeds_aggregate(tmp_path):
@@ -75,6 +95,63 @@ def test_mini_repro_seeds_aggregate(tmp_path):
     assert f"| random-init | {mean:.1f} +- {std:.1f} |" in (out / "table.md").read_text()
     readme = (out / "README.md").read_text()
     assert "--seeds 0 3" in readme and f"{mean:.1f} +- {std:.1f}" in readme
+    ft = [json.loads((out / f"seed{s}" / "evals" / "random-init_finetune.json").read_text())["top1_last"]
+          for s in (0, 3)]
+    assert res["summary"]["random-init"]["finetune"][""]["top1"]["values"] == ft
+
+
+def test_mini_repro_cpu_seconds_are_each_childs_own_under_parallel_seeds(tmp_path):
+    """run() measures each child's CPU time with os.wait4 on its pid: a child that sleeps while another seed's child
+    computes and ends first counts none of that computation (a getrusage(RUSAGE_CHILDREN) delta would)."""
+    mini = miniature("mini_repro")
+    burn = [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.8: pass"]
+    sleep = [sys.executable, "-c", "import time; time.sleep(2.0)"]
+    with ThreadPoolExecutor(2) as pool:
+        slept = pool.submit(mini.run, sleep, tmp_path / "sleep.log")
+        burnt = pool.submit(mini.run, burn, tmp_path / "burn.log")
+        (wall_s, cpu_s), (_, cpu_b) = slept.result(), burnt.result()
+    assert wall_s >= 2.0 and cpu_s < 0.5  # python's start-up only
+    assert cpu_b >= 0.8
+
+
+def test_mini_repro_finetune_comparisons_and_verdicts():
+    """ft_compare() and the README's fine-tuning section: MAE against scratch, fine-tuning against the linear probe of
+    the same encoder (ConMIM: the online encoder, which eval_linear.py reads), LUT against MAE, ConMIM against scratch
+    and its own start; each verdict computed from the seed values."""
+    mini = miniature("mini_repro")
+
+    def res(lin, **ft):
+        return {"train_seconds": 10.0, "train_cpu_seconds": 8.0,
+                "eval": {"top1": {"20": 40.0}, "linear_probe": 50.0, "linear_grid": lin},
+                "finetune": {name: dict(top1_last=v, top1_best=v + 1, epoch_last=9, epoch_best=8, seconds=20.0,
+                                        cpu_seconds=15.0) for name, v in ft.items()}}
+    per_seed = {s: {"random-init": res(30 + s, **{"": 50 + s}), "mae": res(40 + s, **{"": 60 + s}),
+                    "lut": res(20, **{"": 59 + 2 * s}), "random-init-rel": res(35, **{"": 52}),
+                    "conmim": res(30 + s, teacher=51 + s, online=55)} for s in range(3)}
+    summary = mini.summarize(per_seed, "20")
+    assert summary["conmim"]["finetune"]["online"]["top1"]["mean"] == 55
+    assert summary["mae"]["train_cpu_seconds"]["mean"] == 8.0
+    rows = {(r["method"], r["number"], r["baseline"], r["baseline_number"]): r for r in mini.ft_compare(summary)}
+    r = rows[("mae", "finetune", "random-init", "finetune")]
+    assert r["delta"] == 10 and r["paired"] == [10, 10, 10] and r["std"] == 1.0 and r["beyond_2std"]
+    assert rows[("conmim", "finetune:online", "conmim", "linear_grid")]["delta"] == 24
+    assert ("conmim", "finetune", "conmim", "linear_grid") not in rows  # the teacher is not what the probe read
+    r = rows[("lut", "finetune", "mae", "finetune")]
+    assert r["delta"] == 0 and not r["beyond_2std"]
+    assert mini.verdict(rows[("conmim", "finetune", "random-init-rel", "finetune")], 3) == "no"  # 0 points
+    assert mini.verdict(rows[("conmim", "finetune:online", "random-init-rel", "finetune")], 3) == "yes, above"
+    preset = dict(mini.PRESETS["full"], finetune_flags=mini.FINETUNE_FLAGS["full"])
+    text = "\n".join(mini.finetune_lines(summary, preset, 3))
+    assert "| conmim, online | 55.0 +- 0.0 | 56.0 +- 0.0 | 9, 9, 9 | 15 s | 20 s |" in text
+    assert "| mae fine-tuned | scratch fine-tuned | +10.0 | 1.0 | +10.0, +10.0, +10.0 | yes, above |" in text
+    assert ("- fine-tuning from MAE above fine-tuning from scratch by more than 2 std: **yes** (+10.0 points; 2 std = "
+            "2.0; per seed +10.0, +10.0, +10.0)") in text
+    assert "LUT against MAE (the paper: ViT-B 84.2 against 83.6): **within 2 std** (+0.0 points; 2 std = 4.0;" in text
+    assert "- ConMIM (online encoder) against its own start: **above by more than 2 std** (+3.0 points" in text
+    assert ("- fine-tuning above the linear probe of the same encoder by more than 2 std: **yes** for random-init, "
+            "mae, lut, random-init-rel, conmim") in text
+    table = "\n".join(mini.main_table(summary, "20", 3))
+    assert "| conmim | 40.0 +- 0.0 | - | 31.0 +- 1.0 | 50.0 +- 0.0 | 52.0 +- 1.0 | 8 s | 10 s |" in table
 
 
 def test_mini_repro_lift_against_mae():
